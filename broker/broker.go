@@ -1,0 +1,319 @@
+// Package broker builds a Beacon broker from a Config: the mochi-mqtt
+// engine with explicit capabilities, Beacon's hooks, the durable store,
+// the MQTT listeners (TCP, TLS) and the HTTP server, and it owns the order
+// in which they start and stop.
+package broker
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+
+	"github.com/beaconmq/beacon/hooks"
+	"github.com/beaconmq/beacon/storage"
+)
+
+// connectTimeout is how long a new connection has to send CONNECT.
+const connectTimeout = 10 * time.Second
+
+// Broker is a configured, startable Beacon broker.
+type Broker struct {
+	cfg   Config
+	log   *slog.Logger
+	mqtt  *mqtt.Server
+	db    *storage.DB
+	store *hooks.Store
+	drops *hooks.Drops
+
+	listeners []*tcpListener
+	httpLn    net.Listener
+	httpSrv   *http.Server
+
+	ready        atomic.Bool
+	shutdownOnce sync.Once
+	shutdownErr  error
+}
+
+// New opens the store, builds the engine and binds every listener. Nothing
+// is served until Start.
+func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	b := &Broker{cfg: cfg, log: log}
+	defer func() {
+		if err != nil {
+			b.closeListeners()
+			if b.db != nil {
+				_ = b.db.Shutdown(context.Background())
+			}
+		}
+	}()
+
+	b.db, err = storage.Open(storage.Options{
+		Dir:          cfg.Storage.Dir,
+		Sync:         cfg.Storage.Sync,
+		SyncInterval: cfg.Storage.SyncInterval,
+		GCInterval:   cfg.Storage.GCInterval,
+		Logger:       log,
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	m := cfg.MQTT
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumClients = m.MaxClients
+	if caps.MaximumClients == 0 {
+		caps.MaximumClients = math.MaxInt64
+	}
+	caps.MaximumMessageExpiryInterval = int64(m.MaxMessageExpiry / time.Second)
+	caps.MaximumClientWritesPending = m.OutboundQueue
+	caps.MaximumSessionExpiryInterval = uint32(m.MaxSessionExpiry / time.Second)
+	caps.MaximumPacketSize = m.MaxPacketSize
+	caps.ReceiveMaximum = m.ReceiveMaximum
+	caps.MaximumInflight = m.MaxQueuedMessages
+	caps.TopicAliasMaximum = m.MaxTopicAlias
+	caps.SharedSubAvailable = boolByte(m.SharedSubs)
+	caps.RetainAvailable = boolByte(m.RetainAvailable)
+	caps.MaximumQos = m.MaxQoS
+	caps.MinimumProtocolVersion = 3
+	caps.WildcardSubAvailable = 1
+	caps.SubIDAvailable = 1
+
+	engineLog := slog.New(hooks.NewRateLimitHandler(log.Handler(), 10*time.Second)).With("component", "mqtt")
+	b.mqtt = mqtt.New(&mqtt.Options{
+		Capabilities:           caps,
+		Logger:                 engineLog,
+		SysTopicResendInterval: int64(m.SysInterval / time.Second),
+		InlineClient:           true, // used to route recovered messages and wills, and by the bridges
+	})
+
+	// Order matters: the store comes last so that a publish any other hook
+	// rejects is never written to the ingress log.
+	if err := b.mqtt.AddHook(hooks.NewLimits(hooks.LimitsOptions{
+		Server:            b.mqtt,
+		MaxInflight:       m.MaxInflight,
+		KeepaliveMin:      uint16(m.KeepaliveMin / time.Second),
+		KeepaliveMax:      uint16(m.KeepaliveMax / time.Second),
+		MaxPacketSize:     m.MaxPacketSize,
+		TopicAliasMaximum: m.MaxTopicAlias,
+	}), nil); err != nil {
+		return nil, err
+	}
+	b.drops = hooks.NewDrops()
+	if err := b.mqtt.AddHook(b.drops, nil); err != nil {
+		return nil, err
+	}
+	b.store = hooks.NewStore(hooks.StoreOptions{
+		DB:               b.db,
+		MaxSessionExpiry: caps.MaximumSessionExpiryInterval,
+		Server:           b.mqtt,
+	})
+	if err := b.mqtt.AddHook(b.store, nil); err != nil {
+		return nil, err
+	}
+
+	if m.Addr != "" {
+		if err := b.listen("tcp", "tcp", "mqtt.addr", m.Addr, nil); err != nil {
+			return nil, err
+		}
+	}
+	if m.TLSAddr != "" {
+		cert, err := tls.LoadX509KeyPair(m.TLSCert, m.TLSKey)
+		if err != nil {
+			return nil, &ConfigError{Key: "mqtt.tls_cert", Msg: fmt.Sprintf("load key pair: %v", err)}
+		}
+		tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		if err := b.listen("tls", "tls", "mqtt.tls_addr", m.TLSAddr, tc); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.HTTP.Addr != "" {
+		b.httpLn, err = net.Listen("tcp", cfg.HTTP.Addr)
+		if err != nil {
+			return nil, &ConfigError{Key: "http.addr", Msg: err.Error()}
+		}
+	}
+	return b, nil
+}
+
+func (b *Broker) listen(id, protocol, key, addr string, tc *tls.Config) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return &ConfigError{Key: key, Msg: err.Error()}
+	}
+	if tc != nil {
+		ln = tls.NewListener(ln, tc)
+	}
+	b.listeners = append(b.listeners, &tcpListener{id: id, protocol: protocol, ln: ln, connectTimeout: connectTimeout})
+	return nil
+}
+
+func (b *Broker) closeListeners() {
+	for _, l := range b.listeners {
+		_ = l.ln.Close()
+	}
+	if b.httpLn != nil {
+		_ = b.httpLn.Close()
+	}
+}
+
+func boolByte(v bool) byte {
+	if v {
+		return 1
+	}
+	return 0
+}
+
+// Start restores the stored state, then serves MQTT and HTTP. It returns
+// once everything accepts connections.
+func (b *Broker) Start() error {
+	if err := b.mqtt.Serve(); err != nil {
+		return fmt.Errorf("start engine: %w", err)
+	}
+	started := time.Now()
+	st, err := b.store.Restore()
+	if err != nil {
+		return fmt.Errorf("restore state: %w", err)
+	}
+	b.log.Info("state restored", "sessions", st.Sessions, "subscriptions", st.Subscriptions,
+		"queued", st.Inflight, "retained", st.Retained, "recovered", st.Recovered,
+		"expired_sessions", st.Expired, "wills_sent", st.Wills, "took", time.Since(started).Round(time.Millisecond))
+
+	for _, l := range b.listeners {
+		if err := b.mqtt.AddListener(l); err != nil {
+			return fmt.Errorf("add listener %s: %w", l.id, err)
+		}
+		b.mqtt.Listeners.Serve(l.id, b.mqtt.EstablishConnection)
+		b.log.Info("mqtt listening", "listener", l.id, "addr", l.Address())
+	}
+	if b.httpLn != nil {
+		b.httpSrv = &http.Server{
+			Handler:           b.httpHandler(),
+			ReadHeaderTimeout: 10 * time.Second,
+			ErrorLog:          slog.NewLogLogger(b.log.Handler(), slog.LevelDebug),
+		}
+		go func() {
+			if err := b.httpSrv.Serve(b.httpLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				b.log.Error("http server", "error", err)
+			}
+		}()
+		b.log.Info("http listening", "addr", b.httpLn.Addr().String())
+	}
+	b.warnExposure()
+	b.ready.Store(true)
+	return nil
+}
+
+func (b *Broker) warnExposure() {
+	addrs := []string{b.cfg.MQTT.Addr, b.cfg.MQTT.TLSAddr, b.cfg.HTTP.Addr}
+	for _, a := range addrs {
+		if !IsLoopback(a) {
+			b.log.Warn("listening beyond loopback with anonymous access: anyone who can reach this address can publish and subscribe",
+				"addr", a)
+			return
+		}
+	}
+	b.log.Info("listening on loopback only; to expose Beacon set mqtt.addr / http.addr (e.g. 0.0.0.0:1883) and configure authentication, see docs/configuration.md")
+}
+
+func (b *Broker) httpHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !b.ready.Load() {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready"})
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+	})
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// MQTTAddr is the bound address of the listener with the given id ("tcp"
+// or "tls"), or "".
+func (b *Broker) MQTTAddr(id string) string {
+	for _, l := range b.listeners {
+		if l.id == id {
+			return l.Address()
+		}
+	}
+	return ""
+}
+
+// HTTPAddr is the bound HTTP address, or "".
+func (b *Broker) HTTPAddr() string {
+	if b.httpLn == nil {
+		return ""
+	}
+	return b.httpLn.Addr().String()
+}
+
+// Server is the engine, for the bridges.
+func (b *Broker) Server() *mqtt.Server { return b.mqtt }
+
+// Stats are counters for tests and operators.
+type Stats struct {
+	Store   hooks.StoreStats
+	Drops   hooks.DropStats
+	Storage storage.Stats
+}
+
+// Stats returns the broker's counters.
+func (b *Broker) Stats() Stats {
+	return Stats{Store: b.store.Stats(), Drops: b.drops.Stats(), Storage: b.db.Stats()}
+}
+
+// Shutdown stops accepting connections, disconnects clients with "server
+// shutting down", commits and closes the store. It is idempotent; ctx
+// bounds the whole stop.
+func (b *Broker) Shutdown(ctx context.Context) error {
+	b.shutdownOnce.Do(func() {
+		b.ready.Store(false)
+		var errs []error
+		if b.httpSrv != nil {
+			if err := b.httpSrv.Shutdown(ctx); err != nil {
+				errs = append(errs, fmt.Errorf("http: %w", err))
+			}
+		} else if b.httpLn != nil {
+			_ = b.httpLn.Close()
+		}
+		closed := make(chan struct{})
+		go func() {
+			_ = b.mqtt.Close() // disconnects clients and waits for their goroutines
+			close(closed)
+		}()
+		select {
+		case <-closed:
+		case <-ctx.Done():
+			errs = append(errs, fmt.Errorf("mqtt: clients did not finish: %w", ctx.Err()))
+		}
+		b.closeListeners() // for a broker that was never started
+		if err := b.db.Shutdown(ctx); err != nil {
+			errs = append(errs, err)
+		}
+		b.shutdownErr = errors.Join(errs...)
+	})
+	return b.shutdownErr
+}

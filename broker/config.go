@@ -1,0 +1,501 @@
+package broker
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"reflect"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/beaconmq/beacon/storage"
+)
+
+// Config is the whole broker configuration. The zero value is not usable;
+// start from Default. Every field is documented, with its default, in
+// docs/configuration.md.
+type Config struct {
+	MQTT    MQTTConfig    `yaml:"mqtt"`
+	HTTP    HTTPConfig    `yaml:"http"`
+	Storage StorageConfig `yaml:"storage"`
+	Log     LogConfig     `yaml:"log"`
+}
+
+// MQTTConfig configures the MQTT listeners and the engine's capabilities.
+type MQTTConfig struct {
+	Addr              string        `yaml:"addr"`                // TCP listener; "" disables it
+	TLSAddr           string        `yaml:"tls_addr"`            // TLS listener; needs tls_cert and tls_key
+	TLSCert           string        `yaml:"tls_cert"`            // PEM certificate chain file
+	TLSKey            string        `yaml:"tls_key"`             // PEM private key file
+	MaxPacketSize     uint32        `yaml:"max_packet_size"`     // bytes, inbound and announced to v5 clients
+	MaxClients        int64         `yaml:"max_clients"`         // concurrent connections; 0 = unlimited
+	MaxSessionExpiry  time.Duration `yaml:"max_session_expiry"`  // cap for v5, lifetime for v3 persistent sessions
+	MaxMessageExpiry  time.Duration `yaml:"max_message_expiry"`  // cap on message expiry; 0 = messages never expire unless the publisher says so
+	MaxInflight       uint16        `yaml:"max_inflight"`        // outbound QoS 1/2 messages unacknowledged per client
+	MaxQueuedMessages uint16        `yaml:"max_queued_messages"` // QoS 1/2 messages kept per session (inflight + queued)
+	ReceiveMaximum    uint16        `yaml:"receive_maximum"`     // inbound QoS 1/2 messages unacknowledged per client
+	MaxTopicAlias     uint16        `yaml:"max_topic_alias"`     // topic aliases per v5 client; 0 disables them
+	OutboundQueue     int32         `yaml:"outbound_queue"`      // packets buffered per client before QoS 0 messages are dropped
+	KeepaliveMin      time.Duration `yaml:"keepalive_min"`       // lowest keep-alive accepted; 0 = none
+	KeepaliveMax      time.Duration `yaml:"keepalive_max"`       // highest keep-alive accepted; 0 = none
+	MaxQoS            byte          `yaml:"max_qos"`             // 0, 1 or 2
+	RetainAvailable   bool          `yaml:"retain_available"`    // accept retained messages
+	SharedSubs        bool          `yaml:"shared_subscriptions"`
+	SysInterval       time.Duration `yaml:"sys_interval"` // $SYS topic refresh period
+}
+
+// HTTPConfig configures the HTTP server (health checks; later the bridges).
+type HTTPConfig struct {
+	Addr string `yaml:"addr"` // "" disables it
+}
+
+// StorageConfig configures the embedded database.
+type StorageConfig struct {
+	Dir          string             `yaml:"dir"`
+	Sync         storage.SyncPolicy `yaml:"sync"`
+	SyncInterval time.Duration      `yaml:"sync_interval"`
+	GCInterval   time.Duration      `yaml:"gc_interval"`
+}
+
+// LogConfig configures logging.
+type LogConfig struct {
+	Level  string `yaml:"level"`  // debug, info, warn, error
+	Format string `yaml:"format"` // text, json
+}
+
+// Default returns the configuration used when nothing is set: loopback
+// only, data in ./beacon-data.
+func Default() Config {
+	return Config{
+		MQTT: MQTTConfig{
+			Addr:              "127.0.0.1:1883",
+			MaxPacketSize:     1 << 20,
+			MaxSessionExpiry:  7 * 24 * time.Hour,
+			MaxInflight:       100,
+			MaxQueuedMessages: 1000,
+			ReceiveMaximum:    100,
+			MaxTopicAlias:     1024,
+			OutboundQueue:     1024,
+			KeepaliveMax:      65535 * time.Second,
+			MaxQoS:            2,
+			RetainAvailable:   true,
+			SharedSubs:        true,
+			SysInterval:       10 * time.Second,
+		},
+		HTTP:    HTTPConfig{Addr: "127.0.0.1:8080"},
+		Storage: StorageConfig{Dir: "beacon-data", Sync: storage.SyncBatch, SyncInterval: time.Second, GCInterval: 5 * time.Minute},
+		Log:     LogConfig{Level: "info", Format: "text"},
+	}
+}
+
+// ConfigError is a configuration problem, named by key and, when it came
+// from a file, by file and line.
+type ConfigError struct {
+	File string
+	Line int
+	Key  string
+	Msg  string
+}
+
+func (e *ConfigError) Error() string {
+	switch {
+	case e.File != "" && e.Line > 0:
+		return fmt.Sprintf("%s:%d: %s: %s", e.File, e.Line, e.Key, e.Msg)
+	case e.File != "":
+		return fmt.Sprintf("%s: %s: %s", e.File, e.Key, e.Msg)
+	default:
+		return fmt.Sprintf("%s: %s", e.Key, e.Msg)
+	}
+}
+
+// Source records where each key's value came from, so validation errors
+// can point at the file line.
+type Source struct {
+	File  string
+	lines map[string]int
+	from  map[string]string // key -> "file", "env BEACON_X", "flag --x"
+}
+
+// Load builds the configuration: defaults, then the YAML file (if path is
+// not ""), then BEACON_* environment variables, then overrides (flag
+// values by key, e.g. "mqtt.addr"). It validates the result.
+func Load(path string, environ []string, overrides map[string]string) (Config, error) {
+	cfg := Default()
+	src := &Source{File: path, lines: map[string]int{}, from: map[string]string{}}
+	if path != "" {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return cfg, fmt.Errorf("read config: %w", err)
+		}
+		if err := decodeYAML(data, &cfg, src); err != nil {
+			return cfg, err
+		}
+	}
+	keys := configKeys()
+	for _, kv := range environ {
+		name, val, ok := strings.Cut(kv, "=")
+		if !ok || !strings.HasPrefix(name, "BEACON_") {
+			continue
+		}
+		key, known := envKeys(keys)[name]
+		if !known {
+			return cfg, &ConfigError{Key: name, Msg: "unknown environment variable (see docs/configuration.md)"}
+		}
+		if err := setKey(&cfg, key, val); err != nil {
+			return cfg, &ConfigError{Key: name, Msg: err.Error()}
+		}
+		src.from[key] = "env " + name
+	}
+	names := make([]string, 0, len(overrides))
+	for k := range overrides {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	for _, key := range names {
+		if err := setKey(&cfg, key, overrides[key]); err != nil {
+			return cfg, &ConfigError{Key: key, Msg: err.Error()}
+		}
+		src.from[key] = "flag"
+	}
+	if err := cfg.Validate(); err != nil {
+		var ce *ConfigError
+		if errors.As(err, &ce) {
+			if how := src.from[ce.Key]; how != "" {
+				ce.Msg += " (set by " + how + ")"
+			} else if line, ok := src.lines[ce.Key]; ok {
+				ce.File, ce.Line = src.File, line
+			}
+		}
+		return cfg, err
+	}
+	return cfg, nil
+}
+
+// decodeYAML decodes data into cfg key by key, so that an unknown key or a
+// bad value is reported with its dotted name and line.
+func decodeYAML(data []byte, cfg *Config, src *Source) error {
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return &ConfigError{File: src.File, Key: "(file)", Msg: err.Error()}
+	}
+	if len(doc.Content) == 0 {
+		return nil // empty file
+	}
+	return decodeNode(doc.Content[0], reflect.ValueOf(cfg).Elem(), "", src)
+}
+
+func decodeNode(n *yaml.Node, v reflect.Value, prefix string, src *Source) error {
+	if n.Kind != yaml.MappingNode {
+		key := strings.TrimSuffix(prefix, ".")
+		if key == "" {
+			key = "(file)"
+		}
+		return &ConfigError{File: src.File, Line: n.Line, Key: key, Msg: "expected a mapping of keys"}
+	}
+	fields := yamlFields(v.Type())
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, val := n.Content[i], n.Content[i+1]
+		key := prefix + k.Value
+		idx, ok := fields[k.Value]
+		if !ok {
+			return &ConfigError{File: src.File, Line: k.Line, Key: key, Msg: "unknown key" + suggest(k.Value, fields)}
+		}
+		f := v.Field(idx)
+		src.lines[key] = k.Line
+		if f.Kind() == reflect.Struct && f.Type() != reflect.TypeOf(time.Duration(0)) {
+			if err := decodeNode(val, f, key+".", src); err != nil {
+				return err
+			}
+			continue
+		}
+		if val.Kind != yaml.ScalarNode {
+			return &ConfigError{File: src.File, Line: val.Line, Key: key, Msg: "expected a single value"}
+		}
+		if err := setValue(f, val.Value); err != nil {
+			return &ConfigError{File: src.File, Line: val.Line, Key: key, Msg: err.Error()}
+		}
+	}
+	return nil
+}
+
+func suggest(name string, fields map[string]int) string {
+	var best string
+	for f := range fields {
+		if strings.Contains(f, name) || strings.Contains(name, f) || strings.ReplaceAll(f, "_", "") == strings.ReplaceAll(name, "_", "") {
+			if best == "" || f < best {
+				best = f
+			}
+		}
+	}
+	if best == "" {
+		return ""
+	}
+	return fmt.Sprintf(" (did you mean %q?)", best)
+}
+
+func yamlFields(t reflect.Type) map[string]int {
+	m := make(map[string]int, t.NumField())
+	for i := 0; i < t.NumField(); i++ {
+		if tag := t.Field(i).Tag.Get("yaml"); tag != "" && tag != "-" {
+			m[strings.Split(tag, ",")[0]] = i
+		}
+	}
+	return m
+}
+
+// configKeys lists every leaf key ("mqtt.addr", ...) in declaration order.
+func configKeys() []string {
+	var keys []string
+	var walk func(t reflect.Type, prefix string)
+	walk = func(t reflect.Type, prefix string) {
+		for i := 0; i < t.NumField(); i++ {
+			f := t.Field(i)
+			name := strings.Split(f.Tag.Get("yaml"), ",")[0]
+			if f.Type.Kind() == reflect.Struct && f.Type != reflect.TypeOf(time.Duration(0)) {
+				walk(f.Type, prefix+name+".")
+				continue
+			}
+			keys = append(keys, prefix+name)
+		}
+	}
+	walk(reflect.TypeOf(Config{}), "")
+	return keys
+}
+
+// EnvName is the environment variable that sets key: "mqtt.tls_addr" is
+// BEACON_MQTT_TLS_ADDR.
+func EnvName(key string) string {
+	return "BEACON_" + strings.ToUpper(strings.ReplaceAll(key, ".", "_"))
+}
+
+func envKeys(keys []string) map[string]string {
+	m := make(map[string]string, len(keys))
+	for _, k := range keys {
+		m[EnvName(k)] = k
+	}
+	return m
+}
+
+// setKey sets the leaf key (dotted) from its text form.
+func setKey(cfg *Config, key, val string) error {
+	v := reflect.ValueOf(cfg).Elem()
+	parts := strings.Split(key, ".")
+	for _, p := range parts {
+		if v.Kind() != reflect.Struct {
+			return fmt.Errorf("unknown key %q", key)
+		}
+		idx, ok := yamlFields(v.Type())[p]
+		if !ok {
+			return fmt.Errorf("unknown key %q", key)
+		}
+		v = v.Field(idx)
+	}
+	return setValue(v, val)
+}
+
+func setValue(v reflect.Value, s string) error {
+	s = strings.TrimSpace(s)
+	if v.Type() == reflect.TypeOf(time.Duration(0)) {
+		d, err := time.ParseDuration(s)
+		if err != nil {
+			return fmt.Errorf("invalid duration %q (use e.g. 30s, 5m, 168h)", s)
+		}
+		v.SetInt(int64(d))
+		return nil
+	}
+	switch v.Kind() {
+	case reflect.String:
+		v.SetString(s)
+	case reflect.Bool:
+		b, err := strconv.ParseBool(s)
+		if err != nil {
+			return fmt.Errorf("invalid boolean %q (use true or false)", s)
+		}
+		v.SetBool(b)
+	case reflect.Int, reflect.Int32, reflect.Int64:
+		n, err := strconv.ParseInt(s, 10, v.Type().Bits())
+		if err != nil {
+			return fmt.Errorf("invalid integer %q for a %d-bit value", s, v.Type().Bits())
+		}
+		v.SetInt(n)
+	case reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		n, err := strconv.ParseUint(s, 10, v.Type().Bits())
+		if err != nil {
+			return fmt.Errorf("invalid number %q (0 to %d)", s, uint64(1)<<v.Type().Bits()-1)
+		}
+		v.SetUint(n)
+	default:
+		return fmt.Errorf("unsupported type %s", v.Type())
+	}
+	return nil
+}
+
+// Validate checks every value and names the first bad key.
+func (c *Config) Validate() error {
+	bad := func(key, format string, a ...any) error {
+		return &ConfigError{Key: key, Msg: fmt.Sprintf(format, a...)}
+	}
+	m := &c.MQTT
+	if m.Addr == "" && m.TLSAddr == "" {
+		return bad("mqtt.addr", "no MQTT listener: set mqtt.addr or mqtt.tls_addr")
+	}
+	if err := checkAddr(m.Addr); err != nil {
+		return bad("mqtt.addr", "%v", err)
+	}
+	if err := checkAddr(m.TLSAddr); err != nil {
+		return bad("mqtt.tls_addr", "%v", err)
+	}
+	if m.TLSAddr != "" && (m.TLSCert == "" || m.TLSKey == "") {
+		return bad("mqtt.tls_addr", "needs mqtt.tls_cert and mqtt.tls_key")
+	}
+	if m.TLSAddr == "" && (m.TLSCert != "" || m.TLSKey != "") {
+		return bad("mqtt.tls_cert", "set mqtt.tls_addr to serve TLS with this certificate")
+	}
+	for key, f := range map[string]string{"mqtt.tls_cert": m.TLSCert, "mqtt.tls_key": m.TLSKey} {
+		if f == "" {
+			continue
+		}
+		if _, err := os.Stat(f); err != nil {
+			return bad(key, "%v", err)
+		}
+	}
+	if m.MaxPacketSize < 64 || m.MaxPacketSize > 268435455 {
+		return bad("mqtt.max_packet_size", "%d is outside 64..268435455 bytes", m.MaxPacketSize)
+	}
+	if m.MaxClients < 0 {
+		return bad("mqtt.max_clients", "must not be negative")
+	}
+	if m.MaxSessionExpiry < time.Second || m.MaxSessionExpiry > time.Duration(1<<32-1)*time.Second {
+		return bad("mqtt.max_session_expiry", "%s is outside 1s..4294967295s", m.MaxSessionExpiry)
+	}
+	if m.MaxMessageExpiry < 0 {
+		return bad("mqtt.max_message_expiry", "must not be negative")
+	}
+	if m.MaxInflight == 0 {
+		return bad("mqtt.max_inflight", "must be at least 1")
+	}
+	if m.MaxQueuedMessages < m.MaxInflight {
+		return bad("mqtt.max_queued_messages", "%d is less than mqtt.max_inflight (%d)", m.MaxQueuedMessages, m.MaxInflight)
+	}
+	if m.ReceiveMaximum == 0 {
+		return bad("mqtt.receive_maximum", "must be at least 1")
+	}
+	if m.OutboundQueue < 1 {
+		return bad("mqtt.outbound_queue", "must be at least 1")
+	}
+	for key, d := range map[string]time.Duration{"mqtt.keepalive_min": m.KeepaliveMin, "mqtt.keepalive_max": m.KeepaliveMax} {
+		if d < 0 || d > 65535*time.Second || d%time.Second != 0 {
+			return bad(key, "%s is not a whole number of seconds in 0..65535s", d)
+		}
+	}
+	if m.KeepaliveMax > 0 && m.KeepaliveMin > m.KeepaliveMax {
+		return bad("mqtt.keepalive_min", "greater than mqtt.keepalive_max")
+	}
+	if m.MaxQoS > 2 {
+		return bad("mqtt.max_qos", "%d is not 0, 1 or 2", m.MaxQoS)
+	}
+	if m.SysInterval < time.Second {
+		return bad("mqtt.sys_interval", "must be at least 1s")
+	}
+	if err := checkAddr(c.HTTP.Addr); err != nil {
+		return bad("http.addr", "%v", err)
+	}
+	if c.Storage.Dir == "" {
+		return bad("storage.dir", "must not be empty")
+	}
+	if !c.Storage.Sync.Valid() {
+		return bad("storage.sync", "%q is not always, batch or none", c.Storage.Sync)
+	}
+	if c.Storage.SyncInterval < time.Millisecond {
+		return bad("storage.sync_interval", "must be at least 1ms")
+	}
+	if c.Storage.GCInterval < time.Second {
+		return bad("storage.gc_interval", "must be at least 1s")
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		return bad("log.level", "%q is not debug, info, warn or error", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "text", "json":
+	default:
+		return bad("log.format", "%q is not text or json", c.Log.Format)
+	}
+	return nil
+}
+
+func checkAddr(addr string) error {
+	if addr == "" {
+		return nil
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port", addr)
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return fmt.Errorf("%q: port %q is not 0..65535", addr, port)
+	}
+	if host != "" && net.ParseIP(host) == nil && strings.ContainsAny(host, " /") {
+		return fmt.Errorf("%q: bad host", addr)
+	}
+	return nil
+}
+
+// IsLoopback reports whether addr binds only loopback interfaces.
+func IsLoopback(addr string) bool {
+	if addr == "" {
+		return true
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// YAML renders the configuration as a YAML document.
+func (c Config) YAML() ([]byte, error) {
+	// Durations print as "168h0m0s" strings, which Load reads back.
+	return yaml.Marshal(c.asMap())
+}
+
+func (c Config) asMap() yaml.Node {
+	var root yaml.Node
+	root.Kind = yaml.MappingNode
+	var add func(parent *yaml.Node, v reflect.Value)
+	add = func(parent *yaml.Node, v reflect.Value) {
+		t := v.Type()
+		for i := 0; i < t.NumField(); i++ {
+			name := strings.Split(t.Field(i).Tag.Get("yaml"), ",")[0]
+			f := v.Field(i)
+			parent.Content = append(parent.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: name})
+			if f.Kind() == reflect.Struct && f.Type() != reflect.TypeOf(time.Duration(0)) {
+				child := &yaml.Node{Kind: yaml.MappingNode}
+				add(child, f)
+				parent.Content = append(parent.Content, child)
+				continue
+			}
+			val := fmt.Sprint(f.Interface())
+			if d, ok := f.Interface().(time.Duration); ok {
+				val = d.String()
+			}
+			node := &yaml.Node{Kind: yaml.ScalarNode, Value: val}
+			if f.Kind() == reflect.String {
+				node.Style = yaml.DoubleQuotedStyle
+			}
+			parent.Content = append(parent.Content, node)
+		}
+	}
+	add(&root, reflect.ValueOf(c))
+	return root
+}

@@ -1,0 +1,193 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/beaconmq/beacon/broker"
+)
+
+// version is set at build time: -ldflags "-X main.version=v1.2.3".
+var version = "dev"
+
+const usage = `Beacon, an MQTT broker for devices and browsers.
+
+Usage:
+  beacon [serve] [flags]        run the broker (default)
+  beacon config print [flags]   print the effective configuration as YAML
+  beacon version                print the version
+
+Flags (serve, config print):
+`
+
+// run is the whole program; it returns the exit code.
+func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) int {
+	cmd := "serve"
+	if len(args) > 0 && len(args[0]) > 0 && args[0][0] != '-' {
+		cmd, args = args[0], args[1:]
+	}
+	switch cmd {
+	case "version":
+		fmt.Fprintf(stdout, "beacon %s\n", version)
+		return 0
+	case "serve":
+		cfg, err := loadConfig("serve", args, environ, stderr)
+		if err != nil {
+			return reportFlagErr(err, stderr)
+		}
+		if err := serve(ctx, cfg, stderr); err != nil {
+			fmt.Fprintf(stderr, "beacon: %v\n", err)
+			return 1
+		}
+		return 0
+	case "config":
+		if len(args) == 0 || args[0] != "print" {
+			fmt.Fprintln(stderr, "beacon: usage: beacon config print [flags]")
+			return 2
+		}
+		cfg, err := loadConfig("config print", args[1:], environ, stderr)
+		if err != nil {
+			return reportFlagErr(err, stderr)
+		}
+		out, err := cfg.YAML()
+		if err != nil {
+			fmt.Fprintf(stderr, "beacon: %v\n", err)
+			return 1
+		}
+		_, _ = stdout.Write(out)
+		return 0
+	case "help":
+		fmt.Fprint(stdout, usage)
+		newFlags("serve", stdout).PrintDefaults()
+		return 0
+	default:
+		fmt.Fprintf(stderr, "beacon: unknown command %q (try: beacon help)\n", cmd)
+		return 2
+	}
+}
+
+func reportFlagErr(err error, stderr io.Writer) int {
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	fmt.Fprintf(stderr, "beacon: %v\n", err)
+	return 2
+}
+
+// flagKeys maps each command-line flag to the configuration key it sets.
+var flagKeys = []struct{ flag, key, help string }{
+	{"mqtt-addr", "mqtt.addr", "MQTT TCP listen address (mqtt.addr)"},
+	{"tls-addr", "mqtt.tls_addr", "MQTT over TLS listen address (mqtt.tls_addr)"},
+	{"tls-cert", "mqtt.tls_cert", "PEM certificate file for TLS (mqtt.tls_cert)"},
+	{"tls-key", "mqtt.tls_key", "PEM private key file for TLS (mqtt.tls_key)"},
+	{"http-addr", "http.addr", "HTTP listen address (http.addr)"},
+	{"data-dir", "storage.dir", "data directory (storage.dir)"},
+	{"log-level", "log.level", "debug, info, warn or error (log.level)"},
+	{"log-format", "log.format", "text or json (log.format)"},
+}
+
+type flagSet struct {
+	*flag.FlagSet
+	config *string
+	values map[string]*string
+}
+
+func newFlags(name string, out io.Writer) *flagSet {
+	fs := &flagSet{FlagSet: flag.NewFlagSet(name, flag.ContinueOnError), values: map[string]*string{}}
+	fs.SetOutput(out)
+	fs.config = fs.String("config", "", "YAML configuration file")
+	for _, f := range flagKeys {
+		fs.values[f.key] = fs.String(f.flag, "", f.help)
+	}
+	return fs
+}
+
+func loadConfig(name string, args, environ []string, stderr io.Writer) (broker.Config, error) {
+	fs := newFlags(name, stderr)
+	if err := fs.Parse(args); err != nil {
+		return broker.Config{}, err
+	}
+	if fs.NArg() > 0 {
+		return broker.Config{}, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	overrides := map[string]string{}
+	fs.Visit(func(f *flag.Flag) {
+		for _, fk := range flagKeys {
+			if fk.flag == f.Name {
+				overrides[fk.key] = f.Value.String()
+			}
+		}
+	})
+	path := *fs.config
+	if path == "" {
+		for _, kv := range environ {
+			if v, ok := strings.CutPrefix(kv, "BEACON_CONFIG="); ok {
+				path = v
+			}
+		}
+	}
+	env := make([]string, 0, len(environ))
+	for _, kv := range environ {
+		if _, ok := strings.CutPrefix(kv, "BEACON_CONFIG="); !ok {
+			env = append(env, kv)
+		}
+	}
+	return broker.Load(path, env, overrides)
+}
+
+func newLogger(cfg broker.LogConfig, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(cfg.Level))
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// shutdownTimeout bounds a graceful stop; a second signal ends it at once.
+const shutdownTimeout = 15 * time.Second
+
+func serve(ctx context.Context, cfg broker.Config, logOut io.Writer) error {
+	log := newLogger(cfg.Log, logOut)
+	log.Info("starting beacon", "version", version, "data_dir", cfg.Storage.Dir, "sync", cfg.Storage.Sync)
+	b, err := broker.New(cfg, log)
+	if err != nil {
+		return err
+	}
+	if err := b.Start(); err != nil {
+		_ = b.Shutdown(context.Background())
+		return err
+	}
+	<-ctx.Done()
+	log.Info("stopping: disconnecting clients and flushing storage (signal again to exit at once)")
+
+	// A second SIGINT/SIGTERM exits immediately.
+	again := make(chan os.Signal, 1)
+	signal.Notify(again, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(again)
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-again:
+			log.Warn("second signal: exiting without a clean stop")
+			cancel()
+		case <-sctx.Done():
+		}
+	}()
+	if err := b.Shutdown(sctx); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	log.Info("stopped")
+	return nil
+}

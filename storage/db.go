@@ -1,0 +1,402 @@
+// Package storage is Beacon's single embedded database: one badger store that
+// holds sessions, subscriptions, inflight and queued QoS 1/2 messages,
+// retained messages and the ingress log of accepted messages.
+//
+// All writes go through one committer goroutine that gathers the writes of
+// every connection into one badger transaction (group commit). A caller of
+// [DB.Write] returns once its writes are durable under the configured
+// [SyncPolicy]; [DB.WriteAsync] queues writes that are committed in order
+// with everything queued after them.
+package storage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+)
+
+// SyncPolicy says when a write counts as durable.
+type SyncPolicy string
+
+const (
+	// SyncAlways commits and fsyncs before a write returns: survives a
+	// process crash and a power loss. The fsync is shared by every write in
+	// the same group commit.
+	SyncAlways SyncPolicy = "always"
+	// SyncBatch commits to the database files (the kernel's page cache)
+	// before a write returns and fsyncs every SyncInterval: survives a
+	// process crash (SIGKILL); a power loss may lose the last interval.
+	SyncBatch SyncPolicy = "batch"
+	// SyncNone returns as soon as a write is queued: survives a graceful
+	// stop; a process crash may lose the writes still queued.
+	SyncNone SyncPolicy = "none"
+)
+
+// Valid reports whether p is a known policy.
+func (p SyncPolicy) Valid() bool {
+	switch p {
+	case SyncAlways, SyncBatch, SyncNone:
+		return true
+	}
+	return false
+}
+
+// ErrClosed is returned by writes after Shutdown.
+var ErrClosed = errors.New("storage: database closed")
+
+// Options configures Open. Zero values take the documented defaults.
+type Options struct {
+	Dir          string        // data directory; required
+	Sync         SyncPolicy    // default SyncBatch
+	SyncInterval time.Duration // fsync period under SyncBatch; default 1s
+	GCInterval   time.Duration // value-log GC period; default 5m
+	Logger       *slog.Logger  // default slog.Default()
+}
+
+// DB is the opened database. It is safe for concurrent use.
+type DB struct {
+	db     *badger.DB
+	opts   Options
+	log    *slog.Logger
+	queue  chan *request
+	mu     sync.RWMutex // guards closed against sends on queue
+	closed bool
+	done   chan struct{} // closed by Shutdown: stops the tickers
+	wg     sync.WaitGroup
+
+	commits    atomic.Int64
+	commitErrs atomic.Int64
+	opsWritten atomic.Int64
+}
+
+type opKind uint8
+
+const (
+	opSet opKind = iota
+	opDelete
+	opDeletePrefix
+)
+
+// Op is one write: a set, a delete, or a delete of every key under a prefix.
+type Op struct {
+	kind  opKind
+	key   []byte
+	value []byte
+}
+
+// Set writes value under key.
+func Set(key, value []byte) Op { return Op{kind: opSet, key: key, value: value} }
+
+// Delete removes key.
+func Delete(key []byte) Op { return Op{kind: opDelete, key: key} }
+
+// DeletePrefix removes every key that starts with prefix.
+func DeletePrefix(prefix []byte) Op { return Op{kind: opDeletePrefix, key: prefix} }
+
+type request struct {
+	ops  []Op
+	done chan error // nil for async writes
+}
+
+// maxGroupOps bounds how many ops one group commit gathers before committing.
+const maxGroupOps = 8192
+
+// Open opens (or creates) the database in opts.Dir.
+func Open(opts Options) (*DB, error) {
+	if opts.Dir == "" {
+		return nil, errors.New("storage: no data directory")
+	}
+	if opts.Sync == "" {
+		opts.Sync = SyncBatch
+	}
+	if !opts.Sync.Valid() {
+		return nil, fmt.Errorf("storage: unknown sync policy %q", opts.Sync)
+	}
+	if opts.SyncInterval <= 0 {
+		opts.SyncInterval = time.Second
+	}
+	if opts.GCInterval <= 0 {
+		opts.GCInterval = 5 * time.Minute
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	log := opts.Logger.With("component", "storage")
+
+	bo := badger.DefaultOptions(opts.Dir).
+		WithLogger(badgerLogger{log}).
+		WithSyncWrites(opts.Sync == SyncAlways).
+		WithDetectConflicts(false). // one committer: there is nothing to conflict with
+		WithMemTableSize(16 << 20).
+		WithNumMemtables(3).
+		WithBlockCacheSize(32 << 20).
+		WithIndexCacheSize(16 << 20).
+		WithValueLogFileSize(64 << 20).
+		WithNumCompactors(2)
+	bdb, err := badger.Open(bo)
+	if err != nil {
+		return nil, fmt.Errorf("open store %q: %w", opts.Dir, err)
+	}
+
+	d := &DB{
+		db:    bdb,
+		opts:  opts,
+		log:   log,
+		queue: make(chan *request, 4096),
+		done:  make(chan struct{}),
+	}
+	d.wg.Add(2)
+	go d.commitLoop()
+	go d.maintenance()
+	return d, nil
+}
+
+// Write queues ops as one atomic unit and returns once they are durable
+// under the policy: committed (SyncBatch), committed and fsynced
+// (SyncAlways), or merely queued (SyncNone).
+func (d *DB) Write(ops ...Op) error {
+	if d.opts.Sync == SyncNone {
+		return d.enqueue(&request{ops: ops})
+	}
+	r := &request{ops: ops, done: make(chan error, 1)}
+	if err := d.enqueue(r); err != nil {
+		return err
+	}
+	return <-r.done
+}
+
+// WriteAsync queues ops as one atomic unit without waiting. They commit
+// before any write queued after them.
+func (d *DB) WriteAsync(ops ...Op) {
+	if err := d.enqueue(&request{ops: ops}); err != nil {
+		d.log.Warn("write after close dropped", "ops", len(ops))
+	}
+}
+
+func (d *DB) enqueue(r *request) error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.closed {
+		return ErrClosed
+	}
+	d.queue <- r
+	return nil
+}
+
+// commitLoop is the only writer. It gathers whatever is queued into one
+// transaction, so concurrent writers share one commit (and one fsync).
+func (d *DB) commitLoop() {
+	defer d.wg.Done()
+	var group []*request
+	for r := range d.queue {
+		group = append(group[:0], r)
+		n := len(r.ops)
+	gather:
+		for n < maxGroupOps {
+			select {
+			case next, ok := <-d.queue:
+				if !ok {
+					break gather
+				}
+				group = append(group, next)
+				n += len(next.ops)
+			default:
+				break gather
+			}
+		}
+		err := d.commit(group)
+		if err != nil {
+			d.commitErrs.Add(1)
+			d.log.Error("commit failed", "error", err, "ops", n)
+		}
+		d.commits.Add(1)
+		d.opsWritten.Add(int64(n))
+		for _, g := range group {
+			if g.done != nil {
+				g.done <- err
+			}
+		}
+		clear(group)
+	}
+}
+
+func (d *DB) commit(group []*request) error {
+	txn := d.db.NewTransaction(true)
+	defer func() { txn.Discard() }()
+	apply := func(f func(*badger.Txn) error) error {
+		err := f(txn)
+		if errors.Is(err, badger.ErrTxnTooBig) {
+			if err := txn.Commit(); err != nil {
+				return err
+			}
+			txn = d.db.NewTransaction(true)
+			err = f(txn)
+		}
+		return err
+	}
+	for _, r := range group {
+		for _, op := range r.ops {
+			var err error
+			switch op.kind {
+			case opSet:
+				err = apply(func(t *badger.Txn) error { return t.Set(op.key, op.value) })
+			case opDelete:
+				err = apply(func(t *badger.Txn) error { return t.Delete(op.key) })
+			case opDeletePrefix:
+				var keys [][]byte
+				keys, err = prefixKeys(txn, op.key)
+				for _, k := range keys {
+					if err != nil {
+						break
+					}
+					err = apply(func(t *badger.Txn) error { return t.Delete(k) })
+				}
+			}
+			if err != nil {
+				return fmt.Errorf("write %q: %w", op.key, err)
+			}
+		}
+	}
+	return txn.Commit()
+}
+
+func prefixKeys(txn *badger.Txn, prefix []byte) ([][]byte, error) {
+	it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
+	defer it.Close()
+	var keys [][]byte
+	for it.Rewind(); it.Valid(); it.Next() {
+		keys = append(keys, it.Item().KeyCopy(nil))
+	}
+	return keys, nil
+}
+
+// Scan calls fn for every key under prefix, in key order. The slices are
+// only valid during the call.
+func (d *DB) Scan(prefix []byte, fn func(key, value []byte) error) error {
+	return d.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: true, PrefetchSize: 64})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			item := it.Item()
+			err := item.Value(func(v []byte) error { return fn(item.Key(), v) })
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// Get returns a copy of the value under key, or ErrNotFound.
+func (d *DB) Get(key []byte) ([]byte, error) {
+	var out []byte
+	err := d.db.View(func(txn *badger.Txn) error {
+		item, err := txn.Get(key)
+		if err != nil {
+			return err
+		}
+		out, err = item.ValueCopy(nil)
+		return err
+	})
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return nil, ErrNotFound
+	}
+	return out, err
+}
+
+// ErrNotFound is returned by Get for a missing key.
+var ErrNotFound = errors.New("storage: key not found")
+
+// Stats are counters for metrics and tests.
+type Stats struct {
+	Commits      int64 // group commits done
+	CommitErrors int64 // group commits that failed
+	Ops          int64 // ops written
+}
+
+// Stats returns the counters.
+func (d *DB) Stats() Stats {
+	return Stats{Commits: d.commits.Load(), CommitErrors: d.commitErrs.Load(), Ops: d.opsWritten.Load()}
+}
+
+// maintenance fsyncs on the SyncBatch schedule and runs value-log GC until
+// Shutdown.
+func (d *DB) maintenance() {
+	defer d.wg.Done()
+	gc := time.NewTicker(d.opts.GCInterval)
+	defer gc.Stop()
+	var syncC <-chan time.Time
+	if d.opts.Sync == SyncBatch {
+		t := time.NewTicker(d.opts.SyncInterval)
+		defer t.Stop()
+		syncC = t.C
+	}
+	for {
+		select {
+		case <-d.done:
+			return
+		case <-syncC:
+			if err := d.db.Sync(); err != nil {
+				d.log.Error("periodic sync failed", "error", err)
+			}
+		case <-gc.C:
+			d.runGC()
+		}
+	}
+}
+
+func (d *DB) runGC() {
+	for i := 0; i < 16; i++ { // bounded: one pass rewrites at most 16 files
+		select {
+		case <-d.done:
+			return
+		default:
+		}
+		if err := d.db.RunValueLogGC(0.5); err != nil {
+			if !errors.Is(err, badger.ErrNoRewrite) {
+				d.log.Warn("value log gc", "error", err)
+			}
+			return
+		}
+	}
+}
+
+// Shutdown commits everything queued, fsyncs and closes the database. It is
+// idempotent; ctx bounds the wait for the queue to drain.
+func (d *DB) Shutdown(ctx context.Context) error {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return nil
+	}
+	d.closed = true
+	close(d.queue)
+	close(d.done)
+	d.mu.Unlock()
+
+	drained := make(chan struct{})
+	go func() { d.wg.Wait(); close(drained) }()
+	select {
+	case <-drained:
+	case <-ctx.Done():
+		return fmt.Errorf("storage shutdown: %w", ctx.Err())
+	}
+	if err := d.db.Sync(); err != nil {
+		d.log.Warn("final sync", "error", err)
+	}
+	return d.db.Close()
+}
+
+// badgerLogger sends badger's logs to slog; its chatty info lines go to debug.
+type badgerLogger struct{ l *slog.Logger }
+
+func (b badgerLogger) Errorf(f string, a ...any)   { b.l.Error(fmt.Sprintf(f, a...)) }
+func (b badgerLogger) Warningf(f string, a ...any) { b.l.Warn(fmt.Sprintf(f, a...)) }
+func (b badgerLogger) Infof(f string, a ...any)    { b.l.Debug(fmt.Sprintf(f, a...)) }
+func (b badgerLogger) Debugf(f string, a ...any)   { b.l.Debug(fmt.Sprintf(f, a...)) }
