@@ -112,6 +112,11 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	}), nil); err != nil {
 		return nil, err
 	}
+	// No authentication exists yet: every client is anonymous, which is why
+	// the default listeners are loopback only.
+	if err := b.mqtt.AddHook(new(hooks.Anonymous), nil); err != nil {
+		return nil, err
+	}
 	b.drops = hooks.NewDrops()
 	if err := b.mqtt.AddHook(b.drops, nil); err != nil {
 		return nil, err
@@ -278,11 +283,15 @@ type Stats struct {
 	Store   hooks.StoreStats
 	Drops   hooks.DropStats
 	Storage storage.Stats
+	// QueueLimitDrops counts QoS 1/2 messages not queued for a session
+	// because it already held mqtt.max_queued_messages.
+	QueueLimitDrops int64
 }
 
 // Stats returns the broker's counters.
 func (b *Broker) Stats() Stats {
-	return Stats{Store: b.store.Stats(), Drops: b.drops.Stats(), Storage: b.db.Stats()}
+	return Stats{Store: b.store.Stats(), Drops: b.drops.Stats(), Storage: b.db.Stats(),
+		QueueLimitDrops: atomic.LoadInt64(&b.mqtt.Info.InflightDropped)}
 }
 
 // Shutdown stops accepting connections, disconnects clients with "server

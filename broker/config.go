@@ -81,7 +81,6 @@ func Default() Config {
 			ReceiveMaximum:    100,
 			MaxTopicAlias:     1024,
 			OutboundQueue:     1024,
-			KeepaliveMax:      65535 * time.Second,
 			MaxQoS:            2,
 			RetainAvailable:   true,
 			SharedSubs:        true,

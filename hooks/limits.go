@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,7 +50,7 @@ func (h *Limits) ID() string { return "beacon-limits" }
 
 // Provides implements mqtt.Hook.
 func (h *Limits) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPacketEncode}, []byte{b})
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPacketEncode, mqtt.OnPacketProcessed, mqtt.OnSessionEstablished}, []byte{b})
 }
 
 // OnConnect enforces keep-alive bounds and sets the outbound window.
@@ -80,6 +81,87 @@ func (h *Limits) OnConnect(cl *mqtt.Client, _ packets.Packet) error {
 		}
 	}
 	return nil
+}
+
+// Outbound flow control. mochi v2.7.9 holds QoS 1/2 messages beyond a
+// client's window in its inflight map marked "pending" (Expiry -1) and
+// releases one per packet the client sends, but it then deletes the
+// released message from the inflight map: the client's PUBACK no longer
+// finds it, the window never reopens and the session stalls after a few
+// windows' worth of messages (and a reconnect no longer resends it). So
+// Beacon releases pending messages itself, in order, as the window opens,
+// keeps them tracked, and leaves mochi's own release nothing to do.
+
+// OnPacketProcessed releases pending messages into the open window after
+// every packet a client sends (PUBACK and PUBCOMP open it).
+func (h *Limits) OnPacketProcessed(cl *mqtt.Client, _ packets.Packet, err error) {
+	if err == nil {
+		h.releasePending(cl, false)
+	}
+}
+
+// OnSessionEstablished accounts for the messages mochi resent on reconnect:
+// it resends every stored message, pending ones included.
+func (h *Limits) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
+	h.releasePending(cl, true)
+}
+
+func (h *Limits) releasePending(cl *mqtt.Client, alreadySent bool) {
+	window := int(cl.Properties.Props.ReceiveMaximum)
+	if window == 0 || cl.State.Inflight.Len() == 0 {
+		return
+	}
+	var pending []packets.Packet
+	sent := 0
+	for _, pk := range cl.State.Inflight.GetAll(false) {
+		switch {
+		case pk.FixedHeader.Type == packets.Publish && pk.Expiry < 0:
+			pending = append(pending, pk)
+		case pk.FixedHeader.Type == packets.Publish || pk.FixedHeader.Type == packets.Pubrel:
+			sent++
+		}
+	}
+	if len(pending) == 0 {
+		return
+	}
+	sort.Slice(pending, func(i, j int) bool { // oldest first: packet ids grow per message
+		if pending[i].Created != pending[j].Created {
+			return pending[i].Created < pending[j].Created
+		}
+		return int16(pending[i].PacketID-pending[j].PacketID) < 0
+	})
+	maxExpiry := h.server.Options.Capabilities.MaximumMessageExpiryInterval
+	for _, pk := range pending {
+		if !alreadySent && sent >= window {
+			break
+		}
+		pk.Expiry = messageExpiry(pk, maxExpiry)
+		cl.State.Inflight.Set(pk) // stays tracked until the client acknowledges it
+		if !alreadySent {
+			if err := cl.WritePacket(pk); err != nil {
+				return
+			}
+		}
+		sent++
+	}
+	// Align mochi's send quota with what is really in flight, so that new
+	// messages queue (rather than go out) exactly while the window is full.
+	cl.State.Inflight.ResetSendQuota(int32(window))
+	for range min(sent, window) {
+		cl.State.Inflight.DecreaseSendQuota()
+	}
+}
+
+// messageExpiry recomputes the expiry time mochi overwrote with -1.
+func messageExpiry(pk packets.Packet, maxInterval int64) int64 {
+	e := int64(pk.Properties.MessageExpiryInterval)
+	if maxInterval > 0 && (e == 0 || maxInterval < e) {
+		e = maxInterval
+	}
+	if e == 0 {
+		return 0
+	}
+	return pk.Created + e
 }
 
 // OnPacketEncode adds the limits mochi does not announce to a v5 CONNACK.
