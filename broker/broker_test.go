@@ -13,6 +13,7 @@ import (
 
 	"github.com/beaconmq/beacon/broker"
 	bt "github.com/beaconmq/beacon/broker/brokertest"
+	"github.com/beaconmq/beacon/storage"
 )
 
 func u32(v uint32) *uint32 { return &v }
@@ -586,5 +587,65 @@ func TestGracefulShutdownDisconnectsClients(t *testing.T) {
 	}
 	if err := b.Shutdown(ctx); err != nil {
 		t.Fatalf("second shutdown: %v", err)
+	}
+}
+
+// TestRecoverIngress covers the crash window between the acknowledgement of
+// a QoS 1/2 message and the commit of its routed copies: the ingress record
+// written before the ack is routed again on the next start.
+func TestRecoverIngress(t *testing.T) {
+	cfg := bt.Config(t)
+	b1, err := broker.New(cfg, bt.Logger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b1.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c, err := bt.TryDial(b1.MQTTAddr("tcp"), &paho.Connect{ClientID: "rec", CleanStart: true,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: u32(300)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SubscribeT(t, paho.SubscribeOptions{Topic: "rec/#", QoS: 2})
+	_ = c.Disconnect(&paho.Disconnect{})
+	bt.Stop(t, b1)
+
+	// What a crash right after the PUBACK leaves behind: the ingress record only.
+	db, err := storage.Open(storage.Options{Dir: cfg.Storage.Dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 2, Retain: true},
+		PacketID: 9, TopicName: "rec/a", Payload: []byte("acked, not routed"), ProtocolVersion: 5,
+		Created: time.Now().Unix(), Origin: "gone"}
+	if err := db.Write(storage.Set(storage.IngressKey(41), storage.AppendMessage(nil, &pk))); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	b2 := bt.Start(t, cfg)
+	if got := b2.Stats().Store.Recovered; got != 1 {
+		t.Fatalf("recovered %d messages, want 1", got)
+	}
+	c = bt.Dial(t, b2.MQTTAddr("tcp"), &paho.Connect{ClientID: "rec", CleanStart: false,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: u32(300)}})
+	m := c.WaitMessages(t, 1, 5*time.Second)[0]
+	if string(m.Payload) != "acked, not routed" || m.QoS != 2 {
+		t.Fatalf("recovered message: %q qos %d", m.Payload, m.QoS)
+	}
+	// It was retained too, and the ingress record is gone: a second restart
+	// must not deliver it again.
+	r := bt.Dial(t, b2.MQTTAddr("tcp"), &paho.Connect{ClientID: "r", CleanStart: true})
+	r.SubscribeT(t, paho.SubscribeOptions{Topic: "rec/a", QoS: 1})
+	if m := r.WaitMessages(t, 1, 5*time.Second)[0]; !m.Retain {
+		t.Fatal("recovered retained message not retained")
+	}
+	bt.Stop(t, b2)
+	b3 := bt.Start(t, cfg)
+	if got := b3.Stats().Store.Recovered; got != 0 {
+		t.Fatalf("second restart recovered %d messages again", got)
 	}
 }
