@@ -222,19 +222,39 @@ func decodeNode(n *yaml.Node, v reflect.Value, prefix string, src *Source) error
 	return nil
 }
 
+// suggest names the known key closest to a misspelt one.
 func suggest(name string, fields map[string]int) string {
-	var best string
+	best, bestDist := "", max(2, len(name)/3)+1 // close enough to be a typo
 	for f := range fields {
-		if strings.Contains(f, name) || strings.Contains(name, f) || strings.ReplaceAll(f, "_", "") == strings.ReplaceAll(name, "_", "") {
-			if best == "" || f < best {
-				best = f
-			}
+		if d := editDistance(name, f); d < bestDist || (d == bestDist && f < best) {
+			best, bestDist = f, d
 		}
 	}
 	if best == "" {
 		return ""
 	}
 	return fmt.Sprintf(" (did you mean %q?)", best)
+}
+
+// editDistance is the Levenshtein distance between a and b.
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
 }
 
 func yamlFields(t reflect.Type) map[string]int {
