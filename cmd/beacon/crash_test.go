@@ -86,7 +86,7 @@ func TestCrashDurability(t *testing.T) {
 	for _, s := range []struct {
 		id, filter string
 		qos        byte
-	}{{"sub-q1", "crash/q1", 1}, {"sub-q2", "crash/q2", 2}, {"sub-only", "crash/subonly", 1}} {
+	}{{"sub-q1", "crash/q1", 1}, {"sub-q2", "crash/q2", 2}, {"sub-only", "crash/subonly", 1}, {"will-watch", "crash/will/#", 1}} {
 		c := bt.Dial(t, p.mqtt, &paho.Connect{ClientID: s.id, CleanStart: true,
 			Properties: &paho.ConnectProperties{SessionExpiryInterval: u32(3600)}})
 		c.SubscribeT(t, paho.SubscribeOptions{Topic: s.filter, QoS: s.qos})
@@ -98,6 +98,11 @@ func TestCrashDurability(t *testing.T) {
 		"-q", "1", "-t", "crash/q1", "-E").CombinedOutput(); err != nil {
 		t.Fatalf("mosquitto_sub -E: %v: %s", err, out)
 	}
+
+	// A device with a will, still connected when the broker dies.
+	dev := persistentConnect("will-dev")
+	dev.WillMessage = &paho.WillMessage{Topic: "crash/will/dev", Payload: []byte("offline"), QoS: 1}
+	bt.Dial(t, p.mqtt, dev)
 
 	pub := bt.Dial(t, p.mqtt, &paho.Connect{ClientID: "crash-pub", CleanStart: true})
 	start := time.Now()
@@ -168,6 +173,12 @@ func TestCrashDurability(t *testing.T) {
 	r.SubscribeT(t, paho.SubscribeOptions{Topic: "crash/retained", QoS: 1})
 	if m := r.WaitMessages(t, 1, 10*time.Second)[0]; string(m.Payload) != "kept" || !m.Retain {
 		t.Fatalf("retained after crash: %q retain=%v", m.Payload, m.Retain)
+	}
+	// The device's connection died with the broker: its will is published
+	// at the restart and queued for the persistent watcher.
+	ww := bt.Dial(t, p.mqtt, persistentConnect("will-watch"))
+	if m := ww.WaitMessages(t, 1, 10*time.Second)[0]; m.Topic != "crash/will/dev" || string(m.Payload) != "offline" {
+		t.Fatalf("will after crash: %q %q", m.Topic, m.Payload)
 	}
 	so := bt.Dial(t, p.mqtt, persistentConnect("sub-only"))
 	if !so.Connack.SessionPresent {
