@@ -148,3 +148,14 @@ func TestGracefulStop(t *testing.T) {
 	sub = bt.Dial(t, p.mqtt, persistentConnect("graceful-sub"))
 	sub.WaitMessages(t, 100, 20*time.Second)
 }
+
+func TestHealthcheck(t *testing.T) {
+	p := startBeacon(t, t.TempDir())
+	if code, _, errOut := runCLI(t, nil, "healthcheck", "--http-addr", p.http); code != 0 {
+		t.Fatalf("healthcheck of a running broker: exit %d: %s", code, errOut)
+	}
+	p.stop(t, syscall.SIGTERM)
+	if code, _, _ := runCLI(t, nil, "healthcheck", "--http-addr", p.http); code != 1 {
+		t.Fatalf("healthcheck of a stopped broker: exit %d, want 1", code)
+	}
+}

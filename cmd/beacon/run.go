@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
@@ -24,6 +26,7 @@ const usage = `Beacon, an MQTT broker for devices and browsers.
 Usage:
   beacon [serve] [flags]        run the broker (default)
   beacon config print [flags]   print the effective configuration as YAML
+  beacon healthcheck [flags]    exit 0 if the broker's /healthz answers (for HEALTHCHECK)
   beacon version                print the version
 
 Flags (serve, config print):
@@ -64,6 +67,16 @@ func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) 
 			return 1
 		}
 		_, _ = stdout.Write(out)
+		return 0
+	case "healthcheck":
+		cfg, err := loadConfig("healthcheck", args, environ, stderr)
+		if err != nil {
+			return reportFlagErr(err, stderr)
+		}
+		if err := healthcheck(ctx, cfg.HTTP.Addr); err != nil {
+			fmt.Fprintf(stderr, "beacon: unhealthy: %v\n", err)
+			return 1
+		}
 		return 0
 	case "help":
 		fmt.Fprint(stdout, usage)
@@ -189,5 +202,35 @@ func serve(ctx context.Context, cfg broker.Config, logOut io.Writer) error {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	log.Info("stopped")
+	return nil
+}
+
+// healthcheck asks the broker configured by the same flags, environment and
+// file for /healthz. A wildcard listen address is reached on loopback.
+func healthcheck(ctx context.Context, addr string) error {
+	if addr == "" {
+		return errors.New("http.addr is empty: no HTTP server to ask")
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return err
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+net.JoinHostPort(host, port)+"/healthz", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("/healthz answered %s", resp.Status)
+	}
 	return nil
 }

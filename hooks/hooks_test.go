@@ -1,0 +1,86 @@
+package hooks
+
+import (
+	"bytes"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+func TestRateLimitHandler(t *testing.T) {
+	var buf bytes.Buffer
+	log := slog.New(NewRateLimitHandler(slog.NewTextHandler(&buf, nil), time.Hour)).With("component", "mqtt")
+	for range 5 {
+		log.Warn("client store quota reached", "client", "a")
+	}
+	log.Warn("another warning")
+	log.Info("info is never limited")
+	log.Info("info is never limited")
+	out := buf.String()
+	if n := strings.Count(out, "client store quota reached"); n != 1 {
+		t.Fatalf("repeated warning logged %d times, want 1:\n%s", n, out)
+	}
+	if !strings.Contains(out, "another warning") || strings.Count(out, "info is never limited") != 2 {
+		t.Fatalf("unexpected output:\n%s", out)
+	}
+}
+
+func TestRateLimiterCountsHeldBack(t *testing.T) {
+	r := NewRateLimiter(20 * time.Millisecond)
+	if ok, _ := r.Allow("k"); !ok {
+		t.Fatal("first event held back")
+	}
+	for range 3 {
+		if ok, _ := r.Allow("k"); ok {
+			t.Fatal("event within the interval let through")
+		}
+	}
+	time.Sleep(25 * time.Millisecond) // the interval is the behaviour under test
+	ok, held := r.Allow("k")
+	if !ok || held != 3 {
+		t.Fatalf("after the interval: ok=%v held=%d, want true 3", ok, held)
+	}
+}
+
+func TestMessageExpiry(t *testing.T) {
+	pk := packets.Packet{Created: 1000}
+	for _, tc := range []struct {
+		interval uint32
+		max      int64
+		want     int64
+	}{
+		{0, 0, 0}, {60, 0, 1060}, {0, 30, 1030}, {60, 30, 1030}, {20, 30, 1020},
+	} {
+		pk.Properties.MessageExpiryInterval = tc.interval
+		if got := messageExpiry(pk, tc.max); got != tc.want {
+			t.Errorf("interval %d max %d: got %d want %d", tc.interval, tc.max, got, tc.want)
+		}
+	}
+}
+
+func TestPersistent(t *testing.T) {
+	s := mqtt.New(&mqtt.Options{Logger: slog.New(slog.DiscardHandler)})
+	cl := s.NewClient(nil, "t", "c", false)
+	for _, tc := range []struct {
+		version byte
+		clean   bool
+		expiry  uint32
+		want    bool
+	}{
+		{4, true, 0, false}, {4, false, 0, true}, {5, true, 0, false}, {5, true, 10, true}, {5, false, 0, false},
+	} {
+		cl.Properties.ProtocolVersion = tc.version
+		cl.Properties.Clean = tc.clean
+		cl.Properties.Props.SessionExpiryInterval = tc.expiry
+		if got := persistent(cl); got != tc.want {
+			t.Errorf("v%d clean=%v expiry=%d: persistent=%v", tc.version, tc.clean, tc.expiry, got)
+		}
+	}
+	if persistent(s.NewClient(nil, "local", "inline", true)) {
+		t.Error("the inline client has no session")
+	}
+}
