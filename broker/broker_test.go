@@ -209,6 +209,17 @@ func TestKeepaliveTimeoutPublishesWill(t *testing.T) {
 	if m := sub.WaitMessages(t, 1, 5*time.Second)[0]; m.Topic != "ka/silent" {
 		t.Fatalf("got %q, want the will of the silent client", m.Topic)
 	}
+
+	// An MQTT 5 client is told why: DISCONNECT 0x8D keep alive timeout.
+	dev5 := bt.DialRaw(t, addr, 5)
+	dev5.Send(t, packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect},
+		Connect:     packets.ConnectParams{ClientIdentifier: "silent5", Clean: true, Keepalive: 1},
+	})
+	dev5.Expect(t, packets.Connack)
+	if last := dev5.Closed(t, 10*time.Second); last.FixedHeader.Type != packets.Disconnect || last.ReasonCode != 0x8d {
+		t.Fatalf("v5 keep-alive timeout: last packet type %d reason 0x%02x, want DISCONNECT 0x8d", last.FixedHeader.Type, last.ReasonCode)
+	}
 }
 
 func TestKeepaliveBounds(t *testing.T) {
@@ -476,7 +487,10 @@ func TestBadInput(t *testing.T) {
 		{name: "wildcard in topic name", version: 4, connect: true, bytes: []byte{0x30, 0x05, 0x00, 0x03, 'a', '/', '#'}},
 		{name: "second connect", version: 4, connect: true, bytes: []byte{0x10, 0x0c, 0x00, 0x04, 'M', 'Q', 'T', 'T', 0x04, 0x02, 0x00, 0x1e, 0x00, 0x00}},
 		{name: "oversize packet v3", version: 4, connect: true, bytes: append([]byte{0x30, 0x80, 0x10, 0x00, 0x01, 'a'}, make([]byte, 2045)...)},
-		{name: "bad utf8 v5", version: 5, connect: true, bytes: []byte{0x30, 0x06, 0x00, 0x02, 0xc3, 0x28, 0x00, 'x'}},
+		{name: "bad utf8 v5", version: 5, connect: true, bytes: []byte{0x30, 0x06, 0x00, 0x02, 0xc3, 0x28, 0x00, 'x'}, wantRC: 0x81},
+		{name: "oversize packet v5", version: 5, connect: true, bytes: append([]byte{0x30, 0x80, 0x10, 0x00, 0x01, 'a', 0x00}, make([]byte, 2044)...), wantRC: 0x95},
+		{name: "wildcard in topic name v5", version: 5, connect: true, bytes: []byte{0x30, 0x06, 0x00, 0x03, 'a', '/', '+', 0x00}, wantRC: 0x82},
+		{name: "reserved packet type v5", version: 5, connect: true, bytes: []byte{0xf0, 0x00}},
 	}
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -486,7 +500,11 @@ func TestBadInput(t *testing.T) {
 			}
 			_ = r.Conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
 			_, _ = r.Conn.Write(tc.bytes) // the server may close before it has read everything
-			r.Closed(t, 10*time.Second)
+			last := r.Closed(t, 10*time.Second)
+			if tc.wantRC != 0 && (last.FixedHeader.Type != packets.Disconnect || last.ReasonCode != tc.wantRC) {
+				t.Fatalf("last packet before the close: type %d reason 0x%02x, want DISCONNECT 0x%02x",
+					last.FixedHeader.Type, last.ReasonCode, tc.wantRC)
+			}
 		})
 	}
 

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -56,6 +57,7 @@ func (l *tcpListener) Serve(establish listeners.EstablishFn) {
 		}
 		// mochi replaces this deadline with the keep-alive one after CONNECT.
 		_ = conn.SetDeadline(time.Now().Add(l.connectTimeout))
+		conn = &lingerConn{Conn: conn}
 		go func() {
 			if err := establish(l.id, conn); err != nil {
 				l.log.Debug("connection ended", "remote", conn.RemoteAddr().String(), "error", err)
@@ -70,4 +72,63 @@ func (l *tcpListener) Close(closeClients listeners.CloseFn) {
 		_ = l.ln.Close()
 		closeClients(l.id)
 	}
+}
+
+// lingerTime bounds how long a connection mochi has closed stays open for
+// a final DISCONNECT from the hooks (see lingerConn).
+const lingerTime = 250 * time.Millisecond
+
+// lingerConn lets a hook send MQTT 5 clients the reason their connection
+// ends. mochi closes the socket on a read error (malformed packet, packet
+// too large, keep-alive timeout) and only then calls OnDisconnect; here a
+// Close by mochi only stops reading, and the socket really closes when the
+// hook calls Finish or after lingerTime.
+type lingerConn struct {
+	net.Conn
+	mu             sync.Mutex
+	closing        bool
+	finished       bool
+	sentDisconnect bool
+	timer          *time.Timer
+}
+
+func (c *lingerConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	if len(p) > 0 && p[0] == 0xe0 { // a DISCONNECT from mochi itself
+		c.sentDisconnect = true
+	}
+	c.mu.Unlock()
+	return c.Conn.Write(p)
+}
+
+// Close stops reads at once and closes the socket later (or in Finish).
+func (c *lingerConn) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closing || c.finished {
+		return nil
+	}
+	c.closing = true
+	_ = c.Conn.SetReadDeadline(time.Now())
+	c.timer = time.AfterFunc(lingerTime, func() { c.Finish(nil) })
+	return nil
+}
+
+// Finish writes final (unless a DISCONNECT was already sent) and closes
+// the socket. It is safe to call more than once.
+func (c *lingerConn) Finish(final []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.finished {
+		return
+	}
+	c.finished = true
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+	if len(final) > 0 && !c.sentDisconnect {
+		_ = c.Conn.SetWriteDeadline(time.Now().Add(time.Second))
+		_, _ = c.Conn.Write(final)
+	}
+	_ = c.Conn.Close()
 }

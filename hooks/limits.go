@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -50,7 +51,51 @@ func (h *Limits) ID() string { return "beacon-limits" }
 
 // Provides implements mqtt.Hook.
 func (h *Limits) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPacketEncode, mqtt.OnPacketProcessed, mqtt.OnSessionEstablished}, []byte{b})
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPacketEncode, mqtt.OnPacketProcessed,
+		mqtt.OnSessionEstablished, mqtt.OnDisconnect}, []byte{b})
+}
+
+// finisher is implemented by the broker's connections: Finish writes a
+// last packet (unless the engine already sent a DISCONNECT) and closes.
+type finisher interface{ Finish(final []byte) }
+
+// OnDisconnect tells an MQTT 5 client why the broker closed its connection
+// when mochi closed it on a read error without saying so: a malformed
+// packet (0x81), a protocol error (0x82), a packet too large (0x95), a
+// keep-alive timeout (0x8D).
+func (h *Limits) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
+	f, ok := cl.Net.Conn.(finisher)
+	if !ok {
+		return
+	}
+	var final []byte
+	if code, ok := disconnectReason(err); ok && cl.Properties.ProtocolVersion == 5 {
+		pk := packets.Packet{
+			FixedHeader:     packets.FixedHeader{Type: packets.Disconnect},
+			ProtocolVersion: 5,
+			ReasonCode:      code.Code,
+			Properties:      packets.Properties{ReasonString: code.Reason},
+		}
+		var buf bytes.Buffer
+		if pk.DisconnectEncode(&buf) == nil {
+			final = buf.Bytes()
+		}
+	}
+	f.Finish(final)
+}
+
+func disconnectReason(err error) (packets.Code, bool) {
+	var code packets.Code
+	var ne net.Error
+	switch {
+	case err == nil:
+		return code, false
+	case errors.As(err, &code):
+		return code, code.Code >= packets.ErrUnspecifiedError.Code
+	case errors.As(err, &ne) && ne.Timeout():
+		return packets.ErrKeepAliveTimeout, true
+	}
+	return code, false
 }
 
 // OnConnect enforces keep-alive bounds and sets the outbound window.

@@ -321,6 +321,7 @@ func (c *Raw) Read(timeout time.Duration) (packets.Packet, error) {
 	if err != nil {
 		return pk, err
 	}
+	pk.FixedHeader.Remaining = n
 	body := make([]byte, n)
 	if _, err := io.ReadFull(c.r, body); err != nil {
 		return pk, err
