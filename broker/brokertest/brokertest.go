@@ -56,7 +56,14 @@ func (w testWriter) Write(p []byte) (int, error) {
 // Start runs a broker with cfg until the test ends.
 func Start(t testing.TB, cfg broker.Config) *broker.Broker {
 	t.Helper()
-	b, err := broker.New(cfg, Logger(t))
+	return StartWithLogger(t, cfg, Logger(t))
+}
+
+// StartWithLogger is Start with the broker's logger given: fuzz targets
+// need one that does not write to the test log.
+func StartWithLogger(t testing.TB, cfg broker.Config, log *slog.Logger) *broker.Broker {
+	t.Helper()
+	b, err := broker.New(cfg, log)
 	if err != nil {
 		t.Fatalf("new broker: %v", err)
 	}
