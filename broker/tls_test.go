@@ -147,4 +147,3 @@ func TestBindErrorNamesKey(t *testing.T) {
 		t.Fatalf("bind to a busy port: %v, want an error naming mqtt.addr", err)
 	}
 }
-
