@@ -44,7 +44,7 @@ bench:
 fuzz:
 	$(GO) test ./storage -run '^$$' -fuzz FuzzDecodeMessage -fuzztime $(FUZZTIME)
 	$(GO) test ./broker -run '^$$' -fuzz FuzzLoad -fuzztime $(FUZZTIME)
-	$(GO) test ./broker -run '^$$$$' -fuzz FuzzConnection -fuzztime $(FUZZTIME)
+	$(GO) test ./broker -run '^$$' -fuzz FuzzConnection -fuzztime $(FUZZTIME)
 
 clean:
 	rm -rf bin
