@@ -20,6 +20,8 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 
+	"github.com/beaconmq/beacon/bridge"
+	"github.com/beaconmq/beacon/devices"
 	"github.com/beaconmq/beacon/hooks"
 	"github.com/beaconmq/beacon/storage"
 )
@@ -35,6 +37,12 @@ type Broker struct {
 	db    *storage.DB
 	store *hooks.Store
 	drops *hooks.Drops
+	auth  *hooks.Auth
+
+	registry *devices.Registry
+	authz    *devices.Authorizer
+	tokens   *devices.TokenVerifier
+	admin    *bridge.Admin
 
 	listeners []*tcpListener
 	httpLn    net.Listener
@@ -72,6 +80,10 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		return nil, err
 	}
 
+	if err := b.setupAuth(); err != nil {
+		return nil, err
+	}
+
 	m := cfg.MQTT
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumClients = m.MaxClients
@@ -104,7 +116,6 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	// rejects is never written to the ingress log.
 	if err := b.mqtt.AddHook(hooks.NewLimits(hooks.LimitsOptions{
 		Server:            b.mqtt,
-		MaxInflight:       m.MaxInflight,
 		KeepaliveMin:      uint16(m.KeepaliveMin / time.Second),
 		KeepaliveMax:      uint16(m.KeepaliveMax / time.Second),
 		MaxPacketSize:     m.MaxPacketSize,
@@ -112,11 +123,20 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	}), nil); err != nil {
 		return nil, err
 	}
-	// No authentication exists yet: every client is anonymous, which is why
-	// the default listeners are loopback only.
-	if err := b.mqtt.AddHook(new(hooks.Anonymous), nil); err != nil {
+	b.auth = hooks.NewAuth(hooks.AuthOptions{
+		Server:         b.mqtt,
+		Registry:       b.registry,
+		Authorizer:     b.authz,
+		Tokens:         b.tokens,
+		Policy:         devices.MaxPayload{Authorizer: b.authz},
+		RulesFile:      cfg.Auth.ACLFile != "",
+		AllowAnonymous: cfg.Auth.AllowAnonymous,
+		FailDelay:      cfg.Auth.FailDelay,
+	})
+	if err := b.mqtt.AddHook(b.auth, nil); err != nil {
 		return nil, err
 	}
+	b.admin.Kick = b.auth.Kick
 	b.drops = hooks.NewDrops()
 	if err := b.mqtt.AddHook(b.drops, nil); err != nil {
 		return nil, err
@@ -125,6 +145,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		DB:               b.db,
 		MaxSessionExpiry: caps.MaximumSessionExpiryInterval,
 		Server:           b.mqtt,
+		Identity:         b.auth,
 	})
 	if err := b.mqtt.AddHook(b.store, nil); err != nil {
 		return nil, err
@@ -152,6 +173,78 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		}
 	}
 	return b, nil
+}
+
+// setupAuth loads the device registry, the rules and the JWT keys, and
+// refuses an exposed listener without authentication.
+func (b *Broker) setupAuth() error {
+	a := b.cfg.Auth
+	var err error
+	b.registry, err = devices.OpenRegistry(b.db)
+	if err != nil {
+		return err
+	}
+	var rules *devices.Rules
+	if a.ACLFile != "" {
+		if rules, err = devices.LoadRules(a.ACLFile); err != nil {
+			return &ConfigError{Key: "auth.acl_file", Msg: err.Error()}
+		}
+	}
+	b.authz = devices.NewAuthorizer(rules)
+	if a.JWTConfigured() {
+		secret, err := a.JWTSecretValue()
+		if err != nil {
+			return err
+		}
+		b.tokens, err = devices.NewTokenVerifier(devices.JWTOptions{
+			HS256Secret: []byte(secret), PublicKeyFiles: a.PublicKeyFiles(), JWKSFile: a.JWKSFile,
+			Issuer: a.JWTIssuer, Audience: a.JWTAudience,
+		})
+		if err != nil {
+			return &ConfigError{Key: "auth.jwt_public_keys", Msg: err.Error()}
+		}
+	}
+	adminToken, err := a.AdminTokenValue()
+	if err != nil {
+		return err
+	}
+	b.admin = &bridge.Admin{Registry: b.registry, Tokens: b.tokens, AdminToken: adminToken,
+		Reload: b.ReloadACL, Log: b.log.With("component", "admin")}
+
+	configured := b.tokens != nil || a.ACLFile != "" || b.registry.Len() > 0
+	for _, key := range []struct{ name, addr string }{
+		{"mqtt.addr", b.cfg.MQTT.Addr}, {"mqtt.tls_addr", b.cfg.MQTT.TLSAddr}, {"http.addr", b.cfg.HTTP.Addr},
+	} {
+		if IsLoopback(key.addr) {
+			continue
+		}
+		switch {
+		case !configured && !a.AllowAnonymous:
+			return &ConfigError{Key: key.name, Msg: fmt.Sprintf("%s is reachable beyond this machine and no authentication is configured: "+
+				"register devices (beacon devices add), configure JWT keys (auth.jwt_secret, auth.jwt_public_keys, auth.jwks_file) "+
+				"or rules (auth.acl_file), or set auth.allow_anonymous: true to accept anyone", key.addr)}
+		case a.AllowAnonymous:
+			b.log.Warn("auth.allow_anonymous is set and a listener is reachable beyond this machine: clients without credentials are admitted",
+				"addr", key.addr, "rules_decide", configured)
+		}
+	}
+	return nil
+}
+
+// ReloadACL re-reads auth.acl_file. A bad file keeps the rules in force
+// and returns the error (file, line, rule). Connections are not disturbed.
+func (b *Broker) ReloadACL() (int, error) {
+	if b.cfg.Auth.ACLFile == "" {
+		return 0, errors.New("no auth.acl_file configured")
+	}
+	rules, err := devices.LoadRules(b.cfg.Auth.ACLFile)
+	if err != nil {
+		b.log.Error("ACL reload failed; keeping the rules in force", "error", err)
+		return 0, err
+	}
+	b.authz.Set(rules)
+	b.log.Info("ACL reloaded", "file", b.cfg.Auth.ACLFile, "rules", len(rules.Rules))
+	return len(rules.Rules), nil
 }
 
 func (b *Broker) listen(id, protocol, key, addr string, tc *tls.Config) error {
@@ -223,15 +316,15 @@ func (b *Broker) Start() error {
 }
 
 func (b *Broker) warnExposure() {
-	addrs := []string{b.cfg.MQTT.Addr, b.cfg.MQTT.TLSAddr, b.cfg.HTTP.Addr}
-	for _, a := range addrs {
+	for _, a := range []string{b.cfg.MQTT.Addr, b.cfg.MQTT.TLSAddr, b.cfg.HTTP.Addr} {
 		if !IsLoopback(a) {
-			b.log.Warn("listening beyond loopback with anonymous access: anyone who can reach this address can publish and subscribe",
-				"addr", a)
-			return
+			return // setupAuth has said what it had to
 		}
 	}
-	b.log.Info("listening on loopback only; to expose Beacon set mqtt.addr / http.addr (e.g. 0.0.0.0:1883) and configure authentication, see docs/configuration.md")
+	if !b.auth.Configured() {
+		b.log.Info("listening on loopback only, every client anonymous; to expose Beacon configure authentication " +
+			"(docs/security.md) and set mqtt.addr / http.addr, e.g. 0.0.0.0:1883")
+	}
 }
 
 func (b *Broker) httpHandler() http.Handler {
@@ -246,6 +339,7 @@ func (b *Broker) httpHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
 	})
+	mux.Handle("/api/v1/", b.admin.Handler())
 	return mux
 }
 
@@ -275,6 +369,9 @@ func (b *Broker) HTTPAddr() string {
 	return b.httpLn.Addr().String()
 }
 
+// Registry is the device registry.
+func (b *Broker) Registry() *devices.Registry { return b.registry }
+
 // Server is the engine, for the bridges.
 func (b *Broker) Server() *mqtt.Server { return b.mqtt }
 
@@ -282,6 +379,7 @@ func (b *Broker) Server() *mqtt.Server { return b.mqtt }
 type Stats struct {
 	Store   hooks.StoreStats
 	Drops   hooks.DropStats
+	Auth    hooks.AuthStats
 	Storage storage.Stats
 	// QueueLimitDrops counts QoS 1/2 messages not queued for a session
 	// because it already held mqtt.max_queued_messages.
@@ -290,7 +388,7 @@ type Stats struct {
 
 // Stats returns the broker's counters.
 func (b *Broker) Stats() Stats {
-	return Stats{Store: b.store.Stats(), Drops: b.drops.Stats(), Storage: b.db.Stats(),
+	return Stats{Store: b.store.Stats(), Drops: b.drops.Stats(), Storage: b.db.Stats(), Auth: b.auth.Stats(),
 		QueueLimitDrops: atomic.LoadInt64(&b.mqtt.Info.InflightDropped)}
 }
 

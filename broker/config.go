@@ -22,8 +22,67 @@ import (
 type Config struct {
 	MQTT    MQTTConfig    `yaml:"mqtt"`
 	HTTP    HTTPConfig    `yaml:"http"`
+	Auth    AuthConfig    `yaml:"auth"`
 	Storage StorageConfig `yaml:"storage"`
 	Log     LogConfig     `yaml:"log"`
+}
+
+// AuthConfig configures authentication and authorization. Authentication
+// counts as configured once a device is registered, a JWT key is set or a
+// rules file is named; from then on every client must authenticate (or be
+// anonymous where allow_anonymous says so) and the rules decide.
+type AuthConfig struct {
+	AllowAnonymous bool          `yaml:"allow_anonymous"`  // admit clients without credentials (as subject "anonymous")
+	ACLFile        string        `yaml:"acl_file"`         // rules file; reloaded on SIGHUP and POST /api/v1/acl/reload
+	AdminToken     string        `yaml:"admin_token"`      // bearer token for /api/v1 admin endpoints (at least 16 bytes)
+	AdminTokenFile string        `yaml:"admin_token_file"` // file holding the admin token
+	JWTSecret      string        `yaml:"jwt_secret"`       // HS256 secret (at least 32 bytes)
+	JWTSecretFile  string        `yaml:"jwt_secret_file"`  // file holding the HS256 secret
+	JWTPublicKeys  string        `yaml:"jwt_public_keys"`  // comma-separated PEM files: RS256, ES256, EdDSA keys or certificates
+	JWKSFile       string        `yaml:"jwks_file"`        // JSON Web Key Set file with public keys
+	JWTIssuer      string        `yaml:"jwt_issuer"`       // required "iss" when set
+	JWTAudience    string        `yaml:"jwt_audience"`     // required "aud" when set
+	FailDelay      time.Duration `yaml:"fail_delay"`       // delay before refusing bad credentials
+}
+
+// secretKeys are printed redacted by config print.
+var secretKeys = map[string]bool{"auth.admin_token": true, "auth.jwt_secret": true}
+
+func readSecret(value, file, key string) (string, error) {
+	if file == "" {
+		return value, nil
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "", &ConfigError{Key: key + "_file", Msg: err.Error()}
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+// AdminTokenValue is the admin token from admin_token or admin_token_file.
+func (a AuthConfig) AdminTokenValue() (string, error) {
+	return readSecret(a.AdminToken, a.AdminTokenFile, "auth.admin_token")
+}
+
+// JWTSecretValue is the HS256 secret from jwt_secret or jwt_secret_file.
+func (a AuthConfig) JWTSecretValue() (string, error) {
+	return readSecret(a.JWTSecret, a.JWTSecretFile, "auth.jwt_secret")
+}
+
+// PublicKeyFiles splits jwt_public_keys.
+func (a AuthConfig) PublicKeyFiles() []string {
+	var out []string
+	for _, f := range strings.Split(a.JWTPublicKeys, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// JWTConfigured reports whether any JWT key source is set.
+func (a AuthConfig) JWTConfigured() bool {
+	return a.JWTSecret != "" || a.JWTSecretFile != "" || a.JWTPublicKeys != "" || a.JWKSFile != ""
 }
 
 // MQTTConfig configures the MQTT listeners and the engine's capabilities.
@@ -36,7 +95,6 @@ type MQTTConfig struct {
 	MaxClients        int64         `yaml:"max_clients"`         // concurrent connections; 0 = unlimited
 	MaxSessionExpiry  time.Duration `yaml:"max_session_expiry"`  // cap for v5, lifetime for v3 persistent sessions
 	MaxMessageExpiry  time.Duration `yaml:"max_message_expiry"`  // cap on message expiry; 0 = messages never expire unless the publisher says so
-	MaxInflight       uint16        `yaml:"max_inflight"`        // outbound QoS 1/2 messages unacknowledged per client
 	MaxQueuedMessages uint16        `yaml:"max_queued_messages"` // QoS 1/2 messages kept per session (inflight + queued)
 	ReceiveMaximum    uint16        `yaml:"receive_maximum"`     // inbound QoS 1/2 messages unacknowledged per client
 	MaxTopicAlias     uint16        `yaml:"max_topic_alias"`     // topic aliases per v5 client; 0 disables them
@@ -76,7 +134,6 @@ func Default() Config {
 			Addr:              "127.0.0.1:1883",
 			MaxPacketSize:     1 << 20,
 			MaxSessionExpiry:  7 * 24 * time.Hour,
-			MaxInflight:       100,
 			MaxQueuedMessages: 1000,
 			ReceiveMaximum:    100,
 			MaxTopicAlias:     1024,
@@ -87,6 +144,7 @@ func Default() Config {
 			SysInterval:       10 * time.Second,
 		},
 		HTTP:    HTTPConfig{Addr: "127.0.0.1:8080"},
+		Auth:    AuthConfig{FailDelay: time.Second},
 		Storage: StorageConfig{Dir: "beacon-data", Sync: storage.SyncBatch, SyncInterval: time.Second, GCInterval: 5 * time.Minute},
 		Log:     LogConfig{Level: "info", Format: "text"},
 	}
@@ -395,11 +453,8 @@ func (c *Config) Validate() error {
 	if m.MaxMessageExpiry < 0 {
 		return bad("mqtt.max_message_expiry", "must not be negative")
 	}
-	if m.MaxInflight == 0 {
-		return bad("mqtt.max_inflight", "must be at least 1")
-	}
-	if m.MaxQueuedMessages < m.MaxInflight {
-		return bad("mqtt.max_queued_messages", "%d is less than mqtt.max_inflight (%d)", m.MaxQueuedMessages, m.MaxInflight)
+	if m.MaxQueuedMessages < 1 {
+		return bad("mqtt.max_queued_messages", "must be at least 1")
 	}
 	if m.ReceiveMaximum == 0 {
 		return bad("mqtt.receive_maximum", "must be at least 1")
@@ -424,6 +479,9 @@ func (c *Config) Validate() error {
 	if err := checkAddr(c.HTTP.Addr); err != nil {
 		return bad("http.addr", "%v", err)
 	}
+	if err := c.Auth.validate(); err != nil {
+		return err
+	}
 	if c.Storage.Dir == "" {
 		return bad("storage.dir", "must not be empty")
 	}
@@ -445,6 +503,50 @@ func (c *Config) Validate() error {
 	case "text", "json":
 	default:
 		return bad("log.format", "%q is not text or json", c.Log.Format)
+	}
+	return nil
+}
+
+func (a AuthConfig) validate() error {
+	bad := func(key, format string, args ...any) error {
+		return &ConfigError{Key: key, Msg: fmt.Sprintf(format, args...)}
+	}
+	if a.AdminToken != "" && a.AdminTokenFile != "" {
+		return bad("auth.admin_token", "set auth.admin_token or auth.admin_token_file, not both")
+	}
+	if a.JWTSecret != "" && a.JWTSecretFile != "" {
+		return bad("auth.jwt_secret", "set auth.jwt_secret or auth.jwt_secret_file, not both")
+	}
+	for key, f := range map[string]string{"auth.acl_file": a.ACLFile, "auth.admin_token_file": a.AdminTokenFile,
+		"auth.jwt_secret_file": a.JWTSecretFile, "auth.jwks_file": a.JWKSFile} {
+		if f == "" {
+			continue
+		}
+		if _, err := os.Stat(f); err != nil {
+			return bad(key, "%v", err)
+		}
+	}
+	for _, f := range a.PublicKeyFiles() {
+		if _, err := os.Stat(f); err != nil {
+			return bad("auth.jwt_public_keys", "%v", err)
+		}
+	}
+	tok, err := a.AdminTokenValue()
+	if err != nil {
+		return err
+	}
+	if tok != "" && len(tok) < 16 {
+		return bad("auth.admin_token", "too short: use at least 16 random bytes (e.g. openssl rand -hex 32)")
+	}
+	sec, err := a.JWTSecretValue()
+	if err != nil {
+		return err
+	}
+	if sec != "" && len(sec) < 32 {
+		return bad("auth.jwt_secret", "too short: HS256 needs at least 32 bytes (e.g. openssl rand -hex 32)")
+	}
+	if a.FailDelay < 0 || a.FailDelay > 10*time.Second {
+		return bad("auth.fail_delay", "%s is outside 0s..10s", a.FailDelay)
 	}
 	return nil
 }
@@ -491,8 +593,8 @@ func (c Config) YAML() ([]byte, error) {
 func (c Config) asMap() yaml.Node {
 	var root yaml.Node
 	root.Kind = yaml.MappingNode
-	var add func(parent *yaml.Node, v reflect.Value)
-	add = func(parent *yaml.Node, v reflect.Value) {
+	var add func(parent *yaml.Node, v reflect.Value, prefix string)
+	add = func(parent *yaml.Node, v reflect.Value, prefix string) {
 		t := v.Type()
 		for i := 0; i < t.NumField(); i++ {
 			name := strings.Split(t.Field(i).Tag.Get("yaml"), ",")[0]
@@ -500,8 +602,13 @@ func (c Config) asMap() yaml.Node {
 			parent.Content = append(parent.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: name})
 			if f.Kind() == reflect.Struct && f.Type() != reflect.TypeOf(time.Duration(0)) {
 				child := &yaml.Node{Kind: yaml.MappingNode}
-				add(child, f)
+				add(child, f, prefix+name+".")
 				parent.Content = append(parent.Content, child)
+				continue
+			}
+			if secretKeys[prefix+name] && f.String() != "" {
+				parent.Content = append(parent.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: "",
+					Style: yaml.DoubleQuotedStyle, LineComment: "set, not printed"})
 				continue
 			}
 			val := fmt.Sprint(f.Interface())
@@ -515,6 +622,6 @@ func (c Config) asMap() yaml.Node {
 			parent.Content = append(parent.Content, node)
 		}
 	}
-	add(&root, reflect.ValueOf(c))
+	add(&root, reflect.ValueOf(c), "")
 	return root
 }

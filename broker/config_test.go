@@ -95,7 +95,7 @@ func TestValidateNamesKey(t *testing.T) {
 		{"mqtt.tls_cert", func(c *Config) { c.MQTT.TLSCert = "/no/such/cert.pem" }},
 		{"mqtt.max_packet_size", func(c *Config) { c.MQTT.MaxPacketSize = 10 }},
 		{"mqtt.max_session_expiry", func(c *Config) { c.MQTT.MaxSessionExpiry = 0 }},
-		{"mqtt.max_queued_messages", func(c *Config) { c.MQTT.MaxQueuedMessages = 10 }},
+		{"mqtt.max_queued_messages", func(c *Config) { c.MQTT.MaxQueuedMessages = 0 }},
 		{"mqtt.keepalive_min", func(c *Config) { c.MQTT.KeepaliveMin = 1500 * time.Millisecond }},
 		{"mqtt.keepalive_min", func(c *Config) { c.MQTT.KeepaliveMin = time.Minute; c.MQTT.KeepaliveMax = time.Second }},
 		{"mqtt.max_qos", func(c *Config) { c.MQTT.MaxQoS = 3 }},

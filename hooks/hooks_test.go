@@ -8,7 +8,6 @@ import (
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
-	"github.com/mochi-mqtt/server/v2/packets"
 )
 
 func TestRateLimitHandler(t *testing.T) {
@@ -43,22 +42,6 @@ func TestRateLimiterCountsHeldBack(t *testing.T) {
 	ok, held := r.Allow("k")
 	if !ok || held != 3 {
 		t.Fatalf("after the interval: ok=%v held=%d, want true 3", ok, held)
-	}
-}
-
-func TestMessageExpiry(t *testing.T) {
-	pk := packets.Packet{Created: 1000}
-	for _, tc := range []struct {
-		interval uint32
-		max      int64
-		want     int64
-	}{
-		{0, 0, 0}, {60, 0, 1060}, {0, 30, 1030}, {60, 30, 1030}, {20, 30, 1020},
-	} {
-		pk.Properties.MessageExpiryInterval = tc.interval
-		if got := messageExpiry(pk, tc.max); got != tc.want {
-			t.Errorf("interval %d max %d: got %d want %d", tc.interval, tc.max, got, tc.want)
-		}
 	}
 }
 

@@ -3,6 +3,7 @@ package hooks
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,10 +17,10 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 )
 
-// Limits applies per-connection limits that mochi leaves to its embedder:
-// keep-alive bounds, an outbound QoS 1/2 window for clients that announce
-// none (every v3.1.1 client), and the CONNACK properties that tell v5
-// clients the maximum packet size and topic alias maximum.
+// Limits applies per-connection limits and repairs that mochi leaves to
+// its embedder: keep-alive bounds, the CONNACK properties that tell v5
+// clients the maximum packet size and topic alias maximum, the order of
+// resent messages, the reason code of a DISCONNECT, and the send quota.
 type Limits struct {
 	mqtt.HookBase
 	server *mqtt.Server
@@ -29,7 +30,6 @@ type Limits struct {
 // LimitsOptions configures NewLimits.
 type LimitsOptions struct {
 	Server            *mqtt.Server
-	MaxInflight       uint16 // outbound QoS 1/2 messages in flight per client
 	KeepaliveMin      uint16 // seconds; 0 = no lower bound
 	KeepaliveMax      uint16 // seconds; 0 = no upper bound
 	MaxPacketSize     uint32
@@ -51,7 +51,7 @@ func (h *Limits) ID() string { return "beacon-limits" }
 
 // Provides implements mqtt.Hook.
 func (h *Limits) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPacketEncode, mqtt.OnPacketProcessed,
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPacketEncode, mqtt.OnPacketSent,
 		mqtt.OnSessionEstablished, mqtt.OnDisconnect}, []byte{b})
 }
 
@@ -118,95 +118,91 @@ func (h *Limits) OnConnect(cl *mqtt.Client, _ packets.Packet) error {
 		cl.State.ServerKeepalive = true // [MQTT-3.2.2-21]: sent as Server Keep Alive
 	}
 
-	if w := h.opts.MaxInflight; w > 0 {
-		rm := cl.Properties.Props.ReceiveMaximum
-		if rm == 0 || rm > w {
-			cl.Properties.Props.ReceiveMaximum = w
-			cl.State.Inflight.ResetSendQuota(int32(w))
-		}
-	}
+	disableSendQuota(cl)
 	return nil
 }
 
-// Outbound flow control. mochi v2.7.9 holds QoS 1/2 messages beyond a
-// client's window in its inflight map marked "pending" (Expiry -1) and
-// releases one per packet the client sends, but it then deletes the
-// released message from the inflight map: the client's PUBACK no longer
-// finds it, the window never reopens and the session stalls after a few
-// windows' worth of messages (and a reconnect no longer resends it). So
-// Beacon releases pending messages itself, in order, as the window opens,
-// keeps them tracked, and leaves mochi's own release nothing to do.
+// Outbound flow control is off. mochi v2.7.9's send quota (the v5 receive
+// maximum) holds QoS 1/2 messages beyond the window as "pending" and
+// releases one per packet the client sends, but (1) it deletes a released
+// message from the inflight map, so the client's PUBACK never reopens the
+// window and the session stalls, and (2) Inflight.NextImmediate takes the
+// inflight read lock twice, which deadlocks against any concurrent writer
+// (a publisher adding a message, a session take-over). With the quota at
+// zero neither path runs: QoS 1/2 messages go straight to the connection's
+// writer, TCP backpressure paces them, and a session holds at most
+// mqtt.max_queued_messages unacknowledged messages.
 
-// OnPacketProcessed releases pending messages into the open window after
-// every packet a client sends (PUBACK and PUBCOMP open it).
-func (h *Limits) OnPacketProcessed(cl *mqtt.Client, _ packets.Packet, err error) {
-	if err == nil {
-		h.releasePending(cl, false)
+// OnPacketProcessed is not needed for flow control; see above.
+
+// Resend order. On reconnect mochi resends a session's stored messages
+// sorted by uint16(Created), Created being in seconds: messages queued in
+// the same second go out in random order (and the order breaks every 18
+// hours). Right after the CONNACK, and before that resend, OnPacketSent
+// gives every stored packet a stand-in Created whose low 16 bits follow the
+// real order, keeping the real one in the packet's ReasonCodes (unused by
+// PUBLISH and PUBREL); OnSessionEstablished, which mochi calls after the
+// resend, puts the real values back.
+
+const orderMark = 0xfe
+
+func realCreated(pk *packets.Packet) (int64, bool) {
+	if len(pk.ReasonCodes) == 9 && pk.ReasonCodes[0] == orderMark {
+		return int64(binary.BigEndian.Uint64(pk.ReasonCodes[1:])), true
 	}
+	return pk.Created, false
 }
 
-// OnSessionEstablished accounts for the messages mochi resent on reconnect:
-// it resends every stored message, pending ones included.
-func (h *Limits) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
-	h.releasePending(cl, true)
-}
-
-func (h *Limits) releasePending(cl *mqtt.Client, alreadySent bool) {
-	window := int(cl.Properties.Props.ReceiveMaximum)
-	if window == 0 || cl.State.Inflight.Len() == 0 {
-		return
-	}
-	var pending []packets.Packet
-	sent := 0
-	for _, pk := range cl.State.Inflight.GetAll(false) {
-		switch {
-		case pk.FixedHeader.Type == packets.Publish && pk.Expiry < 0:
-			pending = append(pending, pk)
-		case pk.FixedHeader.Type == packets.Publish || pk.FixedHeader.Type == packets.Pubrel:
-			sent++
+// sortByAge orders packets as they were queued: by creation time, then by
+// packet id, which grows per message (wrapping at 65535).
+func sortByAge(pks []packets.Packet) {
+	sort.Slice(pks, func(i, j int) bool {
+		ci, _ := realCreated(&pks[i])
+		cj, _ := realCreated(&pks[j])
+		if ci != cj {
+			return ci < cj
 		}
-	}
-	if len(pending) == 0 {
-		return
-	}
-	sort.Slice(pending, func(i, j int) bool { // oldest first: packet ids grow per message
-		if pending[i].Created != pending[j].Created {
-			return pending[i].Created < pending[j].Created
-		}
-		return int16(pending[i].PacketID-pending[j].PacketID) < 0
+		return int16(pks[i].PacketID-pks[j].PacketID) < 0
 	})
-	maxExpiry := h.server.Options.Capabilities.MaximumMessageExpiryInterval
-	for _, pk := range pending {
-		if !alreadySent && sent >= window {
-			break
-		}
-		pk.Expiry = messageExpiry(pk, maxExpiry)
-		cl.State.Inflight.Set(pk) // stays tracked until the client acknowledges it
-		if !alreadySent {
-			if err := cl.WritePacket(pk); err != nil {
-				return
-			}
-		}
-		sent++
+}
+
+// OnPacketSent prepares the resend order after a CONNACK that resumes a
+// session.
+func (h *Limits) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
+	if pk.FixedHeader.Type != packets.Connack || !pk.SessionPresent {
+		return
 	}
-	// Align mochi's send quota with what is really in flight, so that new
-	// messages queue (rather than go out) exactly while the window is full.
-	cl.State.Inflight.ResetSendQuota(int32(window))
-	for range min(sent, window) {
-		cl.State.Inflight.DecreaseSendQuota()
+	disableSendQuota(cl) // a take-over has just reset it
+	if cl.State.Inflight.Len() < 2 {
+		return
+	}
+	all := cl.State.Inflight.GetAll(false)
+	sortByAge(all)
+	base := time.Now().Unix() &^ 0xffff
+	for i, p := range all {
+		real, _ := realCreated(&p)
+		p.ReasonCodes = binary.BigEndian.AppendUint64([]byte{orderMark}, uint64(real))
+		p.Created = base + int64(i)
+		cl.State.Inflight.Set(p)
 	}
 }
 
-// messageExpiry recomputes the expiry time mochi overwrote with -1.
-func messageExpiry(pk packets.Packet, maxInterval int64) int64 {
-	e := int64(pk.Properties.MessageExpiryInterval)
-	if maxInterval > 0 && (e == 0 || maxInterval < e) {
-		e = maxInterval
+// OnSessionEstablished restores the real creation times.
+func (h *Limits) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
+	for _, p := range cl.State.Inflight.GetAll(false) {
+		if real, ok := realCreated(&p); ok {
+			p.Created, p.ReasonCodes = real, nil
+			cl.State.Inflight.Set(p)
+		}
 	}
-	if e == 0 {
-		return 0
-	}
-	return pk.Created + e
+}
+
+// disableSendQuota turns mochi's outbound window off for cl (see above).
+// Props.ReceiveMaximum is what mochi resets the quota to when a session is
+// taken over, so it goes to zero too.
+func disableSendQuota(cl *mqtt.Client) {
+	cl.Properties.Props.ReceiveMaximum = 0
+	cl.State.Inflight.ResetSendQuota(0)
 }
 
 // OnPacketEncode adds the limits mochi does not announce to a v5 CONNACK.

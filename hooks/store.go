@@ -38,6 +38,7 @@ type Store struct {
 	db             *storage.DB
 	maxSessionExp  uint32
 	server         *mqtt.Server
+	identity       Identities
 	seq            atomic.Uint64
 	mu             sync.Mutex
 	groups         map[string]*group   // by ingress tag: writes made while routing one message
@@ -58,6 +59,13 @@ type StoreOptions struct {
 	DB               *storage.DB
 	MaxSessionExpiry uint32 // seconds; applies to v3 persistent sessions and caps v5 ones
 	Server           *mqtt.Server
+	Identity         Identities // optional: keeps who a session belongs to across restarts
+}
+
+// Identities saves and restores the principal of a session (the Auth hook).
+type Identities interface {
+	IdentityOf(cl *mqtt.Client) []byte
+	RestoreIdentity(cl *mqtt.Client, data []byte)
 }
 
 // NewStore returns the storage hook. Restore must run after Serve and
@@ -67,6 +75,7 @@ func NewStore(opts StoreOptions) *Store {
 		db:            opts.DB,
 		maxSessionExp: opts.MaxSessionExpiry,
 		server:        opts.Server,
+		identity:      opts.Identity,
 		groups:        make(map[string]*group),
 		stored:        make(map[string]struct{}),
 	}
@@ -123,6 +132,9 @@ func (h *Store) sessionRecord(cl *mqtt.Client, disconnected int64) storage.Sessi
 		MaximumPacketSize: p.Props.MaximumPacketSize,
 		User:              p.Props.User,
 		Disconnected:      disconnected,
+	}
+	if h.identity != nil {
+		s.Identity = h.identity.IdentityOf(cl)
 	}
 	if atomic.LoadUint32(&p.Will.Flag) == 1 {
 		s.Will = &storage.Will{
@@ -491,6 +503,9 @@ func (h *Store) Restore() (RestoreStats, error) {
 			}
 		}
 		cl.Stop(packets.ErrServerShuttingDown)
+		if h.identity != nil {
+			h.identity.RestoreIdentity(cl, rec.Identity)
+		}
 		if !persistent(cl) {
 			cleanup = append(cleanup, clearSession(rec.ID)...)
 			return nil

@@ -106,6 +106,7 @@ type Session struct {
 	User              []packets.UserProperty `json:"user,omitempty"`
 	Will              *Will                  `json:"will,omitempty"`
 	Disconnected      int64                  `json:"disconnected,omitempty"` // unix seconds; 0 while connected
+	Identity          json.RawMessage        `json:"identity,omitempty"`     // who the client authenticated as
 }
 
 // Will is the stored will of a session.

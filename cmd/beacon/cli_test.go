@@ -33,7 +33,7 @@ func TestVersion(t *testing.T) {
 func TestConfigPrintPrecedence(t *testing.T) {
 	dir := t.TempDir()
 	conf := filepath.Join(dir, "beacon.yaml")
-	if err := os.WriteFile(conf, []byte("mqtt:\n  addr: 127.0.0.1:1000\n  max_inflight: 7\nhttp:\n  addr: 127.0.0.1:2000\nlog:\n  level: debug\n"), 0o600); err != nil {
+	if err := os.WriteFile(conf, []byte("mqtt:\n  addr: 127.0.0.1:1000\n  max_queued_messages: 7\nhttp:\n  addr: 127.0.0.1:2000\nlog:\n  level: debug\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	env := []string{"BEACON_HTTP_ADDR=127.0.0.1:3000", "BEACON_LOG_LEVEL=warn"}
@@ -42,11 +42,11 @@ func TestConfigPrintPrecedence(t *testing.T) {
 		t.Fatalf("exit %d: %s", code, errOut)
 	}
 	for _, want := range []string{
-		`addr: "127.0.0.1:1000"`,    // file over default
-		"max_inflight: 7",           // file
-		`addr: "127.0.0.1:3000"`,    // env over file
-		`level: "error"`,            // flag over env over file
-		"max_queued_messages: 1000", // default
+		`addr: "127.0.0.1:1000"`,   // file over default
+		"max_queued_messages: 7",   // file
+		`addr: "127.0.0.1:3000"`,   // env over file
+		`level: "error"`,           // flag over env over file
+		"max_packet_size: 1048576", // default
 		"max_session_expiry: 168h0m0s",
 	} {
 		if !strings.Contains(out, want) {
@@ -72,11 +72,11 @@ func TestConfigErrors(t *testing.T) {
 		args       []string
 		want       string
 	}{
-		{name: "unknown key", file: "mqtt:\n  addr: 127.0.0.1:1883\n  max_inflite: 5\n",
-			want: `beacon.yaml:3: mqtt.max_inflite: unknown key (did you mean "max_inflight"?)`},
+		{name: "unknown key", file: "mqtt:\n  addr: 127.0.0.1:1883\n  max_queued_mesages: 5\n",
+			want: `beacon.yaml:3: mqtt.max_queued_mesages: unknown key (did you mean "max_queued_messages"?)`},
 		{name: "unknown section", file: "mqqt:\n  addr: x\n", want: "beacon.yaml:1: mqqt: unknown key"},
-		{name: "bad number", file: "mqtt:\n  max_inflight: lots\n", want: `beacon.yaml:2: mqtt.max_inflight: invalid number "lots"`},
-		{name: "out of range", file: "mqtt:\n  max_inflight: 70000\n", want: "beacon.yaml:2: mqtt.max_inflight: invalid number"},
+		{name: "bad number", file: "mqtt:\n  max_queued_messages: lots\n", want: `beacon.yaml:2: mqtt.max_queued_messages: invalid number "lots"`},
+		{name: "out of range", file: "mqtt:\n  max_queued_messages: 70000\n", want: "beacon.yaml:2: mqtt.max_queued_messages: invalid number"},
 		{name: "bad duration", file: "storage:\n  sync_interval: 5\n", want: `beacon.yaml:2: storage.sync_interval: invalid duration "5"`},
 		{name: "validation names line", file: "log:\n  format: xml\n", want: `beacon.yaml:2: log.format: "xml" is not text or json`},
 		{name: "bad sync policy", file: "storage:\n  sync: sometimes\n", want: `beacon.yaml:2: storage.sync: "sometimes" is not always, batch or none`},

@@ -1,0 +1,254 @@
+// Package bridge holds Beacon's HTTP surfaces next to MQTT: for now the
+// admin API (/api/v1/devices, /api/v1/acl/reload); the browser transports
+// (MQTT over WebSocket, SSE, long-poll, REST publish) come here too.
+package bridge
+
+import (
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/beaconmq/beacon/devices"
+)
+
+// maxAdminBody bounds an admin request body.
+const maxAdminBody = 64 << 10
+
+// Admin is the device administration API. Every request needs
+// "Authorization: Bearer <token>" with the configured admin token or a JWT
+// whose beacon.role is "admin".
+type Admin struct {
+	Registry   *devices.Registry
+	Tokens     *devices.TokenVerifier // nil: no JWT
+	AdminToken string                 // "": only admin JWTs
+	// Kick disconnects a device's connections (after disable, rotate, remove).
+	Kick func(deviceID string) int
+	// Reload re-reads the ACL rules file and returns the number of rules.
+	Reload func() (int, error)
+	Log    *slog.Logger
+}
+
+// Handler returns the API's routes under /api/v1/.
+func (a *Admin) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /api/v1/devices", a.list)
+	mux.HandleFunc("POST /api/v1/devices", a.create)
+	mux.HandleFunc("GET /api/v1/devices/{id}", a.show)
+	mux.HandleFunc("PATCH /api/v1/devices/{id}", a.update)
+	mux.HandleFunc("POST /api/v1/devices/{id}/rotate", a.rotate)
+	mux.HandleFunc("DELETE /api/v1/devices/{id}", a.remove)
+	mux.HandleFunc("POST /api/v1/acl/reload", a.reload)
+	return a.authenticate(mux)
+}
+
+// apiError is every error body: a message, and the field at fault.
+type apiError struct {
+	Error string `json:"error"`
+	Field string `json:"field,omitempty"`
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func fail(w http.ResponseWriter, code int, msg string) {
+	writeJSON(w, code, apiError{Error: msg})
+}
+
+// BearerToken returns the token of an "Authorization: Bearer" header.
+func BearerToken(r *http.Request) (string, bool) {
+	h := r.Header.Get("Authorization")
+	scheme, tok, ok := strings.Cut(h, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") || tok == "" {
+		return "", false
+	}
+	return strings.TrimSpace(tok), true
+}
+
+func (a *Admin) authenticate(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if a.AdminToken == "" && a.Tokens == nil {
+			fail(w, http.StatusForbidden, "admin API disabled: set auth.admin_token or configure JWT keys")
+			return
+		}
+		tok, ok := BearerToken(r)
+		if !ok {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="beacon"`)
+			fail(w, http.StatusUnauthorized, "missing Authorization: Bearer token")
+			return
+		}
+		if a.AdminToken != "" && subtle.ConstantTimeCompare([]byte(tok), []byte(a.AdminToken)) == 1 {
+			next.ServeHTTP(w, r)
+			return
+		}
+		if a.Tokens != nil {
+			p, err := a.Tokens.Verify(tok, time.Now())
+			if err == nil && p.Role == "admin" {
+				next.ServeHTTP(w, r)
+				return
+			}
+			if err == nil {
+				fail(w, http.StatusForbidden, "token lacks role admin")
+				return
+			}
+			w.Header().Set("WWW-Authenticate", `Bearer realm="beacon", error="invalid_token"`)
+			fail(w, http.StatusUnauthorized, err.Error())
+			return
+		}
+		w.Header().Set("WWW-Authenticate", `Bearer realm="beacon", error="invalid_token"`)
+		fail(w, http.StatusUnauthorized, "invalid admin token")
+	})
+}
+
+// decode reads a JSON body strictly: size-limited, no unknown fields.
+func decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	r.Body = http.MaxBytesReader(w, r.Body, maxAdminBody)
+	dec := json.NewDecoder(r.Body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var tooBig *http.MaxBytesError
+		var syntax *json.SyntaxError
+		var typ *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &tooBig):
+			fail(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body larger than %d bytes", maxAdminBody))
+		case errors.As(err, &typ):
+			writeJSON(w, http.StatusBadRequest, apiError{Error: fmt.Sprintf("%s must be %s", typ.Field, typ.Type), Field: typ.Field})
+		case errors.As(err, &syntax), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
+			fail(w, http.StatusBadRequest, "body is not a JSON object: "+err.Error())
+		case strings.HasPrefix(err.Error(), "json: unknown field "):
+			field := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
+			writeJSON(w, http.StatusBadRequest, apiError{Error: "unknown field " + field, Field: field})
+		default:
+			fail(w, http.StatusBadRequest, err.Error())
+		}
+		return false
+	}
+	return true
+}
+
+func (a *Admin) registryError(w http.ResponseWriter, err error) {
+	var fe *devices.FieldError
+	switch {
+	case errors.As(err, &fe):
+		writeJSON(w, http.StatusUnprocessableEntity, apiError{Error: fe.Error(), Field: fe.Field})
+	case errors.Is(err, devices.ErrNotFound):
+		fail(w, http.StatusNotFound, err.Error())
+	case errors.Is(err, devices.ErrExists):
+		writeJSON(w, http.StatusConflict, apiError{Error: err.Error(), Field: "id"})
+	default:
+		a.Log.Error("admin api", "error", err)
+		fail(w, http.StatusInternalServerError, "internal error")
+	}
+}
+
+func (a *Admin) list(w http.ResponseWriter, r *http.Request) {
+	var online *bool
+	switch r.URL.Query().Get("online") {
+	case "":
+	case "true":
+		v := true
+		online = &v
+	case "false":
+		v := false
+		online = &v
+	default:
+		writeJSON(w, http.StatusBadRequest, apiError{Error: "online must be true or false", Field: "online"})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"devices": a.Registry.List(online)})
+}
+
+// created is the answer to a create or rotate: the secret is shown once.
+type created struct {
+	Device devices.Device `json:"device"`
+	Secret string         `json:"secret"`
+}
+
+func (a *Admin) create(w http.ResponseWriter, r *http.Request) {
+	var n devices.NewDevice
+	if !decode(w, r, &n) {
+		return
+	}
+	d, secret, err := a.Registry.Add(n)
+	if err != nil {
+		a.registryError(w, err)
+		return
+	}
+	a.Log.Info("device added", "device", d.ID, "type", d.Type)
+	w.Header().Set("Location", "/api/v1/devices/"+d.ID)
+	writeJSON(w, http.StatusCreated, created{Device: d, Secret: secret})
+}
+
+func (a *Admin) show(w http.ResponseWriter, r *http.Request) {
+	d, err := a.Registry.Get(r.PathValue("id"))
+	if err != nil {
+		a.registryError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, d)
+}
+
+func (a *Admin) update(w http.ResponseWriter, r *http.Request) {
+	var u devices.Update
+	if !decode(w, r, &u) {
+		return
+	}
+	id := r.PathValue("id")
+	d, err := a.Registry.Update(id, u)
+	if err != nil {
+		a.registryError(w, err)
+		return
+	}
+	if u.Enabled != nil && !*u.Enabled && a.Kick != nil {
+		a.Kick(id)
+	}
+	a.Log.Info("device updated", "device", id)
+	writeJSON(w, http.StatusOK, d)
+}
+
+func (a *Admin) rotate(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	secret, err := a.Registry.Rotate(id)
+	if err != nil {
+		a.registryError(w, err)
+		return
+	}
+	if a.Kick != nil {
+		a.Kick(id)
+	}
+	d, _ := a.Registry.Get(id)
+	a.Log.Info("device secret rotated", "device", id)
+	writeJSON(w, http.StatusOK, created{Device: d, Secret: secret})
+}
+
+func (a *Admin) remove(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	if err := a.Registry.Remove(id); err != nil {
+		a.registryError(w, err)
+		return
+	}
+	if a.Kick != nil {
+		a.Kick(id)
+	}
+	a.Log.Info("device removed", "device", id)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (a *Admin) reload(w http.ResponseWriter, _ *http.Request) {
+	n, err := a.Reload()
+	if err != nil {
+		fail(w, http.StatusUnprocessableEntity, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]int{"rules": n})
+}
