@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -140,6 +141,41 @@ type Rules struct {
 	Rules      []Rule
 	MaxPayload map[string]int // bytes per device type ("*": every device)
 	File       string
+
+	mu        sync.RWMutex
+	bySubject map[subjectKey][]int32 // rules whose subjects select a principal, by principal
+}
+
+// subjectKey is everything about a principal that subjects look at.
+type subjectKey struct {
+	kind             Kind
+	name, typ, role string
+}
+
+// applicable returns the indexes of the rules that select p, computed once
+// per kind of principal: a check then looks only at the rules that can
+// apply, however many there are.
+func (rs *Rules) applicable(p *Principal) []int32 {
+	k := subjectKey{p.Kind, p.Name, p.DeviceType, p.Role}
+	rs.mu.RLock()
+	idx, ok := rs.bySubject[k]
+	rs.mu.RUnlock()
+	if ok {
+		return idx
+	}
+	idx = []int32{}
+	for i := range rs.Rules {
+		if rs.Rules[i].matchesSubject(p) {
+			idx = append(idx, int32(i))
+		}
+	}
+	rs.mu.Lock()
+	if rs.bySubject == nil || len(rs.bySubject) > 100_000 { // bounded: principals come and go
+		rs.bySubject = map[subjectKey][]int32{}
+	}
+	rs.bySubject[k] = idx
+	rs.mu.Unlock()
+	return idx
 }
 
 type ruleYAML struct {
@@ -360,9 +396,9 @@ func (a *Authorizer) Allowed(p *Principal, action Action, topic string) bool {
 	}
 	allowed := false
 	rs := a.rules.Load()
-	for i := range rs.Rules {
+	for _, i := range rs.applicable(p) {
 		r := &rs.Rules[i]
-		if r.Actions&ruleAction == 0 || !r.matchesSubject(p) {
+		if r.Actions&ruleAction == 0 {
 			continue
 		}
 		for _, f := range r.Topics {
