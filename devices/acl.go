@@ -148,7 +148,7 @@ type Rules struct {
 
 // subjectKey is everything about a principal that subjects look at.
 type subjectKey struct {
-	kind             Kind
+	kind            Kind
 	name, typ, role string
 }
 

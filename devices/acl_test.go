@@ -25,7 +25,7 @@ func TestMatches(t *testing.T) {
 		{"#", "$SYS/broker/version", false}, // [MQTT-4.7.2-1]
 		{"+/broker/version", "$SYS/broker/version", false},
 		{"$SYS/#", "$SYS/broker/version", true},
-		{"+", "", true},       // the empty topic level is a level
+		{"+", "", true},         // the empty topic level is a level
 		{"a/+/c", "a//c", true}, // an empty level matches '+'
 		{"a//c", "a//c", true},
 		{"+/+", "/x", true},
