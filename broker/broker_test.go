@@ -142,7 +142,7 @@ func TestNoWillOnCleanDisconnect(t *testing.T) {
 }
 
 func TestWillDelayCancelledByReconnect(t *testing.T) {
-	_, addr := startBroker(t, nil)
+	b, addr := startBroker(t, nil)
 	sub := bt.Dial(t, addr, &paho.Connect{ClientID: "watcher", CleanStart: true})
 	sub.SubscribeT(t, paho.SubscribeOptions{Topic: "wd/#", QoS: 1})
 
@@ -161,6 +161,12 @@ func TestWillDelayCancelledByReconnect(t *testing.T) {
 	// Delayed will, cut off, back within the delay: no will [MQTT-3.1.3-9].
 	c := connect(1)
 	c.TerminateConnectionForTest()
+	// Reconnect only once the broker has seen the connection die (and
+	// scheduled the will); otherwise there is nothing to cancel.
+	bt.WaitFor(t, 5*time.Second, "the broker to notice the cut", func() bool {
+		cl, ok := b.Server().Clients.Get("wd-dev")
+		return ok && cl.Closed()
+	})
 	c2 := connect(1)
 	defer func() { _ = c2.Disconnect(&paho.Disconnect{}) }()
 

@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -26,6 +25,8 @@ const usage = `Beacon, an MQTT broker for devices and browsers.
 Usage:
   beacon [serve] [flags]        run the broker (default)
   beacon config print [flags]   print the effective configuration as YAML
+  beacon devices ...            manage devices (beacon devices help)
+  beacon token --sub NAME ...   mint an HS256 JWT with auth.jwt_secret
   beacon healthcheck [flags]    exit 0 if the broker's /healthz answers (for HEALTHCHECK)
   beacon version                print the version
 
@@ -78,6 +79,10 @@ func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) 
 			return 1
 		}
 		return 0
+	case "devices":
+		return runDevices(args, environ, stdout, stderr)
+	case "token":
+		return runToken(args, environ, stdout, stderr)
 	case "help":
 		fmt.Fprint(stdout, usage)
 		newFlags("serve", stdout).PrintDefaults()
@@ -132,29 +137,7 @@ func loadConfig(name string, args, environ []string, stderr io.Writer) (broker.C
 	if fs.NArg() > 0 {
 		return broker.Config{}, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	overrides := map[string]string{}
-	fs.Visit(func(f *flag.Flag) {
-		for _, fk := range flagKeys {
-			if fk.flag == f.Name {
-				overrides[fk.key] = f.Value.String()
-			}
-		}
-	})
-	path := *fs.config
-	if path == "" {
-		for _, kv := range environ {
-			if v, ok := strings.CutPrefix(kv, "BEACON_CONFIG="); ok {
-				path = v
-			}
-		}
-	}
-	env := make([]string, 0, len(environ))
-	for _, kv := range environ {
-		if _, ok := strings.CutPrefix(kv, "BEACON_CONFIG="); !ok {
-			env = append(env, kv)
-		}
-	}
-	return broker.Load(path, env, overrides)
+	return configFromFlags(fs, environ)
 }
 
 func newLogger(cfg broker.LogConfig, w io.Writer) *slog.Logger {
@@ -181,7 +164,19 @@ func serve(ctx context.Context, cfg broker.Config, logOut io.Writer) error {
 		_ = b.Shutdown(context.Background())
 		return err
 	}
-	<-ctx.Done()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for waiting := true; waiting; {
+		select {
+		case <-hup:
+			if _, err := b.ReloadACL(); err != nil {
+				log.Warn("SIGHUP: ACL not reloaded", "error", err)
+			}
+		case <-ctx.Done():
+			waiting = false
+		}
+	}
 	log.Info("stopping: disconnecting clients and flushing storage (signal again to exit at once)")
 
 	// A second SIGINT/SIGTERM exits immediately.
