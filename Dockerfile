@@ -12,9 +12,10 @@ RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}"
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /out/beacon /beacon
 COPY --from=build --chown=65532:65532 /out/data /data
-# Inside a container the listeners must face the container network. Every
-# client is anonymous until authentication is configured: publish these
-# ports only to networks you trust.
+# Inside a container the listeners must face the container network, so
+# Beacon starts only once authentication is configured (docs/security.md):
+# provision devices first (docker run ... beacon devices add NAME), mount a
+# config with JWT keys or rules, or set BEACON_AUTH_ALLOW_ANONYMOUS=true.
 ENV BEACON_MQTT_ADDR=0.0.0.0:1883 \
     BEACON_HTTP_ADDR=0.0.0.0:8080 \
     BEACON_STORAGE_DIR=/data

@@ -344,6 +344,7 @@ func TestMessageExpiry(t *testing.T) {
 		Properties: &paho.PublishProperties{MessageExpiry: u32(1)}})
 	pub.PublishT(t, &paho.Publish{Topic: "me/long", QoS: 1, Payload: []byte("fresh"),
 		Properties: &paho.PublishProperties{MessageExpiry: u32(3600)}})
+	pub.Barrier(t) // both are queued before the wait below can hold
 	cl, _ := b.Server().Clients.Get("offline")
 	bt.WaitFor(t, 10*time.Second, "the expired message to leave the queue", func() bool {
 		return cl.State.Inflight.Len() == 1
@@ -540,9 +541,13 @@ func TestBadInput(t *testing.T) {
 		t.Fatalf("good client got %q", m.Payload)
 	}
 	good.PublishT(t, &paho.Publish{Topic: "keep/2", QoS: 1, Payload: []byte("after")})
+	good.Barrier(t)
 	keeper = bt.Dial(t, addr, &paho.Connect{ClientID: "keeper", CleanStart: false,
 		Properties: &paho.ConnectProperties{SessionExpiryInterval: u32(300)}})
-	if got := keeper.WaitMessages(t, 2, 5*time.Second); string(got[0].Payload) != "before" || string(got[1].Payload) != "after" {
+	if !keeper.Connack.SessionPresent {
+		t.Fatalf("the stored session did not survive the bad input: %+v", b.Stats())
+	}
+	if got := keeper.WaitMessages(t, 2, 15*time.Second); string(got[0].Payload) != "before" || string(got[1].Payload) != "after" {
 		t.Fatalf("queued messages: %q %q", got[0].Payload, got[1].Payload)
 	}
 	_ = b

@@ -266,3 +266,35 @@ func BenchmarkAuthorizer1000Rules(b *testing.B) {
 		})
 	}
 }
+
+func TestDocumentedExampleParses(t *testing.T) {
+	rs, err := LoadRules("../docs/acl.example.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := NewAuthorizer(rs)
+	dev := &Principal{Kind: DeviceKind, Name: "kitchen-1", DeviceType: "thermostat"}
+	viewer := &Principal{Kind: User, Name: "wall-panel", Role: "viewer"}
+	ops := &Principal{Kind: User, Name: "me", Role: "ops"}
+	for _, tc := range []struct {
+		p      *Principal
+		action Action
+		topic  string
+		want   bool
+	}{
+		{dev, Publish, "devices/kitchen-1/telemetry", true},
+		{dev, Subscribe, "devices/kitchen-1/cmd/#", true},
+		{dev, Publish, "devices/hall-2/telemetry", false},
+		{viewer, Subscribe, "devices/#", true},
+		{viewer, Read, "devices/kitchen-1/secrets/wifi", false},
+		{viewer, Publish, "devices/kitchen-1/cmd/on", false},
+		{ops, Read, "$SYS/broker/uptime", true},
+	} {
+		if got := a.Allowed(tc.p, tc.action, tc.topic); got != tc.want {
+			t.Errorf("%s %s %q: %v, want %v", tc.p.Name, tc.action, tc.topic, got, tc.want)
+		}
+	}
+	if rs.MaxPayload["thermostat"] != 256 {
+		t.Fatalf("max_payload: %v", rs.MaxPayload)
+	}
+}
