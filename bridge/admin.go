@@ -20,9 +20,9 @@ import (
 // maxAdminBody bounds an admin request body.
 const maxAdminBody = 64 << 10
 
-// Admin is the device administration API. Every request needs
-// "Authorization: Bearer <token>" with the configured admin token or a JWT
-// whose beacon.role is "admin".
+// Admin is the device administration API. Every request needs the
+// configured admin token or a JWT whose beacon.role is "admin", sent as
+// "Authorization: Bearer <token>" or in the beacon_token cookie.
 type Admin struct {
 	Registry   *devices.Registry
 	Tokens     *devices.TokenVerifier // nil: no JWT
@@ -64,14 +64,24 @@ func fail(w http.ResponseWriter, code int, msg string) {
 	writeJSON(w, code, apiError{Error: msg})
 }
 
-// BearerToken returns the token of an "Authorization: Bearer" header.
-func BearerToken(r *http.Request) (string, bool) {
-	h := r.Header.Get("Authorization")
-	scheme, tok, ok := strings.Cut(h, " ")
-	if !ok || !strings.EqualFold(scheme, "Bearer") || tok == "" {
-		return "", false
+// TokenCookie is the cookie a browser may carry its token in (set it
+// HttpOnly, Secure and SameSite=Strict).
+const TokenCookie = "beacon_token"
+
+// RequestToken returns the token of a request: an "Authorization: Bearer"
+// header, or else the beacon_token cookie.
+func RequestToken(r *http.Request) (string, bool) {
+	if h := r.Header.Get("Authorization"); h != "" {
+		scheme, tok, ok := strings.Cut(h, " ")
+		if !ok || !strings.EqualFold(scheme, "Bearer") || strings.TrimSpace(tok) == "" {
+			return "", false
+		}
+		return strings.TrimSpace(tok), true
 	}
-	return strings.TrimSpace(tok), true
+	if c, err := r.Cookie(TokenCookie); err == nil && c.Value != "" {
+		return c.Value, true
+	}
+	return "", false
 }
 
 func (a *Admin) authenticate(next http.Handler) http.Handler {
@@ -80,10 +90,10 @@ func (a *Admin) authenticate(next http.Handler) http.Handler {
 			fail(w, http.StatusForbidden, "admin API disabled: set auth.admin_token or configure JWT keys")
 			return
 		}
-		tok, ok := BearerToken(r)
+		tok, ok := RequestToken(r)
 		if !ok {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="beacon"`)
-			fail(w, http.StatusUnauthorized, "missing Authorization: Bearer token")
+			fail(w, http.StatusUnauthorized, "missing token: send Authorization: Bearer or the beacon_token cookie")
 			return
 		}
 		if a.AdminToken != "" && subtle.ConstantTimeCompare([]byte(tok), []byte(a.AdminToken)) == 1 {

@@ -412,6 +412,14 @@ func TestAdminAPI(t *testing.T) {
 			t.Errorf("%s: %d, want %d", tc.name, code, tc.want)
 		}
 	}
+	// A browser carries its token in an HttpOnly cookie.
+	req, _ := http.NewRequest("GET", base+"/devices", nil)
+	req.AddCookie(&http.Cookie{Name: "beacon_token", Value: token(t, "root", "admin", time.Hour, nil, nil)})
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("admin JWT in the beacon_token cookie: %v %v", err, resp)
+	} else {
+		resp.Body.Close()
+	}
 
 	code, body := api(t, "POST", base+"/devices", adminToken, map[string]any{"id": "lamp", "type": "light", "tags": map[string]string{"room": "hall"}})
 	secret, _ := body["secret"].(string)

@@ -61,8 +61,33 @@ func TestDevicesAndTokensEndToEnd(t *testing.T) {
 	if out, err := pub("sensor-1", added.Secret, "devices/sensor-1/temp", "21.5"); err != nil {
 		t.Fatalf("device publish: %v %s", err, out)
 	}
-	if out, err := pub("sensor-1", "wrong", "devices/sensor-1/temp", "x"); err == nil || !strings.Contains(strings.ToLower(out), "bad user name or password") {
-		t.Fatalf("wrong secret: %v %q", err, out)
+	// Every refusal, as mosquitto_pub (MQTT 3.1.1) reports it.
+	code, out, errOut = runCLI(t, nil, "devices", "add", "retired", "--config", conf, "--http-addr", p.http, "--json")
+	var retired struct{ Secret string }
+	if code != 0 || json.Unmarshal([]byte(out), &retired) != nil {
+		t.Fatalf("devices add through the API: %s", errOut)
+	}
+	if code, _, errOut := runCLI(t, nil, "devices", "disable", "retired", "--config", conf, "--http-addr", p.http); code != 0 {
+		t.Fatalf("devices disable: %s", errOut)
+	}
+	for _, tc := range []struct{ name, user, pass, want string }{
+		{"wrong secret", "sensor-1", "wrong", "bad user name or password"},
+		{"unknown device", "ghost", "x", "bad user name or password"},
+		{"disabled device", "retired", retired.Secret, "not authori"},
+		{"anonymous", "", "", "not authori"},
+		{"malformed token", "anyone", "eyJhbGciOiJIUzI1NiJ9.e30.bad", "bad user name or password"},
+	} {
+		args := []string{"-h", host, "-p", port, "-q", "1", "-t", "devices/x/t", "-m", "x"}
+		if tc.user != "" {
+			args = append(args, "-u", tc.user)
+		}
+		if tc.pass != "" {
+			args = append(args, "-P", tc.pass)
+		}
+		out, err := exec.Command(mosqPubBin, args...).CombinedOutput()
+		if err == nil || !strings.Contains(strings.ToLower(string(out)), tc.want) {
+			t.Errorf("%s: %v %q, want a refusal saying %q", tc.name, err, out, tc.want)
+		}
 	}
 
 	// The broker holds the data directory: the CLI goes through the admin API.
