@@ -111,8 +111,14 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		c.p = p
 	}
 	c.p.ClientID = cl.ID
+	old, hasOld := h.opts.Server.Clients.Get(cl.ID)
 	h.mu.Lock()
 	h.clients[cl] = c
+	// An offline session this connection is about to take over (one
+	// restored from storage never gets an OnDisconnect) is forgotten here.
+	if hasOld && old != cl && old.Closed() {
+		delete(h.clients, old)
+	}
 	h.mu.Unlock()
 	return nil
 }
