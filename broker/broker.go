@@ -14,6 +14,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -43,6 +44,8 @@ type Broker struct {
 	authz    *devices.Authorizer
 	tokens   *devices.TokenVerifier
 	admin    *bridge.Admin
+	guard    *bridge.Guard
+	ws       *bridge.WS
 
 	listeners []*tcpListener
 	httpLn    net.Listener
@@ -167,12 +170,58 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		}
 	}
 	if cfg.HTTP.Addr != "" {
-		b.httpLn, err = net.Listen("tcp", cfg.HTTP.Addr)
-		if err != nil {
-			return nil, &ConfigError{Key: "http.addr", Msg: err.Error()}
+		if err := b.setupHTTP(); err != nil {
+			return nil, err
 		}
 	}
 	return b, nil
+}
+
+// setupHTTP binds the HTTP server and builds the browser bridges.
+func (b *Broker) setupHTTP() error {
+	h := b.cfg.HTTP
+	var err error
+	b.guard, err = bridge.NewGuard(bridge.GuardOptions{
+		AllowedOrigins:     List(h.AllowedOrigins),
+		AllowMissingOrigin: h.AllowMissingOrigin,
+		TrustedProxies:     List(h.TrustedProxies),
+		MaxConnsPerIP:      h.MaxConnsPerIP,
+		HandshakesPerSec:   float64(h.HandshakesPerSec),
+		HandshakeBurst:     2 * h.HandshakesPerSec,
+	})
+	if err != nil {
+		key := "http.allowed_origins"
+		if strings.Contains(err.Error(), "proxy") {
+			key = "http.trusted_proxies"
+		}
+		return &ConfigError{Key: key, Msg: err.Error()}
+	}
+	if h.WSPath != "" {
+		b.ws = bridge.NewWS(bridge.WSOptions{
+			Guard:          b.guard,
+			Tokens:         b.tokens,
+			MaxMessageSize: int64(b.cfg.MQTT.MaxPacketSize),
+			Log:            b.log.With("component", "ws"),
+		})
+	}
+	ln, err := net.Listen("tcp", h.Addr)
+	if err != nil {
+		return &ConfigError{Key: "http.addr", Msg: err.Error()}
+	}
+	if h.TLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(h.TLSCert, h.TLSKey)
+		if err != nil {
+			_ = ln.Close()
+			return &ConfigError{Key: "http.tls_cert", Msg: fmt.Sprintf("load key pair: %v", err)}
+		}
+		ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12,
+			NextProtos: []string{"http/1.1"}})
+	}
+	b.httpLn = ln
+	if b.ws != nil {
+		b.ws.SetAddress(ln.Addr().String())
+	}
+	return nil
 }
 
 // setupAuth loads the device registry, the rules and the JWT keys, and
@@ -297,6 +346,12 @@ func (b *Broker) Start() error {
 		b.mqtt.Listeners.Serve(l.id, b.mqtt.EstablishConnection)
 		b.log.Info("mqtt listening", "listener", l.id, "addr", l.Address())
 	}
+	if b.ws != nil {
+		if err := b.mqtt.AddListener(b.ws); err != nil {
+			return fmt.Errorf("add websocket listener: %w", err)
+		}
+		b.mqtt.Listeners.Serve(b.ws.ID(), b.mqtt.EstablishConnection)
+	}
 	if b.httpLn != nil {
 		b.httpSrv = &http.Server{
 			Handler:           b.httpHandler(),
@@ -308,7 +363,7 @@ func (b *Broker) Start() error {
 				b.log.Error("http server", "error", err)
 			}
 		}()
-		b.log.Info("http listening", "addr", b.httpLn.Addr().String())
+		b.log.Info("http listening", "addr", b.httpLn.Addr().String(), "tls", b.cfg.HTTP.TLSCert != "", "ws_path", b.cfg.HTTP.WSPath)
 	}
 	b.warnExposure()
 	b.ready.Store(true)
@@ -340,6 +395,9 @@ func (b *Broker) httpHandler() http.Handler {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
 	})
 	mux.Handle("/api/v1/", b.admin.Handler())
+	if b.ws != nil {
+		mux.Handle(b.cfg.HTTP.WSPath, b.ws)
+	}
 	return mux
 }
 

@@ -70,15 +70,7 @@ func (a AuthConfig) JWTSecretValue() (string, error) {
 }
 
 // PublicKeyFiles splits jwt_public_keys.
-func (a AuthConfig) PublicKeyFiles() []string {
-	var out []string
-	for _, f := range strings.Split(a.JWTPublicKeys, ",") {
-		if f = strings.TrimSpace(f); f != "" {
-			out = append(out, f)
-		}
-	}
-	return out
-}
+func (a AuthConfig) PublicKeyFiles() []string { return List(a.JWTPublicKeys) }
 
 // JWTConfigured reports whether any JWT key source is set.
 func (a AuthConfig) JWTConfigured() bool {
@@ -107,9 +99,29 @@ type MQTTConfig struct {
 	SysInterval       time.Duration `yaml:"sys_interval"` // $SYS topic refresh period
 }
 
-// HTTPConfig configures the HTTP server (health checks; later the bridges).
+// HTTPConfig configures the HTTP server: health checks, the admin API and
+// the browser bridges (MQTT over WebSocket at ws_path).
 type HTTPConfig struct {
-	Addr string `yaml:"addr"` // "" disables it
+	Addr               string `yaml:"addr"`                  // "" disables it
+	TLSCert            string `yaml:"tls_cert"`              // serve HTTPS (and wss://) with this PEM certificate chain
+	TLSKey             string `yaml:"tls_key"`               // and this PEM key
+	WSPath             string `yaml:"ws_path"`               // MQTT over WebSocket; "" disables it
+	AllowedOrigins     string `yaml:"allowed_origins"`       // comma-separated scheme://host[:port]; same origin is always allowed
+	AllowMissingOrigin bool   `yaml:"allow_missing_origin"`  // admit requests without Origin (non-browser clients)
+	TrustedProxies     string `yaml:"trusted_proxies"`       // comma-separated IPs/CIDRs whose X-Forwarded-For is believed
+	MaxConnsPerIP      int    `yaml:"max_conns_per_ip"`      // browser connections per client address; 0 = unlimited
+	HandshakesPerSec   int    `yaml:"handshakes_per_second"` // per client address (bursts of twice that); 0 = unlimited
+}
+
+// List splits a comma-separated setting.
+func List(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
 }
 
 // StorageConfig configures the embedded database.
@@ -143,7 +155,7 @@ func Default() Config {
 			SharedSubs:        true,
 			SysInterval:       10 * time.Second,
 		},
-		HTTP:    HTTPConfig{Addr: "127.0.0.1:8080"},
+		HTTP:    HTTPConfig{Addr: "127.0.0.1:8080", WSPath: "/mqtt", MaxConnsPerIP: 256, HandshakesPerSec: 20},
 		Auth:    AuthConfig{FailDelay: time.Second},
 		Storage: StorageConfig{Dir: "beacon-data", Sync: storage.SyncBatch, SyncInterval: time.Second, GCInterval: 5 * time.Minute},
 		Log:     LogConfig{Level: "info", Format: "text"},
@@ -478,6 +490,27 @@ func (c *Config) Validate() error {
 	}
 	if err := checkAddr(c.HTTP.Addr); err != nil {
 		return bad("http.addr", "%v", err)
+	}
+	h := &c.HTTP
+	if (h.TLSCert == "") != (h.TLSKey == "") {
+		return bad("http.tls_cert", "set both http.tls_cert and http.tls_key")
+	}
+	for key, f := range map[string]string{"http.tls_cert": h.TLSCert, "http.tls_key": h.TLSKey} {
+		if f == "" {
+			continue
+		}
+		if _, err := os.Stat(f); err != nil {
+			return bad(key, "%v", err)
+		}
+	}
+	if h.WSPath != "" && (!strings.HasPrefix(h.WSPath, "/") || strings.HasPrefix(h.WSPath, "/api/") || h.WSPath == "/healthz" || h.WSPath == "/readyz") {
+		return bad("http.ws_path", "%q must start with / and not clash with /api/, /healthz or /readyz", h.WSPath)
+	}
+	if h.MaxConnsPerIP < 0 {
+		return bad("http.max_conns_per_ip", "must not be negative")
+	}
+	if h.HandshakesPerSec < 0 {
+		return bad("http.handshakes_per_second", "must not be negative")
 	}
 	if err := c.Auth.validate(); err != nil {
 		return err

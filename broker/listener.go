@@ -23,6 +23,7 @@ type tcpListener struct {
 	connectTimeout time.Duration
 	log            *slog.Logger
 	end            atomic.Bool
+	conns          sync.Map // *lingerConn: every open connection, CONNECT sent or not
 }
 
 var _ listeners.Listener = (*tcpListener)(nil)
@@ -57,10 +58,12 @@ func (l *tcpListener) Serve(establish listeners.EstablishFn) {
 		}
 		// mochi replaces this deadline with the keep-alive one after CONNECT.
 		_ = conn.SetDeadline(time.Now().Add(l.connectTimeout))
-		conn = &lingerConn{Conn: conn}
+		lc := &lingerConn{Conn: conn}
+		l.conns.Store(lc, struct{}{})
 		go func() {
-			if err := establish(l.id, conn); err != nil {
-				l.log.Debug("connection ended", "remote", conn.RemoteAddr().String(), "error", err)
+			defer l.conns.Delete(lc)
+			if err := establish(l.id, lc); err != nil {
+				l.log.Debug("connection ended", "remote", lc.RemoteAddr().String(), "error", err)
 			}
 		}()
 	}
@@ -71,6 +74,11 @@ func (l *tcpListener) Close(closeClients listeners.CloseFn) {
 	if l.end.CompareAndSwap(false, true) {
 		_ = l.ln.Close()
 		closeClients(l.id)
+		// Connections that never sent CONNECT are not mochi clients yet.
+		l.conns.Range(func(k, _ any) bool {
+			k.(*lingerConn).Finish(nil)
+			return true
+		})
 	}
 }
 

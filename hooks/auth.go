@@ -103,7 +103,7 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if !h.Configured() {
 		c.open = true
 	} else {
-		p, err := h.authenticate(pk)
+		p, err := h.authenticate(cl, pk)
 		if err != nil {
 			h.refuse(cl, pk, err)
 			return err
@@ -128,8 +128,19 @@ var (
 	ErrAnonymousRefused = errors.New("anonymous access is not allowed")
 )
 
-func (h *Auth) authenticate(pk packets.Packet) (devices.Principal, error) {
+// handshaker is a connection whose transport proved an identity before
+// MQTT started (a JWT in a WebSocket handshake).
+type handshaker interface {
+	HandshakePrincipal() (devices.Principal, bool)
+}
+
+func (h *Auth) authenticate(cl *mqtt.Client, pk packets.Packet) (devices.Principal, error) {
 	user, pw := string(pk.Connect.Username), pk.Connect.Password
+	if hs, ok := cl.Net.Conn.(handshaker); ok && user == "" && len(pw) == 0 {
+		if p, ok := hs.HandshakePrincipal(); ok {
+			return p, nil
+		}
+	}
 	switch {
 	case h.opts.Tokens != nil && looksLikeJWT(pw):
 		return h.opts.Tokens.Verify(string(pw), time.Now())

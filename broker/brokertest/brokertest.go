@@ -12,13 +12,16 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"sync"
 	"testing"
 	"time"
 
+	pahopackets "github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
+	"github.com/gorilla/websocket"
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/beaconmq/beacon/broker"
@@ -130,6 +133,11 @@ func TryDial(addr string, cp *paho.Connect) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
+	return connectPaho(conn, cp)
+}
+
+// connectPaho runs an MQTT 5 session over conn.
+func connectPaho(conn net.Conn, cp *paho.Connect) (*Client, error) {
 	c := &Client{}
 	c.Client = paho.NewClient(paho.ClientConfig{
 		Conn: conn,
@@ -405,4 +413,77 @@ func RequireTool(t testing.TB, name, debianPackage string) string {
 	}
 	t.Skip(msg)
 	return ""
+}
+
+// WSConn adapts a client-side WebSocket to the byte stream an MQTT client
+// library expects: writes become binary messages, reads concatenate them.
+type WSConn struct {
+	*websocket.Conn
+	r io.Reader
+}
+
+// DialWS performs an MQTT-over-WebSocket handshake. header may carry
+// Origin, Authorization or cookies.
+func DialWS(url string, header http.Header, subprotocols ...string) (*WSConn, *http.Response, error) {
+	if subprotocols == nil {
+		subprotocols = []string{"mqtt"}
+	}
+	d := websocket.Dialer{Subprotocols: subprotocols, HandshakeTimeout: 5 * time.Second}
+	c, resp, err := d.Dial(url, header)
+	if err != nil {
+		return nil, resp, err
+	}
+	return &WSConn{Conn: c}, resp, nil
+}
+
+func (c *WSConn) Read(p []byte) (int, error) {
+	for {
+		if c.r == nil {
+			_, r, err := c.NextReader()
+			if err != nil {
+				return 0, err
+			}
+			c.r = r
+		}
+		n, err := c.r.Read(p)
+		if err == io.EOF {
+			c.r = nil
+			if n > 0 {
+				return n, nil
+			}
+			continue
+		}
+		return n, err
+	}
+}
+
+func (c *WSConn) Write(p []byte) (int, error) {
+	if err := c.WriteMessage(websocket.BinaryMessage, p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (c *WSConn) SetDeadline(t time.Time) error {
+	if err := c.SetReadDeadline(t); err != nil {
+		return err
+	}
+	return c.SetWriteDeadline(t)
+}
+
+// DialPahoWS connects a paho client over an established WebSocket.
+func DialPahoWS(t testing.TB, ws *WSConn, cp *paho.Connect) *Client {
+	t.Helper()
+	c, err := connectPaho(pahopackets.NewThreadSafeConn(ws), cp)
+	if err != nil {
+		t.Fatalf("connect %q over websocket: %v", cp.ClientID, err)
+	}
+	t.Cleanup(func() { _ = c.Disconnect(&paho.Disconnect{}) })
+	return c
+}
+
+// TryDialConn runs an MQTT 5 CONNECT over an established WebSocket and
+// returns the refusal, if any.
+func TryDialConn(ws *WSConn, cp *paho.Connect) (*Client, error) {
+	return connectPaho(pahopackets.NewThreadSafeConn(ws), cp)
 }

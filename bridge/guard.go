@@ -1,0 +1,196 @@
+package bridge
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Guard holds what every browser endpoint checks before it does anything:
+// the Origin allow-list, the real client address behind trusted proxies,
+// and per-address connection and handshake limits. One Guard is shared by
+// the WebSocket and SSE bridges, so its limits count both.
+type Guard struct {
+	origins        map[string]bool // "scheme://host[:port]", lower case
+	allowMissing   bool
+	trusted        []netip.Prefix
+	maxConnsPerIP  int
+	rate           float64 // handshakes per second per address
+	burst          float64
+	mu             sync.Mutex
+	conns          map[netip.Addr]int
+	buckets        map[netip.Addr]*bucket
+	lastBucketScan time.Time
+}
+
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+// GuardOptions configures NewGuard.
+type GuardOptions struct {
+	AllowedOrigins     []string // e.g. https://dash.example.com; same-origin requests are always allowed
+	AllowMissingOrigin bool     // admit requests without Origin (non-browser clients)
+	TrustedProxies     []string // IPs or CIDRs whose X-Forwarded-For / Forwarded is believed
+	MaxConnsPerIP      int      // 0: unlimited
+	HandshakesPerSec   float64  // 0: unlimited
+	HandshakeBurst     int
+}
+
+// NewGuard validates opts.
+func NewGuard(o GuardOptions) (*Guard, error) {
+	g := &Guard{origins: map[string]bool{}, allowMissing: o.AllowMissingOrigin, maxConnsPerIP: o.MaxConnsPerIP,
+		rate: o.HandshakesPerSec, burst: float64(max(o.HandshakeBurst, 1)),
+		conns: map[netip.Addr]int{}, buckets: map[netip.Addr]*bucket{}}
+	for _, o := range o.AllowedOrigins {
+		u, err := url.Parse(o)
+		if err != nil || u.Scheme == "" || u.Host == "" || (u.Path != "" && u.Path != "/") {
+			return nil, fmt.Errorf("allowed origin %q is not scheme://host[:port]", o)
+		}
+		g.origins[strings.ToLower(u.Scheme+"://"+u.Host)] = true
+	}
+	for _, p := range o.TrustedProxies {
+		if !strings.Contains(p, "/") {
+			a, err := netip.ParseAddr(p)
+			if err != nil {
+				return nil, fmt.Errorf("trusted proxy %q is not an IP or CIDR", p)
+			}
+			g.trusted = append(g.trusted, netip.PrefixFrom(a, a.BitLen()))
+			continue
+		}
+		pre, err := netip.ParsePrefix(p)
+		if err != nil {
+			return nil, fmt.Errorf("trusted proxy %q is not an IP or CIDR", p)
+		}
+		g.trusted = append(g.trusted, pre.Masked())
+	}
+	return g, nil
+}
+
+// CheckOrigin reports whether a browser request may proceed: no Origin
+// (only when allowed), the same origin as the request's host, or one on
+// the allow-list. This is the defence against cross-site WebSocket
+// hijacking: a page elsewhere cannot use a visitor's cookies here.
+func (g *Guard) CheckOrigin(r *http.Request) bool {
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return g.allowMissing
+	}
+	u, err := url.Parse(origin)
+	if err != nil || u.Host == "" {
+		return false
+	}
+	if strings.EqualFold(u.Host, r.Host) {
+		return true
+	}
+	return g.origins[strings.ToLower(u.Scheme+"://"+u.Host)]
+}
+
+func (g *Guard) isTrusted(a netip.Addr) bool {
+	for _, p := range g.trusted {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// ClientAddr is the address of the client behind the request: the peer,
+// or, when the peer is a trusted proxy, the last address before the
+// trusted ones in X-Forwarded-For (or Forwarded: for=).
+func (g *Guard) ClientAddr(r *http.Request) netip.AddrPort {
+	peer, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return netip.AddrPort{}
+	}
+	peer = netip.AddrPortFrom(peer.Addr().Unmap(), peer.Port())
+	if !g.isTrusted(peer.Addr()) {
+		return peer
+	}
+	var hops []string
+	if xff := r.Header.Values("X-Forwarded-For"); len(xff) > 0 {
+		for _, v := range xff {
+			hops = append(hops, strings.Split(v, ",")...)
+		}
+	} else {
+		for _, v := range r.Header.Values("Forwarded") {
+			for _, elem := range strings.Split(v, ",") {
+				for _, pair := range strings.Split(elem, ";") {
+					k, val, ok := strings.Cut(strings.TrimSpace(pair), "=")
+					if ok && strings.EqualFold(k, "for") {
+						hops = append(hops, strings.Trim(val, `"[]`))
+					}
+				}
+			}
+		}
+	}
+	for i := len(hops) - 1; i >= 0; i-- {
+		h := strings.TrimSpace(hops[i])
+		a, err := netip.ParseAddr(h)
+		if err != nil {
+			if ap, err2 := netip.ParseAddrPort(h); err2 == nil {
+				a = ap.Addr()
+			} else {
+				break // garbage: stop at the last address we can trust
+			}
+		}
+		a = a.Unmap()
+		if !g.isTrusted(a) {
+			return netip.AddrPortFrom(a, 0)
+		}
+	}
+	return peer
+}
+
+// Admit counts a new connection from addr, or refuses it with the HTTP
+// status to answer: 429 when the address has too many connections or
+// handshakes. The returned release must be called when the connection ends.
+func (g *Guard) Admit(addr netip.Addr) (release func(), status int, reason string) {
+	now := time.Now()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.rate > 0 {
+		b := g.buckets[addr]
+		if b == nil {
+			b = &bucket{tokens: g.burst, last: now}
+			g.buckets[addr] = b
+		}
+		b.tokens = min(g.burst, b.tokens+now.Sub(b.last).Seconds()*g.rate)
+		b.last = now
+		if b.tokens < 1 {
+			return nil, http.StatusTooManyRequests, "too many handshakes from this address"
+		}
+		b.tokens--
+		if now.Sub(g.lastBucketScan) > time.Minute { // forget idle addresses
+			g.lastBucketScan = now
+			for a, bk := range g.buckets {
+				if now.Sub(bk.last).Seconds()*g.rate >= g.burst {
+					delete(g.buckets, a)
+				}
+			}
+		}
+	}
+	if g.maxConnsPerIP > 0 && g.conns[addr] >= g.maxConnsPerIP {
+		return nil, http.StatusTooManyRequests, "too many connections from this address"
+	}
+	g.conns[addr]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			g.mu.Lock()
+			if g.conns[addr]--; g.conns[addr] <= 0 {
+				delete(g.conns, addr)
+			}
+			g.mu.Unlock()
+		})
+	}, 0, ""
+}
+
+// tcpAddr turns an AddrPort into a net.Addr for mochi's logs and hooks.
+func tcpAddr(a netip.AddrPort) net.Addr { return net.TCPAddrFromAddrPort(a) }
