@@ -6,7 +6,10 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 FUZZTIME    ?= 30s
 
 # Debian packages the tests drive as real third-party parts: command -> package.
-TEST_TOOLS := mosquitto_sub:mosquitto-clients mosquitto_pub:mosquitto-clients stdbuf:coreutils
+TEST_TOOLS := mosquitto_sub:mosquitto-clients mosquitto_pub:mosquitto-clients stdbuf:coreutils \
+	chromium:chromium npm:npm
+# MQTT.js for the browser test, from the npm registry (cmd/beacon/testdata/node/package.json).
+MQTTJS := cmd/beacon/testdata/node/node_modules/mqtt/dist/mqtt.min.js
 
 .PHONY: all build test test-deps lint bench fuzz clean
 
@@ -27,6 +30,7 @@ test-deps:
 		$$sudo apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@[ -f $(MQTTJS) ] || (cd cmd/beacon/testdata/node && npm install --no-audit --no-fund --no-package-lock --silent)
 
 test: test-deps
 	$(GO) vet ./...
