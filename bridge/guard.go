@@ -124,7 +124,7 @@ func (g *Guard) ClientAddr(r *http.Request) netip.AddrPort {
 				for _, pair := range strings.Split(elem, ";") {
 					k, val, ok := strings.Cut(strings.TrimSpace(pair), "=")
 					if ok && strings.EqualFold(k, "for") {
-						hops = append(hops, strings.Trim(val, `"[]`))
+						hops = append(hops, strings.Trim(val, `"`))
 					}
 				}
 			}
@@ -132,13 +132,13 @@ func (g *Guard) ClientAddr(r *http.Request) netip.AddrPort {
 	}
 	for i := len(hops) - 1; i >= 0; i-- {
 		h := strings.TrimSpace(hops[i])
-		a, err := netip.ParseAddr(h)
+		a, err := netip.ParseAddr(strings.Trim(h, "[]"))
 		if err != nil {
-			if ap, err2 := netip.ParseAddrPort(h); err2 == nil {
-				a = ap.Addr()
-			} else {
+			ap, err2 := netip.ParseAddrPort(h) // "1.2.3.4:80", "[::1]:80"
+			if err2 != nil {
 				break // garbage: stop at the last address we can trust
 			}
+			a = ap.Addr()
 		}
 		a = a.Unmap()
 		if !g.isTrusted(a) {

@@ -11,6 +11,7 @@ import (
 	"encoding/pem"
 	"math/big"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,6 +20,7 @@ import (
 
 	pahopackets "github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
+	"github.com/gorilla/websocket"
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/beaconmq/beacon/broker"
@@ -146,4 +148,30 @@ func TestBindErrorNamesKey(t *testing.T) {
 	if _, err := broker.New(cfg, bt.Logger(t)); err == nil || !strings.Contains(err.Error(), "mqtt.addr") {
 		t.Fatalf("bind to a busy port: %v, want an error naming mqtt.addr", err)
 	}
+}
+
+func TestSecureWebSocket(t *testing.T) {
+	certFile, keyFile, pool := selfSigned(t)
+	b, _ := startBroker(t, func(c *broker.Config) {
+		c.HTTP.TLSCert, c.HTTP.TLSKey = certFile, keyFile
+		c.HTTP.AllowMissingOrigin = true
+	})
+	d := websocket.Dialer{Subprotocols: []string{"mqtt"}, TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}
+	c, _, err := d.Dial("wss://"+b.HTTPAddr()+"/mqtt", nil)
+	if err != nil {
+		t.Fatalf("wss handshake: %v", err)
+	}
+	cl := bt.DialPahoWS(t, &bt.WSConn{Conn: c}, &paho.Connect{ClientID: "wss", CleanStart: true, KeepAlive: 30})
+	cl.SubscribeT(t, paho.SubscribeOptions{Topic: "wss/#", QoS: 1})
+	cl.PublishT(t, &paho.Publish{Topic: "wss/x", QoS: 1, Payload: []byte("secure")})
+	if m := cl.WaitMessages(t, 1, 5*time.Second)[0]; string(m.Payload) != "secure" {
+		t.Fatalf("got %q", m.Payload)
+	}
+	// Health checks are served over TLS too.
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	resp, err := hc.Get("https://" + b.HTTPAddr() + "/healthz")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("https healthz: %v %v", err, resp)
+	}
+	resp.Body.Close()
 }

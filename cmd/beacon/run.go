@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -74,7 +75,7 @@ func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) 
 		if err != nil {
 			return reportFlagErr(err, stderr)
 		}
-		if err := healthcheck(ctx, cfg.HTTP.Addr); err != nil {
+		if err := healthcheck(ctx, cfg.HTTP.Addr, cfg.HTTP.TLSCert != ""); err != nil {
 			fmt.Fprintf(stderr, "beacon: unhealthy: %v\n", err)
 			return 1
 		}
@@ -202,7 +203,7 @@ func serve(ctx context.Context, cfg broker.Config, logOut io.Writer) error {
 
 // healthcheck asks the broker configured by the same flags, environment and
 // file for /healthz. A wildcard listen address is reached on loopback.
-func healthcheck(ctx context.Context, addr string) error {
+func healthcheck(ctx context.Context, addr string, useTLS bool) error {
 	if addr == "" {
 		return errors.New("http.addr is empty: no HTTP server to ask")
 	}
@@ -215,11 +216,18 @@ func healthcheck(ctx context.Context, addr string) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+net.JoinHostPort(host, port)+"/healthz", nil)
+	scheme, client := "http", http.DefaultClient
+	if useTLS {
+		// The probe asks this machine's own broker whether it is alive; the
+		// certificate names the public host, not 127.0.0.1, so it is not verified.
+		scheme = "https"
+		client = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}} //nolint:gosec // liveness probe of the local process
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, scheme+"://"+net.JoinHostPort(host, port)+"/healthz", nil)
 	if err != nil {
 		return err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
 		return err
 	}
