@@ -119,6 +119,15 @@ func (a *Admin) authenticate(next http.Handler) http.Handler {
 	})
 }
 
+// Protect guards next (the metrics endpoint) with the admin credentials
+// when an admin token is configured, and leaves it open otherwise.
+func (a *Admin) Protect(next http.Handler) http.Handler {
+	if a.AdminToken == "" {
+		return next
+	}
+	return a.authenticate(next)
+}
+
 // decode reads a JSON body strictly: size-limited, no unknown fields.
 func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 	r.Body = http.MaxBytesReader(w, r.Body, maxAdminBody)

@@ -21,6 +21,10 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"github.com/beaconmq/beacon/bridge"
 	"github.com/beaconmq/beacon/devices"
 	"github.com/beaconmq/beacon/hooks"
@@ -51,6 +55,9 @@ type Broker struct {
 	httpLn    net.Listener
 	httpSrv   *http.Server
 
+	metrics   *prometheus.Registry
+	commitDur prometheus.Histogram
+
 	ready        atomic.Bool
 	shutdownOnce sync.Once
 	shutdownErr  error
@@ -62,7 +69,11 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	b := &Broker{cfg: cfg, log: log}
+	b := &Broker{cfg: cfg, log: log, metrics: prometheus.NewRegistry()}
+	b.commitDur = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "beacon_storage_commit_seconds",
+		Help:    "Duration of one storage group commit (and its fsync under storage.sync always).",
+		Buckets: prometheus.ExponentialBuckets(0.0001, 2.5, 12)})
+	b.metrics.MustRegister(b.commitDur, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	defer func() {
 		if err != nil {
 			b.closeListeners()
@@ -78,6 +89,9 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		SyncInterval: cfg.Storage.SyncInterval,
 		GCInterval:   cfg.Storage.GCInterval,
 		Logger:       log,
+		ObserveCommit: func(d time.Duration) {
+			b.commitDur.Observe(d.Seconds())
+		},
 	})
 	if err != nil {
 		return nil, err
@@ -126,6 +140,13 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	}), nil); err != nil {
 		return nil, err
 	}
+	metricsHook, err := hooks.NewMetrics(b.metrics)
+	if err != nil {
+		return nil, err
+	}
+	if err := b.mqtt.AddHook(metricsHook, nil); err != nil { // before auth: it stamps arrival times
+		return nil, err
+	}
 	b.auth = hooks.NewAuth(hooks.AuthOptions{
 		Server:         b.mqtt,
 		Registry:       b.registry,
@@ -154,6 +175,8 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		return nil, err
 	}
 
+	b.registerMetrics()
+
 	if m.Addr != "" {
 		if err := b.listen("tcp", "tcp", "mqtt.addr", m.Addr, nil); err != nil {
 			return nil, err
@@ -175,6 +198,40 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		}
 	}
 	return b, nil
+}
+
+// registerMetrics exposes the engine's, the store's and the hooks'
+// counters to Prometheus.
+func (b *Broker) registerMetrics() {
+	info := b.mqtt.Info
+	gauge := func(name, help string, f func() float64) {
+		b.metrics.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f))
+	}
+	counter := func(name, help string, labels prometheus.Labels, f func() float64) {
+		b.metrics.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help, ConstLabels: labels}, f))
+	}
+	gauge("beacon_retained_messages", "Retained messages.", func() float64 { return float64(atomic.LoadInt64(&info.Retained)) })
+	gauge("beacon_inflight_messages", "QoS 1/2 messages held for sessions, unacknowledged or queued.",
+		func() float64 { return float64(atomic.LoadInt64(&info.Inflight)) })
+	gauge("beacon_sessions", "Sessions, connected or not.", func() float64 { return float64(max(b.mqtt.Clients.Len()-1, 0)) })
+	gauge("beacon_subscriptions", "Subscriptions.", func() float64 { return float64(atomic.LoadInt64(&info.Subscriptions)) })
+	const dropped = "beacon_messages_dropped_total"
+	const droppedHelp = "Messages not delivered, by reason: queue_full (connection buffer, QoS 0), queue_limit (mqtt.max_queued_messages), expired, denied (ACL at delivery), policy."
+	counter(dropped, droppedHelp, prometheus.Labels{"reason": "queue_full"}, func() float64 { return float64(b.drops.Stats().QueueFull) })
+	counter(dropped, droppedHelp, prometheus.Labels{"reason": "queue_limit"}, func() float64 { return float64(atomic.LoadInt64(&info.InflightDropped)) })
+	counter(dropped, droppedHelp, prometheus.Labels{"reason": "expired"}, func() float64 { return float64(b.drops.Stats().Expired) })
+	counter(dropped, droppedHelp, prometheus.Labels{"reason": "denied"}, func() float64 { return float64(b.auth.Stats().DeniedDelivery) })
+	counter(dropped, droppedHelp, prometheus.Labels{"reason": "policy"}, func() float64 { return float64(b.auth.Stats().PolicyDenied) })
+	counter("beacon_auth_failures_total", "Refused CONNECTs (bad credentials, disabled devices, anonymous not allowed).", nil,
+		func() float64 { return float64(b.auth.Stats().Failures) })
+	const denied = "beacon_acl_denied_total"
+	counter(denied, "Actions the ACL refused, by action.", prometheus.Labels{"action": "publish"}, func() float64 { return float64(b.auth.Stats().DeniedPublish) })
+	counter(denied, "Actions the ACL refused, by action.", prometheus.Labels{"action": "subscribe"}, func() float64 { return float64(b.auth.Stats().DeniedSubscribe) })
+	counter("beacon_storage_commits_total", "Storage group commits.", nil, func() float64 { return float64(b.db.Stats().Commits) })
+	counter("beacon_storage_commit_errors_total", "Failed storage group commits.", nil, func() float64 { return float64(b.db.Stats().CommitErrors) })
+	counter("beacon_storage_writes_total", "Storage writes (sets and deletes) committed.", nil, func() float64 { return float64(b.db.Stats().Ops) })
+	counter("beacon_recovered_messages_total", "Acknowledged messages routed again from the ingress log after a crash.", nil,
+		func() float64 { return float64(b.store.Stats().Recovered) })
 }
 
 // setupHTTP binds the HTTP server and builds the browser bridges.
@@ -395,6 +452,7 @@ func (b *Broker) httpHandler() http.Handler {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
 	})
 	mux.Handle("/api/v1/", b.admin.Handler())
+	mux.Handle("GET /metrics", b.admin.Protect(promhttp.HandlerFor(b.metrics, promhttp.HandlerOpts{})))
 	if b.ws != nil {
 		mux.Handle(b.cfg.HTTP.WSPath, b.ws)
 	}

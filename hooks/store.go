@@ -4,7 +4,6 @@ package hooks
 
 import (
 	"bytes"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -287,22 +286,13 @@ func (h *Store) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 	}
 }
 
-// ingressTagMark starts the tag that OnPublish puts on an accepted message
-// (in ConnectParams.ClientIdentifier, which a PUBLISH never carries and
-// which every copy of the packet keeps), so the writes made while routing
-// it can be found by tag.
-const ingressTagMark = 0xff
-
-func ingressTag(seq uint64) string {
-	return string(binary.BigEndian.AppendUint64([]byte{ingressTagMark}, seq))
-}
-
-func tagOf(pk *packets.Packet) (string, bool) {
-	t := pk.Connect.ClientIdentifier
-	if len(t) == 9 && t[0] == ingressTagMark {
-		return t, true
+// ingressKey is the group key of a message in the ingress log (see tag.go).
+func ingressKey(pk *packets.Packet) (string, bool) {
+	t, ok := readTag(pk)
+	if !ok || !t.ingress {
+		return "", false
 	}
-	return "", false
+	return pk.Connect.ClientIdentifier, true
 }
 
 // OnPublish makes an inbound QoS 1/2 message durable before mochi
@@ -312,10 +302,10 @@ func (h *Store) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, e
 	if pk.FixedHeader.Qos == 0 {
 		return pk, nil
 	}
-	if tag, ok := tagOf(&pk); ok { // a recovered message being routed again
-		seq := binary.BigEndian.Uint64([]byte(tag[1:]))
+	t, _ := readTag(&pk)
+	if t.ingress { // a recovered message being routed again
 		h.mu.Lock()
-		h.groups[tag] = &group{seq: seq, client: cl}
+		h.groups[pk.Connect.ClientIdentifier] = &group{seq: t.seq, client: cl}
 		h.mu.Unlock()
 		return pk, nil
 	}
@@ -342,17 +332,17 @@ func (h *Store) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, e
 		return pk, packets.ErrRejectPacket
 	}
 	h.ingressWritten.Add(1)
-	tag := ingressTag(seq)
-	pk.Connect.ClientIdentifier = tag
+	t.ingress, t.seq = true, seq
+	setTag(&pk, t)
 	h.mu.Lock()
-	h.groups[tag] = &group{seq: seq, client: cl}
+	h.groups[pk.Connect.ClientIdentifier] = &group{seq: seq, client: cl}
 	h.mu.Unlock()
 	return pk, nil
 }
 
 // addOrWrite adds op to the routing group of pk, or writes it on its own.
 func (h *Store) addOrWrite(pk *packets.Packet, op storage.Op) {
-	if tag, ok := tagOf(pk); ok {
+	if tag, ok := ingressKey(pk); ok {
 		h.mu.Lock()
 		if g, ok := h.groups[tag]; ok {
 			g.ops = append(g.ops, op)
@@ -367,7 +357,7 @@ func (h *Store) addOrWrite(pk *packets.Packet, op storage.Op) {
 // OnPublished writes the copies made while routing an accepted message
 // together with the removal of its ingress record.
 func (h *Store) OnPublished(_ *mqtt.Client, pk packets.Packet) {
-	tag, ok := tagOf(&pk)
+	tag, ok := ingressKey(&pk)
 	if !ok {
 		return
 	}
@@ -650,7 +640,7 @@ func (h *Store) recoverIngress() (int, error) {
 		pk := e.pk
 		pk.FixedHeader.Type = packets.Publish
 		pk.FixedHeader.Dup = false
-		pk.Connect.ClientIdentifier = ingressTag(e.seq)
+		setTag(&pk, msgTag{ingress: true, seq: e.seq, recv: time.Now().UnixNano()})
 		if err := h.server.InjectPacket(inline, pk); err != nil {
 			return 0, fmt.Errorf("recover message %d on %q: %w", e.seq, pk.TopicName, err)
 		}

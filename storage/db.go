@@ -57,6 +57,8 @@ type Options struct {
 	SyncInterval time.Duration // fsync period under SyncBatch; default 1s
 	GCInterval   time.Duration // value-log GC period; default 5m
 	Logger       *slog.Logger  // default slog.Default()
+	// ObserveCommit, when set, is told how long each group commit took.
+	ObserveCommit func(time.Duration)
 }
 
 // DB is the opened database. It is safe for concurrent use.
@@ -210,7 +212,11 @@ func (d *DB) commitLoop() {
 				break gather
 			}
 		}
+		start := time.Now()
 		err := d.commit(group)
+		if d.opts.ObserveCommit != nil {
+			d.opts.ObserveCommit(time.Since(start))
+		}
 		if err != nil {
 			d.commitErrs.Add(1)
 			d.log.Error("commit failed", "error", err, "ops", n)
