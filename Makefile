@@ -11,7 +11,7 @@ TEST_TOOLS := mosquitto_sub:mosquitto-clients mosquitto_pub:mosquitto-clients st
 # MQTT.js for the browser test, from the npm registry (cmd/beacon/testdata/node/package.json).
 MQTTJS := cmd/beacon/testdata/node/node_modules/mqtt/dist/mqtt.min.js
 
-.PHONY: all build test test-deps lint bench fuzz clean
+.PHONY: all build test test-deps lint bench bench-compare fuzz clean
 
 all: build
 
@@ -44,6 +44,12 @@ lint:
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+# Beacon against Mosquitto, side by side on this machine (docs/BENCHMARKS.md).
+bench-compare: build
+	@command -v mosquitto >/dev/null 2>&1 || { sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends mosquitto; }
+	bin/beacon bench compare --reps 3
 
 fuzz:
 	$(GO) test ./storage -run '^$$' -fuzz FuzzDecodeMessage -fuzztime $(FUZZTIME)
