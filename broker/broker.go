@@ -14,6 +14,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -54,6 +55,7 @@ type Broker struct {
 	listeners []*tcpListener
 	httpLn    net.Listener
 	httpSrv   *http.Server
+	pprofSrv  *http.Server
 
 	metrics   *prometheus.Registry
 	commitDur prometheus.Histogram
@@ -422,6 +424,21 @@ func (b *Broker) Start() error {
 		}()
 		b.log.Info("http listening", "addr", b.httpLn.Addr().String(), "tls", b.cfg.HTTP.TLSCert != "", "ws_path", b.cfg.HTTP.WSPath)
 	}
+	if addr := b.cfg.HTTP.PprofAddr; addr != "" {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return &ConfigError{Key: "http.pprof_addr", Msg: err.Error()}
+		}
+		mux := http.NewServeMux()
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		b.pprofSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() { _ = b.pprofSrv.Serve(ln) }()
+		b.log.Info("pprof listening", "addr", ln.Addr().String())
+	}
 	b.warnExposure()
 	b.ready.Store(true)
 	return nil
@@ -515,6 +532,9 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 	b.shutdownOnce.Do(func() {
 		b.ready.Store(false)
 		var errs []error
+		if b.pprofSrv != nil {
+			_ = b.pprofSrv.Close()
+		}
 		if b.httpSrv != nil {
 			if err := b.httpSrv.Shutdown(ctx); err != nil {
 				errs = append(errs, fmt.Errorf("http: %w", err))

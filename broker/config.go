@@ -111,6 +111,7 @@ type HTTPConfig struct {
 	TrustedProxies     string `yaml:"trusted_proxies"`       // comma-separated IPs/CIDRs whose X-Forwarded-For is believed
 	MaxConnsPerIP      int    `yaml:"max_conns_per_ip"`      // browser connections per client address; 0 = unlimited
 	HandshakesPerSec   int    `yaml:"handshakes_per_second"` // per client address (bursts of twice that); 0 = unlimited
+	PprofAddr          string `yaml:"pprof_addr"`            // Go profiling endpoints (/debug/pprof/); "" = off. Keep it on loopback.
 }
 
 // List splits a comma-separated setting.
@@ -505,6 +506,12 @@ func (c *Config) Validate() error {
 	}
 	if h.WSPath != "" && (!strings.HasPrefix(h.WSPath, "/") || strings.HasPrefix(h.WSPath, "/api/") || h.WSPath == "/healthz" || h.WSPath == "/readyz") {
 		return bad("http.ws_path", "%q must start with / and not clash with /api/, /healthz or /readyz", h.WSPath)
+	}
+	if err := checkAddr(h.PprofAddr); err != nil {
+		return bad("http.pprof_addr", "%v", err)
+	}
+	if h.PprofAddr != "" && !IsLoopback(h.PprofAddr) {
+		return bad("http.pprof_addr", "%s is not a loopback address: profiles expose memory contents", h.PprofAddr)
 	}
 	if h.MaxConnsPerIP < 0 {
 		return bad("http.max_conns_per_ip", "must not be negative")

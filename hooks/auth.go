@@ -73,11 +73,11 @@ var _ mqtt.Hook = (*Auth)(nil)
 // ID implements mqtt.Hook.
 func (h *Auth) ID() string { return "beacon-auth" }
 
+var authEvents = eventSet(mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish,
+	mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnClientExpired)
+
 // Provides implements mqtt.Hook.
-func (h *Auth) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish,
-		mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnClientExpired}, []byte{b})
-}
+func (h *Auth) Provides(b byte) bool { return authEvents[b] }
 
 // Configured reports whether any authentication is configured.
 func (h *Auth) Configured() bool {

@@ -49,11 +49,11 @@ var ErrKeepaliveRefused = errors.New("keep-alive outside the allowed range")
 // ID implements mqtt.Hook.
 func (h *Limits) ID() string { return "beacon-limits" }
 
+var limitsEvents = eventSet(mqtt.OnConnect, mqtt.OnPacketEncode, mqtt.OnPacketSent,
+	mqtt.OnSessionEstablished, mqtt.OnDisconnect)
+
 // Provides implements mqtt.Hook.
-func (h *Limits) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPacketEncode, mqtt.OnPacketSent,
-		mqtt.OnSessionEstablished, mqtt.OnDisconnect}, []byte{b})
-}
+func (h *Limits) Provides(b byte) bool { return limitsEvents[b] }
 
 // finisher is implemented by the broker's connections: Finish writes a
 // last packet (unless the engine already sent a DISCONNECT) and closes.
@@ -232,10 +232,10 @@ var _ mqtt.Hook = (*Drops)(nil)
 // ID implements mqtt.Hook.
 func (h *Drops) ID() string { return "beacon-drops" }
 
+var dropsEvents = eventSet(mqtt.OnPublishDropped, mqtt.OnQosDropped)
+
 // Provides implements mqtt.Hook.
-func (h *Drops) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnPublishDropped, mqtt.OnQosDropped}, []byte{b})
-}
+func (h *Drops) Provides(b byte) bool { return dropsEvents[b] }
 
 // OnPublishDropped counts a message dropped because the client's outbound
 // queue was full.

@@ -1,7 +1,6 @@
 package hooks
 
 import (
-	"bytes"
 	"errors"
 	"io"
 	"net"
@@ -69,10 +68,10 @@ var _ mqtt.Hook = (*Metrics)(nil)
 // ID implements mqtt.Hook.
 func (h *Metrics) ID() string { return "beacon-metrics" }
 
+var metricsEvents = eventSet(mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnPacketSent)
+
 // Provides implements mqtt.Hook.
-func (h *Metrics) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnPacketSent}, []byte{b})
-}
+func (h *Metrics) Provides(b byte) bool { return metricsEvents[b] }
 
 // OnSessionEstablished counts a connection.
 func (h *Metrics) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {

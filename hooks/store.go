@@ -85,25 +85,23 @@ var _ mqtt.Hook = (*Store)(nil)
 // ID implements mqtt.Hook.
 func (h *Store) ID() string { return "beacon-store" }
 
+var storeEvents = eventSet(mqtt.OnSessionEstablish,
+	mqtt.OnDisconnect,
+	mqtt.OnSubscribed,
+	mqtt.OnUnsubscribed,
+	mqtt.OnPublish,
+	mqtt.OnPublished,
+	mqtt.OnRetainMessage,
+	mqtt.OnRetainedExpired,
+	mqtt.OnQosPublish,
+	mqtt.OnQosComplete,
+	mqtt.OnQosDropped,
+	mqtt.OnPacketProcessed,
+	mqtt.OnWillSent,
+	mqtt.OnClientExpired)
+
 // Provides implements mqtt.Hook.
-func (h *Store) Provides(b byte) bool {
-	return bytes.Contains([]byte{
-		mqtt.OnSessionEstablish,
-		mqtt.OnDisconnect,
-		mqtt.OnSubscribed,
-		mqtt.OnUnsubscribed,
-		mqtt.OnPublish,
-		mqtt.OnPublished,
-		mqtt.OnRetainMessage,
-		mqtt.OnRetainedExpired,
-		mqtt.OnQosPublish,
-		mqtt.OnQosComplete,
-		mqtt.OnQosDropped,
-		mqtt.OnPacketProcessed,
-		mqtt.OnWillSent,
-		mqtt.OnClientExpired,
-	}, []byte{b})
-}
+func (h *Store) Provides(b byte) bool { return storeEvents[b] }
 
 // persistent reports whether cl's session outlives its connection.
 func persistent(cl *mqtt.Client) bool {
