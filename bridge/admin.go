@@ -32,6 +32,9 @@ type Admin struct {
 	// Reload re-reads the ACL rules file and returns the number of rules.
 	Reload func() (int, error)
 	Log    *slog.Logger
+	// Guard, when set, checks the Origin of requests authenticated by
+	// cookie, which a browser would also send with a cross-site form.
+	Guard *Guard
 }
 
 // Handler returns the API's routes under /api/v1/.
@@ -91,6 +94,10 @@ func (a *Admin) authenticate(next http.Handler) http.Handler {
 			return
 		}
 		tok, ok := RequestToken(r)
+		if ok && r.Header.Get("Authorization") == "" && !a.sameSite(r) {
+			fail(w, http.StatusForbidden, "cookie authentication needs a same-origin request (Origin or Sec-Fetch-Site)")
+			return
+		}
 		if !ok {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="beacon"`)
 			fail(w, http.StatusUnauthorized, "missing token: send Authorization: Bearer or the beacon_token cookie")
@@ -126,6 +133,15 @@ func (a *Admin) Protect(next http.Handler) http.Handler {
 		return next
 	}
 	return a.authenticate(next)
+}
+
+// sameSite reports whether a cookie-authenticated request comes from a page
+// Beacon trusts: the browser says same-origin, or the Origin passes the guard.
+func (a *Admin) sameSite(r *http.Request) bool {
+	if r.Header.Get("Sec-Fetch-Site") == "same-origin" {
+		return true
+	}
+	return r.Header.Get("Origin") != "" && a.Guard != nil && a.Guard.CheckOrigin(r)
 }
 
 // decode reads a JSON body strictly: size-limited, no unknown fields.

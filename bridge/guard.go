@@ -74,9 +74,13 @@ func NewGuard(o GuardOptions) (*Guard, error) {
 }
 
 // CheckOrigin reports whether a browser request may proceed: no Origin
-// (only when allowed), the same origin as the request's host, or one on
-// the allow-list. This is the defence against cross-site WebSocket
-// hijacking: a page elsewhere cannot use a visitor's cookies here.
+// (only when allowed), one on the allow-list, or the same origin as the
+// request's host when that host is an IP address or localhost. This is the
+// defence against cross-site WebSocket hijacking: a page elsewhere cannot
+// use a visitor's cookies here. Same-origin under a DNS name is not taken
+// on trust, because of DNS rebinding: a hostile page at evil.example:8080
+// whose name is made to resolve to 127.0.0.1 sends a Host that matches its
+// Origin. A dashboard served under a name goes in http.allowed_origins.
 func (g *Guard) CheckOrigin(r *http.Request) bool {
 	origin := r.Header.Get("Origin")
 	if origin == "" {
@@ -86,10 +90,25 @@ func (g *Guard) CheckOrigin(r *http.Request) bool {
 	if err != nil || u.Host == "" {
 		return false
 	}
-	if strings.EqualFold(u.Host, r.Host) {
+	if g.origins[strings.ToLower(u.Scheme+"://"+u.Host)] {
 		return true
 	}
-	return g.origins[strings.ToLower(u.Scheme+"://"+u.Host)]
+	return strings.EqualFold(u.Host, r.Host) && literalHost(r.Host)
+}
+
+// literalHost reports whether host[:port] names an IP address or localhost,
+// which DNS cannot rebind.
+func literalHost(hostport string) bool {
+	h := hostport
+	if host, _, err := net.SplitHostPort(hostport); err == nil {
+		h = host
+	}
+	h = strings.Trim(h, "[]")
+	if strings.EqualFold(h, "localhost") {
+		return true
+	}
+	_, err := netip.ParseAddr(h)
+	return err == nil
 }
 
 func (g *Guard) isTrusted(a netip.Addr) bool {

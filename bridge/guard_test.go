@@ -45,7 +45,7 @@ func TestCheckOrigin(t *testing.T) {
 		"https://dash.example.com":      true,
 		"http://dash.example.com":       false, // scheme matters
 		"https://dash.example.com:8443": false,
-		"http://broker.local:8080":      true, // same origin as the request
+		"http://broker.local:8080":      false, // same origin, but a DNS name: could be rebound
 		"https://evil.example":          false,
 		"null":                          false,
 	} {
@@ -55,6 +55,13 @@ func TestCheckOrigin(t *testing.T) {
 		}
 		if got := g.CheckOrigin(r); got != want {
 			t.Errorf("Origin %q: %v, want %v", origin, got, want)
+		}
+	}
+	for host, want := range map[string]bool{"127.0.0.1:8080": true, "[::1]:8080": true, "localhost:8080": true, "evil.example:8080": false} {
+		r := httptest.NewRequest("GET", "http://"+host+"/mqtt", nil)
+		r.Header.Set("Origin", "http://"+host)
+		if got := g.CheckOrigin(r); got != want {
+			t.Errorf("same origin %s: %v, want %v", host, got, want)
 		}
 	}
 	if _, err := NewGuard(GuardOptions{AllowedOrigins: []string{"dash.example.com"}}); err == nil {

@@ -412,13 +412,30 @@ func TestAdminAPI(t *testing.T) {
 			t.Errorf("%s: %d, want %d", tc.name, code, tc.want)
 		}
 	}
-	// A browser carries its token in an HttpOnly cookie.
-	req, _ := http.NewRequest("GET", base+"/devices", nil)
-	req.AddCookie(&http.Cookie{Name: "beacon_token", Value: token(t, "root", "admin", time.Hour, nil, nil)})
-	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 200 {
-		t.Fatalf("admin JWT in the beacon_token cookie: %v %v", err, resp)
-	} else {
+	// A browser carries its token in an HttpOnly cookie; the request must
+	// come from a page of the broker's own origin (no cross-site forms).
+	for _, tc := range []struct {
+		name, header, value string
+		want                int
+	}{
+		{"same origin", "Origin", "http://" + e.b.HTTPAddr(), 200},
+		{"Sec-Fetch-Site same-origin", "Sec-Fetch-Site", "same-origin", 200},
+		{"cross-site", "Origin", "https://evil.example", 403},
+		{"no origin at all", "", "", 403},
+	} {
+		req, _ := http.NewRequest("GET", base+"/devices", nil)
+		req.AddCookie(&http.Cookie{Name: "beacon_token", Value: token(t, "root", "admin", time.Hour, nil, nil)})
+		if tc.header != "" {
+			req.Header.Set(tc.header, tc.value)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
 		resp.Body.Close()
+		if resp.StatusCode != tc.want {
+			t.Errorf("cookie, %s: %d, want %d", tc.name, resp.StatusCode, tc.want)
+		}
 	}
 
 	code, body := api(t, "POST", base+"/devices", adminToken, map[string]any{"id": "lamp", "type": "light", "tags": map[string]string{"room": "hall"}})
@@ -485,5 +502,21 @@ func TestAdminAPI(t *testing.T) {
 	}
 	if code, body := api(t, "POST", base+"/acl/reload", adminToken, nil); code != 200 || body["rules"] != float64(5) {
 		t.Fatalf("acl reload: %d %v", code, body)
+	}
+}
+
+func TestWillIsAuthorizedAsAPublish(t *testing.T) {
+	e := startAuth(t, nil)
+	withWill := func(topic string) *paho.Connect {
+		c := creds("willdev", "d1", e.dev)
+		c.WillMessage = &paho.WillMessage{Topic: topic, Payload: []byte("forged"), QoS: 1}
+		return c
+	}
+	c, err := bt.TryDial(e.addr, withWill("devices/d2/cmd/unlock"))
+	if err == nil || c.Connack == nil || c.Connack.ReasonCode != 0x87 {
+		t.Fatalf("a will on another device's topic: %v %+v, want CONNACK 0x87", err, c.Connack)
+	}
+	if _, err := bt.TryDial(e.addr, withWill("devices/d1/status")); err != nil {
+		t.Fatalf("a will on the device's own topic: %v", err)
 	}
 }

@@ -277,6 +277,7 @@ func (b *Broker) setupHTTP() error {
 			NextProtos: []string{"http/1.1"}})
 	}
 	b.httpLn = ln
+	b.admin.Guard = b.guard
 	if b.ws != nil {
 		b.ws.SetAddress(ln.Addr().String())
 	}

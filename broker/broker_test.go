@@ -681,3 +681,74 @@ func TestRecoverIngress(t *testing.T) {
 		t.Fatalf("second restart recovered %d messages again", got)
 	}
 }
+
+// TestUnackedQueueSurvivesReconnectAndRestart: messages a client received
+// but did not acknowledge stay stored when it reconnects (mochi "drops"
+// them from the old client object when the session is taken over) and
+// come back after a restart.
+func TestUnackedQueueSurvivesReconnectAndRestart(t *testing.T) {
+	cfg := bt.Config(t)
+	b1 := bt.Start(t, cfg)
+	addr := b1.MQTTAddr("tcp")
+	connect := func(addr string) *bt.Raw {
+		r := bt.DialRaw(t, addr, 4)
+		r.Send(t, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect},
+			Connect: packets.ConnectParams{ClientIdentifier: "lazy", Clean: false, Keepalive: 30}})
+		r.Expect(t, packets.Connack)
+		return r
+	}
+	r := connect(addr)
+	r.Send(t, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1,
+		Filters: packets.Subscriptions{{Filter: "lazy/#", Qos: 1}}})
+	r.Expect(t, packets.Suback)
+	_ = r.Conn.Close()
+	pub := bt.Dial(t, addr, &paho.Connect{ClientID: "pub", CleanStart: true})
+	for i := range 3 {
+		pub.PublishT(t, &paho.Publish{Topic: "lazy/x", QoS: 1, Payload: []byte(strconv.Itoa(i))})
+	}
+	pub.Barrier(t)
+	// Reconnect, receive the three, acknowledge none, leave.
+	r = connect(addr)
+	for range 3 {
+		r.Expect(t, packets.Publish)
+	}
+	_ = r.Conn.Close()
+	bt.WaitFor(t, 5*time.Second, "the session to go offline", func() bool {
+		cl, ok := b1.Server().Clients.Get("lazy")
+		return ok && cl.Closed()
+	})
+	bt.Stop(t, b1)
+
+	b2 := bt.Start(t, cfg)
+	r = connect(b2.MQTTAddr("tcp"))
+	for i := range 3 {
+		if m := r.Expect(t, packets.Publish); string(m.Payload) != strconv.Itoa(i) {
+			t.Fatalf("after restart, message %d is %q", i, m.Payload)
+		}
+	}
+}
+
+// TestExpiredSessionLeavesNoSubscriptions: mochi forgets an expired client
+// but not its subscriptions; a later client with the same id must not
+// receive what the expired session had subscribed to.
+func TestExpiredSessionLeavesNoSubscriptions(t *testing.T) {
+	b, addr := startBroker(t, nil)
+	c := bt.Dial(t, addr, &paho.Connect{ClientID: "ghost", CleanStart: true,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: u32(1)}})
+	c.SubscribeT(t, paho.SubscribeOptions{Topic: "exp/#", QoS: 1})
+	_ = c.Disconnect(&paho.Disconnect{})
+	bt.WaitFor(t, 10*time.Second, "the session to expire", func() bool {
+		_, ok := b.Server().Clients.Get("ghost")
+		return !ok
+	})
+	c = bt.Dial(t, addr, &paho.Connect{ClientID: "ghost", CleanStart: true})
+	c.SubscribeT(t, paho.SubscribeOptions{Topic: "marker", QoS: 1})
+	pub := bt.Dial(t, addr, &paho.Connect{ClientID: "pub", CleanStart: true})
+	pub.PublishT(t, &paho.Publish{Topic: "exp/x", QoS: 1, Payload: []byte("stale subscription")})
+	pub.PublishT(t, &paho.Publish{Topic: "marker", QoS: 1, Payload: []byte("m")})
+	for _, m := range c.WaitMessages(t, 1, 5*time.Second) {
+		if m.Topic != "marker" {
+			t.Fatalf("received %q through the expired session's subscription", m.Topic)
+		}
+	}
+}

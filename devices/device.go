@@ -326,14 +326,15 @@ func (r *Registry) Authenticate(id, secret string) (Device, error) {
 // time is persisted; the online flag lives in memory.
 func (r *Registry) SetOnline(id string, online bool) {
 	r.mu.Lock()
+	defer r.mu.Unlock()
 	d, ok := r.byID[id]
 	if !ok {
-		r.mu.Unlock()
 		return
 	}
 	d.Online = online
 	d.LastSeen = time.Now().UTC().Truncate(time.Second)
-	next := *d
-	r.mu.Unlock()
-	_ = r.save(&next) // last-seen is best effort: a failed write loses a timestamp, not access
+	// Saved under the lock, like every change, so that a concurrent rotate,
+	// disable or remove cannot be overwritten by this older copy. Last-seen
+	// is best effort: a failed write loses a timestamp, not access.
+	_ = r.save(d)
 }

@@ -109,6 +109,21 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 			return err
 		}
 		c.p = p
+		c.p.ClientID = cl.ID
+		// mochi publishes a will without asking the ACL or the policy, so
+		// the will is authorized here, as a publish, before it is accepted
+		// (as Mosquitto does).
+		if pk.Connect.WillFlag {
+			allowed := h.opts.Authorizer.Allowed(&c.p, devices.Publish, pk.Connect.WillTopic)
+			if allowed && h.opts.Policy != nil {
+				allowed = h.opts.Policy.CheckPublish(&c.p, pk.Connect.WillTopic, pk.Connect.WillPayload) == nil
+			}
+			if !allowed {
+				h.deniedPub.Add(1)
+				h.refuse(cl, pk, ErrWillRefused)
+				return ErrWillRefused
+			}
+		}
 	}
 	c.p.ClientID = cl.ID
 	old, hasOld := h.opts.Server.Clients.Get(cl.ID)
@@ -126,6 +141,7 @@ func (h *Auth) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 // Errors of authentication, for logs.
 var (
 	ErrAnonymousRefused = errors.New("anonymous access is not allowed")
+	ErrWillRefused      = errors.New("the will's topic or payload is not allowed for this client")
 )
 
 // handshaker is a connection whose transport proved an identity before
@@ -164,7 +180,7 @@ func (h *Auth) refuse(cl *mqtt.Client, pk packets.Packet, err error) {
 		h.Log.Warn("connection refused", "remote", cl.Net.Remote, "client", cl.ID,
 			"username", string(pk.Connect.Username), "reason", err.Error(), "refused_since_last", held)
 	}
-	denied := errors.Is(err, devices.ErrDisabled) || errors.Is(err, ErrAnonymousRefused)
+	denied := errors.Is(err, devices.ErrDisabled) || errors.Is(err, ErrAnonymousRefused) || errors.Is(err, ErrWillRefused)
 	code := packets.ErrBadUsernameOrPassword
 	switch {
 	case cl.Properties.ProtocolVersion < 5 && denied:

@@ -178,7 +178,10 @@ func (h *Limits) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
 	}
 	all := cl.State.Inflight.GetAll(false)
 	sortByAge(all)
-	base := time.Now().Unix() &^ 0xffff
+	// Stand-ins start at the next multiple of 65536 seconds: their low 16
+	// bits count up from 0 without wrapping, and lying in the future they
+	// can never look older than mqtt.max_message_expiry.
+	base := time.Now().Unix()&^0xffff + 0x10000
 	for i, p := range all {
 		real, _ := realCreated(&p)
 		p.ReasonCodes = binary.BigEndian.AppendUint64([]byte{orderMark}, uint64(real))
@@ -250,6 +253,9 @@ func (h *Drops) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
 
 // OnQosDropped counts a QoS 1/2 message that expired before delivery.
 func (h *Drops) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
+	if cl.IsTakenOver() {
+		return // moved to the connection that took the session over, not dropped
+	}
 	n := h.expired.Add(1)
 	if ok, suppressed := h.limiter.Allow("expired"); ok {
 		h.Log.Info("inflight message dropped: expired or refused by client",

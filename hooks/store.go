@@ -51,6 +51,7 @@ type group struct {
 	seq    uint64
 	client *mqtt.Client
 	ops    []storage.Op
+	pubrec uint16 // packet id of a QoS 2 message whose PUBREC state was stored; 0 if none
 }
 
 // StoreOptions configures NewStore.
@@ -214,6 +215,12 @@ func (h *Store) dropStaleGroups(cl *mqtt.Client) {
 	for tag, g := range h.groups {
 		if g.client == cl {
 			ops = append(ops, storage.Delete(storage.IngressKey(g.seq)))
+			if g.pubrec != 0 {
+				// The PUBREC never reached the client, which will send the
+				// PUBLISH again: it must not find the id "in use".
+				ops = append(ops, storage.Delete(storage.InflightKey(cl.ID, g.pubrec)))
+				cl.State.Inflight.Delete(g.pubrec)
+			}
 			delete(h.groups, tag)
 		}
 	}
@@ -223,12 +230,16 @@ func (h *Store) dropStaleGroups(cl *mqtt.Client) {
 	}
 }
 
-// OnClientExpired removes an expired session.
+// OnClientExpired removes an expired session, from storage and from the
+// topic index: mochi forgets the client but leaves its subscriptions in
+// place, so a later client with the same id would receive their messages.
 func (h *Store) OnClientExpired(cl *mqtt.Client) {
 	h.mu.Lock()
 	_, had := h.stored[cl.ID]
 	delete(h.stored, cl.ID)
 	h.mu.Unlock()
+	h.server.UnsubscribeClient(cl)
+	cl.ClearInflights()
 	if had {
 		h.db.WriteAsync(clearSession(cl.ID)...)
 	}
@@ -312,7 +323,9 @@ func (h *Store) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, e
 	rec := pk
 	rec.Origin = cl.ID
 	ops := []storage.Op{storage.Set(storage.IngressKey(seq), storage.AppendMessage(nil, &rec))}
+	var pubrec uint16
 	if pk.FixedHeader.Qos == 2 && persistent(cl) {
+		pubrec = pk.PacketID
 		// The PUBREC state goes with the message: after a crash a resent
 		// PUBLISH with this packet id is recognised, not routed twice.
 		pubrec := packets.Packet{
@@ -324,8 +337,12 @@ func (h *Store) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, e
 	}
 	if err := h.db.Write(ops...); err != nil {
 		h.Log.Error("store accepted message", "client", cl.ID, "topic", pk.TopicName, "error", err)
-		if cl.Properties.ProtocolVersion == 5 {
-			return pk, packets.ErrUnspecifiedError
+		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos == 1 {
+			return pk, packets.ErrUnspecifiedError // mochi answers PUBACK 0x80
+		}
+		if cl.Properties.ProtocolVersion == 5 { // mochi would answer a QoS 2 refusal with a PUBACK
+			_ = cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec},
+				PacketID: pk.PacketID, ReasonCode: packets.ErrUnspecifiedError.Code})
 		}
 		return pk, packets.ErrRejectPacket
 	}
@@ -333,7 +350,7 @@ func (h *Store) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, e
 	t.ingress, t.seq = true, seq
 	setTag(&pk, t)
 	h.mu.Lock()
-	h.groups[pk.Connect.ClientIdentifier] = &group{seq: seq, client: cl}
+	h.groups[pk.Connect.ClientIdentifier] = &group{seq: seq, client: cl, pubrec: pubrec}
 	h.mu.Unlock()
 	return pk, nil
 }
@@ -366,8 +383,28 @@ func (h *Store) OnPublished(_ *mqtt.Client, pk packets.Packet) {
 	if !ok {
 		return
 	}
-	h.db.WriteAsync(append(g.ops, storage.Delete(storage.IngressKey(g.seq)))...)
+	done := storage.Delete(storage.IngressKey(g.seq))
+	size := 0
+	for _, op := range g.ops {
+		size += op.Size()
+	}
+	if size <= maxAtomicRouting {
+		h.db.WriteAsync(append(g.ops, done)...)
+		return
+	}
+	// Too large for one transaction (a big payload to many persistent
+	// sessions): copies one by one, then the ingress record. A crash in
+	// between delivers some copies twice; it never loses one, and never
+	// leaves a record that fails again at every restart.
+	for _, op := range g.ops {
+		h.db.WriteAsync(op)
+	}
+	h.db.WriteAsync(done)
 }
+
+// maxAtomicRouting bounds the routing writes committed as one transaction,
+// well inside badger's limit for one transaction.
+const maxAtomicRouting = 1 << 20
 
 // OnRetainMessage stores or removes a retained message.
 func (h *Store) OnRetainMessage(_ *mqtt.Client, pk packets.Packet, r int64) {
@@ -430,9 +467,11 @@ func (h *Store) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
 	h.db.WriteAsync(storage.Delete(storage.InflightKey(cl.ID, pk.PacketID)))
 }
 
-// OnQosDropped removes an expired or refused QoS flow.
+// OnQosDropped removes an expired or refused QoS flow. A session taken
+// over by a new connection also "drops" its messages (mochi clears the old
+// client after copying them to the new one): those stay stored.
 func (h *Store) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
-	if !persistent(cl) {
+	if !persistent(cl) || cl.IsTakenOver() {
 		return
 	}
 	h.db.WriteAsync(storage.Delete(storage.InflightKey(cl.ID, pk.PacketID)))

@@ -92,6 +92,9 @@ type Op struct {
 	value []byte
 }
 
+// Size is the number of bytes the op writes.
+func (o Op) Size() int { return len(o.key) + len(o.value) }
+
 // Set writes value under key.
 func Set(key, value []byte) Op { return Op{kind: opSet, key: key, value: value} }
 
@@ -213,55 +216,68 @@ func (d *DB) commitLoop() {
 			}
 		}
 		start := time.Now()
-		err := d.commit(group)
+		errs := d.commitGroup(group)
 		if d.opts.ObserveCommit != nil {
 			d.opts.ObserveCommit(time.Since(start))
 		}
-		if err != nil {
-			d.commitErrs.Add(1)
-			d.log.Error("commit failed", "error", err, "ops", n)
-		}
 		d.commits.Add(1)
-		d.opsWritten.Add(int64(n))
-		for _, g := range group {
+		for i, g := range group {
+			if errs[i] != nil {
+				d.commitErrs.Add(1)
+				d.log.Error("commit failed", "error", errs[i], "ops", len(g.ops), "waited", g.done != nil)
+			} else {
+				d.opsWritten.Add(int64(len(g.ops)))
+			}
 			if g.done != nil {
-				g.done <- err
+				g.done <- errs[i]
 			}
 		}
 		clear(group)
 	}
 }
 
-func (d *DB) commit(group []*request) error {
-	txn := d.db.NewTransaction(true)
-	defer func() { txn.Discard() }()
-	apply := func(f func(*badger.Txn) error) error {
-		err := f(txn)
-		if errors.Is(err, badger.ErrTxnTooBig) {
-			if err := txn.Commit(); err != nil {
-				return err
-			}
-			txn = d.db.NewTransaction(true)
-			err = f(txn)
-		}
-		return err
+// commitGroup commits the requests of a group in one transaction, and
+// returns an error per request. Every request is atomic: when the group
+// does not fit in one badger transaction, each request is committed on its
+// own, and a request that does not fit alone fails by itself.
+func (d *DB) commitGroup(group []*request) []error {
+	errs := make([]error, len(group))
+	err := d.commitTxn(group)
+	if err == nil {
+		return errs
 	}
-	for _, r := range group {
+	if len(group) == 1 || !errors.Is(err, badger.ErrTxnTooBig) {
+		for i := range errs {
+			errs[i] = err
+		}
+		return errs
+	}
+	for i, r := range group {
+		errs[i] = d.commitTxn([]*request{r})
+	}
+	return errs
+}
+
+// commitTxn applies requests in one transaction; nothing is written unless
+// all of them are.
+func (d *DB) commitTxn(reqs []*request) error {
+	txn := d.db.NewTransaction(true)
+	defer txn.Discard()
+	for _, r := range reqs {
 		for _, op := range r.ops {
 			var err error
 			switch op.kind {
 			case opSet:
-				err = apply(func(t *badger.Txn) error { return t.Set(op.key, op.value) })
+				err = txn.Set(op.key, op.value)
 			case opDelete:
-				err = apply(func(t *badger.Txn) error { return t.Delete(op.key) })
+				err = txn.Delete(op.key)
 			case opDeletePrefix:
 				var keys [][]byte
 				keys, err = prefixKeys(txn, op.key)
 				for _, k := range keys {
-					if err != nil {
+					if err = txn.Delete(k); err != nil {
 						break
 					}
-					err = apply(func(t *badger.Txn) error { return t.Delete(k) })
 				}
 			}
 			if err != nil {

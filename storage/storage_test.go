@@ -248,3 +248,42 @@ func BenchmarkWriteParallel(b *testing.B) {
 		})
 	}
 }
+
+// TestLargeGroupsStayAtomic: writes that together exceed one badger
+// transaction are committed request by request, each whole; a request too
+// large alone fails alone.
+func TestLargeGroupsStayAtomic(t *testing.T) {
+	db := open(t, t.TempDir(), storage.SyncBatch)
+	big := make([]byte, 900<<10)
+	var wg sync.WaitGroup
+	errs := make([]error, 6)
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = db.Write(storage.Set(fmt.Appendf(nil, "big/%d/a", i), big), storage.Set(fmt.Appendf(nil, "big/%d/b", i), big))
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+	}
+	if n := count(t, db, []byte("big/")); n != 12 {
+		t.Fatalf("%d records, want 12", n)
+	}
+	var ops []storage.Op
+	for i := range 8 {
+		ops = append(ops, storage.Set(fmt.Appendf(nil, "huge/%d", i), big))
+	}
+	if err := db.Write(ops...); err == nil {
+		t.Fatal("a 7 MiB request larger than a transaction was accepted")
+	}
+	if n := count(t, db, []byte("huge/")); n != 0 {
+		t.Fatalf("a failed request left %d of its records", n)
+	}
+	if err := db.Write(storage.Set([]byte("after"), []byte("ok"))); err != nil {
+		t.Fatalf("the store after a failed request: %v", err)
+	}
+}
