@@ -215,7 +215,9 @@ func (h *Auth) allowed(cl *mqtt.Client, action devices.Action, topic string) boo
 		return false
 	}
 	if c.open {
-		return true
+		// Admitted while nothing was configured: allowed everything only
+		// as long as that lasts (the first registered device ends it).
+		return !h.Configured()
 	}
 	ok := !c.revoked.Load() &&
 		(c.p.Expires.IsZero() || time.Now().Before(c.p.Expires)) &&
@@ -356,7 +358,7 @@ func (h *Auth) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 			offline = c.p.Name
 		}
 	}
-	if expire || cl.IsTakenOver() {
+	if expire || takenOver(cl) {
 		delete(h.clients, cl)
 	}
 	h.mu.Unlock()

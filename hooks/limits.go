@@ -253,7 +253,7 @@ func (h *Drops) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
 
 // OnQosDropped counts a QoS 1/2 message that expired before delivery.
 func (h *Drops) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
-	if cl.IsTakenOver() {
+	if takenOver(cl) {
 		return // moved to the connection that took the session over, not dropped
 	}
 	n := h.expired.Add(1)

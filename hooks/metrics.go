@@ -89,7 +89,7 @@ func disconnectCause(cl *mqtt.Client, err error) string {
 	var code packets.Code
 	var ne net.Error
 	switch {
-	case cl.IsTakenOver():
+	case takenOver(cl):
 		return "taken_over"
 	case err == nil:
 		return "client"

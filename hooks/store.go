@@ -104,6 +104,14 @@ var storeEvents = eventSet(mqtt.OnSessionEstablish,
 // Provides implements mqtt.Hook.
 func (h *Store) Provides(b byte) bool { return storeEvents[b] }
 
+// takenOver reports whether a newer connection with the same client id
+// has replaced cl. mochi marks the old client only after disconnecting it,
+// so the stop cause is checked too: the old connection's hooks may run in
+// between.
+func takenOver(cl *mqtt.Client) bool {
+	return cl.IsTakenOver() || errors.Is(cl.StopCause(), packets.ErrSessionTakenOver)
+}
+
 // persistent reports whether cl's session outlives its connection.
 func persistent(cl *mqtt.Client) bool {
 	if cl.Net.Inline {
@@ -184,7 +192,7 @@ func (h *Store) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 // removes the records of one that ends with its connection.
 func (h *Store) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 	h.dropStaleGroups(cl)
-	if cl.IsTakenOver() {
+	if takenOver(cl) {
 		return
 	}
 	if current, ok := h.server.Clients.Get(cl.ID); ok && current != cl {
@@ -471,7 +479,7 @@ func (h *Store) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
 // over by a new connection also "drops" its messages (mochi clears the old
 // client after copying them to the new one): those stay stored.
 func (h *Store) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
-	if !persistent(cl) || cl.IsTakenOver() {
+	if !persistent(cl) || takenOver(cl) {
 		return
 	}
 	h.db.WriteAsync(storage.Delete(storage.InflightKey(cl.ID, pk.PacketID)))
