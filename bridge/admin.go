@@ -56,7 +56,8 @@ type apiError struct {
 	Field string `json:"field,omitempty"`
 }
 
-func writeJSON(w http.ResponseWriter, code int, v any) {
+// WriteJSON answers with v as JSON, uncached.
+func WriteJSON(w http.ResponseWriter, code int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(code)
@@ -64,7 +65,7 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 }
 
 func fail(w http.ResponseWriter, code int, msg string) {
-	writeJSON(w, code, apiError{Error: msg})
+	WriteJSON(w, code, apiError{Error: msg})
 }
 
 // TokenCookie is the cookie a browser may carry its token in (set it
@@ -157,12 +158,12 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 		case errors.As(err, &tooBig):
 			fail(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body larger than %d bytes", maxAdminBody))
 		case errors.As(err, &typ):
-			writeJSON(w, http.StatusBadRequest, apiError{Error: fmt.Sprintf("%s must be %s", typ.Field, typ.Type), Field: typ.Field})
+			WriteJSON(w, http.StatusBadRequest, apiError{Error: fmt.Sprintf("%s must be %s", typ.Field, typ.Type), Field: typ.Field})
 		case errors.As(err, &syntax), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
 			fail(w, http.StatusBadRequest, "body is not a JSON object: "+err.Error())
 		case strings.HasPrefix(err.Error(), "json: unknown field "):
 			field := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
-			writeJSON(w, http.StatusBadRequest, apiError{Error: "unknown field " + field, Field: field})
+			WriteJSON(w, http.StatusBadRequest, apiError{Error: "unknown field " + field, Field: field})
 		default:
 			fail(w, http.StatusBadRequest, err.Error())
 		}
@@ -175,11 +176,11 @@ func (a *Admin) registryError(w http.ResponseWriter, err error) {
 	var fe *devices.FieldError
 	switch {
 	case errors.As(err, &fe):
-		writeJSON(w, http.StatusUnprocessableEntity, apiError{Error: fe.Error(), Field: fe.Field})
+		WriteJSON(w, http.StatusUnprocessableEntity, apiError{Error: fe.Error(), Field: fe.Field})
 	case errors.Is(err, devices.ErrNotFound):
 		fail(w, http.StatusNotFound, err.Error())
 	case errors.Is(err, devices.ErrExists):
-		writeJSON(w, http.StatusConflict, apiError{Error: err.Error(), Field: "id"})
+		WriteJSON(w, http.StatusConflict, apiError{Error: err.Error(), Field: "id"})
 	default:
 		a.Log.Error("admin api", "error", err)
 		fail(w, http.StatusInternalServerError, "internal error")
@@ -197,10 +198,10 @@ func (a *Admin) list(w http.ResponseWriter, r *http.Request) {
 		v := false
 		online = &v
 	default:
-		writeJSON(w, http.StatusBadRequest, apiError{Error: "online must be true or false", Field: "online"})
+		WriteJSON(w, http.StatusBadRequest, apiError{Error: "online must be true or false", Field: "online"})
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"devices": a.Registry.List(online)})
+	WriteJSON(w, http.StatusOK, map[string]any{"devices": a.Registry.List(online)})
 }
 
 // created is the answer to a create or rotate: the secret is shown once.
@@ -221,7 +222,7 @@ func (a *Admin) create(w http.ResponseWriter, r *http.Request) {
 	}
 	a.Log.Info("device added", "device", d.ID, "type", d.Type)
 	w.Header().Set("Location", "/api/v1/devices/"+d.ID)
-	writeJSON(w, http.StatusCreated, created{Device: d, Secret: secret})
+	WriteJSON(w, http.StatusCreated, created{Device: d, Secret: secret})
 }
 
 func (a *Admin) show(w http.ResponseWriter, r *http.Request) {
@@ -230,7 +231,7 @@ func (a *Admin) show(w http.ResponseWriter, r *http.Request) {
 		a.registryError(w, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, d)
+	WriteJSON(w, http.StatusOK, d)
 }
 
 func (a *Admin) update(w http.ResponseWriter, r *http.Request) {
@@ -248,7 +249,7 @@ func (a *Admin) update(w http.ResponseWriter, r *http.Request) {
 		a.Kick(id)
 	}
 	a.Log.Info("device updated", "device", id)
-	writeJSON(w, http.StatusOK, d)
+	WriteJSON(w, http.StatusOK, d)
 }
 
 func (a *Admin) rotate(w http.ResponseWriter, r *http.Request) {
@@ -263,7 +264,7 @@ func (a *Admin) rotate(w http.ResponseWriter, r *http.Request) {
 	}
 	d, _ := a.Registry.Get(id)
 	a.Log.Info("device secret rotated", "device", id)
-	writeJSON(w, http.StatusOK, created{Device: d, Secret: secret})
+	WriteJSON(w, http.StatusOK, created{Device: d, Secret: secret})
 }
 
 func (a *Admin) remove(w http.ResponseWriter, r *http.Request) {
@@ -285,5 +286,5 @@ func (a *Admin) reload(w http.ResponseWriter, _ *http.Request) {
 		fail(w, http.StatusUnprocessableEntity, err.Error())
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]int{"rules": n})
+	WriteJSON(w, http.StatusOK, map[string]int{"rules": n})
 }
