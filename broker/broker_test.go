@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -750,5 +751,42 @@ func TestExpiredSessionLeavesNoSubscriptions(t *testing.T) {
 		if m.Topic != "marker" {
 			t.Fatalf("received %q through the expired session's subscription", m.Topic)
 		}
+	}
+}
+
+// TestQoS2ResentPublishIsAcknowledgedNotDelivered: a QoS 2 PUBLISH sent
+// again before PUBREL (its PUBREC was lost) gets a PUBREC again, success,
+// and is delivered once [MQTT-4.3.3-9].
+func TestQoS2ResentPublishIsAcknowledgedNotDelivered(t *testing.T) {
+	_, addr := startBroker(t, nil)
+	sub := bt.Dial(t, addr, &paho.Connect{ClientID: "q2sub", CleanStart: true})
+	sub.SubscribeT(t, paho.SubscribeOptions{Topic: "q2/#", QoS: 2})
+	for _, version := range []byte{4, 5} {
+		r := bt.DialRaw(t, addr, version)
+		r.Send(t, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect},
+			Connect: packets.ConnectParams{ClientIdentifier: fmt.Sprintf("q2pub%d", version), Clean: true, Keepalive: 30}})
+		r.Expect(t, packets.Connack)
+		pub := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 2}, PacketID: 7,
+			TopicName: fmt.Sprintf("q2/v%d", version), Payload: []byte("once")}
+		r.Send(t, pub)
+		r.Expect(t, packets.Pubrec)
+		pub.FixedHeader.Dup = true
+		r.Send(t, pub) // as if the first PUBREC had been lost
+		if ack := r.Expect(t, packets.Pubrec); ack.PacketID != 7 || ack.ReasonCode != 0 {
+			t.Fatalf("v%d: resent PUBLISH answered with PUBREC reason 0x%02x for id %d, want success", version, ack.ReasonCode, ack.PacketID)
+		}
+		r.Send(t, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrel, Qos: 1}, PacketID: 7})
+		r.Expect(t, packets.Pubcomp)
+	}
+	sub.WaitMessages(t, 2, 5*time.Second)
+	sub.Barrier(t)
+	n := 0
+	for _, m := range sub.Messages() {
+		if strings.HasPrefix(m.Topic, "q2/") {
+			n++
+		}
+	}
+	if n != 2 {
+		t.Fatalf("%d deliveries of 2 QoS 2 messages each sent twice, want 2", n)
 	}
 }

@@ -49,7 +49,7 @@ var ErrKeepaliveRefused = errors.New("keep-alive outside the allowed range")
 // ID implements mqtt.Hook.
 func (h *Limits) ID() string { return "beacon-limits" }
 
-var limitsEvents = eventSet(mqtt.OnConnect, mqtt.OnPacketEncode, mqtt.OnPacketSent,
+var limitsEvents = eventSet(mqtt.OnConnect, mqtt.OnPacketRead, mqtt.OnPacketEncode, mqtt.OnPacketSent,
 	mqtt.OnSessionEstablished, mqtt.OnDisconnect)
 
 // Provides implements mqtt.Hook.
@@ -206,6 +206,27 @@ func (h *Limits) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 func disableSendQuota(cl *mqtt.Client) {
 	cl.Properties.Props.ReceiveMaximum = 0
 	cl.State.Inflight.ResetSendQuota(0)
+}
+
+// OnPacketRead answers a resent QoS 2 PUBLISH as the spec requires. A
+// client that did not get our PUBREC sends the PUBLISH again (DUP); until
+// its PUBREL the broker must answer PUBREC again and deliver nothing twice
+// [MQTT-4.3.3-9]. mochi answers 0x91 "packet identifier in use" instead,
+// which an MQTT 5 client takes as a refusal of the message. So the PUBREC
+// goes out here, and mochi is handed a PUBACK for packet id 0, which it
+// ignores.
+func (h *Limits) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Qos != 2 {
+		return pk, nil
+	}
+	prev, ok := cl.State.Inflight.Get(pk.PacketID)
+	if !ok || prev.FixedHeader.Type != packets.Pubrec {
+		return pk, nil
+	}
+	if err := cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: pk.PacketID}); err != nil {
+		return pk, err
+	}
+	return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, ProtocolVersion: pk.ProtocolVersion}, nil
 }
 
 // OnPacketEncode adds the limits mochi does not announce to a v5 CONNACK.
