@@ -790,3 +790,37 @@ func TestQoS2ResentPublishIsAcknowledgedNotDelivered(t *testing.T) {
 		t.Fatalf("%d deliveries of 2 QoS 2 messages each sent twice, want 2", n)
 	}
 }
+
+// TestInboundPacketIDDoesNotEraseOutboundMessage: client and broker number
+// packets independently; a client publishing with the id of a message the
+// broker is still waiting for it to acknowledge must not make the broker
+// forget that message (it is resent when the client comes back).
+func TestInboundPacketIDDoesNotEraseOutboundMessage(t *testing.T) {
+	_, addr := startBroker(t, nil)
+	connect := func() *bt.Raw {
+		r := bt.DialRaw(t, addr, 4)
+		r.Send(t, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect},
+			Connect: packets.ConnectParams{ClientIdentifier: "both-ways", Clean: false, Keepalive: 30}})
+		r.Expect(t, packets.Connack)
+		return r
+	}
+	dev := connect()
+	dev.Send(t, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1,
+		Filters: packets.Subscriptions{{Filter: "cmd/dev", Qos: 1}}})
+	dev.Expect(t, packets.Suback)
+	ctl := bt.Dial(t, addr, &paho.Connect{ClientID: "controller", CleanStart: true})
+	ctl.PublishT(t, &paho.Publish{Topic: "cmd/dev", QoS: 1, Payload: []byte("reboot")})
+	cmd := dev.Expect(t, packets.Publish)
+	// The device publishes telemetry with the same packet id before it acknowledges the command.
+	dev.Send(t, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: cmd.PacketID,
+		TopicName: "telemetry/dev", Payload: []byte("21.5")})
+	if ack := dev.Expect(t, packets.Puback); ack.PacketID != cmd.PacketID {
+		t.Fatalf("puback for %d", ack.PacketID)
+	}
+	_ = dev.Conn.Close() // gone before acknowledging the command
+	dev = connect()
+	again := dev.Expect(t, packets.Publish)
+	if string(again.Payload) != "reboot" || !again.FixedHeader.Dup {
+		t.Fatalf("after reconnect got %q dup=%v, want the unacknowledged command again", again.Payload, again.FixedHeader.Dup)
+	}
+}

@@ -25,6 +25,9 @@ type Limits struct {
 	mqtt.HookBase
 	server *mqtt.Server
 	opts   LimitsOptions
+	// displaced holds, per client, an outbound message whose packet id an
+	// inbound QoS 1 PUBLISH is reusing (see OnPacketRead).
+	displaced sync.Map // *mqtt.Client -> packets.Packet
 }
 
 // LimitsOptions configures NewLimits.
@@ -49,7 +52,7 @@ var ErrKeepaliveRefused = errors.New("keep-alive outside the allowed range")
 // ID implements mqtt.Hook.
 func (h *Limits) ID() string { return "beacon-limits" }
 
-var limitsEvents = eventSet(mqtt.OnConnect, mqtt.OnPacketRead, mqtt.OnPacketEncode, mqtt.OnPacketSent,
+var limitsEvents = eventSet(mqtt.OnConnect, mqtt.OnPacketRead, mqtt.OnPacketProcessed, mqtt.OnPacketEncode, mqtt.OnPacketSent,
 	mqtt.OnSessionEstablished, mqtt.OnDisconnect)
 
 // Provides implements mqtt.Hook.
@@ -64,6 +67,7 @@ type finisher interface{ Finish(final []byte) }
 // packet (0x81), a protocol error (0x82), a packet too large (0x95), a
 // keep-alive timeout (0x8D).
 func (h *Limits) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
+	h.displaced.Delete(cl) // a PUBLISH mochi refused before processing it
 	f, ok := cl.Net.Conn.(finisher)
 	if !ok {
 		return
@@ -215,18 +219,48 @@ func disableSendQuota(cl *mqtt.Client) {
 // which an MQTT 5 client takes as a refusal of the message. So the PUBREC
 // goes out here, and mochi is handed a PUBACK for packet id 0, which it
 // ignores.
+//
+// It also protects outbound messages from inbound packet ids. mochi keeps
+// both directions' QoS flows in one map keyed by packet id, and client and
+// broker number their packets independently, so a client that publishes
+// with id 1 while the broker's message 1 to it awaits its PUBACK makes
+// mochi delete that message's state: it would never be resent. For QoS 1
+// the outbound entry is put aside here and put back in OnPacketProcessed.
 func (h *Limits) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Qos != 2 {
+	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Qos == 0 {
 		return pk, nil
 	}
 	prev, ok := cl.State.Inflight.Get(pk.PacketID)
-	if !ok || prev.FixedHeader.Type != packets.Pubrec {
+	if !ok {
+		return pk, nil
+	}
+	if pk.FixedHeader.Qos == 1 && (prev.FixedHeader.Type == packets.Publish || prev.FixedHeader.Type == packets.Pubrel) {
+		h.displaced.Store(cl, prev)
+		return pk, nil
+	}
+	if pk.FixedHeader.Qos != 2 || prev.FixedHeader.Type != packets.Pubrec {
 		return pk, nil
 	}
 	if err := cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: pk.PacketID}); err != nil {
 		return pk, err
 	}
 	return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, ProtocolVersion: pk.ProtocolVersion}, nil
+}
+
+// OnPacketProcessed puts back an outbound message an inbound QoS 1
+// PUBLISH displaced (see OnPacketRead).
+func (h *Limits) OnPacketProcessed(cl *mqtt.Client, pk packets.Packet, _ error) {
+	if pk.FixedHeader.Type != packets.Publish {
+		return
+	}
+	v, ok := h.displaced.LoadAndDelete(cl)
+	if !ok {
+		return
+	}
+	prev := v.(packets.Packet)
+	if _, taken := cl.State.Inflight.Get(prev.PacketID); !taken && cl.State.Inflight.Set(prev) {
+		atomic.AddInt64(&h.server.Info.Inflight, 1)
+	}
 }
 
 // OnPacketEncode adds the limits mochi does not announce to a v5 CONNACK.
