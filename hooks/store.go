@@ -28,7 +28,9 @@ import (
 // writes the per-subscriber copies (and a retained update) together with the
 // removal of the ingress record, as one atomic unit. After a crash, Restore
 // routes whatever is still in the ingress log again, so an acknowledged
-// message is never lost and a copy is never created twice.
+// message is never lost and a stored copy is never created twice (an
+// online subscriber that received the message before the routing commit
+// can get it again after a crash in that window).
 //
 // Register Store after every hook that may reject a publish in OnPublish, so
 // a rejected message never reaches the ingress log.
