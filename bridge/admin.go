@@ -147,7 +147,11 @@ func (a *Admin) sameSite(r *http.Request) bool {
 
 // decode reads a JSON body strictly: size-limited, no unknown fields.
 func decode(w http.ResponseWriter, r *http.Request, v any) bool {
-	r.Body = http.MaxBytesReader(w, r.Body, maxAdminBody)
+	return decodeLimit(w, r, v, maxAdminBody)
+}
+
+func decodeLimit(w http.ResponseWriter, r *http.Request, v any, limit int64) bool {
+	r.Body = http.MaxBytesReader(w, r.Body, limit)
 	dec := json.NewDecoder(r.Body)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
@@ -156,7 +160,7 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 		var typ *json.UnmarshalTypeError
 		switch {
 		case errors.As(err, &tooBig):
-			fail(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body larger than %d bytes", maxAdminBody))
+			fail(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body larger than %d bytes", limit))
 		case errors.As(err, &typ):
 			WriteJSON(w, http.StatusBadRequest, apiError{Error: fmt.Sprintf("%s must be %s", typ.Field, typ.Type), Field: typ.Field})
 		case errors.As(err, &syntax), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):

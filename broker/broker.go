@@ -49,6 +49,7 @@ type Broker struct {
 	tokens   *devices.TokenVerifier
 	admin    *bridge.Admin
 	guard    *bridge.Guard
+	rest     *bridge.REST
 	ws       *bridge.WS
 
 	listeners []*tcpListener
@@ -277,6 +278,18 @@ func (b *Broker) setupHTTP() error {
 	}
 	b.httpLn = ln
 	b.admin.Guard = b.guard
+	b.rest = &bridge.REST{
+		Server:         b.mqtt,
+		Authorizer:     b.authz,
+		Registry:       b.registry,
+		Tokens:         b.tokens,
+		Policy:         devices.MaxPayload{Authorizer: b.authz},
+		Guard:          b.guard,
+		Open:           func() bool { return !b.auth.Configured() },
+		AllowAnonymous: b.cfg.Auth.AllowAnonymous,
+		MaxBody:        int64(b.cfg.MQTT.MaxPacketSize),
+		Log:            b.log.With("component", "rest"),
+	}
 	if b.ws != nil {
 		b.ws.SetAddress(ln.Addr().String())
 	}
@@ -469,6 +482,7 @@ func (b *Broker) httpHandler() http.Handler {
 		bridge.WriteJSON(w, http.StatusOK, map[string]string{"status": "ready"})
 	})
 	mux.Handle("/api/v1/", b.admin.Handler())
+	b.rest.Register(mux)
 	mux.Handle("GET /metrics", b.admin.Protect(promhttp.HandlerFor(b.metrics, promhttp.HandlerOpts{})))
 	if b.ws != nil {
 		mux.Handle(b.cfg.HTTP.WSPath, b.ws)

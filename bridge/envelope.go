@@ -1,0 +1,36 @@
+package bridge
+
+import (
+	"encoding/base64"
+	"encoding/json"
+	"unicode/utf8"
+)
+
+// Envelope is how a message travels to browsers and HTTP clients (the REST
+// API now; the SSE and long-poll streams use the same form): the payload
+// embedded as JSON when it is JSON, as text when it is UTF-8, else base64.
+type Envelope struct {
+	Topic    string          `json:"topic"`
+	Payload  json.RawMessage `json:"payload"`
+	Encoding string          `json:"encoding"` // json, utf8 or base64
+	QoS      byte            `json:"qos"`
+	Retain   bool            `json:"retain"`
+	TS       int64           `json:"ts"` // unix milliseconds the broker received it (seconds precision for retained messages)
+}
+
+// NewEnvelope encodes a payload in the most readable faithful form.
+func NewEnvelope(topic string, payload []byte, qos byte, retain bool, tsMillis int64) Envelope {
+	e := Envelope{Topic: topic, QoS: qos, Retain: retain, TS: tsMillis}
+	switch {
+	case len(payload) > 0 && json.Valid(payload):
+		e.Encoding = "json"
+		e.Payload = payload
+	case utf8.Valid(payload):
+		e.Encoding = "utf8"
+		e.Payload, _ = json.Marshal(string(payload))
+	default:
+		e.Encoding = "base64"
+		e.Payload, _ = json.Marshal(base64.StdEncoding.EncodeToString(payload))
+	}
+	return e
+}

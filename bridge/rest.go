@@ -1,0 +1,229 @@
+package bridge
+
+import (
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+
+	"github.com/beaconmq/beacon/devices"
+)
+
+// REST is the HTTP publish and read API: POST /api/v1/publish and
+// GET /api/v1/retained. Callers are the same principals as over MQTT
+// (a JWT as Bearer or cookie, a device by HTTP Basic with its id and
+// secret), checked by the same authorizer.
+type REST struct {
+	Server         *mqtt.Server
+	Authorizer     *devices.Authorizer
+	Registry       *devices.Registry
+	Tokens         *devices.TokenVerifier
+	Policy         devices.PublishPolicy
+	Guard          *Guard
+	Open           func() bool // true while no authentication is configured: everything is allowed
+	AllowAnonymous bool
+	MaxBody        int64 // the MQTT max packet size
+	Log            *slog.Logger
+}
+
+// Register adds the routes to mux.
+func (h *REST) Register(mux *http.ServeMux) {
+	mux.HandleFunc("POST /api/v1/publish", h.publish)
+	mux.HandleFunc("GET /api/v1/retained", h.retained)
+}
+
+// caller is who makes a request; open means no authentication is configured.
+type caller struct {
+	p    devices.Principal
+	open bool
+}
+
+func (h *REST) caller(w http.ResponseWriter, r *http.Request) (*caller, bool) {
+	if r.Header.Get("Origin") != "" && !h.Guard.CheckOrigin(r) {
+		fail(w, http.StatusForbidden, "origin not allowed (http.allowed_origins)")
+		return nil, false
+	}
+	if tok, ok := RequestToken(r); ok {
+		if r.Header.Get("Authorization") == "" && r.Header.Get("Sec-Fetch-Site") != "same-origin" && r.Header.Get("Origin") == "" {
+			fail(w, http.StatusForbidden, "cookie authentication needs a same-origin request (Origin or Sec-Fetch-Site)")
+			return nil, false
+		}
+		if h.Tokens == nil {
+			fail(w, http.StatusUnauthorized, "tokens are not configured on this broker")
+			return nil, false
+		}
+		p, err := h.Tokens.Verify(tok, time.Now())
+		if err != nil {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="beacon", error="invalid_token"`)
+			fail(w, http.StatusUnauthorized, err.Error())
+			return nil, false
+		}
+		return &caller{p: p}, true
+	}
+	if id, secret, ok := r.BasicAuth(); ok {
+		d, err := h.Registry.Authenticate(id, secret)
+		if err != nil {
+			code := http.StatusUnauthorized
+			if errors.Is(err, devices.ErrDisabled) {
+				code = http.StatusForbidden
+			}
+			w.Header().Set("WWW-Authenticate", `Basic realm="beacon"`)
+			fail(w, code, err.Error())
+			return nil, false
+		}
+		return &caller{p: devices.Principal{Kind: devices.DeviceKind, Name: d.ID, DeviceType: d.Type}}, true
+	}
+	switch {
+	case h.Open():
+		return &caller{open: true}, true
+	case h.AllowAnonymous:
+		return &caller{p: devices.Principal{Kind: devices.Anonymous}}, true
+	}
+	w.Header().Set("WWW-Authenticate", `Bearer realm="beacon"`)
+	fail(w, http.StatusUnauthorized, "authentication required: a Bearer token, the beacon_token cookie, or a device's id and secret (HTTP Basic)")
+	return nil, false
+}
+
+func (c *caller) allowed(a *devices.Authorizer, action devices.Action, topic string) bool {
+	return c.open || a.Allowed(&c.p, action, topic)
+}
+
+// publishRequest is the JSON form of a publish.
+type publishRequest struct {
+	Topic         string  `json:"topic"`
+	Payload       *string `json:"payload,omitempty"`        // text
+	PayloadBase64 *string `json:"payload_base64,omitempty"` // binary
+	QoS           byte    `json:"qos"`
+	Retain        bool    `json:"retain"`
+}
+
+// checkTopic validates a topic name for publishing.
+func checkTopic(t string) error {
+	switch {
+	case t == "":
+		return errors.New("topic is empty")
+	case len(t) > 65535:
+		return errors.New("topic longer than 65535 bytes")
+	case !utf8.ValidString(t) || strings.ContainsRune(t, 0):
+		return errors.New("topic is not valid UTF-8")
+	case strings.ContainsAny(t, "+#"):
+		return errors.New("a topic name cannot contain the wildcards + or #")
+	case strings.HasPrefix(t, "$"):
+		return errors.New("topics starting with $ are the broker's")
+	}
+	return nil
+}
+
+func (h *REST) publish(w http.ResponseWriter, r *http.Request) {
+	c, ok := h.caller(w, r)
+	if !ok {
+		return
+	}
+	var req publishRequest
+	if strings.HasPrefix(r.Header.Get("Content-Type"), "application/json") {
+		if !decodeLimit(w, r, &req, h.MaxBody) {
+			return
+		}
+		switch {
+		case req.Payload != nil && req.PayloadBase64 != nil:
+			WriteJSON(w, http.StatusBadRequest, apiError{Error: "set payload or payload_base64, not both", Field: "payload"})
+			return
+		case req.PayloadBase64 != nil:
+			if _, err := base64.StdEncoding.DecodeString(*req.PayloadBase64); err != nil {
+				WriteJSON(w, http.StatusBadRequest, apiError{Error: "payload_base64 is not base64: " + err.Error(), Field: "payload_base64"})
+				return
+			}
+		}
+	} else {
+		// A raw body: the payload as it is, the rest in the query.
+		q := r.URL.Query()
+		req.Topic = q.Get("topic")
+		if v := q.Get("qos"); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 0 || n > 2 {
+				WriteJSON(w, http.StatusBadRequest, apiError{Error: "qos must be 0, 1 or 2", Field: "qos"})
+				return
+			}
+			req.QoS = byte(n)
+		}
+		if v := q.Get("retain"); v != "" {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				WriteJSON(w, http.StatusBadRequest, apiError{Error: "retain must be true or false", Field: "retain"})
+				return
+			}
+			req.Retain = b
+		}
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, h.MaxBody))
+		if err != nil {
+			fail(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("payload larger than %d bytes (mqtt.max_packet_size)", h.MaxBody))
+			return
+		}
+		s := string(body)
+		req.Payload = &s
+	}
+	if err := checkTopic(req.Topic); err != nil {
+		WriteJSON(w, http.StatusBadRequest, apiError{Error: err.Error(), Field: "topic"})
+		return
+	}
+	if req.QoS > 2 {
+		WriteJSON(w, http.StatusBadRequest, apiError{Error: "qos must be 0, 1 or 2", Field: "qos"})
+		return
+	}
+	var payload []byte
+	switch {
+	case req.PayloadBase64 != nil:
+		payload, _ = base64.StdEncoding.DecodeString(*req.PayloadBase64)
+	case req.Payload != nil:
+		payload = []byte(*req.Payload)
+	}
+	if !c.allowed(h.Authorizer, devices.Publish, req.Topic) {
+		WriteJSON(w, http.StatusForbidden, apiError{Error: "not authorized to publish to this topic", Field: "topic"})
+		return
+	}
+	if !c.open && h.Policy != nil {
+		if err := h.Policy.CheckPublish(&c.p, req.Topic, payload); err != nil {
+			WriteJSON(w, http.StatusRequestEntityTooLarge, apiError{Error: err.Error(), Field: "payload"})
+			return
+		}
+	}
+	// Server.Publish bypasses mochi's ACL: the checks above are the ACL.
+	// It returns once the message is routed, and a QoS 1/2 message is
+	// durable before routing starts, as for MQTT publishers.
+	if err := h.Server.Publish(req.Topic, payload, req.Retain, req.QoS); err != nil {
+		h.Log.Error("REST publish", "topic", req.Topic, "error", err)
+		fail(w, http.StatusInternalServerError, "publish failed")
+		return
+	}
+	WriteJSON(w, http.StatusOK, map[string]any{"topic": req.Topic, "qos": req.QoS, "retain": req.Retain, "bytes": len(payload)})
+}
+
+func (h *REST) retained(w http.ResponseWriter, r *http.Request) {
+	c, ok := h.caller(w, r)
+	if !ok {
+		return
+	}
+	filter := r.URL.Query().Get("topic")
+	if filter == "" || !mqtt.IsValidFilter(filter, false) {
+		WriteJSON(w, http.StatusBadRequest, apiError{Error: "topic must be a topic filter, e.g. home/#", Field: "topic"})
+		return
+	}
+	out := []Envelope{}
+	for _, pk := range h.Server.Topics.Messages(filter) {
+		if !c.allowed(h.Authorizer, devices.Read, pk.TopicName) {
+			continue // never list what the caller could not receive
+		}
+		out = append(out, NewEnvelope(pk.TopicName, pk.Payload, pk.FixedHeader.Qos, true, pk.Created*1000))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Topic < out[j].Topic })
+	WriteJSON(w, http.StatusOK, map[string]any{"messages": out})
+}
