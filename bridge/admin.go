@@ -136,14 +136,7 @@ func (a *Admin) Protect(next http.Handler) http.Handler {
 	return a.authenticate(next)
 }
 
-// sameSite reports whether a cookie-authenticated request comes from a page
-// Beacon trusts: the browser says same-origin, or the Origin passes the guard.
-func (a *Admin) sameSite(r *http.Request) bool {
-	if r.Header.Get("Sec-Fetch-Site") == "same-origin" {
-		return true
-	}
-	return r.Header.Get("Origin") != "" && a.Guard != nil && a.Guard.CheckOrigin(r)
-}
+func (a *Admin) sameSite(r *http.Request) bool { return a.Guard != nil && a.Guard.SameSite(r) }
 
 // decode reads a JSON body strictly: size-limited, no unknown fields.
 func decode(w http.ResponseWriter, r *http.Request, v any) bool {

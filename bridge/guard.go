@@ -96,6 +96,16 @@ func (g *Guard) CheckOrigin(r *http.Request) bool {
 	return strings.EqualFold(u.Host, r.Host) && literalHost(r.Host)
 }
 
+// SameSite reports whether a request authenticated by cookie comes from a
+// page Beacon trusts: the browser says same-origin, or the Origin passes
+// CheckOrigin. Browsers send the cookie with cross-site forms too.
+func (g *Guard) SameSite(r *http.Request) bool {
+	if r.Header.Get("Sec-Fetch-Site") == "same-origin" {
+		return true
+	}
+	return r.Header.Get("Origin") != "" && g.CheckOrigin(r)
+}
+
 // literalHost reports whether host[:port] names an IP address or localhost,
 // which DNS cannot rebind.
 func literalHost(hostport string) bool {

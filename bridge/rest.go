@@ -53,7 +53,7 @@ func (h *REST) caller(w http.ResponseWriter, r *http.Request) (*caller, bool) {
 		return nil, false
 	}
 	if tok, ok := RequestToken(r); ok {
-		if r.Header.Get("Authorization") == "" && r.Header.Get("Sec-Fetch-Site") != "same-origin" && r.Header.Get("Origin") == "" {
+		if r.Header.Get("Authorization") == "" && !h.Guard.SameSite(r) {
 			fail(w, http.StatusForbidden, "cookie authentication needs a same-origin request (Origin or Sec-Fetch-Site)")
 			return nil, false
 		}

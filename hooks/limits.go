@@ -137,8 +137,6 @@ func (h *Limits) OnConnect(cl *mqtt.Client, _ packets.Packet) error {
 // writer, TCP backpressure paces them, and a session holds at most
 // mqtt.max_queued_messages unacknowledged messages.
 
-// OnPacketProcessed is not needed for flow control; see above.
-
 // Resend order. On reconnect mochi resends a session's stored messages
 // sorted by uint16(Created), Created being in seconds: messages queued in
 // the same second go out in random order (and the order breaks every 18

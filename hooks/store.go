@@ -548,7 +548,9 @@ func (h *Store) Restore() (RestoreStats, error) {
 			return nil
 		}
 		s.Clients.Add(cl)
+		h.mu.Lock() // mochi's event loop already runs (client expiry)
 		h.stored[rec.ID] = struct{}{}
+		h.mu.Unlock()
 		st.Sessions++
 		return nil
 	})
