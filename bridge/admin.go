@@ -184,21 +184,73 @@ func (a *Admin) registryError(w http.ResponseWriter, err error) {
 	}
 }
 
-func (a *Admin) list(w http.ResponseWriter, r *http.Request) {
-	var online *bool
+// onlineParam reads ?online=true|false; nil when absent.
+func onlineParam(w http.ResponseWriter, r *http.Request) (online *bool, ok bool) {
 	switch r.URL.Query().Get("online") {
 	case "":
+		return nil, true
 	case "true":
 		v := true
-		online = &v
+		return &v, true
 	case "false":
 		v := false
-		online = &v
-	default:
-		WriteJSON(w, http.StatusBadRequest, apiError{Error: "online must be true or false", Field: "online"})
+		return &v, true
+	}
+	WriteJSON(w, http.StatusBadRequest, apiError{Error: "online must be true or false", Field: "online"})
+	return nil, false
+}
+
+func (a *Admin) list(w http.ResponseWriter, r *http.Request) {
+	online, ok := onlineParam(w, r)
+	if !ok {
 		return
 	}
 	WriteJSON(w, http.StatusOK, map[string]any{"devices": a.Registry.List(online)})
+}
+
+// isAdmin reports whether r carries the admin token or an admin JWT (by
+// header, or by cookie from the same site).
+func (a *Admin) isAdmin(r *http.Request) bool {
+	tok, ok := RequestToken(r)
+	if !ok || (r.Header.Get("Authorization") == "" && !a.sameSite(r)) {
+		return false
+	}
+	if a.AdminToken != "" && subtle.ConstantTimeCompare([]byte(tok), []byte(a.AdminToken)) == 1 {
+		return true
+	}
+	if a.Tokens != nil {
+		p, err := a.Tokens.Verify(tok, time.Now())
+		return err == nil && p.Role == "admin"
+	}
+	return false
+}
+
+// Devices serves GET /api/v1/devices: the whole registry for the admin,
+// and for anyone else (dashboards) the devices whose presence topic
+// $beacon/presence/<id> the rules let them read, so presence is governed
+// by the same ACL as the presence stream.
+func (a *Admin) Devices(access *Access) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		online, ok := onlineParam(w, r)
+		if !ok {
+			return
+		}
+		if a.isAdmin(r) {
+			WriteJSON(w, http.StatusOK, map[string]any{"devices": a.Registry.List(online)})
+			return
+		}
+		c, ok := access.Caller(w, r, false)
+		if !ok {
+			return
+		}
+		out := []devices.Device{}
+		for _, d := range a.Registry.List(online) {
+			if c.Allowed(access.Authorizer, devices.Read, "$beacon/presence/"+d.ID) {
+				out = append(out, d)
+			}
+		}
+		WriteJSON(w, http.StatusOK, map[string]any{"devices": out})
+	}
 }
 
 // created is the answer to a create or rotate: the secret is shown once.

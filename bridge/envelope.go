@@ -7,15 +7,17 @@ import (
 )
 
 // Envelope is how a message travels to browsers and HTTP clients (the REST
-// API now; the SSE and long-poll streams use the same form): the payload
+// API, the SSE stream, long-poll): the payload
 // embedded as JSON when it is JSON, as text when it is UTF-8, else base64.
 type Envelope struct {
+	ID       string          `json:"id,omitempty"` // event id in the history (streams and polls)
 	Topic    string          `json:"topic"`
 	Payload  json.RawMessage `json:"payload"`
 	Encoding string          `json:"encoding"` // json, utf8 or base64
 	QoS      byte            `json:"qos"`
 	Retain   bool            `json:"retain"`
-	TS       int64           `json:"ts"` // unix milliseconds the broker received it (seconds precision for retained messages)
+	TS       int64           `json:"ts"`                // unix milliseconds the broker received it (seconds precision for retained messages)
+	Decoded  map[string]any  `json:"decoded,omitempty"` // fields decoded by the topic's codec, if any
 }
 
 // NewEnvelope encodes a payload in the most readable faithful form.

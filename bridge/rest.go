@@ -10,7 +10,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"time"
 	"unicode/utf8"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -23,78 +22,17 @@ import (
 // (a JWT as Bearer or cookie, a device by HTTP Basic with its id and
 // secret), checked by the same authorizer.
 type REST struct {
-	Server         *mqtt.Server
-	Authorizer     *devices.Authorizer
-	Registry       *devices.Registry
-	Tokens         *devices.TokenVerifier
-	Policy         devices.PublishPolicy
-	Guard          *Guard
-	Open           func() bool // true while no authentication is configured: everything is allowed
-	AllowAnonymous bool
-	MaxBody        int64 // the MQTT max packet size
-	Log            *slog.Logger
+	*Access
+	Server  *mqtt.Server
+	Policy  devices.PublishPolicy
+	MaxBody int64 // the MQTT max packet size
+	Log     *slog.Logger
 }
 
 // Register adds the routes to mux.
 func (h *REST) Register(mux *http.ServeMux) {
 	mux.HandleFunc("POST /api/v1/publish", h.publish)
 	mux.HandleFunc("GET /api/v1/retained", h.retained)
-}
-
-// caller is who makes a request; open means no authentication is configured.
-type caller struct {
-	p    devices.Principal
-	open bool
-}
-
-func (h *REST) caller(w http.ResponseWriter, r *http.Request) (*caller, bool) {
-	if r.Header.Get("Origin") != "" && !h.Guard.CheckOrigin(r) {
-		fail(w, http.StatusForbidden, "origin not allowed (http.allowed_origins)")
-		return nil, false
-	}
-	if tok, ok := RequestToken(r); ok {
-		if r.Header.Get("Authorization") == "" && !h.Guard.SameSite(r) {
-			fail(w, http.StatusForbidden, "cookie authentication needs a same-origin request (Origin or Sec-Fetch-Site)")
-			return nil, false
-		}
-		if h.Tokens == nil {
-			fail(w, http.StatusUnauthorized, "tokens are not configured on this broker")
-			return nil, false
-		}
-		p, err := h.Tokens.Verify(tok, time.Now())
-		if err != nil {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="beacon", error="invalid_token"`)
-			fail(w, http.StatusUnauthorized, err.Error())
-			return nil, false
-		}
-		return &caller{p: p}, true
-	}
-	if id, secret, ok := r.BasicAuth(); ok {
-		d, err := h.Registry.Authenticate(id, secret)
-		if err != nil {
-			code := http.StatusUnauthorized
-			if errors.Is(err, devices.ErrDisabled) {
-				code = http.StatusForbidden
-			}
-			w.Header().Set("WWW-Authenticate", `Basic realm="beacon"`)
-			fail(w, code, err.Error())
-			return nil, false
-		}
-		return &caller{p: devices.Principal{Kind: devices.DeviceKind, Name: d.ID, DeviceType: d.Type}}, true
-	}
-	switch {
-	case h.Open():
-		return &caller{open: true}, true
-	case h.AllowAnonymous:
-		return &caller{p: devices.Principal{Kind: devices.Anonymous}}, true
-	}
-	w.Header().Set("WWW-Authenticate", `Bearer realm="beacon"`)
-	fail(w, http.StatusUnauthorized, "authentication required: a Bearer token, the beacon_token cookie, or a device's id and secret (HTTP Basic)")
-	return nil, false
-}
-
-func (c *caller) allowed(a *devices.Authorizer, action devices.Action, topic string) bool {
-	return c.open || a.Allowed(&c.p, action, topic)
 }
 
 // publishRequest is the JSON form of a publish.
@@ -124,7 +62,7 @@ func checkTopic(t string) error {
 }
 
 func (h *REST) publish(w http.ResponseWriter, r *http.Request) {
-	c, ok := h.caller(w, r)
+	c, ok := h.Caller(w, r, false)
 	if !ok {
 		return
 	}
@@ -186,12 +124,12 @@ func (h *REST) publish(w http.ResponseWriter, r *http.Request) {
 	case req.Payload != nil:
 		payload = []byte(*req.Payload)
 	}
-	if !c.allowed(h.Authorizer, devices.Publish, req.Topic) {
+	if !c.Allowed(h.Authorizer, devices.Publish, req.Topic) {
 		WriteJSON(w, http.StatusForbidden, apiError{Error: "not authorized to publish to this topic", Field: "topic"})
 		return
 	}
-	if !c.open && h.Policy != nil {
-		if err := h.Policy.CheckPublish(&c.p, req.Topic, payload); err != nil {
+	if !c.Open && h.Policy != nil {
+		if err := h.Policy.CheckPublish(&c.P, req.Topic, payload); err != nil {
 			WriteJSON(w, http.StatusRequestEntityTooLarge, apiError{Error: err.Error(), Field: "payload"})
 			return
 		}
@@ -208,7 +146,7 @@ func (h *REST) publish(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *REST) retained(w http.ResponseWriter, r *http.Request) {
-	c, ok := h.caller(w, r)
+	c, ok := h.Caller(w, r, false)
 	if !ok {
 		return
 	}
@@ -219,7 +157,7 @@ func (h *REST) retained(w http.ResponseWriter, r *http.Request) {
 	}
 	out := []Envelope{}
 	for _, pk := range h.Server.Topics.Messages(filter) {
-		if !c.allowed(h.Authorizer, devices.Read, pk.TopicName) {
+		if !c.Allowed(h.Authorizer, devices.Read, pk.TopicName) {
 			continue // never list what the caller could not receive
 		}
 		out = append(out, NewEnvelope(pk.TopicName, pk.Payload, pk.FixedHeader.Qos, true, pk.Created*1000))

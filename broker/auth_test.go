@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -33,7 +34,7 @@ rules:
     effect: allow
   - subjects: ["role:viewer"]
     actions: [subscribe]
-    topics: ["devices/#"]
+    topics: ["devices/#", "$beacon/presence/d1"]
     effect: allow
   - subjects: [all]
     actions: [subscribe]
@@ -408,9 +409,28 @@ func TestAdminAPI(t *testing.T) {
 		{"admin token", adminToken, 200},
 		{"admin JWT", token(t, "root", "admin", time.Hour, nil, nil), 200},
 	} {
-		if code, _ := api(t, "GET", base+"/devices", tc.tok, nil); code != tc.want {
+		if code, _ := api(t, "GET", base+"/devices/d1", tc.tok, nil); code != tc.want {
 			t.Errorf("%s: %d, want %d", tc.name, code, tc.want)
 		}
+	}
+	// The device list is also the dashboards' presence view: anyone gets
+	// the devices whose $beacon/presence/<id> the rules let them read.
+	ids := func(body map[string]any) []string {
+		var out []string
+		list, _ := body["devices"].([]any)
+		for _, d := range list {
+			out = append(out, d.(map[string]any)["id"].(string))
+		}
+		return out
+	}
+	if code, body := api(t, "GET", base+"/devices", token(t, "bob", "viewer", time.Hour, nil, nil), nil); code != 200 || !slices.Equal(ids(body), []string{"d1"}) {
+		t.Errorf("viewer's device list: %d %v, want only d1", code, body)
+	}
+	if code, body := api(t, "GET", base+"/devices", adminToken, nil); code != 200 || len(ids(body)) != 3 {
+		t.Errorf("admin's device list: %d %v, want all 3", code, body)
+	}
+	if code, body := api(t, "GET", base+"/devices?online=maybe", adminToken, nil); code != 400 || body["field"] != "online" {
+		t.Errorf("online=maybe: %d %v", code, body)
 	}
 	// A browser carries its token in an HttpOnly cookie; the request must
 	// come from a page of the broker's own origin (no cross-site forms).

@@ -36,20 +36,25 @@ const connectTimeout = 10 * time.Second
 
 // Broker is a configured, startable Beacon broker.
 type Broker struct {
-	cfg   Config
-	log   *slog.Logger
-	mqtt  *mqtt.Server
-	db    *storage.DB
-	store *hooks.Store
-	drops *hooks.Drops
-	auth  *hooks.Auth
+	cfg         Config
+	log         *slog.Logger
+	mqtt        *mqtt.Server
+	db          *storage.DB
+	store       *hooks.Store
+	drops       *hooks.Drops
+	auth        *hooks.Auth
+	history     *hooks.History
+	metricsHook *hooks.Metrics
+	presence    *presence
 
 	registry *devices.Registry
 	authz    *devices.Authorizer
 	tokens   *devices.TokenVerifier
 	admin    *bridge.Admin
 	guard    *bridge.Guard
+	access   *bridge.Access
 	rest     *bridge.REST
+	streams  *bridge.Streams
 	ws       *bridge.WS
 
 	listeners []*tcpListener
@@ -79,6 +84,9 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	defer func() {
 		if err != nil {
 			b.closeListeners()
+			if b.history != nil {
+				_ = b.history.Shutdown(context.Background())
+			}
 			if b.db != nil {
 				_ = b.db.Shutdown(context.Background())
 			}
@@ -142,11 +150,11 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	}), nil); err != nil {
 		return nil, err
 	}
-	metricsHook, err := hooks.NewMetrics(b.metrics)
+	b.metricsHook, err = hooks.NewMetrics(b.metrics)
 	if err != nil {
 		return nil, err
 	}
-	if err := b.mqtt.AddHook(metricsHook, nil); err != nil { // before auth: it stamps arrival times
+	if err := b.mqtt.AddHook(b.metricsHook, nil); err != nil { // before auth: it stamps arrival times
 		return nil, err
 	}
 	b.auth = hooks.NewAuth(hooks.AuthOptions{
@@ -167,6 +175,19 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	if err := b.mqtt.AddHook(b.drops, nil); err != nil {
 		return nil, err
 	}
+	var rules []hooks.HistoryRule
+	for _, r := range cfg.History.Rules {
+		rules = append(rules, hooks.HistoryRule{Filter: r.Filter, MaxMessages: r.MaxMessages, MaxAge: r.MaxAge})
+	}
+	b.history, err = hooks.NewHistory(hooks.HistoryOptions{DB: b.db, Rules: rules, Log: log.With("component", "history")})
+	if err != nil {
+		return nil, err
+	}
+	// Before the store: its record is queued before the store deletes the
+	// message from the ingress log.
+	if err := b.mqtt.AddHook(b.history, nil); err != nil {
+		return nil, err
+	}
 	b.store = hooks.NewStore(hooks.StoreOptions{
 		DB:               b.db,
 		MaxSessionExpiry: caps.MaximumSessionExpiryInterval,
@@ -176,6 +197,8 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	if err := b.mqtt.AddHook(b.store, nil); err != nil {
 		return nil, err
 	}
+	b.presence = newPresence(b.mqtt, log.With("component", "presence"))
+	b.registry.OnChange(b.presence.push)
 
 	b.registerMetrics()
 
@@ -232,6 +255,28 @@ func (b *Broker) registerMetrics() {
 	counter("beacon_storage_commits_total", "Storage group commits.", nil, func() float64 { return float64(b.db.Stats().Commits) })
 	counter("beacon_storage_commit_errors_total", "Failed storage group commits.", nil, func() float64 { return float64(b.db.Stats().CommitErrors) })
 	counter("beacon_storage_writes_total", "Storage writes (sets and deletes) committed.", nil, func() float64 { return float64(b.db.Stats().Ops) })
+	gauge("beacon_history_records", "Messages stored in the history.", func() float64 { return float64(b.history.Stats().Stored) })
+	counter("beacon_history_recorded_total", "Messages recorded in the history.", nil, func() float64 { return float64(b.history.Stats().Recorded) })
+	counter("beacon_history_trimmed_total", "History records removed by retention (history.rules).", nil,
+		func() float64 { return float64(b.history.Stats().Trimmed) })
+	counter("beacon_history_failed_total", "History records the store failed to commit (delivered live, missing from replays).", nil,
+		func() float64 { return float64(b.history.Stats().Failed) })
+	streams := func(f func(bridge.StreamStats) int64) func() float64 {
+		return func() float64 {
+			if b.streams == nil {
+				return 0
+			}
+			return float64(f(b.streams.Stats()))
+		}
+	}
+	counter("beacon_stream_slow_closed_total", "SSE streams and polls ended because the reader fell behind (http.sse_buffer).", nil,
+		streams(func(s bridge.StreamStats) int64 { return s.Slow }))
+	counter("beacon_stream_resets_total", "Resumes from an unknown, expired or foreign event id, answered with a reset.", nil,
+		streams(func(s bridge.StreamStats) int64 { return s.Resets }))
+	counter("beacon_stream_refused_total", "SSE streams and polls refused by the per-principal or per-address limits.", nil,
+		streams(func(s bridge.StreamStats) int64 { return s.Refused }))
+	counter("beacon_stream_messages_total", "Messages written to SSE streams and polls.", nil,
+		streams(func(s bridge.StreamStats) int64 { return s.Delivered }))
 	counter("beacon_recovered_messages_total", "Acknowledged messages routed again from the ingress log after a crash.", nil,
 		func() float64 { return float64(b.store.Stats().Recovered) })
 }
@@ -278,17 +323,33 @@ func (b *Broker) setupHTTP() error {
 	}
 	b.httpLn = ln
 	b.admin.Guard = b.guard
-	b.rest = &bridge.REST{
-		Server:         b.mqtt,
+	b.access = &bridge.Access{
 		Authorizer:     b.authz,
 		Registry:       b.registry,
 		Tokens:         b.tokens,
-		Policy:         devices.MaxPayload{Authorizer: b.authz},
 		Guard:          b.guard,
 		Open:           func() bool { return !b.auth.Configured() },
 		AllowAnonymous: b.cfg.Auth.AllowAnonymous,
-		MaxBody:        int64(b.cfg.MQTT.MaxPacketSize),
-		Log:            b.log.With("component", "rest"),
+	}
+	b.rest = &bridge.REST{
+		Access:  b.access,
+		Server:  b.mqtt,
+		Policy:  devices.MaxPayload{Authorizer: b.authz},
+		MaxBody: int64(b.cfg.MQTT.MaxPacketSize),
+		Log:     b.log.With("component", "rest"),
+	}
+	b.streams = &bridge.Streams{
+		Access:          b.access,
+		History:         b.history,
+		Server:          b.mqtt,
+		Heartbeat:       h.SSEHeartbeat,
+		Buffer:          h.SSEBuffer,
+		MaxFilters:      h.SSEMaxFilters,
+		MaxPerPrincipal: h.SSEMaxStreamsPerPrincipal,
+		MaxPerIP:        h.SSEMaxStreamsPerIP,
+		PollMaxWait:     h.PollMaxWait,
+		Track:           b.metricsHook.Stream,
+		Log:             b.log.With("component", "streams"),
 	}
 	if b.ws != nil {
 		b.ws.SetAddress(ln.Addr().String())
@@ -410,6 +471,7 @@ func (b *Broker) Start() error {
 	b.log.Info("state restored", "sessions", st.Sessions, "subscriptions", st.Subscriptions,
 		"queued", st.Inflight, "retained", st.Retained, "recovered", st.Recovered,
 		"expired_sessions", st.Expired, "wills_sent", st.Wills, "took", time.Since(started).Round(time.Millisecond))
+	b.presence.start(b.registry)
 
 	for _, l := range b.listeners {
 		if err := b.mqtt.AddListener(l); err != nil {
@@ -482,7 +544,9 @@ func (b *Broker) httpHandler() http.Handler {
 		bridge.WriteJSON(w, http.StatusOK, map[string]string{"status": "ready"})
 	})
 	mux.Handle("/api/v1/", b.admin.Handler())
+	mux.HandleFunc("GET /api/v1/devices", b.admin.Devices(b.access))
 	b.rest.Register(mux)
+	b.streams.Register(mux)
 	mux.Handle("GET /metrics", b.admin.Protect(promhttp.HandlerFor(b.metrics, promhttp.HandlerOpts{})))
 	if b.ws != nil {
 		mux.Handle(b.cfg.HTTP.WSPath, b.ws)
@@ -524,12 +588,18 @@ type Stats struct {
 	// QueueLimitDrops counts QoS 1/2 messages not queued for a session
 	// because it already held mqtt.max_queued_messages.
 	QueueLimitDrops int64
+	History         hooks.HistoryStats
+	Streams         bridge.StreamStats
 }
 
 // Stats returns the broker's counters.
 func (b *Broker) Stats() Stats {
-	return Stats{Store: b.store.Stats(), Drops: b.drops.Stats(), Storage: b.db.Stats(), Auth: b.auth.Stats(),
-		QueueLimitDrops: atomic.LoadInt64(&b.mqtt.Info.InflightDropped)}
+	st := Stats{Store: b.store.Stats(), Drops: b.drops.Stats(), Storage: b.db.Stats(), Auth: b.auth.Stats(),
+		QueueLimitDrops: atomic.LoadInt64(&b.mqtt.Info.InflightDropped), History: b.history.Stats()}
+	if b.streams != nil {
+		st.Streams = b.streams.Stats()
+	}
+	return st
 }
 
 // Shutdown stops accepting connections, disconnects clients with "server
@@ -542,6 +612,9 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 		if b.pprofSrv != nil {
 			_ = b.pprofSrv.Close()
 		}
+		if b.streams != nil {
+			b.streams.Close() // the HTTP server waits for open streams
+		}
 		if b.httpSrv != nil {
 			if err := b.httpSrv.Shutdown(ctx); err != nil {
 				errs = append(errs, fmt.Errorf("http: %w", err))
@@ -549,6 +622,7 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 		} else if b.httpLn != nil {
 			_ = b.httpLn.Close()
 		}
+		b.presence.stop()
 		closed := make(chan struct{})
 		go func() {
 			_ = b.mqtt.Close() // disconnects clients and waits for their goroutines
@@ -560,6 +634,9 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("mqtt: clients did not finish: %w", ctx.Err()))
 		}
 		b.closeListeners() // for a broker that was never started
+		if err := b.history.Shutdown(ctx); err != nil {
+			errs = append(errs, err)
+		}
 		if err := b.db.Shutdown(ctx); err != nil {
 			errs = append(errs, err)
 		}

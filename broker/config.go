@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"gopkg.in/yaml.v3"
 
@@ -24,7 +25,30 @@ type Config struct {
 	HTTP    HTTPConfig    `yaml:"http"`
 	Auth    AuthConfig    `yaml:"auth"`
 	Storage StorageConfig `yaml:"storage"`
+	History HistoryConfig `yaml:"history"`
 	Log     LogConfig     `yaml:"log"`
+}
+
+// HistoryConfig says which messages the broker records for replay to
+// browsers (SSE, long-poll, /api/v1/topics/last).
+type HistoryConfig struct {
+	// Rules in order: a message is kept under the first rule whose filter
+	// matches it; a message no rule matches is not recorded. An empty list
+	// records nothing.
+	Rules []HistoryRuleConfig `yaml:"rules"`
+}
+
+// HistoryRuleConfig keeps the newest max_messages messages matching
+// filter, none older than max_age (0 = no age limit).
+type HistoryRuleConfig struct {
+	Filter      string        `yaml:"filter"`
+	MaxMessages int           `yaml:"max_messages"`
+	MaxAge      time.Duration `yaml:"max_age"`
+}
+
+// setDefaults fills a list element before its YAML keys are applied.
+func (r *HistoryRuleConfig) setDefaults() {
+	*r = HistoryRuleConfig{MaxMessages: 10000, MaxAge: 24 * time.Hour}
 }
 
 // AuthConfig configures authentication and authorization. Authentication
@@ -112,6 +136,14 @@ type HTTPConfig struct {
 	MaxConnsPerIP      int    `yaml:"max_conns_per_ip"`      // browser connections per client address; 0 = unlimited
 	HandshakesPerSec   int    `yaml:"handshakes_per_second"` // per client address (bursts of twice that); 0 = unlimited
 	PprofAddr          string `yaml:"pprof_addr"`            // Go profiling endpoints (/debug/pprof/); "" = off. Keep it on loopback.
+	Dashboard          bool   `yaml:"dashboard"`             // serve the live dashboard at /
+
+	SSEHeartbeat              time.Duration `yaml:"sse_heartbeat"`                 // comment sent on idle streams
+	SSEBuffer                 int           `yaml:"sse_buffer"`                    // messages buffered per stream before it is closed as too slow
+	SSEMaxFilters             int           `yaml:"sse_max_filters"`               // topic filters per stream or poll
+	SSEMaxStreamsPerPrincipal int           `yaml:"sse_max_streams_per_principal"` // open streams and polls per user or device; 0 = unlimited
+	SSEMaxStreamsPerIP        int           `yaml:"sse_max_streams_per_ip"`        // open streams and polls per client address; 0 = unlimited
+	PollMaxWait               time.Duration `yaml:"poll_max_wait"`                 // longest wait a long-poll may ask for
 }
 
 // List splits a comma-separated setting.
@@ -156,7 +188,10 @@ func Default() Config {
 			SharedSubs:        true,
 			SysInterval:       10 * time.Second,
 		},
-		HTTP:    HTTPConfig{Addr: "127.0.0.1:8080", WSPath: "/mqtt", MaxConnsPerIP: 256, HandshakesPerSec: 20},
+		HTTP: HTTPConfig{Addr: "127.0.0.1:8080", WSPath: "/mqtt", MaxConnsPerIP: 256, HandshakesPerSec: 20, Dashboard: true,
+			SSEHeartbeat: 15 * time.Second, SSEBuffer: 1024, SSEMaxFilters: 32, SSEMaxStreamsPerPrincipal: 32,
+			SSEMaxStreamsPerIP: 64, PollMaxWait: 60 * time.Second},
+		History: HistoryConfig{Rules: []HistoryRuleConfig{{Filter: "#", MaxMessages: 10000, MaxAge: 24 * time.Hour}}},
 		Auth:    AuthConfig{FailDelay: time.Second},
 		Storage: StorageConfig{Dir: "beacon-data", Sync: storage.SyncBatch, SyncInterval: time.Second, GCInterval: 5 * time.Minute},
 		Log:     LogConfig{Level: "info", Format: "text"},
@@ -277,6 +312,12 @@ func decodeNode(n *yaml.Node, v reflect.Value, prefix string, src *Source) error
 		}
 		f := v.Field(idx)
 		src.lines[key] = k.Line
+		if f.Kind() == reflect.Slice {
+			if err := decodeList(val, f, key, src); err != nil {
+				return err
+			}
+			continue
+		}
 		if f.Kind() == reflect.Struct && f.Type() != reflect.TypeOf(time.Duration(0)) {
 			if err := decodeNode(val, f, key+".", src); err != nil {
 				return err
@@ -290,6 +331,38 @@ func decodeNode(n *yaml.Node, v reflect.Value, prefix string, src *Source) error
 			return &ConfigError{File: src.File, Line: val.Line, Key: key, Msg: err.Error()}
 		}
 	}
+	return nil
+}
+
+// decodeList decodes a YAML sequence into a slice of strings or of
+// structs; elements are named key[i] in errors.
+func decodeList(n *yaml.Node, f reflect.Value, key string, src *Source) error {
+	if n.Kind != yaml.SequenceNode {
+		return &ConfigError{File: src.File, Line: n.Line, Key: key, Msg: "expected a list"}
+	}
+	out := reflect.MakeSlice(f.Type(), 0, len(n.Content))
+	for i, item := range n.Content {
+		name := fmt.Sprintf("%s[%d]", key, i)
+		src.lines[name] = item.Line
+		e := reflect.New(f.Type().Elem())
+		if d, ok := e.Interface().(interface{ setDefaults() }); ok {
+			d.setDefaults()
+		}
+		if e.Elem().Kind() == reflect.Struct {
+			if err := decodeNode(item, e.Elem(), name+".", src); err != nil {
+				return err
+			}
+		} else {
+			if item.Kind != yaml.ScalarNode {
+				return &ConfigError{File: src.File, Line: item.Line, Key: name, Msg: "expected a single value"}
+			}
+			if err := setValue(e.Elem(), item.Value); err != nil {
+				return &ConfigError{File: src.File, Line: item.Line, Key: name, Msg: err.Error()}
+			}
+		}
+		out = reflect.Append(out, e.Elem())
+	}
+	f.Set(out)
 	return nil
 }
 
@@ -350,12 +423,18 @@ func configKeys() []string {
 				walk(f.Type, prefix+name+".")
 				continue
 			}
+			if f.Type.Kind() == reflect.Slice {
+				continue // lists are set in the file only (ListKeys)
+			}
 			keys = append(keys, prefix+name)
 		}
 	}
 	walk(reflect.TypeOf(Config{}), "")
 	return keys
 }
+
+// ListKeys are the keys holding lists: set in the YAML file only.
+func ListKeys() []string { return []string{"history.rules"} }
 
 // EnvName is the environment variable that sets key: "mqtt.tls_addr" is
 // BEACON_MQTT_TLS_ADDR.
@@ -522,6 +601,34 @@ func (c *Config) Validate() error {
 	if err := c.Auth.validate(); err != nil {
 		return err
 	}
+	for key, v := range map[string]int{"http.sse_buffer": h.SSEBuffer, "http.sse_max_filters": h.SSEMaxFilters} {
+		if v < 1 {
+			return bad(key, "must be at least 1")
+		}
+	}
+	for key, v := range map[string]int{"http.sse_max_streams_per_principal": h.SSEMaxStreamsPerPrincipal, "http.sse_max_streams_per_ip": h.SSEMaxStreamsPerIP} {
+		if v < 0 {
+			return bad(key, "must not be negative")
+		}
+	}
+	if h.SSEHeartbeat < time.Second {
+		return bad("http.sse_heartbeat", "must be at least 1s")
+	}
+	if h.PollMaxWait < time.Second || h.PollMaxWait > 10*time.Minute {
+		return bad("http.poll_max_wait", "%s is outside 1s..10m", h.PollMaxWait)
+	}
+	for i, r := range c.History.Rules {
+		key := fmt.Sprintf("history.rules[%d]", i)
+		if r.Filter == "" || !validFilter(r.Filter) {
+			return bad(key+".filter", "%q is not a topic filter (e.g. devices/+/telemetry or #)", r.Filter)
+		}
+		if r.MaxMessages < 1 {
+			return bad(key+".max_messages", "must be at least 1")
+		}
+		if r.MaxAge < 0 {
+			return bad(key+".max_age", "must not be negative (0 = no age limit)")
+		}
+	}
 	if c.Storage.Dir == "" {
 		return bad("storage.dir", "must not be empty")
 	}
@@ -664,4 +771,22 @@ func (c Config) asMap() yaml.Node {
 	}
 	add(&root, reflect.ValueOf(c), "")
 	return root
+}
+
+// validFilter reports whether f is an MQTT topic filter without a shared
+// subscription prefix.
+func validFilter(f string) bool {
+	if strings.HasPrefix(f, "$share/") || strings.ContainsRune(f, 0) || !utf8.ValidString(f) {
+		return false
+	}
+	levels := strings.Split(f, "/")
+	for i, l := range levels {
+		if l == "#" && i != len(levels)-1 {
+			return false
+		}
+		if l != "#" && l != "+" && strings.ContainsAny(l, "+#") {
+			return false
+		}
+	}
+	return true
 }

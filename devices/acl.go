@@ -529,3 +529,24 @@ func Covers(filter, sub []string) bool {
 	}
 	return len(sub) == len(filter)
 }
+
+// Overlaps reports whether some topic name is matched by both filters.
+func Overlaps(a, b []string) bool {
+	wild := func(l string) bool { return l == "+" || l == "#" }
+	if len(a) > 0 && len(b) > 0 &&
+		(wild(a[0]) && strings.HasPrefix(b[0], "$") || wild(b[0]) && strings.HasPrefix(a[0], "$")) {
+		return false
+	}
+	for i := 0; ; i++ {
+		aEnd, bEnd := i >= len(a), i >= len(b)
+		if !aEnd && a[i] == "#" || !bEnd && b[i] == "#" {
+			return true // "x/#" also matches "x"
+		}
+		if aEnd || bEnd {
+			return aEnd && bEnd
+		}
+		if a[i] != "+" && b[i] != "+" && a[i] != b[i] {
+			return false
+		}
+	}
+}

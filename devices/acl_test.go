@@ -64,6 +64,33 @@ func TestCovers(t *testing.T) {
 	}
 }
 
+func TestOverlaps(t *testing.T) {
+	cases := []struct {
+		a, b string
+		want bool
+	}{
+		{"a/#", "a", true},
+		{"a/#", "b/#", false},
+		{"a/+", "+/b", true},
+		{"a/+/c", "a/b", false},
+		{"#", "$beacon/presence/#", false},
+		{"+/x", "$SYS/x", false},
+		{"$beacon/#", "$beacon/presence/d1", true},
+		{"devices/+/telemetry", "devices/d1/#", true},
+		{"devices/+/telemetry", "devices/d1/status", false},
+		{"a/b", "a/b", true},
+		{"a/b", "a/b/c", false},
+	}
+	for _, tc := range cases {
+		if got := Overlaps(split(tc.a), split(tc.b)); got != tc.want {
+			t.Errorf("Overlaps(%q, %q) = %v, want %v", tc.a, tc.b, got, tc.want)
+		}
+		if got := Overlaps(split(tc.b), split(tc.a)); got != tc.want {
+			t.Errorf("Overlaps(%q, %q) = %v, want %v (not symmetric)", tc.b, tc.a, got, tc.want)
+		}
+	}
+}
+
 const exampleRules = `
 rules:
   - subjects: [device]
@@ -211,6 +238,15 @@ func FuzzMatchesCovers(f *testing.F) {
 		}
 		if !strings.ContainsAny(other, "+#") && Matches(fl, ol) != Covers(fl, ol) {
 			t.Fatalf("for a plain topic, Covers(%q, %q) must equal Matches", filter, other)
+		}
+		if Overlaps(fl, ol) != Overlaps(ol, fl) {
+			t.Fatalf("Overlaps(%q, %q) is not symmetric", filter, other)
+		}
+		if !strings.ContainsAny(other, "+#") && Matches(fl, ol) && !Overlaps(fl, ol) {
+			t.Fatalf("%q matches the topic %q but does not overlap it", filter, other)
+		}
+		if Covers(fl, ol) && !Overlaps(fl, ol) {
+			t.Fatalf("%q covers %q but does not overlap it", filter, other)
 		}
 		if Covers(fl, fl) != true && !strings.HasPrefix(filter, "$") {
 			t.Fatalf("%q does not cover itself", filter)

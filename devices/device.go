@@ -72,9 +72,24 @@ func hashSecret(secret string) []byte {
 // Registry is the device registry: an in-memory view over a Store. It is
 // safe for concurrent use.
 type Registry struct {
-	store Store
-	mu    sync.RWMutex
-	byID  map[string]*Device
+	store    Store
+	mu       sync.RWMutex
+	byID     map[string]*Device
+	onChange func(Change)
+}
+
+// Change is a device going online or offline, or being removed.
+type Change struct {
+	Device  Device
+	Removed bool
+}
+
+// OnChange sets fn to be told, in order, of every presence change and
+// removal. fn is called with the registry locked: it must only queue.
+func (r *Registry) OnChange(fn func(Change)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.onChange = fn
 }
 
 // OpenRegistry loads every device from store.
@@ -288,6 +303,9 @@ func (r *Registry) Remove(id string) error {
 	if err := r.store.DeleteDevice(id); err != nil {
 		return err
 	}
+	if r.onChange != nil {
+		r.onChange(Change{Device: r.byID[id].public(), Removed: true})
+	}
 	delete(r.byID, id)
 	return nil
 }
@@ -331,8 +349,12 @@ func (r *Registry) SetOnline(id string, online bool) {
 	if !ok {
 		return
 	}
+	changed := d.Online != online
 	d.Online = online
 	d.LastSeen = time.Now().UTC().Truncate(time.Second)
+	if changed && r.onChange != nil {
+		r.onChange(Change{Device: d.public()})
+	}
 	// Saved under the lock, like every change, so that a concurrent rotate,
 	// disable or remove cannot be overwritten by this older copy. Last-seen
 	// is best effort: a failed write loses a timestamp, not access.

@@ -143,3 +143,12 @@ func (h *Metrics) OnPacketSent(_ *mqtt.Client, pk packets.Packet, _ []byte) {
 		h.latency.Observe(time.Since(time.Unix(0, t.recv)).Seconds())
 	}
 }
+
+// Stream counts an HTTP stream (transport sse or poll) opening (+1) or
+// closing (-1) in the connection metrics.
+func (h *Metrics) Stream(transport string, delta int) {
+	h.conns.WithLabelValues(transport).Add(float64(delta))
+	if delta > 0 {
+		h.connects.WithLabelValues(transport).Inc()
+	}
+}

@@ -106,7 +106,8 @@ func DeletePrefix(prefix []byte) Op { return Op{kind: opDeletePrefix, key: prefi
 
 type request struct {
 	ops  []Op
-	done chan error // nil for async writes
+	done chan error  // nil for async writes
+	then func(error) // called by the committer after the commit, if set
 }
 
 // maxGroupOps bounds how many ops one group commit gathers before committing.
@@ -184,6 +185,15 @@ func (d *DB) WriteAsync(ops ...Op) {
 	}
 }
 
+// WriteAsyncThen queues ops like WriteAsync and calls then once they are
+// committed (or failed), from the committer: then must not block, nor wait
+// for anything that waits for a write.
+func (d *DB) WriteAsyncThen(then func(error), ops ...Op) {
+	if err := d.enqueue(&request{ops: ops, then: then}); err != nil {
+		then(err)
+	}
+}
+
 func (d *DB) enqueue(r *request) error {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
@@ -230,6 +240,9 @@ func (d *DB) commitLoop() {
 			}
 			if g.done != nil {
 				g.done <- errs[i]
+			}
+			if g.then != nil {
+				g.then(errs[i])
 			}
 		}
 		clear(group)

@@ -1,0 +1,101 @@
+package broker
+
+import (
+	"encoding/json"
+	"log/slog"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+
+	"github.com/beaconmq/beacon/devices"
+)
+
+// PresencePrefix is where device presence is published: a retained QoS 1
+// message per registered device on $beacon/presence/<id>, so MQTT
+// subscribers, the SSE stream and webhooks all see devices come and go.
+const PresencePrefix = "$beacon/presence/"
+
+// PresenceEvent is the payload of a presence message.
+type PresenceEvent struct {
+	Device string `json:"device"`
+	Name   string `json:"name,omitempty"`
+	Type   string `json:"type,omitempty"`
+	Online bool   `json:"online"`
+	TS     int64  `json:"ts"` // unix milliseconds
+}
+
+// presence publishes the registry's changes in the order they happen,
+// from its own goroutine (the registry calls in with its lock held).
+type presence struct {
+	srv   *mqtt.Server
+	log   *slog.Logger
+	mu    sync.Mutex
+	queue []devices.Change
+	wake  chan struct{}
+	done  chan struct{}
+	wg    sync.WaitGroup
+}
+
+func newPresence(srv *mqtt.Server, log *slog.Logger) *presence {
+	return &presence{srv: srv, log: log, wake: make(chan struct{}, 1), done: make(chan struct{})}
+}
+
+func (p *presence) push(c devices.Change) {
+	p.mu.Lock()
+	p.queue = append(p.queue, c)
+	p.mu.Unlock()
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// start publishes the state of every device once (a crash may have left
+// "online" retained), then follows the changes.
+func (p *presence) start(reg *devices.Registry) {
+	for _, d := range reg.List(nil) {
+		p.publish(devices.Change{Device: d})
+	}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		for {
+			select {
+			case <-p.wake:
+			case <-p.done:
+				return
+			}
+			p.mu.Lock()
+			batch := p.queue
+			p.queue = nil
+			p.mu.Unlock()
+			for _, c := range batch {
+				p.publish(c)
+			}
+		}
+	}()
+}
+
+func (p *presence) publish(c devices.Change) {
+	topic := PresencePrefix + c.Device.ID
+	var payload []byte
+	if !c.Removed {
+		payload, _ = json.Marshal(PresenceEvent{Device: c.Device.ID, Name: c.Device.Name, Type: c.Device.Type,
+			Online: c.Device.Online, TS: time.Now().UnixMilli()})
+	}
+	// An empty retained payload clears the retained presence of a removed
+	// device.
+	if err := p.srv.Publish(topic, payload, true, 1); err != nil {
+		p.log.Warn("presence publish", "device", c.Device.ID, "error", err)
+	}
+}
+
+func (p *presence) stop() {
+	select {
+	case <-p.done:
+	default:
+		close(p.done)
+	}
+	p.wg.Wait()
+}

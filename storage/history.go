@@ -1,0 +1,155 @@
+package storage
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/dgraph-io/badger/v4"
+)
+
+// History records and the keys that describe them. A record's key is its
+// sequence number in big-endian order, so a key-ordered scan is a replay.
+const (
+	nsHistory = "h\x00"
+	nsMeta    = "m\x00"
+)
+
+// HistoryKey is the key of the history record with sequence seq.
+func HistoryKey(seq uint64) []byte {
+	return binary.BigEndian.AppendUint64([]byte(nsHistory), seq)
+}
+
+// HistoryPrefix covers every history record.
+func HistoryPrefix() []byte { return []byte(nsHistory) }
+
+// ParseHistoryKey returns the sequence of a history key.
+func ParseHistoryKey(key []byte) (uint64, bool) {
+	if len(key) != len(nsHistory)+8 || string(key[:len(nsHistory)]) != nsHistory {
+		return 0, false
+	}
+	return binary.BigEndian.Uint64(key[len(nsHistory):]), true
+}
+
+// MetaKey is the key of a small named value of the broker's own (the
+// history epoch, the reserved sequence).
+func MetaKey(name string) []byte { return append([]byte(nsMeta), name...) }
+
+// HistoryRecord is one recorded message.
+type HistoryRecord struct {
+	Seq     uint64
+	Topic   string
+	Payload []byte
+	QoS     byte
+	Retain  bool
+	TS      int64 // unix milliseconds the broker routed it
+}
+
+const historyVersion = 1
+
+// AppendHistory appends the stored form of r (everything but Seq, which
+// is the key) to dst.
+func AppendHistory(dst []byte, r *HistoryRecord) []byte {
+	flags := r.QoS & 3
+	if r.Retain {
+		flags |= 1 << 2
+	}
+	dst = append(dst, historyVersion, flags)
+	dst = binary.AppendVarint(dst, r.TS)
+	dst = appendBytes(dst, []byte(r.Topic))
+	return appendBytes(dst, r.Payload)
+}
+
+// DecodeHistory decodes a record stored under key. The record does not
+// alias key or value.
+func DecodeHistory(key, value []byte) (HistoryRecord, error) {
+	var r HistoryRecord
+	seq, ok := ParseHistoryKey(key)
+	if !ok {
+		return r, fmt.Errorf("%w: history key %x", ErrCorrupt, key)
+	}
+	r.Seq = seq
+	rd := &reader{b: value}
+	if rd.byte() != historyVersion {
+		return r, fmt.Errorf("%w: history record %d: unknown version", ErrCorrupt, seq)
+	}
+	flags := rd.byte()
+	r.QoS = flags & 3
+	r.Retain = flags&(1<<2) != 0
+	r.TS = rd.varint()
+	r.Topic = string(rd.bytes())
+	r.Payload = append([]byte(nil), rd.bytes()...)
+	if rd.err != nil || len(rd.b) != 0 {
+		return r, fmt.Errorf("%w: history record %d", ErrCorrupt, seq)
+	}
+	return r, nil
+}
+
+// errStop ends a ScanFrom early.
+var errStop = errors.New("stop")
+
+// ScanFrom calls fn for every key under prefix from start on, in key
+// order, until fn returns false. The slices are only valid during the call.
+func (d *DB) ScanFrom(prefix, start []byte, fn func(key, value []byte) bool) error {
+	err := d.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: true, PrefetchSize: 64})
+		defer it.Close()
+		for it.Seek(start); it.Valid(); it.Next() {
+			item := it.Item()
+			more := true
+			if err := item.Value(func(v []byte) error { more = fn(item.Key(), v); return nil }); err != nil {
+				return err
+			}
+			if !more {
+				return errStop
+			}
+		}
+		return nil
+	})
+	if errors.Is(err, errStop) {
+		return nil
+	}
+	return err
+}
+
+// ScanKeys calls fn for every key under prefix, in key order, without
+// reading values.
+func (d *DB) ScanKeys(prefix []byte, fn func(key []byte) error) error {
+	return d.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			if err := fn(it.Item().Key()); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// Commit queues ops as one atomic unit and returns once they are
+// committed and visible to readers, whatever the sync policy (under
+// SyncNone, Write returns before that).
+func (d *DB) Commit(ops ...Op) error {
+	r := &request{ops: ops, done: make(chan error, 1)}
+	if err := d.enqueue(r); err != nil {
+		return err
+	}
+	return <-r.done
+}
+
+// PeekHistory returns the topic and time of a stored record without
+// copying its payload. The topic aliases value.
+func PeekHistory(value []byte) (topic []byte, ts int64, err error) {
+	rd := &reader{b: value}
+	if rd.byte() != historyVersion {
+		return nil, 0, fmt.Errorf("%w: unknown history version", ErrCorrupt)
+	}
+	rd.byte()
+	ts = rd.varint()
+	topic = rd.bytes()
+	if rd.err != nil {
+		return nil, 0, rd.err
+	}
+	return topic, ts, nil
+}
