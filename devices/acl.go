@@ -550,3 +550,31 @@ func Overlaps(a, b []string) bool {
 		}
 	}
 }
+
+// MatchesTopic is Matches for a topic name that is not split: it does not
+// allocate.
+func MatchesTopic(filter []string, topic string) bool {
+	if len(filter) > 0 && (filter[0] == "#" || filter[0] == "+") && strings.HasPrefix(topic, "$") {
+		return false
+	}
+	rest := topic
+	done := false // every level of the topic has been consumed
+	for _, f := range filter {
+		if f == "#" {
+			return true
+		}
+		if done {
+			return false
+		}
+		level := rest
+		if i := strings.IndexByte(rest, '/'); i >= 0 {
+			level, rest = rest[:i], rest[i+1:]
+		} else {
+			done = true
+		}
+		if f != "+" && f != level {
+			return false
+		}
+	}
+	return done
+}

@@ -239,6 +239,9 @@ func FuzzMatchesCovers(f *testing.F) {
 		if !strings.ContainsAny(other, "+#") && Matches(fl, ol) != Covers(fl, ol) {
 			t.Fatalf("for a plain topic, Covers(%q, %q) must equal Matches", filter, other)
 		}
+		if !strings.ContainsAny(other, "+#") && MatchesTopic(fl, other) != Matches(fl, ol) {
+			t.Fatalf("MatchesTopic(%q, %q) = %v, Matches says %v", filter, other, MatchesTopic(fl, other), Matches(fl, ol))
+		}
 		if Overlaps(fl, ol) != Overlaps(ol, fl) {
 			t.Fatalf("Overlaps(%q, %q) is not symmetric", filter, other)
 		}

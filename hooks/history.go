@@ -213,6 +213,12 @@ func (h *History) load() error {
 	now := time.Now()
 	for _, r := range h.rules {
 		r.trimmed = h.trimmed
+		if n := len(r.entries); n > 0 && n >= r.MaxMessages {
+			// Full: older records may have been trimmed by count since the
+			// trim mark was last written.
+			r.trimmed = max(r.trimmed, r.entries[0].seq-1)
+			h.trimmed = max(h.trimmed, r.trimmed)
+		}
 		for _, seq := range h.trimRule(r, now) {
 			dels = append(dels, storage.Delete(storage.HistoryKey(seq)))
 		}
@@ -241,12 +247,8 @@ func (h *History) metaOp(name string, v uint64) storage.Op {
 
 // ruleFor is the first rule matching topic, or nil.
 func (h *History) ruleFor(topic string) *ruleState {
-	if len(h.rules) == 0 {
-		return nil
-	}
-	levels := strings.Split(topic, "/")
 	for _, r := range h.rules {
-		if devices.Matches(r.levels, levels) {
+		if devices.MatchesTopic(r.levels, topic) {
 			return r
 		}
 	}
@@ -356,7 +358,13 @@ func (h *History) Publish(topic string, payload []byte, qos byte, retain bool, n
 		h.recorded.Add(1)
 		ops := []storage.Op{storage.Set(storage.HistoryKey(rec.Seq), storage.AppendHistory(nil, rec))}
 		if len(r.entries)-r.head > r.MaxMessages {
-			ops = h.trimOps(ops, h.trimRule(r, now))
+			// The trim mark is not rewritten here, per message: a rule
+			// found full at the next start counts as trimmed up to its
+			// oldest record (see load).
+			for _, seq := range h.trimRule(r, now) {
+				ops = append(ops, storage.Delete(storage.HistoryKey(seq)))
+				h.trimCount.Add(1)
+			}
 		}
 		h.queued = rec.Seq
 		seq := rec.Seq
@@ -401,16 +409,12 @@ func (h *History) feed(rec *Record) {
 	for w := range h.exact[rec.Topic] {
 		h.send(w, rec)
 	}
-	if len(h.wild) == 0 {
-		return
-	}
-	levels := strings.Split(rec.Topic, "/")
 	for w, filters := range h.wild {
 		if w.last == rec.Seq {
 			continue
 		}
 		for _, f := range filters {
-			if devices.Matches(f, levels) {
+			if devices.MatchesTopic(f, rec.Topic) {
 				h.send(w, rec)
 				break
 			}
