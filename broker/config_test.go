@@ -115,6 +115,41 @@ func TestValidateNamesKey(t *testing.T) {
 	}
 }
 
+func TestHistoryRulesFromFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "h.yaml")
+	write := func(doc string) {
+		if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("history:\n  rules:\n    - filter: devices/+/telemetry\n      max_messages: 5\n    - filter: \"#\"\n      max_age: 0s\n")
+	cfg, err := Load(path, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []HistoryRuleConfig{{Filter: "devices/+/telemetry", MaxMessages: 5, MaxAge: 24 * time.Hour}, {Filter: "#", MaxMessages: 10000}}
+	if !reflect.DeepEqual(cfg.History.Rules, want) {
+		t.Fatalf("rules %+v, want %+v (omitted keys take the defaults)", cfg.History.Rules, want)
+	}
+	for _, tc := range []struct{ doc, want string }{
+		{"history:\n  rules:\n    - filter: a/#\n    - filter: a/#/b\n", "h.yaml:4: history.rules[1].filter"},
+		{"history:\n  rules:\n    - filter: a\n      max_mesages: 3\n", `h.yaml:4: history.rules[0].max_mesages: unknown key (did you mean "max_messages"?)`},
+		{"history:\n  rules:\n    - filter: a\n      max_messages: 0\n", "h.yaml:4: history.rules[0].max_messages"},
+		{"history:\n  rules: devices/#\n", "h.yaml:2: history.rules: expected a list"},
+	} {
+		write(tc.doc)
+		if _, err := Load(path, nil, nil); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: %v, want %q", tc.doc, err, tc.want)
+		}
+	}
+	ref, _ := os.ReadFile(filepath.Join("..", "docs", "configuration.md"))
+	for _, key := range ListKeys() {
+		if !strings.Contains(string(ref), "`"+key+"`") {
+			t.Errorf("docs/configuration.md does not document `%s`", key)
+		}
+	}
+}
+
 func FuzzLoad(f *testing.F) {
 	example, _ := os.ReadFile(filepath.Join("..", "docs", "beacon.example.yaml"))
 	f.Add(string(example))
