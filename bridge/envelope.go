@@ -7,8 +7,8 @@ import (
 )
 
 // Envelope is how a message travels to browsers and HTTP clients (the REST
-// API, the SSE stream, long-poll): the payload
-// embedded as JSON when it is JSON, as text when it is UTF-8, else base64.
+// API, the SSE stream, long-poll): the payload embedded as JSON when it is
+// JSON, as a string when it is text (isText), else base64.
 type Envelope struct {
 	ID       string          `json:"id,omitempty"` // event id in the history (streams and polls)
 	Topic    string          `json:"topic"`
@@ -27,7 +27,7 @@ func NewEnvelope(topic string, payload []byte, qos byte, retain bool, tsMillis i
 	case len(payload) > 0 && json.Valid(payload):
 		e.Encoding = "json"
 		e.Payload = payload
-	case utf8.Valid(payload):
+	case isText(payload):
 		e.Encoding = "utf8"
 		e.Payload, _ = json.Marshal(string(payload))
 	default:
@@ -35,4 +35,16 @@ func NewEnvelope(topic string, payload []byte, qos byte, retain bool, tsMillis i
 		e.Payload, _ = json.Marshal(base64.StdEncoding.EncodeToString(payload))
 	}
 	return e
+}
+
+// isText reports whether a payload reads as text: valid UTF-8 without
+// control characters other than tab, newline and carriage return. Packed
+// binary telemetry is often valid UTF-8 by accident; it goes as base64.
+func isText(b []byte) bool {
+	for _, c := range b {
+		if c < 0x20 && c != '\t' && c != '\n' && c != '\r' || c == 0x7f {
+			return false
+		}
+	}
+	return utf8.Valid(b)
 }
