@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bufio"
 	"context"
+	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -9,6 +11,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/url"
 	"os"
 	"sort"
 	"strconv"
@@ -29,6 +33,7 @@ Scenarios:
   fanout       1 publisher -> --clients subscribers
   pairs        --clients publisher/subscriber pairs, one topic each
   connections  --clients idle clients with keep-alive; with --pid, the broker's RSS per connection
+  sse          1 MQTT publisher -> --clients SSE streams on Beacon's /events (--http)
   compare      the scenarios above against Mosquitto and Beacon side by side (see make bench-compare)
 
 Flags:
@@ -47,6 +52,8 @@ type benchConfig struct {
 	Username string        `json:"-"`
 	Password string        `json:"-"`
 	PID      int           `json:"pid,omitempty"`
+	HTTP     string        `json:"http,omitempty"` // Beacon's HTTP address, for sse
+	Token    string        `json:"-"`              // JWT for the SSE streams
 }
 
 // benchResult is what a run measured.
@@ -113,6 +120,8 @@ func benchFlags(cfg *benchConfig, asJSON *bool, out io.Writer) *flag.FlagSet {
 	fs.StringVar(&cfg.Username, "username", "", "MQTT username")
 	fs.StringVar(&cfg.Password, "password", "", "MQTT password")
 	fs.IntVar(&cfg.PID, "pid", 0, "broker process id, for RSS per connection (connections)")
+	fs.StringVar(&cfg.HTTP, "http", "127.0.0.1:8080", "Beacon's HTTP address (sse)")
+	fs.StringVar(&cfg.Token, "token", "", "JWT for the SSE streams (sse)")
 	fs.BoolVar(asJSON, "json", false, "print the result as JSON")
 	return fs
 }
@@ -196,27 +205,31 @@ func newReceiver() *receiver { return &receiver{seen: map[uint64]uint8{}} }
 
 func (r *receiver) handle(sub int) func(paho.PublishReceived) (bool, error) {
 	return func(pr paho.PublishReceived) (bool, error) {
-		p := pr.Packet.Payload
-		now := time.Now()
-		if len(p) < 20 {
-			return true, nil
-		}
-		sent := int64(binary.BigEndian.Uint64(p))
-		seq := binary.BigEndian.Uint64(p[8:]) & (1<<40 - 1)
-		pub := uint64(binary.BigEndian.Uint32(p[16:]))
-		key := uint64(sub)<<52 | pub<<40 | seq
-		r.mu.Lock()
-		if r.seen[key] > 0 {
-			r.dups++
-		} else {
-			r.lat = append(r.lat, float64(now.UnixNano()-sent)/1e6)
-		}
-		r.seen[key]++
-		r.mu.Unlock()
-		r.count.Add(1)
-		r.last.Store(now.UnixNano())
+		r.record(sub, pr.Packet.Payload)
 		return true, nil
 	}
+}
+
+// record counts one delivery of a bench payload to subscriber sub.
+func (r *receiver) record(sub int, p []byte) {
+	now := time.Now()
+	if len(p) < 20 {
+		return
+	}
+	sent := int64(binary.BigEndian.Uint64(p))
+	seq := binary.BigEndian.Uint64(p[8:]) & (1<<40 - 1)
+	pub := uint64(binary.BigEndian.Uint32(p[16:]))
+	key := uint64(sub)<<52 | pub<<40 | seq
+	r.mu.Lock()
+	if r.seen[key] > 0 {
+		r.dups++
+	} else {
+		r.lat = append(r.lat, float64(now.UnixNano()-sent)/1e6)
+	}
+	r.seen[key]++
+	r.mu.Unlock()
+	r.count.Add(1)
+	r.last.Store(now.UnixNano())
 }
 
 func benchConnect(ctx context.Context, cfg benchConfig, id string, recv func(paho.PublishReceived) (bool, error)) (*paho.Client, error) {
@@ -271,8 +284,12 @@ func bench(ctx context.Context, cfg benchConfig) (benchResult, error) {
 		pubs, subs = cfg.Clients, cfg.Clients
 		pubTopic = func(i int) string { return fmt.Sprintf("%s/%d", prefix, i) }
 		subFilters = func(i int) string { return fmt.Sprintf("%s/%d", prefix, i) }
+	case "sse":
+		pubs, subs = 1, cfg.Clients
+		pubTopic = func(int) string { return prefix + "/all" }
+		subFilters = func(int) string { return prefix + "/all" }
 	default:
-		return benchResult{}, fmt.Errorf("unknown scenario %q (fanin, fanout, pairs, connections, compare)", cfg.Scenario)
+		return benchResult{}, fmt.Errorf("unknown scenario %q (fanin, fanout, pairs, connections, sse, compare)", cfg.Scenario)
 	}
 	recv := newReceiver()
 	var clients []*paho.Client
@@ -281,7 +298,15 @@ func bench(ctx context.Context, cfg benchConfig) (benchResult, error) {
 			_ = c.Disconnect(&paho.Disconnect{})
 		}
 	}()
+	sseCtx, stopSSE := context.WithCancel(ctx)
+	defer stopSSE()
 	for i := range subs {
+		if cfg.Scenario == "sse" {
+			if err := sseSubscribe(sseCtx, cfg, subFilters(i), recv, i); err != nil {
+				return benchResult{}, err
+			}
+			continue
+		}
 		c, err := benchConnect(ctx, cfg, fmt.Sprintf("bench-sub-%s-%d", run, i), recv.handle(i))
 		if err != nil {
 			return benchResult{}, err
@@ -347,7 +372,7 @@ func bench(ctx context.Context, cfg benchConfig) (benchResult, error) {
 	elapsed := time.Since(start)
 	// Drain: wait until deliveries stop for half a second (at most 10 s).
 	expected := published.Load()
-	if cfg.Scenario == "fanout" {
+	if cfg.Scenario == "fanout" || cfg.Scenario == "sse" {
 		expected *= int64(subs)
 	}
 	drainEnd := time.Now().Add(10 * time.Second)
@@ -429,4 +454,89 @@ func benchConnections(ctx context.Context, cfg benchConfig) (benchResult, error)
 		_ = c.Disconnect(&paho.Disconnect{})
 	}
 	return res, nil
+}
+
+// sseSubscribe opens an SSE stream on Beacon's /events for filter, waits
+// for its ready event, and records its messages as subscriber sub until
+// ctx ends.
+func sseSubscribe(ctx context.Context, cfg benchConfig, filter string, recv *receiver, sub int) error {
+	q := url.Values{"topic": {filter}}
+	if cfg.Token != "" {
+		q.Set("access_token", cfg.Token)
+	}
+	req, err := http.NewRequestWithContext(ctx, "GET", "http://"+cfg.HTTP+"/events?"+q.Encode(), nil)
+	if err != nil {
+		return err
+	}
+	var resp *http.Response
+	giveUp := time.Now().Add(10 * time.Second)
+	for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
+		resp, err = http.DefaultClient.Do(req)
+		if err != nil {
+			return fmt.Errorf("sse: %w", err)
+		}
+		if resp.StatusCode != http.StatusTooManyRequests || time.Now().After(giveUp) {
+			break
+		}
+		// Over the handshake rate (http.handshakes_per_second): pace. A
+		// stream limit answers 429 too, and does not pass: give up.
+		resp.Body.Close()
+		time.Sleep(wait)
+	}
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		resp.Body.Close()
+		return fmt.Errorf("sse: %s: %s", resp.Status, strings.TrimSpace(string(body)))
+	}
+	ready := make(chan error, 1)
+	go func() {
+		defer resp.Body.Close()
+		sc := bufio.NewScanner(resp.Body)
+		sc.Buffer(make([]byte, 64<<10), 16<<20)
+		event := ""
+		signalled := false
+		for sc.Scan() {
+			line := sc.Text()
+			switch {
+			case strings.HasPrefix(line, "event: "):
+				event = line[len("event: "):]
+				if event == "ready" && !signalled {
+					signalled = true
+					ready <- nil
+				}
+			case strings.HasPrefix(line, "data: ") && event == "message":
+				var e struct {
+					Payload  json.RawMessage `json:"payload"`
+					Encoding string          `json:"encoding"`
+				}
+				if json.Unmarshal([]byte(line[len("data: "):]), &e) != nil {
+					continue
+				}
+				var text string
+				if json.Unmarshal(e.Payload, &text) != nil {
+					continue
+				}
+				p := []byte(text)
+				if e.Encoding == "base64" {
+					b, derr := base64.StdEncoding.DecodeString(text)
+					if derr != nil {
+						continue
+					}
+					p = b
+				}
+				recv.record(sub, p)
+			case line == "":
+				event = ""
+			}
+		}
+		if !signalled {
+			ready <- fmt.Errorf("sse stream ended before ready: %v", sc.Err())
+		}
+	}()
+	select {
+	case err := <-ready:
+		return err
+	case <-time.After(10 * time.Second):
+		return errors.New("sse: no ready event within 10s")
+	}
 }
