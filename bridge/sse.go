@@ -40,8 +40,12 @@ type Streams struct {
 	PollMaxWait     time.Duration // longest wait a poll may ask for
 	WriteTimeout    time.Duration // a write to a stuck client gives up after this
 	// Decode, when set, gives the decoded fields of a payload for the
-	// envelope (the topic's codec).
-	Decode func(topic string, payload []byte) map[string]any
+	// envelope (the codec for the topic and the publishing device, "" when
+	// not a device).
+	Decode func(topic, device string, payload []byte) map[string]any
+	// DeviceOf, when set, names the device behind an MQTT client id, for
+	// decoding retained messages.
+	DeviceOf func(clientID string) string
 	// Track, when set, is told of feeds opening (+1) and closing (-1) by
 	// transport ("sse", "poll"), for the connection metrics.
 	Track func(transport string, delta int)
@@ -250,18 +254,22 @@ func (s *Streams) retained(c *Caller, filters []string) []Envelope {
 				continue
 			}
 			seen[pk.TopicName] = true
-			out = append(out, s.envelope("", pk.TopicName, pk.Payload, pk.FixedHeader.Qos, true, pk.Created*1000))
+			device := ""
+			if s.DeviceOf != nil {
+				device = s.DeviceOf(pk.Origin)
+			}
+			out = append(out, s.envelope("", pk.TopicName, device, pk.Payload, pk.FixedHeader.Qos, true, pk.Created*1000))
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Topic < out[j].Topic })
 	return out
 }
 
-func (s *Streams) envelope(id, topic string, payload []byte, qos byte, retain bool, ts int64) Envelope {
+func (s *Streams) envelope(id, topic, device string, payload []byte, qos byte, retain bool, ts int64) Envelope {
 	e := NewEnvelope(topic, payload, qos, retain, ts)
 	e.ID = id
 	if s.Decode != nil {
-		e.Decoded = s.Decode(topic, payload)
+		e.Decoded = s.Decode(topic, device, payload)
 	}
 	return e
 }
@@ -269,7 +277,7 @@ func (s *Streams) envelope(id, topic string, payload []byte, qos byte, retain bo
 func (s *Streams) recordEnvelope(rec *hooks.Record) Envelope {
 	// Retain is what a live MQTT subscriber sees: false. Only the snapshot
 	// of retained messages is marked retained.
-	return s.envelope(s.History.EventID(rec.Seq), rec.Topic, rec.Payload, rec.QoS, false, rec.TS)
+	return s.envelope(s.History.EventID(rec.Seq), rec.Topic, rec.Device, rec.Payload, rec.QoS, false, rec.TS)
 }
 
 // sseWriter writes events to one stream.

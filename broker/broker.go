@@ -27,6 +27,7 @@ import (
 
 	"github.com/beaconmq/beacon/bridge"
 	"github.com/beaconmq/beacon/devices"
+	"github.com/beaconmq/beacon/devices/codec"
 	"github.com/beaconmq/beacon/hooks"
 	"github.com/beaconmq/beacon/storage"
 )
@@ -44,6 +45,7 @@ type Broker struct {
 	drops       *hooks.Drops
 	auth        *hooks.Auth
 	history     *hooks.History
+	codecs      *codec.Rules
 	metricsHook *hooks.Metrics
 	presence    *presence
 
@@ -179,7 +181,12 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	for _, r := range cfg.History.Rules {
 		rules = append(rules, hooks.HistoryRule{Filter: r.Filter, MaxMessages: r.MaxMessages, MaxAge: r.MaxAge})
 	}
-	b.history, err = hooks.NewHistory(hooks.HistoryOptions{DB: b.db, Rules: rules, Log: log.With("component", "history")})
+	b.codecs, err = codec.NewRules(cfg.CodecRules())
+	if err != nil {
+		return nil, &ConfigError{Key: "codecs", Msg: err.Error()}
+	}
+	b.history, err = hooks.NewHistory(hooks.HistoryOptions{DB: b.db, Rules: rules, Log: log.With("component", "history"),
+		Publisher: b.auth.DeviceOf})
 	if err != nil {
 		return nil, err
 	}
@@ -277,8 +284,21 @@ func (b *Broker) registerMetrics() {
 		streams(func(s bridge.StreamStats) int64 { return s.Refused }))
 	counter("beacon_stream_messages_total", "Messages written to SSE streams and polls.", nil,
 		streams(func(s bridge.StreamStats) int64 { return s.Delivered }))
+	counter("beacon_codec_decoded_total", "Payloads decoded by the codecs.", nil, func() float64 { d, _ := b.codecs.Stats(); return float64(d) })
+	counter("beacon_codec_failures_total", "Payloads a codec matched but could not decode (they flow raw).", nil,
+		func() float64 { _, f := b.codecs.Stats(); return float64(f) })
 	counter("beacon_recovered_messages_total", "Acknowledged messages routed again from the ingress log after a crash.", nil,
 		func() float64 { return float64(b.store.Stats().Recovered) })
+}
+
+// decode gives the readings of a payload by the codecs, or nil. A payload
+// that does not decode still flows raw; it is counted.
+func (b *Broker) decode(topic, device string, payload []byte) map[string]any {
+	if b.codecs.Len() == 0 {
+		return nil
+	}
+	v, _ := b.codecs.Decode(topic, b.registry.TypeOf(device), payload)
+	return v
 }
 
 // setupHTTP binds the HTTP server and builds the browser bridges.
@@ -349,7 +369,14 @@ func (b *Broker) setupHTTP() error {
 		MaxPerIP:        h.SSEMaxStreamsPerIP,
 		PollMaxWait:     h.PollMaxWait,
 		Track:           b.metricsHook.Stream,
-		Log:             b.log.With("component", "streams"),
+		Decode:          b.decode,
+		DeviceOf: func(clientID string) string {
+			if cl, ok := b.mqtt.Clients.Get(clientID); ok {
+				return b.auth.DeviceOf(cl)
+			}
+			return ""
+		},
+		Log: b.log.With("component", "streams"),
 	}
 	if b.ws != nil {
 		b.ws.SetAddress(ln.Addr().String())

@@ -14,6 +14,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/beaconmq/beacon/devices/codec"
 	"github.com/beaconmq/beacon/storage"
 )
 
@@ -26,7 +27,31 @@ type Config struct {
 	Auth    AuthConfig    `yaml:"auth"`
 	Storage StorageConfig `yaml:"storage"`
 	History HistoryConfig `yaml:"history"`
-	Log     LogConfig     `yaml:"log"`
+	// Codecs declare payload formats, so streams, webhooks and Home
+	// Assistant get decoded readings: the first rule matching a message
+	// decides.
+	Codecs []CodecRuleConfig `yaml:"codecs"`
+	Log    LogConfig         `yaml:"log"`
+}
+
+// CodecRuleConfig is one payload format: for messages on topics matching
+// filter and, when device_type is set, published by a device of that type.
+type CodecRuleConfig struct {
+	Filter     string        `yaml:"filter"`
+	DeviceType string        `yaml:"device_type"`
+	Format     string        `yaml:"format"` // json, cbor, packed, raw
+	Endian     string        `yaml:"endian"` // packed: big (default) or little
+	Fields     []codec.Field `yaml:"fields"`
+}
+
+// CodecRules converts the codecs section for codec.NewRules.
+func (c *Config) CodecRules() []codec.Rule {
+	var out []codec.Rule
+	for _, r := range c.Codecs {
+		out = append(out, codec.Rule{Filter: r.Filter, DeviceType: r.DeviceType,
+			Config: codec.Config{Format: r.Format, Endian: r.Endian, Fields: r.Fields}})
+	}
+	return out
 }
 
 // HistoryConfig says which messages the broker records for replay to
@@ -434,7 +459,7 @@ func configKeys() []string {
 }
 
 // ListKeys are the keys holding lists: set in the YAML file only.
-func ListKeys() []string { return []string{"history.rules"} }
+func ListKeys() []string { return []string{"history.rules", "codecs"} }
 
 // EnvName is the environment variable that sets key: "mqtt.tls_addr" is
 // BEACON_MQTT_TLS_ADDR.
@@ -486,6 +511,12 @@ func setValue(v reflect.Value, s string) error {
 			return fmt.Errorf("invalid boolean %q (use true or false)", s)
 		}
 		v.SetBool(b)
+	case reflect.Float64:
+		f, err := strconv.ParseFloat(s, 64)
+		if err != nil {
+			return fmt.Errorf("invalid number %q", s)
+		}
+		v.SetFloat(f)
 	case reflect.Int, reflect.Int32, reflect.Int64:
 		n, err := strconv.ParseInt(s, 10, v.Type().Bits())
 		if err != nil {
@@ -628,6 +659,19 @@ func (c *Config) Validate() error {
 		if r.MaxAge < 0 {
 			return bad(key+".max_age", "must not be negative (0 = no age limit)")
 		}
+	}
+	for i, r := range c.Codecs {
+		key := fmt.Sprintf("codecs[%d]", i)
+		if !validFilter(r.Filter) || r.Filter == "" {
+			return bad(key+".filter", "%q is not a topic filter (e.g. devices/+/telemetry)", r.Filter)
+		}
+	}
+	if _, err := codec.NewRules(c.CodecRules()); err != nil {
+		var ce *codec.ConfigError
+		if errors.As(err, &ce) {
+			return bad("codecs"+ce.Key, "%s", ce.Msg)
+		}
+		return bad("codecs", "%v", err)
 	}
 	if c.Storage.Dir == "" {
 		return bad("storage.dir", "must not be empty")

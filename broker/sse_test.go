@@ -21,6 +21,7 @@ import (
 
 	"github.com/beaconmq/beacon/broker"
 	bt "github.com/beaconmq/beacon/broker/brokertest"
+	"github.com/beaconmq/beacon/devices/codec"
 )
 
 // envelope is the JSON form of a message on the SSE stream and polls.
@@ -524,4 +525,62 @@ func TestPresenceStream(t *testing.T) {
 	if p := next(); p.Device != "d1" || p.Online {
 		t.Fatalf("disconnect: %+v", p)
 	}
+}
+
+func TestSSEDecodedReadings(t *testing.T) {
+	e := startAuth(t, func(c *broker.Config) {
+		c.Codecs = []broker.CodecRuleConfig{
+			{Filter: "devices/+/json", DeviceType: "thermostat", Format: "json"},
+			{Filter: "devices/+/frame", Format: "packed", Endian: "little", Fields: []codec.Field{
+				{Name: "temperature", Type: "int16", Scale: 0.01, Unit: "°C"},
+				{Name: "humidity", Type: "uint8", Scale: 0.5},
+			}},
+		}
+	})
+	ops := token(t, "ops", "ops", time.Hour, nil, nil)
+	s, _ := bt.OpenSSE(t, eventsURL(e.b, "topic", "devices/#", "access_token", ops), nil)
+	s.Until(t, "ready", 5*time.Second)
+	d1 := bt.Dial(t, e.addr, creds("d1", "d1", e.dev))                                                   // a thermostat
+	d2 := bt.Dial(t, e.addr, creds("d2", "d2", e.dev2))                                                  // no type
+	d1.PublishT(t, &paho.Publish{Topic: "devices/d1/frame", QoS: 1, Payload: []byte{0x6d, 0x08, 0x5b}})  // 2157, 91
+	d1.PublishT(t, &paho.Publish{Topic: "devices/d1/json", QoS: 1, Payload: []byte(`{"sp":2,"m":"e"}`)}) // thermostats may send 16 bytes
+	d2.PublishT(t, &paho.Publish{Topic: "devices/d2/json", QoS: 1, Payload: []byte(`{"setpoint": 5}`)})  // not a thermostat: no codec
+	d1.PublishT(t, &paho.Publish{Topic: "devices/d1/frame", QoS: 1, Payload: []byte{0x01}})              // too short: flows raw
+
+	type decodedEnv struct {
+		envelope
+		Decoded map[string]any `json:"decoded"`
+	}
+	next := func() decodedEnv {
+		t.Helper()
+		var d decodedEnv
+		s.NextT(t, 5*time.Second).JSON(t, &d)
+		return d
+	}
+	if d := next(); d.Encoding != "base64" || d.Decoded["temperature"] != 21.57 || d.Decoded["humidity"] != 45.5 {
+		t.Errorf("packed frame: %+v", d)
+	}
+	if d := next(); d.Decoded["sp"] != 2.0 || len(d.Decoded) != 1 {
+		t.Errorf("thermostat JSON: %+v", d.Decoded)
+	}
+	if d := next(); d.Topic != "devices/d2/json" || d.Decoded != nil {
+		t.Errorf("a rule for another device type decoded: %+v", d)
+	}
+	if d := next(); d.Encoding != "base64" || d.Decoded != nil {
+		t.Errorf("undecodable frame: %+v", d)
+	}
+	_, body := scrape(t, "http://"+e.b.HTTPAddr()+"/metrics", adminToken)
+	if !strings.Contains(body, "beacon_codec_failures_total 1") || !strings.Contains(body, "beacon_codec_decoded_total 2") {
+		t.Errorf("codec metrics:\n%s", grepLines(body, "beacon_codec"))
+	}
+}
+
+func grepLines(s, substr string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, substr) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

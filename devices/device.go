@@ -360,3 +360,13 @@ func (r *Registry) SetOnline(id string, online bool) {
 	// is best effort: a failed write loses a timestamp, not access.
 	_ = r.save(d)
 }
+
+// TypeOf is the type of device id, or "" for an unknown device.
+func (r *Registry) TypeOf(id string) string {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if d, ok := r.byID[id]; ok {
+		return d.Type
+	}
+	return ""
+}

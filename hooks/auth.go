@@ -437,3 +437,15 @@ func (h *Auth) Stats() AuthStats {
 	return AuthStats{Failures: h.failures.Load(), DeniedPublish: h.deniedPub.Load(), DeniedSubscribe: h.deniedSub.Load(),
 		DeniedDelivery: h.deniedRead.Load(), PolicyDenied: h.policyDenied.Load()}
 }
+
+// DeviceOf is the id of the registered device cl authenticated as, or "".
+func (h *Auth) DeviceOf(cl *mqtt.Client) string {
+	if cl == nil {
+		return ""
+	}
+	c := h.conn(cl)
+	if c == nil || c.open || c.p.Kind != devices.DeviceKind {
+		return ""
+	}
+	return c.p.Name
+}

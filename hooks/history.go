@@ -40,6 +40,9 @@ type HistoryOptions struct {
 	// at a time (default 65,536), so that a sequence handed out live is
 	// never reused after a crash.
 	ReserveBlock uint64
+	// Publisher, when set, names the registered device a client is (or
+	// ""), recorded with its messages so codecs can go by device type.
+	Publisher func(cl *mqtt.Client) string
 }
 
 // Record is a message as the bridges see it: a sequence number in the
@@ -324,17 +327,23 @@ func (h *History) Provides(b byte) bool { return b == mqtt.OnPublished }
 
 // OnPublished numbers a routed message, records it when a rule wants it,
 // and feeds the watchers.
-func (h *History) OnPublished(_ *mqtt.Client, pk packets.Packet) {
+func (h *History) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 	if pk.Ignore || pk.FixedHeader.Type != packets.Publish {
 		return
 	}
-	h.Publish(pk.TopicName, pk.Payload, pk.FixedHeader.Qos, pk.FixedHeader.Retain, time.Now())
+	device := ""
+	if h.opts.Publisher != nil {
+		device = h.opts.Publisher(cl)
+	}
+	h.Publish(&Record{Topic: pk.TopicName, Payload: pk.Payload, QoS: pk.FixedHeader.Qos, Retain: pk.FixedHeader.Retain,
+		Device: device}, time.Now())
 }
 
-// Publish numbers, records and feeds one message. OnPublished calls it for
-// everything the engine routes.
-func (h *History) Publish(topic string, payload []byte, qos byte, retain bool, now time.Time) {
-	rec := &Record{Topic: topic, Payload: payload, QoS: qos, Retain: retain, TS: now.UnixMilli()}
+// Publish numbers, records and feeds one message (its Seq and TS are
+// set here). OnPublished calls it for everything the engine routes.
+func (h *History) Publish(rec *Record, now time.Time) {
+	topic := rec.Topic
+	rec.TS = now.UnixMilli()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.closed {

@@ -54,7 +54,7 @@ func TestHistoryRestartKeepsEpochAndNeverReusesSequences(t *testing.T) {
 	h, db := openHistory(t, dir, HistoryRule{Filter: "#", MaxMessages: 100})
 	epoch := h.Epoch()
 	for i := range 150 { // crosses a reservation block
-		h.Publish("a/b", []byte(fmt.Sprint(i)), 1, false, time.Now())
+		h.Publish(&Record{Topic: "a/b", Payload: []byte(fmt.Sprint(i)), QoS: 1}, time.Now())
 	}
 	handedOut := h.Seq()
 	closeHistory(t, h, db)
@@ -96,11 +96,11 @@ func TestHistoryRulesAndAge(t *testing.T) {
 		HistoryRule{Filter: "slow/#", MaxMessages: 2})
 	defer closeHistory(t, h, db)
 	old := time.Now().Add(-time.Hour)
-	h.Publish("fast/x", []byte("old"), 0, false, old)
-	h.Publish("slow/x", []byte("1"), 0, false, old)
-	h.Publish("slow/x", []byte("2"), 0, false, old)
-	h.Publish("slow/x", []byte("3"), 0, false, time.Now())
-	h.Publish("none/x", []byte("not recorded"), 0, false, time.Now())
+	h.Publish(&Record{Topic: "fast/x", Payload: []byte("old"), QoS: 0}, old)
+	h.Publish(&Record{Topic: "slow/x", Payload: []byte("1"), QoS: 0}, old)
+	h.Publish(&Record{Topic: "slow/x", Payload: []byte("2"), QoS: 0}, old)
+	h.Publish(&Record{Topic: "slow/x", Payload: []byte("3"), QoS: 0}, time.Now())
+	h.Publish(&Record{Topic: "none/x", Payload: []byte("not recorded"), QoS: 0}, time.Now())
 	if got := replayAll(t, h, 0, "slow/"); strings.Join(got, " ") != "slow/x=2 slow/x=3" {
 		t.Fatalf("count retention: %v", got)
 	}
@@ -126,11 +126,11 @@ func TestHistoryRulesAndAge(t *testing.T) {
 func TestWatchSeesOnlyAfterRegistration(t *testing.T) {
 	h, db := openHistory(t, t.TempDir(), HistoryRule{Filter: "#", MaxMessages: 100})
 	defer closeHistory(t, h, db)
-	h.Publish("t/a", []byte("before"), 0, false, time.Now())
+	h.Publish(&Record{Topic: "t/a", Payload: []byte("before"), QoS: 0}, time.Now())
 	w := h.Watch([]string{"t/#", "t/a"}, 4) // overlapping filters: once each
 	defer w.Stop()
-	h.Publish("t/a", []byte("after"), 0, false, time.Now())
-	h.Publish("u/a", []byte("other"), 0, false, time.Now())
+	h.Publish(&Record{Topic: "t/a", Payload: []byte("after"), QoS: 0}, time.Now())
+	h.Publish(&Record{Topic: "u/a", Payload: []byte("other"), QoS: 0}, time.Now())
 	if r := <-w.C(); string(r.Payload) != "after" || r.Seq != w.From+1 {
 		t.Fatalf("first watched: %+v (from %d)", r, w.From)
 	}
@@ -140,7 +140,7 @@ func TestWatchSeesOnlyAfterRegistration(t *testing.T) {
 	default:
 	}
 	for range 5 {
-		h.Publish("t/b", nil, 0, false, time.Now())
+		h.Publish(&Record{Topic: "t/b", Payload: nil, QoS: 0}, time.Now())
 	}
 	n := 0
 	for range w.C() { // the buffered 4, then closed
@@ -165,7 +165,7 @@ func BenchmarkHistoryPublish(b *testing.B) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		h.Publish("devices/d1/telemetry", payload, 1, false, time.Now())
+		h.Publish(&Record{Topic: "devices/d1/telemetry", Payload: payload, QoS: 1}, time.Now())
 		if i%(1<<19) == 0 {
 			for len(w.C()) > 0 {
 				<-w.C()

@@ -42,10 +42,11 @@ type HistoryRecord struct {
 	Payload []byte
 	QoS     byte
 	Retain  bool
-	TS      int64 // unix milliseconds the broker routed it
+	TS      int64  // unix milliseconds the broker routed it
+	Device  string // id of the registered device that published it, or ""
 }
 
-const historyVersion = 1
+const historyVersion = 2 // 1: without Device
 
 // AppendHistory appends the stored form of r (everything but Seq, which
 // is the key) to dst.
@@ -57,7 +58,8 @@ func AppendHistory(dst []byte, r *HistoryRecord) []byte {
 	dst = append(dst, historyVersion, flags)
 	dst = binary.AppendVarint(dst, r.TS)
 	dst = appendBytes(dst, []byte(r.Topic))
-	return appendBytes(dst, r.Payload)
+	dst = appendBytes(dst, r.Payload)
+	return appendBytes(dst, []byte(r.Device))
 }
 
 // DecodeHistory decodes a record stored under key. The record does not
@@ -70,7 +72,8 @@ func DecodeHistory(key, value []byte) (HistoryRecord, error) {
 	}
 	r.Seq = seq
 	rd := &reader{b: value}
-	if rd.byte() != historyVersion {
+	version := rd.byte()
+	if version != 1 && version != historyVersion {
 		return r, fmt.Errorf("%w: history record %d: unknown version", ErrCorrupt, seq)
 	}
 	flags := rd.byte()
@@ -79,6 +82,9 @@ func DecodeHistory(key, value []byte) (HistoryRecord, error) {
 	r.TS = rd.varint()
 	r.Topic = string(rd.bytes())
 	r.Payload = append([]byte(nil), rd.bytes()...)
+	if version >= 2 {
+		r.Device = string(rd.bytes())
+	}
 	if rd.err != nil || len(rd.b) != 0 {
 		return r, fmt.Errorf("%w: history record %d", ErrCorrupt, seq)
 	}
@@ -142,7 +148,7 @@ func (d *DB) Commit(ops ...Op) error {
 // copying its payload. The topic aliases value.
 func PeekHistory(value []byte) (topic []byte, ts int64, err error) {
 	rd := &reader{b: value}
-	if rd.byte() != historyVersion {
+	if v := rd.byte(); v != 1 && v != historyVersion {
 		return nil, 0, fmt.Errorf("%w: unknown history version", ErrCorrupt)
 	}
 	rd.byte()
