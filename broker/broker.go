@@ -46,6 +46,7 @@ type Broker struct {
 	auth        *hooks.Auth
 	history     *hooks.History
 	codecs      *codec.Rules
+	ha          *hooks.HomeAssistant
 	metricsHook *hooks.Metrics
 	presence    *presence
 
@@ -203,6 +204,18 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	})
 	if err := b.mqtt.AddHook(b.store, nil); err != nil {
 		return nil, err
+	}
+	if ha := cfg.HomeAssistant; ha.Discovery {
+		b.ha = hooks.NewHomeAssistant(hooks.HomeAssistantOptions{Server: b.mqtt, Registry: b.registry, Codecs: b.codecs,
+			DeviceOf: b.auth.DeviceOf, Prefix: ha.Prefix, StatePrefix: ha.StatePrefix, Log: log.With("component", "homeassistant")})
+		if err := b.mqtt.AddHook(b.ha, nil); err != nil {
+			return nil, err
+		}
+		b.registry.OnChange(func(c devices.Change) {
+			if c.Removed {
+				b.ha.Forget(c.Device.ID)
+			}
+		})
 	}
 	b.presence = newPresence(b.mqtt, log.With("component", "presence"))
 	b.registry.OnChange(b.presence.push)
@@ -499,6 +512,9 @@ func (b *Broker) Start() error {
 		"queued", st.Inflight, "retained", st.Retained, "recovered", st.Recovered,
 		"expired_sessions", st.Expired, "wills_sent", st.Wills, "took", time.Since(started).Round(time.Millisecond))
 	b.presence.start(b.registry)
+	if b.ha != nil {
+		b.ha.Start()
+	}
 
 	for _, l := range b.listeners {
 		if err := b.mqtt.AddListener(l); err != nil {
@@ -650,6 +666,9 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			_ = b.httpLn.Close()
 		}
 		b.presence.stop()
+		if b.ha != nil {
+			b.ha.Shutdown()
+		}
 		closed := make(chan struct{})
 		go func() {
 			_ = b.mqtt.Close() // disconnects clients and waits for their goroutines

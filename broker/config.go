@@ -30,8 +30,16 @@ type Config struct {
 	// Codecs declare payload formats, so streams, webhooks and Home
 	// Assistant get decoded readings: the first rule matching a message
 	// decides.
-	Codecs []CodecRuleConfig `yaml:"codecs"`
-	Log    LogConfig         `yaml:"log"`
+	Codecs        []CodecRuleConfig   `yaml:"codecs"`
+	HomeAssistant HomeAssistantConfig `yaml:"homeassistant"`
+	Log           LogConfig           `yaml:"log"`
+}
+
+// HomeAssistantConfig configures Home Assistant MQTT discovery.
+type HomeAssistantConfig struct {
+	Discovery   bool   `yaml:"discovery"`    // publish discovery configs for decoded device readings
+	Prefix      string `yaml:"prefix"`       // Home Assistant's discovery prefix
+	StatePrefix string `yaml:"state_prefix"` // where each device's decoded readings are published as JSON
 }
 
 // CodecRuleConfig is one payload format: for messages on topics matching
@@ -216,10 +224,11 @@ func Default() Config {
 		HTTP: HTTPConfig{Addr: "127.0.0.1:8080", WSPath: "/mqtt", MaxConnsPerIP: 256, HandshakesPerSec: 20, Dashboard: true,
 			SSEHeartbeat: 15 * time.Second, SSEBuffer: 1024, SSEMaxFilters: 32, SSEMaxStreamsPerPrincipal: 32,
 			SSEMaxStreamsPerIP: 64, PollMaxWait: 60 * time.Second},
-		History: HistoryConfig{Rules: []HistoryRuleConfig{{Filter: "#", MaxMessages: 10000, MaxAge: 24 * time.Hour}}},
-		Auth:    AuthConfig{FailDelay: time.Second},
-		Storage: StorageConfig{Dir: "beacon-data", Sync: storage.SyncBatch, SyncInterval: time.Second, GCInterval: 5 * time.Minute},
-		Log:     LogConfig{Level: "info", Format: "text"},
+		HomeAssistant: HomeAssistantConfig{Prefix: "homeassistant", StatePrefix: "beacon/state"},
+		History:       HistoryConfig{Rules: []HistoryRuleConfig{{Filter: "#", MaxMessages: 10000, MaxAge: 24 * time.Hour}}},
+		Auth:          AuthConfig{FailDelay: time.Second},
+		Storage:       StorageConfig{Dir: "beacon-data", Sync: storage.SyncBatch, SyncInterval: time.Second, GCInterval: 5 * time.Minute},
+		Log:           LogConfig{Level: "info", Format: "text"},
 	}
 }
 
@@ -386,6 +395,9 @@ func decodeList(n *yaml.Node, f reflect.Value, key string, src *Source) error {
 			}
 		}
 		out = reflect.Append(out, e.Elem())
+	}
+	if out.Len() == 0 {
+		out = reflect.Zero(f.Type()) // [] and nothing are the same: none
 	}
 	f.Set(out)
 	return nil
@@ -672,6 +684,17 @@ func (c *Config) Validate() error {
 			return bad("codecs"+ce.Key, "%s", ce.Msg)
 		}
 		return bad("codecs", "%v", err)
+	}
+	if ha := c.HomeAssistant; ha.Discovery {
+		if !validFilter(ha.Prefix) || ha.Prefix == "" || strings.ContainsAny(ha.Prefix, "+#") {
+			return bad("homeassistant.prefix", "%q is not a topic prefix", ha.Prefix)
+		}
+		if !validFilter(ha.StatePrefix) || ha.StatePrefix == "" || strings.ContainsAny(ha.StatePrefix, "+#") || strings.HasPrefix(ha.StatePrefix, "$") {
+			return bad("homeassistant.state_prefix", "%q is not a topic prefix", ha.StatePrefix)
+		}
+		if len(c.Codecs) == 0 {
+			return bad("homeassistant.discovery", "needs codecs: discovery describes the readings codecs decode")
+		}
 	}
 	if c.Storage.Dir == "" {
 		return bad("storage.dir", "must not be empty")

@@ -75,7 +75,7 @@ type Registry struct {
 	store    Store
 	mu       sync.RWMutex
 	byID     map[string]*Device
-	onChange func(Change)
+	onChange []func(Change)
 }
 
 // Change is a device going online or offline, or being removed.
@@ -84,12 +84,18 @@ type Change struct {
 	Removed bool
 }
 
-// OnChange sets fn to be told, in order, of every presence change and
+// OnChange adds fn to be told, in order, of every presence change and
 // removal. fn is called with the registry locked: it must only queue.
 func (r *Registry) OnChange(fn func(Change)) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.onChange = fn
+	r.onChange = append(r.onChange, fn)
+}
+
+func (r *Registry) changed(c Change) {
+	for _, fn := range r.onChange {
+		fn(c)
+	}
 }
 
 // OpenRegistry loads every device from store.
@@ -303,9 +309,7 @@ func (r *Registry) Remove(id string) error {
 	if err := r.store.DeleteDevice(id); err != nil {
 		return err
 	}
-	if r.onChange != nil {
-		r.onChange(Change{Device: r.byID[id].public(), Removed: true})
-	}
+	r.changed(Change{Device: r.byID[id].public(), Removed: true})
 	delete(r.byID, id)
 	return nil
 }
@@ -352,8 +356,8 @@ func (r *Registry) SetOnline(id string, online bool) {
 	changed := d.Online != online
 	d.Online = online
 	d.LastSeen = time.Now().UTC().Truncate(time.Second)
-	if changed && r.onChange != nil {
-		r.onChange(Change{Device: d.public()})
+	if changed {
+		r.changed(Change{Device: d.public()})
 	}
 	// Saved under the lock, like every change, so that a concurrent rotate,
 	// disable or remove cannot be overwritten by this older copy. Last-seen

@@ -1,0 +1,299 @@
+package hooks
+
+import (
+	"encoding/json"
+	"log/slog"
+	"sort"
+	"strings"
+	"sync"
+	"unicode"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/beaconmq/beacon/devices"
+	"github.com/beaconmq/beacon/devices/codec"
+)
+
+// HomeAssistantOptions configure Home Assistant MQTT discovery.
+type HomeAssistantOptions struct {
+	Server   *mqtt.Server
+	Registry *devices.Registry
+	Codecs   *codec.Rules
+	// DeviceOf names the registered device behind a client, or "".
+	DeviceOf func(cl *mqtt.Client) string
+	// Prefix is Home Assistant's discovery prefix (default
+	// "homeassistant").
+	Prefix string
+	// StatePrefix is where Beacon publishes each device's decoded readings
+	// as one retained JSON object: <StatePrefix>/<device id> (default
+	// "beacon/state").
+	StatePrefix string
+	Log         *slog.Logger
+}
+
+// HomeAssistant makes registered devices appear in Home Assistant with no
+// YAML there: for every reading a codec decodes from a device, it keeps a
+// retained JSON state per device and a retained discovery config per
+// reading (sensor, or binary_sensor for booleans), with the device's
+// presence as availability. Removing a device removes its entities.
+type HomeAssistant struct {
+	mqtt.HookBase
+	opts HomeAssistantOptions
+
+	mu     sync.Mutex
+	state  map[string]map[string]any // device -> last readings
+	known  map[string]map[string]bool
+	queue  []haPublish
+	wake   chan struct{}
+	done   chan struct{}
+	wg     sync.WaitGroup
+	closed bool
+}
+
+type haPublish struct {
+	topic   string
+	payload []byte
+}
+
+var _ mqtt.Hook = (*HomeAssistant)(nil)
+
+// NewHomeAssistant builds the hook; Start begins publishing.
+func NewHomeAssistant(o HomeAssistantOptions) *HomeAssistant {
+	if o.Prefix == "" {
+		o.Prefix = "homeassistant"
+	}
+	if o.StatePrefix == "" {
+		o.StatePrefix = "beacon/state"
+	}
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	return &HomeAssistant{opts: o, state: map[string]map[string]any{}, known: map[string]map[string]bool{},
+		wake: make(chan struct{}, 1), done: make(chan struct{})}
+}
+
+// ID implements mqtt.Hook.
+func (h *HomeAssistant) ID() string { return "beacon-homeassistant" }
+
+// Provides implements mqtt.Hook.
+func (h *HomeAssistant) Provides(b byte) bool { return b == mqtt.OnPublished }
+
+// OnPublished decodes a device's message and updates its state and, for
+// readings seen for the first time, its discovery configs.
+func (h *HomeAssistant) OnPublished(cl *mqtt.Client, pk packets.Packet) {
+	if pk.Ignore || pk.FixedHeader.Type != packets.Publish || h.opts.DeviceOf == nil {
+		return
+	}
+	id := h.opts.DeviceOf(cl)
+	if id == "" {
+		return
+	}
+	typ := h.opts.Registry.TypeOf(id)
+	values, err := h.opts.Codecs.Decode(pk.TopicName, typ, pk.Payload)
+	if err != nil || len(values) == 0 {
+		return
+	}
+	fields := h.opts.Codecs.Fields(pk.TopicName, typ)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	st := h.state[id]
+	if st == nil {
+		st = map[string]any{}
+		h.state[id] = st
+	}
+	var fresh []string
+	for k, v := range values {
+		st[k] = v
+		if !h.known[id][k] {
+			fresh = append(fresh, k)
+		}
+	}
+	if len(fresh) > 0 {
+		sort.Strings(fresh)
+		dev, _ := h.opts.Registry.Get(id)
+		for _, k := range fresh {
+			if h.known[id] == nil {
+				h.known[id] = map[string]bool{}
+			}
+			h.known[id][k] = true
+			topic, cfg := h.discovery(dev, k, values[k], fieldMeta(fields, k))
+			h.queueLocked(topic, cfg)
+		}
+	}
+	state, _ := json.Marshal(st)
+	h.queueLocked(h.StateTopic(id), state)
+}
+
+func fieldMeta(fields []codec.Field, name string) codec.Field {
+	for _, f := range fields {
+		if f.Name == name {
+			return f
+		}
+	}
+	return codec.Field{Name: name}
+}
+
+// StateTopic is where a device's readings are published.
+func (h *HomeAssistant) StateTopic(id string) string { return h.opts.StatePrefix + "/" + id }
+
+// DiscoveryConfig is the discovery payload of one entity, in Home
+// Assistant's documented MQTT discovery schema.
+type DiscoveryConfig struct {
+	Name                string          `json:"name"`
+	UniqueID            string          `json:"unique_id"`
+	StateTopic          string          `json:"state_topic"`
+	ValueTemplate       string          `json:"value_template"`
+	UnitOfMeasurement   string          `json:"unit_of_measurement,omitempty"`
+	DeviceClass         string          `json:"device_class,omitempty"`
+	StateClass          string          `json:"state_class,omitempty"`
+	PayloadOn           string          `json:"payload_on,omitempty"`
+	PayloadOff          string          `json:"payload_off,omitempty"`
+	AvailabilityTopic   string          `json:"availability_topic"`
+	AvailabilityTmpl    string          `json:"availability_template"`
+	PayloadAvailable    string          `json:"payload_available"`
+	PayloadNotAvailable string          `json:"payload_not_available"`
+	Device              DiscoveryDevice `json:"device"`
+	Origin              DiscoveryOrigin `json:"origin"`
+}
+
+// DiscoveryDevice groups a device's entities in Home Assistant.
+type DiscoveryDevice struct {
+	Identifiers  []string `json:"identifiers"`
+	Name         string   `json:"name"`
+	Model        string   `json:"model,omitempty"`
+	Manufacturer string   `json:"manufacturer"`
+}
+
+// DiscoveryOrigin names the software behind the entities.
+type DiscoveryOrigin struct {
+	Name string `json:"name"`
+	URL  string `json:"url,omitempty"`
+}
+
+// discovery builds the config topic and payload of one reading.
+func (h *HomeAssistant) discovery(dev devices.Device, field string, value any, meta codec.Field) (string, []byte) {
+	component := "sensor"
+	if _, ok := value.(bool); ok {
+		component = "binary_sensor"
+	}
+	objectID := haSlug(dev.ID) + "_" + field
+	name := dev.Name
+	if name == "" {
+		name = dev.ID
+	}
+	c := DiscoveryConfig{
+		Name:                haTitle(field),
+		UniqueID:            "beacon_" + objectID,
+		StateTopic:          h.StateTopic(dev.ID),
+		UnitOfMeasurement:   meta.Unit,
+		DeviceClass:         meta.DeviceClass,
+		AvailabilityTopic:   "$beacon/presence/" + dev.ID,
+		AvailabilityTmpl:    "{{ 'online' if value_json.online else 'offline' }}",
+		PayloadAvailable:    "online",
+		PayloadNotAvailable: "offline",
+		Device:              DiscoveryDevice{Identifiers: []string{"beacon_" + dev.ID}, Name: name, Model: dev.Type, Manufacturer: "Beacon"},
+		Origin:              DiscoveryOrigin{Name: "Beacon"},
+	}
+	if component == "binary_sensor" {
+		c.ValueTemplate = "{{ 'ON' if value_json." + field + " else 'OFF' }}"
+		c.PayloadOn, c.PayloadOff = "ON", "OFF"
+	} else {
+		c.ValueTemplate = "{{ value_json." + field + " }}"
+		c.StateClass = "measurement"
+	}
+	b, _ := json.Marshal(c)
+	return h.opts.Prefix + "/" + component + "/" + objectID + "/config", b
+}
+
+// haSlug turns a device id into an object id: lower case letters, digits
+// and underscores.
+func haSlug(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r < unicode.MaxASCII && (unicode.IsLetter(r) || unicode.IsDigit(r)) {
+			return unicode.ToLower(r)
+		}
+		return '_'
+	}, s)
+}
+
+// haTitle turns a field name into an entity name: "battery_level" is
+// "Battery level".
+func haTitle(s string) string {
+	s = strings.ReplaceAll(s, "_", " ")
+	if s == "" {
+		return s
+	}
+	return strings.ToUpper(s[:1]) + s[1:]
+}
+
+// Forget removes a removed device's entities: an empty retained message on
+// each of its discovery topics (found among the retained configs, so it
+// works after a restart too) and on its state topic.
+func (h *HomeAssistant) Forget(id string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	delete(h.state, id)
+	delete(h.known, id)
+	want := "beacon_" + id
+	for _, pk := range h.opts.Server.Topics.Messages(h.opts.Prefix + "/+/+/config") {
+		var c struct {
+			Device struct {
+				Identifiers []string `json:"identifiers"`
+			} `json:"device"`
+		}
+		if json.Unmarshal(pk.Payload, &c) == nil && len(c.Device.Identifiers) > 0 && c.Device.Identifiers[0] == want {
+			h.queueLocked(pk.TopicName, nil)
+		}
+	}
+	h.queueLocked(h.StateTopic(id), nil)
+}
+
+func (h *HomeAssistant) queueLocked(topic string, payload []byte) {
+	if h.closed {
+		return
+	}
+	h.queue = append(h.queue, haPublish{topic: topic, payload: payload})
+	select {
+	case h.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Start publishes queued configs and states from its own goroutine (never
+// from the publishing client's).
+func (h *HomeAssistant) Start() {
+	h.wg.Add(1)
+	go func() {
+		defer h.wg.Done()
+		for {
+			select {
+			case <-h.wake:
+			case <-h.done:
+				return
+			}
+			h.mu.Lock()
+			batch := h.queue
+			h.queue = nil
+			h.mu.Unlock()
+			for _, p := range batch {
+				if err := h.opts.Server.Publish(p.topic, p.payload, true, 1); err != nil {
+					h.opts.Log.Warn("home assistant publish", "topic", p.topic, "error", err)
+				}
+			}
+		}
+	}()
+}
+
+// Shutdown stops publishing.
+func (h *HomeAssistant) Shutdown() {
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		return
+	}
+	h.closed = true
+	h.mu.Unlock()
+	close(h.done)
+	h.wg.Wait()
+}
