@@ -127,6 +127,10 @@ func (a *Admin) authenticate(next http.Handler) http.Handler {
 	})
 }
 
+// Require guards next with the admin credentials (the admin token or an
+// admin JWT), always.
+func (a *Admin) Require(next http.Handler) http.Handler { return a.authenticate(next) }
+
 // Protect guards next (the metrics endpoint) with the admin credentials
 // when an admin token is configured, and leaves it open otherwise.
 func (a *Admin) Protect(next http.Handler) http.Handler {

@@ -487,6 +487,11 @@ func TestAdminAPI(t *testing.T) {
 	}
 
 	lamp := bt.Dial(t, e.addr, creds("lamp", "lamp", secret))
+	// Marked online once the session is established, just after CONNACK.
+	bt.WaitFor(t, 5*time.Second, "lamp online", func() bool {
+		_, body = api(t, "GET", base+"/devices/lamp", adminToken, nil)
+		return body["online"] == true
+	})
 	code, body = api(t, "GET", base+"/devices/lamp", adminToken, nil)
 	if code != 200 || body["online"] != true || body["type"] != "light" {
 		t.Fatalf("show: %d %v", code, body)

@@ -7,6 +7,7 @@ package broker
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -47,6 +48,7 @@ type Broker struct {
 	history     *hooks.History
 	codecs      *codec.Rules
 	ha          *hooks.HomeAssistant
+	webhooks    *hooks.Webhooks
 	metricsHook *hooks.Metrics
 	presence    *presence
 
@@ -196,6 +198,20 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	if err := b.mqtt.AddHook(b.history, nil); err != nil {
 		return nil, err
 	}
+	// Always built, also with no webhooks: it clears the outbox of removed ones.
+	var whs []hooks.WebhookConfig
+	for _, w := range cfg.Webhooks {
+		whs = append(whs, hooks.WebhookConfig{Name: w.Name, URL: w.URL, Topics: w.Topics, Secret: w.Secret,
+			Timeout: w.Timeout, MaxRetries: w.MaxRetries})
+	}
+	b.webhooks, err = hooks.NewWebhooks(hooks.WebhooksOptions{DB: b.db, Hooks: whs, Encode: b.encodeEnvelope,
+		DeviceOf: b.auth.DeviceOf, Log: log.With("component", "webhooks")})
+	if err != nil {
+		return nil, &ConfigError{Key: "webhooks", Msg: err.Error()}
+	}
+	if err := b.mqtt.AddHook(b.webhooks, nil); err != nil { // before the store, as the history
+		return nil, err
+	}
 	b.store = hooks.NewStore(hooks.StoreOptions{
 		DB:               b.db,
 		MaxSessionExpiry: caps.MaximumSessionExpiryInterval,
@@ -243,6 +259,22 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		}
 	}
 	return b, nil
+}
+
+func (b *Broker) webhookNames() []string {
+	var out []string
+	for _, w := range b.cfg.Webhooks {
+		out = append(out, w.Name)
+	}
+	return out
+}
+
+func mergeLabels(l prometheus.Labels, k, v string) prometheus.Labels {
+	out := prometheus.Labels{k: v}
+	for lk, lv := range l {
+		out[lk] = lv
+	}
+	return out
 }
 
 // registerMetrics exposes the engine's, the store's and the hooks'
@@ -300,8 +332,38 @@ func (b *Broker) registerMetrics() {
 	counter("beacon_codec_decoded_total", "Payloads decoded by the codecs.", nil, func() float64 { d, _ := b.codecs.Stats(); return float64(d) })
 	counter("beacon_codec_failures_total", "Payloads a codec matched but could not decode (they flow raw).", nil,
 		func() float64 { _, f := b.codecs.Stats(); return float64(f) })
+	for _, name := range b.webhookNames() {
+		stat := func(f func(hooks.WebhookStats) float64) func() float64 {
+			return func() float64 {
+				for _, s := range b.webhooks.Stats() {
+					if s.Name == name {
+						return f(s)
+					}
+				}
+				return 0
+			}
+		}
+		l := prometheus.Labels{"webhook": name}
+		const outcomes = "beacon_webhook_deliveries_total"
+		const help = "Webhook deliveries by outcome: delivered, failed (an attempt that will be retried), dropped (outbox full), expired (retries exhausted)."
+		counter(outcomes, help, mergeLabels(l, "outcome", "delivered"), stat(func(s hooks.WebhookStats) float64 { return float64(s.Delivered) }))
+		counter(outcomes, help, mergeLabels(l, "outcome", "failed"), stat(func(s hooks.WebhookStats) float64 { return float64(s.Failed) }))
+		counter(outcomes, help, mergeLabels(l, "outcome", "dropped"), stat(func(s hooks.WebhookStats) float64 { return float64(s.Dropped) }))
+		counter(outcomes, help, mergeLabels(l, "outcome", "expired"), stat(func(s hooks.WebhookStats) float64 { return float64(s.Expired) }))
+		b.metrics.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_webhook_pending", ConstLabels: l,
+			Help: "Messages in a webhook's outbox, not yet delivered."}, stat(func(s hooks.WebhookStats) float64 { return float64(s.Pending) })))
+	}
 	counter("beacon_recovered_messages_total", "Acknowledged messages routed again from the ingress log after a crash.", nil,
 		func() float64 { return float64(b.store.Stats().Recovered) })
+}
+
+// encodeEnvelope is the JSON body webhooks receive: the browsers'
+// envelope, with decoded readings.
+func (b *Broker) encodeEnvelope(topic, device string, payload []byte, qos byte, retain bool, ts int64) []byte {
+	e := bridge.NewEnvelope(topic, payload, qos, retain, ts)
+	e.Decoded = b.decode(topic, device, payload)
+	body, _ := json.Marshal(e)
+	return body
 }
 
 // decode gives the readings of a payload by the codecs, or nil. A payload
@@ -515,6 +577,7 @@ func (b *Broker) Start() error {
 	if b.ha != nil {
 		b.ha.Start()
 	}
+	b.webhooks.Start()
 
 	for _, l := range b.listeners {
 		if err := b.mqtt.AddListener(l); err != nil {
@@ -588,6 +651,7 @@ func (b *Broker) httpHandler() http.Handler {
 	})
 	mux.Handle("/api/v1/", b.admin.Handler())
 	mux.HandleFunc("GET /api/v1/devices", b.admin.Devices(b.access))
+	mux.Handle("GET /api/v1/webhooks", b.admin.Require(b.webhooks.Handler()))
 	b.rest.Register(mux)
 	b.streams.Register(mux)
 	mux.Handle("GET /metrics", b.admin.Protect(promhttp.HandlerFor(b.metrics, promhttp.HandlerOpts{})))
@@ -681,6 +745,9 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 		}
 		b.closeListeners() // for a broker that was never started
 		if err := b.history.Shutdown(ctx); err != nil {
+			errs = append(errs, err)
+		}
+		if err := b.webhooks.Shutdown(ctx); err != nil {
 			errs = append(errs, err)
 		}
 		if err := b.db.Shutdown(ctx); err != nil {

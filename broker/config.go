@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"reflect"
 	"sort"
@@ -32,8 +33,23 @@ type Config struct {
 	// decides.
 	Codecs        []CodecRuleConfig   `yaml:"codecs"`
 	HomeAssistant HomeAssistantConfig `yaml:"homeassistant"`
-	Log           LogConfig           `yaml:"log"`
+	// Webhooks receive matching messages by HTTP POST, from a persisted
+	// outbox.
+	Webhooks []WebhookConfig `yaml:"webhooks"`
+	Log      LogConfig       `yaml:"log"`
 }
+
+// WebhookConfig is one HTTP endpoint for the messages matching topics.
+type WebhookConfig struct {
+	Name       string        `yaml:"name"`        // required, unique: names its outbox, metrics and logs
+	URL        string        `yaml:"url"`         // http or https
+	Topics     []string      `yaml:"topics"`      // topic filters; list $beacon/presence/# for online/offline events
+	Secret     string        `yaml:"secret"`      // HMAC-SHA256 key: X-Beacon-Signature: sha256=<hex>
+	Timeout    time.Duration `yaml:"timeout"`     // per attempt
+	MaxRetries int           `yaml:"max_retries"` // attempts after the first before a message is dropped; -1: none
+}
+
+func (w *WebhookConfig) setDefaults() { *w = WebhookConfig{Timeout: 10 * time.Second, MaxRetries: 10} }
 
 // HomeAssistantConfig configures Home Assistant MQTT discovery.
 type HomeAssistantConfig struct {
@@ -103,7 +119,7 @@ type AuthConfig struct {
 }
 
 // secretKeys are printed redacted by config print.
-var secretKeys = map[string]bool{"auth.admin_token": true, "auth.jwt_secret": true}
+var secretKeys = map[string]bool{"auth.admin_token": true, "auth.jwt_secret": true, "webhooks[].secret": true}
 
 func readSecret(value, file, key string) (string, error) {
 	if file == "" {
@@ -471,7 +487,7 @@ func configKeys() []string {
 }
 
 // ListKeys are the keys holding lists: set in the YAML file only.
-func ListKeys() []string { return []string{"history.rules", "codecs"} }
+func ListKeys() []string { return []string{"history.rules", "codecs", "webhooks"} }
 
 // EnvName is the environment variable that sets key: "mqtt.tls_addr" is
 // BEACON_MQTT_TLS_ADDR.
@@ -696,6 +712,34 @@ func (c *Config) Validate() error {
 			return bad("homeassistant.discovery", "needs codecs: discovery describes the readings codecs decode")
 		}
 	}
+	names := map[string]bool{}
+	for i, w := range c.Webhooks {
+		key := fmt.Sprintf("webhooks[%d]", i)
+		switch {
+		case w.Name == "":
+			return bad(key+".name", "required: it names the webhook's outbox, metrics and logs")
+		case names[w.Name]:
+			return bad(key+".name", "%q is used twice", w.Name)
+		}
+		names[w.Name] = true
+		if u, err := url.Parse(w.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad(key+".url", "%q is not an http or https URL", w.URL)
+		}
+		if len(w.Topics) == 0 {
+			return bad(key+".topics", "at least one topic filter is needed")
+		}
+		for j, f := range w.Topics {
+			if f == "" || !validFilter(f) {
+				return bad(fmt.Sprintf("%s.topics[%d]", key, j), "%q is not a topic filter", f)
+			}
+		}
+		if w.Timeout <= 0 || w.Timeout > 5*time.Minute {
+			return bad(key+".timeout", "%s is outside 1ns..5m", w.Timeout)
+		}
+		if w.MaxRetries < -1 {
+			return bad(key+".max_retries", "must be -1 (no retries) or more")
+		}
+	}
 	if c.Storage.Dir == "" {
 		return bad("storage.dir", "must not be empty")
 	}
@@ -818,6 +862,23 @@ func (c Config) asMap() yaml.Node {
 				child := &yaml.Node{Kind: yaml.MappingNode}
 				add(child, f, prefix+name+".")
 				parent.Content = append(parent.Content, child)
+				continue
+			}
+			if f.Kind() == reflect.Slice {
+				seq := &yaml.Node{Kind: yaml.SequenceNode}
+				for j := 0; j < f.Len(); j++ {
+					if e := f.Index(j); e.Kind() == reflect.Struct {
+						child := &yaml.Node{Kind: yaml.MappingNode}
+						add(child, e, prefix+name+"[].")
+						seq.Content = append(seq.Content, child)
+					} else {
+						seq.Content = append(seq.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: fmt.Sprint(e.Interface()), Style: yaml.DoubleQuotedStyle})
+					}
+				}
+				if len(seq.Content) == 0 {
+					seq.Style = yaml.FlowStyle
+				}
+				parent.Content = append(parent.Content, seq)
 				continue
 			}
 			if secretKeys[prefix+name] && f.String() != "" {

@@ -244,11 +244,14 @@ func TestSSEResets(t *testing.T) {
 	for i := range 3 {
 		pub.PublishT(t, &paho.Publish{Topic: "r/a", QoS: 1, Payload: []byte(strconv.Itoa(i))})
 	}
+	bt.WaitFor(t, 5*time.Second, "3 recorded", func() bool { return b.Stats().History.Recorded >= 3 })
 	s = resume(first, "") // nothing trimmed yet: a plain replay
 	s.Close()
 	for i := 3; i < 20; i++ {
 		pub.PublishT(t, &paho.Publish{Topic: "r/a", QoS: 1, Payload: []byte(strconv.Itoa(i))})
 	}
+	// PUBACK comes before routing: wait until all 20 are recorded.
+	bt.WaitFor(t, 5*time.Second, "20 recorded", func() bool { return b.Stats().History.Recorded >= 20 })
 	// Only the last 5 are kept: resuming from before them is a reset, and
 	// the stream then goes on live.
 	s = resume(first, "expired")
@@ -319,8 +322,10 @@ func TestSSEAuthorization(t *testing.T) {
 		t.Fatalf("live: got %s", e.Topic)
 	}
 	s.Close()
+	recorded := b.Stats().History.Recorded
 	dev.PublishT(t, &paho.Publish{Topic: "devices/d1/secrets/key", QoS: 1, Payload: []byte("hunter4")})
 	dev.PublishT(t, &paho.Publish{Topic: "devices/d1/state", QoS: 1, Payload: []byte("dim")})
+	bt.WaitFor(t, 5*time.Second, "both recorded", func() bool { return b.Stats().History.Recorded >= recorded+2 })
 	h := http.Header{}
 	h.Set("Last-Event-ID", ready.ID)
 	s, _ = bt.OpenSSE(t, eventsURL(b, "topic", "devices/#", "access_token", viewer), h)
@@ -441,9 +446,11 @@ func TestLongPoll(t *testing.T) {
 	cursor = p.Cursor
 
 	// Missed messages come at once, in pages of limit.
+	recorded := b.Stats().History.Recorded
 	for _, s := range []string{"two", "three", "four"} {
 		pub.PublishT(t, &paho.Publish{Topic: "p/x", QoS: 1, Payload: []byte(s)})
 	}
+	bt.WaitFor(t, 5*time.Second, "3 recorded", func() bool { return b.Stats().History.Recorded >= recorded+3 })
 	_, p = poll(t, b, "topic", "p/#", "cursor", cursor, "limit", "2")
 	if len(p.Messages) != 2 || p.Messages[1].text(t) != "three" || p.Cursor != p.Messages[1].ID {
 		t.Fatalf("page 1: %+v", p)
