@@ -658,6 +658,9 @@ func (b *Broker) httpHandler() http.Handler {
 	if b.ws != nil {
 		mux.Handle(b.cfg.HTTP.WSPath, b.ws)
 	}
+	if b.cfg.HTTP.Dashboard {
+		mux.Handle("/", bridge.Dashboard()) // every path nothing else claims: the page's files, or 404
+	}
 	return mux
 }
 
