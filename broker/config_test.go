@@ -150,6 +150,18 @@ func TestHistoryRulesFromFile(t *testing.T) {
 	}
 }
 
+func TestExampleConfigsLoad(t *testing.T) {
+	for _, path := range []string{"../examples/sensor-fleet/beacon.yaml"} {
+		cfg, err := Load(path, nil, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		if len(cfg.Codecs) == 0 {
+			t.Fatalf("%s: no codecs", path)
+		}
+	}
+}
+
 func FuzzLoad(f *testing.F) {
 	example, _ := os.ReadFile(filepath.Join("..", "docs", "beacon.example.yaml"))
 	f.Add(string(example))
