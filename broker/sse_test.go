@@ -558,23 +558,25 @@ func TestSSEDecodedReadings(t *testing.T) {
 		envelope
 		Decoded map[string]any `json:"decoded"`
 	}
-	next := func() decodedEnv {
-		t.Helper()
+	// Two clients: their messages may be routed in either order.
+	got := map[string]decodedEnv{}
+	for range 4 {
 		var d decodedEnv
 		s.NextT(t, 5*time.Second).JSON(t, &d)
-		return d
+		got[d.Topic+" "+string(d.Payload)] = d
 	}
-	if d := next(); d.Encoding != "base64" || d.Decoded["temperature"] != 21.57 || d.Decoded["humidity"] != 45.5 {
+	frame := base64.StdEncoding.EncodeToString([]byte{0x6d, 0x08, 0x5b})
+	if d := got[`devices/d1/frame "`+frame+`"`]; d.Encoding != "base64" || d.Decoded["temperature"] != 21.57 || d.Decoded["humidity"] != 45.5 {
 		t.Errorf("packed frame: %+v", d)
 	}
-	if d := next(); d.Decoded["sp"] != 2.0 || len(d.Decoded) != 1 {
-		t.Errorf("thermostat JSON: %+v", d.Decoded)
+	if d := got[`devices/d1/json {"sp":2,"m":"e"}`]; d.Decoded["sp"] != 2.0 || len(d.Decoded) != 1 {
+		t.Errorf("thermostat JSON: %+v", d)
 	}
-	if d := next(); d.Topic != "devices/d2/json" || d.Decoded != nil {
+	if d, ok := got[`devices/d2/json {"setpoint":5}`]; !ok || d.Decoded != nil {
 		t.Errorf("a rule for another device type decoded: %+v", d)
 	}
-	if d := next(); d.Encoding != "base64" || d.Decoded != nil {
-		t.Errorf("undecodable frame: %+v", d)
+	if d, ok := got[`devices/d1/frame "AQ=="`]; !ok || d.Decoded != nil {
+		t.Errorf("undecodable frame: %+v (all: %v)", d, got)
 	}
 	_, body := scrape(t, "http://"+e.b.HTTPAddr()+"/metrics", adminToken)
 	if !strings.Contains(body, "beacon_codec_failures_total 1") || !strings.Contains(body, "beacon_codec_decoded_total 2") {

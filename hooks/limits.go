@@ -52,7 +52,7 @@ var ErrKeepaliveRefused = errors.New("keep-alive outside the allowed range")
 // ID implements mqtt.Hook.
 func (h *Limits) ID() string { return "beacon-limits" }
 
-var limitsEvents = eventSet(mqtt.OnConnect, mqtt.OnPacketRead, mqtt.OnPacketProcessed, mqtt.OnPacketEncode, mqtt.OnPacketSent,
+var limitsEvents = eventSet(mqtt.OnConnect, mqtt.OnPacketRead, mqtt.OnPacketProcessed, mqtt.OnQosComplete, mqtt.OnPacketEncode, mqtt.OnPacketSent,
 	mqtt.OnSessionEstablished, mqtt.OnDisconnect)
 
 // Provides implements mqtt.Hook.
@@ -245,12 +245,25 @@ func (h *Limits) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packe
 	return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, ProtocolVersion: pk.ProtocolVersion}, nil
 }
 
-// OnPacketProcessed puts back an outbound message an inbound QoS 1
-// PUBLISH displaced (see OnPacketRead).
-func (h *Limits) OnPacketProcessed(cl *mqtt.Client, pk packets.Packet, _ error) {
-	if pk.FixedHeader.Type != packets.Publish {
-		return
+// OnQosComplete puts back an outbound message an inbound QoS 1 PUBLISH
+// displaced (see OnPacketRead), as soon as mochi has dropped the inbound
+// flow: right after the PUBACK, before routing, so that a client that
+// reconnects at once finds it in its session.
+func (h *Limits) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
+	if pk.FixedHeader.Type == packets.Puback {
+		h.restoreDisplaced(cl)
 	}
+}
+
+// OnPacketProcessed puts back a displaced outbound message if
+// OnQosComplete did not (a PUBLISH refused on the way).
+func (h *Limits) OnPacketProcessed(cl *mqtt.Client, pk packets.Packet, _ error) {
+	if pk.FixedHeader.Type == packets.Publish {
+		h.restoreDisplaced(cl)
+	}
+}
+
+func (h *Limits) restoreDisplaced(cl *mqtt.Client) {
 	v, ok := h.displaced.LoadAndDelete(cl)
 	if !ok {
 		return
