@@ -57,6 +57,9 @@ fuzz:
 	$(GO) test ./broker -run '^$$' -fuzz FuzzConnection -fuzztime $(FUZZTIME)
 	$(GO) test ./devices -run '^$$' -fuzz FuzzMatchesCovers -fuzztime $(FUZZTIME)
 	$(GO) test ./devices -run '^$$' -fuzz FuzzParseRules -fuzztime $(FUZZTIME)
+	$(GO) test ./devices/codec -run '^$$' -fuzz FuzzPacked -fuzztime $(FUZZTIME)
+	$(GO) test ./devices/codec -run '^$$' -fuzz FuzzJSON -fuzztime $(FUZZTIME)
+	$(GO) test ./devices/codec -run '^$$' -fuzz FuzzCBOR -fuzztime $(FUZZTIME)
 
 clean:
 	rm -rf bin
