@@ -275,7 +275,22 @@ func (h *Limits) restoreDisplaced(cl *mqtt.Client) {
 }
 
 // OnPacketEncode adds the limits mochi does not announce to a v5 CONNACK.
+//
+// It also covers the moment a PUBACK to an inbound QoS 1 PUBLISH that
+// displaced an outbound message goes out: mochi holds the PUBACK in the
+// packet id's slot until just after writing it, and a client that
+// reconnects in that instant would inherit the PUBACK instead of the
+// message. So the message takes the slot back before the PUBACK is
+// written (mochi then clears the slot, and OnQosComplete restores it).
 func (h *Limits) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type == packets.Puback {
+		if v, ok := h.displaced.Load(cl); ok {
+			if prev := v.(packets.Packet); prev.PacketID == pk.PacketID {
+				cl.State.Inflight.Set(prev)
+			}
+		}
+		return pk
+	}
 	if pk.FixedHeader.Type != packets.Connack || cl.Properties.ProtocolVersion != 5 || pk.ReasonCode != 0 {
 		return pk
 	}
