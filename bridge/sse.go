@@ -173,8 +173,13 @@ func (s *Streams) filters(w http.ResponseWriter, r *http.Request, c *Caller) ([]
 	return out, true
 }
 
-// acquire counts a feed against the per-principal and per-address limits.
-func (s *Streams) acquire(w http.ResponseWriter, r *http.Request, c *Caller) (release func(), ok bool) {
+// acquire counts a feed (transport "sse" or "poll") against the
+// per-principal and per-address limits, and in the gauges.
+func (s *Streams) acquire(w http.ResponseWriter, r *http.Request, c *Caller, transport string) (release func(), ok bool) {
+	open := &s.sseOpen
+	if transport == "poll" {
+		open = &s.pollOpen
+	}
 	addr := s.Guard.ClientAddr(r).Addr()
 	key := c.Key()
 	s.mu.Lock()
@@ -194,9 +199,13 @@ func (s *Streams) acquire(w http.ResponseWriter, r *http.Request, c *Caller) (re
 	}
 	s.byIP[addr]++
 	s.opened.Add(1)
+	open.Add(1)
+	s.track(transport, 1)
 	var once sync.Once
 	return func() {
 		once.Do(func() {
+			open.Add(-1)
+			s.track(transport, -1)
 			s.mu.Lock()
 			defer s.mu.Unlock()
 			if key != "" {
@@ -348,15 +357,11 @@ func (s *Streams) events(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer admitted()
-	release, ok := s.acquire(w, r, c)
+	release, ok := s.acquire(w, r, c, "sse")
 	if !ok {
 		return
 	}
 	defer release()
-	s.sseOpen.Add(1)
-	defer s.sseOpen.Add(-1)
-	s.track("sse", 1)
-	defer s.track("sse", -1)
 
 	lastID := r.Header.Get("Last-Event-ID")
 	if lastID == "" {
@@ -528,15 +533,11 @@ func (s *Streams) poll(w http.ResponseWriter, r *http.Request) {
 		}
 		limit = n
 	}
-	release, ok := s.acquire(w, r, c)
+	release, ok := s.acquire(w, r, c, "poll")
 	if !ok {
 		return
 	}
 	defer release()
-	s.pollOpen.Add(1)
-	defer s.pollOpen.Add(-1)
-	s.track("poll", 1)
-	defer s.track("poll", -1)
 	s.cors(w, r)
 
 	watch := s.History.Watch(filters, s.Buffer)

@@ -55,25 +55,7 @@ func TestBrowserMQTTOverWebSocket(t *testing.T) {
 	back := bt.Dial(t, p.mqtt, &paho.Connect{ClientID: "tcp-side", CleanStart: true})
 	back.SubscribeT(t, paho.SubscribeOptions{Topic: "browser/back", QoS: 1})
 
-	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(),
-		chromedp.ExecPath(chromium),
-		chromedp.Headless,
-		chromedp.NoSandbox,
-		chromedp.DisableGPU,
-		chromedp.NoFirstRun,
-		chromedp.UserDataDir(filepath.Join(dir, "chromium")),
-		chromedp.Flag("disable-background-networking", true),
-		chromedp.Flag("disable-component-update", true),
-		chromedp.Flag("disable-sync", true),
-		chromedp.Flag("disable-quic", true),
-	)
-	defer cancelAlloc()
-	ctx, cancel := chromedp.NewContext(actx)
-	defer cancel()
-	// The first Run starts the browser: no timeout on it (see chromedp.Run).
-	if err := chromedp.Do(ctx); err != nil {
-		t.Fatalf("start chromium: %v", err)
-	}
+	ctx := startChromium(t, chromium, dir)
 	step := func(timeout time.Duration, what string, a chromedp.Action[chromedp.Void]) {
 		t.Helper()
 		sctx, scancel := context.WithTimeout(ctx, timeout)
@@ -115,4 +97,29 @@ func TestBrowserMQTTOverWebSocket(t *testing.T) {
 	if !strings.Contains(p.Logs(), "origin not allowed") {
 		t.Fatal("the broker did not log the refused origin")
 	}
+}
+
+// startChromium starts headless Chromium with its profile in dir, for the
+// rest of the test.
+func startChromium(t *testing.T, chromium, dir string) context.Context {
+	t.Helper()
+	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(),
+		chromedp.ExecPath(chromium),
+		chromedp.Headless,
+		chromedp.NoSandbox,
+		chromedp.DisableGPU,
+		chromedp.NoFirstRun,
+		chromedp.UserDataDir(filepath.Join(dir, "chromium")),
+		chromedp.Flag("disable-background-networking", true),
+		chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-sync", true),
+		chromedp.Flag("disable-quic", true),
+	)
+	ctx, cancel := chromedp.NewContext(actx)
+	t.Cleanup(func() { cancel(); cancelAlloc() })
+	// The first Run starts the browser: no timeout on it (see chromedp.Run).
+	if err := chromedp.Do(ctx); err != nil {
+		t.Fatalf("start chromium: %v", err)
+	}
+	return ctx
 }
