@@ -228,8 +228,11 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 			return nil, err
 		}
 		b.registry.OnChange(func(c devices.Change) {
-			if c.Removed {
+			switch {
+			case c.Removed:
 				b.ha.Forget(c.Device.ID)
+			case c.Added:
+				b.ha.Announce(c.Device)
 			}
 		})
 	}

@@ -39,15 +39,22 @@ func TestHomeAssistantDiscovery(t *testing.T) {
 			{Name: "temperature", Type: "int16", Scale: 0.01, Unit: "°C", DeviceClass: "temperature"},
 			{Name: "humidity", Type: "uint8", Scale: 0.5, Unit: "%", DeviceClass: "humidity"},
 			{Name: "ok", Type: "bool"},
+		}}, {Filter: "devices/+/state", DeviceType: "thermostat", Format: "json", Fields: []codec.Field{
+			{Name: "setpoint", Type: "float64", Unit: "°C", DeviceClass: "temperature"},
 		}}}
 	})
 	ha := bt.Dial(t, e.addr, creds("home-assistant", "ha", token(t, "ha", "", time.Hour, nil,
 		[]string{"homeassistant/#", "beacon/state/#", "$beacon/presence/#"})))
 	ha.SubscribeT(t, paho.SubscribeOptions{Topic: "homeassistant/#", QoS: 1}, paho.SubscribeOptions{Topic: "beacon/state/#", QoS: 1})
 
+	// A thermostat's declared reading is announced when it is registered,
+	// before it sends anything.
+	if m := ha.WaitMessages(t, 1, 10*time.Second)[0]; m.Topic != "homeassistant/sensor/d1_setpoint/config" {
+		t.Fatalf("announced at registration: %s", m.Topic)
+	}
 	d1 := bt.Dial(t, e.addr, creds("d1", "d1", e.dev))
 	d1.PublishT(t, &paho.Publish{Topic: "devices/d1/telemetry", QoS: 1, Payload: []byte{0x6d, 0x08, 0x5b, 0x01}})
-	msgs := ha.WaitMessages(t, 4, 10*time.Second) // 3 configs and a state
+	msgs := ha.WaitMessages(t, 5, 10*time.Second) // 4 configs and a state
 
 	configs := map[string]map[string]any{}
 	var state map[string]any
@@ -67,7 +74,7 @@ func TestHomeAssistantDiscovery(t *testing.T) {
 		topics = append(topics, k)
 	}
 	sort.Strings(topics)
-	if strings.Join(topics, " ") != "homeassistant/binary_sensor/d1_ok/config homeassistant/sensor/d1_humidity/config homeassistant/sensor/d1_temperature/config" {
+	if strings.Join(topics, " ") != "homeassistant/binary_sensor/d1_ok/config homeassistant/sensor/d1_humidity/config homeassistant/sensor/d1_setpoint/config homeassistant/sensor/d1_temperature/config" {
 		t.Fatalf("discovery topics: %v", topics)
 	}
 	if state["temperature"] != 21.57 || state["humidity"] != 45.5 || state["ok"] != true {
@@ -109,13 +116,13 @@ func TestHomeAssistantDiscovery(t *testing.T) {
 	// Retained: Home Assistant starting later finds them.
 	late := bt.Dial(t, e.addr, creds("ha-late", "ha", token(t, "ha", "", time.Hour, []string{"beacon-test/#"}, []string{"homeassistant/#", "beacon-test/#"})))
 	late.SubscribeT(t, paho.SubscribeOptions{Topic: "homeassistant/#", QoS: 1})
-	if got := late.WaitMessages(t, 3, 10*time.Second); !got[0].Retain || !got[2].Retain {
+	if got := late.WaitMessages(t, 4, 10*time.Second); !got[0].Retain || !got[3].Retain {
 		t.Errorf("discovery configs are not retained")
 	}
 
 	// A second reading updates the state only.
 	d1.PublishT(t, &paho.Publish{Topic: "devices/d1/telemetry", QoS: 1, Payload: []byte{0x70, 0x08, 0x5a, 0x00}})
-	if m := ha.WaitMessages(t, 5, 10*time.Second)[4]; m.Topic != "beacon/state/d1" {
+	if m := ha.WaitMessages(t, 6, 10*time.Second)[5]; m.Topic != "beacon/state/d1" {
 		t.Fatalf("after a second reading: %s %s", m.Topic, m.Payload)
 	}
 
@@ -125,12 +132,12 @@ func TestHomeAssistantDiscovery(t *testing.T) {
 	}
 	cleared := map[string]bool{}
 	bt.WaitFor(t, 10*time.Second, "the entities to be removed", func() bool {
-		for _, m := range ha.Messages()[5:] {
+		for _, m := range ha.Messages()[6:] {
 			if len(m.Payload) == 0 {
 				cleared[m.Topic] = true
 			}
 		}
-		return len(cleared) == 4
+		return len(cleared) == 5
 	})
 	r := bt.Dial(t, e.addr, creds("ha-2", "ha", token(t, "ha", "", time.Hour, []string{"beacon-test/#"}, []string{"homeassistant/#", "beacon-test/#"})))
 	r.SubscribeT(t, paho.SubscribeOptions{Topic: "homeassistant/#", QoS: 1})

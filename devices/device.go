@@ -78,14 +78,16 @@ type Registry struct {
 	onChange []func(Change)
 }
 
-// Change is a device going online or offline, or being removed.
+// Change is a device being added, going online or offline, or being
+// removed.
 type Change struct {
 	Device  Device
+	Added   bool
 	Removed bool
 }
 
-// OnChange adds fn to be told, in order, of every presence change and
-// removal. fn is called with the registry locked: it must only queue.
+// OnChange adds fn to be told, in order, of every addition, presence
+// change and removal. fn is called with the registry locked: it must only queue.
 func (r *Registry) OnChange(fn func(Change)) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -196,6 +198,7 @@ func (r *Registry) Add(n NewDevice) (Device, string, error) {
 		return Device{}, "", err
 	}
 	r.byID[d.ID] = d
+	r.changed(Change{Device: d.public(), Added: true})
 	return d.public(), secret, nil
 }
 

@@ -95,6 +95,12 @@ func (h *HomeAssistant) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 		return
 	}
 	fields := h.opts.Codecs.Fields(pk.TopicName, typ)
+	// The registry calls Announce and Forget with its lock held: never ask
+	// it anything while holding h.mu.
+	dev, err := h.opts.Registry.Get(id)
+	if err != nil {
+		return
+	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	st := h.state[id]
@@ -111,7 +117,6 @@ func (h *HomeAssistant) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 	}
 	if len(fresh) > 0 {
 		sort.Strings(fresh)
-		dev, _ := h.opts.Registry.Get(id)
 		for _, k := range fresh {
 			if h.known[id] == nil {
 				h.known[id] = map[string]bool{}
@@ -227,6 +232,34 @@ func haTitle(s string) string {
 	return strings.ToUpper(s[:1]) + s[1:]
 }
 
+// Announce publishes the discovery configs of the readings that the
+// codecs declare for a device's type, before it sends any: Home Assistant
+// lists a registered device at once. Readings of rules without a device
+// type are announced when first decoded.
+func (h *HomeAssistant) Announce(dev devices.Device) {
+	fields := h.opts.Codecs.DeclaredFields(dev.Type)
+	if len(fields) == 0 {
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, f := range fields {
+		if h.known[dev.ID][f.Name] {
+			continue
+		}
+		if h.known[dev.ID] == nil {
+			h.known[dev.ID] = map[string]bool{}
+		}
+		h.known[dev.ID][f.Name] = true
+		var sample any = 0.0
+		if f.Type == "bool" {
+			sample = false
+		}
+		topic, cfg := h.discovery(dev, f.Name, sample, f)
+		h.queueLocked(topic, cfg)
+	}
+}
+
 // Forget removes a removed device's entities: an empty retained message on
 // each of its discovery topics (found among the retained configs, so it
 // works after a restart too) and on its state topic.
@@ -260,9 +293,12 @@ func (h *HomeAssistant) queueLocked(topic string, payload []byte) {
 	}
 }
 
-// Start publishes queued configs and states from its own goroutine (never
-// from the publishing client's).
+// Start announces the registered devices, then publishes queued configs
+// and states from its own goroutine (never from the publishing client's).
 func (h *HomeAssistant) Start() {
+	for _, d := range h.opts.Registry.List(nil) {
+		h.Announce(d)
+	}
 	h.wg.Add(1)
 	go func() {
 		defer h.wg.Done()

@@ -119,3 +119,23 @@ func (rs *Rules) Stats() (decoded, failures int64) {
 	}
 	return rs.decoded.Load(), rs.failures.Load()
 }
+
+// DeclaredFields are the fields declared, with a type, by the rules that
+// name deviceType: what a device of that type will report.
+func (rs *Rules) DeclaredFields(deviceType string) []Field {
+	if rs == nil || deviceType == "" {
+		return nil
+	}
+	var out []Field
+	for i := range rs.rules {
+		if rs.rules[i].DeviceType != deviceType {
+			continue
+		}
+		for _, f := range rs.rules[i].dec.Fields() {
+			if f.Type != "" {
+				out = append(out, f)
+			}
+		}
+	}
+	return out
+}
