@@ -593,3 +593,30 @@ func grepLines(s, substr string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+func TestSSEHeartbeatAndRetryHint(t *testing.T) {
+	cfg := bt.Config(t)
+	cfg.HTTP.SSEHeartbeat = time.Second
+	b := bt.Start(t, cfg)
+	resp, err := http.Get(eventsURL(b, "topic", "quiet/#"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	r := bufio.NewReader(resp.Body)
+	var lines []string
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		l, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("after %q: %v", lines, err)
+		}
+		lines = append(lines, strings.TrimRight(l, "\n"))
+		if strings.HasPrefix(l, ": heartbeat") {
+			break
+		}
+	}
+	if lines[0] != "retry: 3000" || !strings.HasPrefix(lines[len(lines)-1], ": heartbeat") {
+		t.Fatalf("stream began %q: want the retry hint first and a heartbeat comment when idle", lines)
+	}
+}
