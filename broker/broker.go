@@ -223,7 +223,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	}
 	if ha := cfg.HomeAssistant; ha.Discovery {
 		b.ha = hooks.NewHomeAssistant(hooks.HomeAssistantOptions{Server: b.mqtt, Registry: b.registry, Codecs: b.codecs,
-			DeviceOf: b.auth.DeviceOf, Prefix: ha.Prefix, StatePrefix: ha.StatePrefix, Log: log.With("component", "homeassistant")})
+			DeviceOf: b.auth.DeviceOf, Prefix: ha.Prefix, StatePrefix: ha.StatePrefix, StatusTopic: ha.StatusTopic, Log: log.With("component", "homeassistant")})
 		if err := b.mqtt.AddHook(b.ha, nil); err != nil {
 			return nil, err
 		}

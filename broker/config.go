@@ -56,6 +56,7 @@ type HomeAssistantConfig struct {
 	Discovery   bool   `yaml:"discovery"`    // publish discovery configs for decoded device readings
 	Prefix      string `yaml:"prefix"`       // Home Assistant's discovery prefix
 	StatePrefix string `yaml:"state_prefix"` // where each device's decoded readings are published as JSON
+	StatusTopic string `yaml:"status_topic"` // a device's birth/will topic (online/offline), %u for its id; "" for none
 }
 
 // CodecRuleConfig is one payload format: for messages on topics matching
@@ -240,7 +241,7 @@ func Default() Config {
 		HTTP: HTTPConfig{Addr: "127.0.0.1:8080", WSPath: "/mqtt", MaxConnsPerIP: 256, HandshakesPerSec: 20, Dashboard: true,
 			SSEHeartbeat: 15 * time.Second, SSEBuffer: 1024, SSEMaxFilters: 32, SSEMaxStreamsPerPrincipal: 32,
 			SSEMaxStreamsPerIP: 64, PollMaxWait: 60 * time.Second},
-		HomeAssistant: HomeAssistantConfig{Prefix: "homeassistant", StatePrefix: "beacon/state"},
+		HomeAssistant: HomeAssistantConfig{Prefix: "homeassistant", StatePrefix: "beacon/state", StatusTopic: "devices/%u/status"},
 		History:       HistoryConfig{Rules: []HistoryRuleConfig{{Filter: "#", MaxMessages: 10000, MaxAge: 24 * time.Hour}}},
 		Auth:          AuthConfig{FailDelay: time.Second},
 		Storage:       StorageConfig{Dir: "beacon-data", Sync: storage.SyncBatch, SyncInterval: time.Second, GCInterval: 5 * time.Minute},
@@ -710,6 +711,9 @@ func (c *Config) Validate() error {
 		}
 		if len(c.Codecs) == 0 {
 			return bad("homeassistant.discovery", "needs codecs: discovery describes the readings codecs decode")
+		}
+		if st := strings.ReplaceAll(ha.StatusTopic, "%u", "x"); ha.StatusTopic != "" && (!validFilter(st) || strings.ContainsAny(st, "+#")) {
+			return bad("homeassistant.status_topic", "%q is not a topic name (%%u stands for the device id)", ha.StatusTopic)
 		}
 	}
 	names := map[string]bool{}

@@ -19,12 +19,12 @@ import (
 var haSchema = map[string]struct{ allowed, required []string }{
 	"sensor": {
 		allowed: []string{"name", "unique_id", "state_topic", "value_template", "unit_of_measurement", "device_class",
-			"state_class", "availability_topic", "availability_template", "payload_available", "payload_not_available", "device", "origin"},
+			"state_class", "availability", "availability_mode", "device", "origin"},
 		required: []string{"state_topic", "unique_id", "device"},
 	},
 	"binary_sensor": {
 		allowed: []string{"name", "unique_id", "state_topic", "value_template", "payload_on", "payload_off", "device_class",
-			"availability_topic", "availability_template", "payload_available", "payload_not_available", "device", "origin"},
+			"availability", "availability_mode", "device", "origin"},
 		required: []string{"state_topic", "unique_id", "device"},
 	},
 }
@@ -93,8 +93,23 @@ func TestHomeAssistantDiscovery(t *testing.T) {
 				t.Errorf("%s: missing %q", topic, k)
 			}
 		}
-		if c["state_topic"] != "beacon/state/d1" || c["availability_topic"] != "$beacon/presence/d1" {
-			t.Errorf("%s: topics %v %v", topic, c["state_topic"], c["availability_topic"])
+		if c["state_topic"] != "beacon/state/d1" {
+			t.Errorf("%s: state topic %v", topic, c["state_topic"])
+		}
+		av, _ := c["availability"].([]any)
+		if len(av) != 2 || c["availability_mode"] != "latest" {
+			t.Fatalf("%s: availability %v mode %v", topic, av, c["availability_mode"])
+		}
+		for i, want := range []string{"$beacon/presence/d1", "devices/d1/status"} {
+			a, _ := av[i].(map[string]any)
+			for k := range a {
+				if !contains([]string{"topic", "value_template", "payload_available", "payload_not_available"}, k) {
+					t.Errorf("%s: availability key %q is not in Home Assistant's schema", topic, k)
+				}
+			}
+			if a["topic"] != want || a["payload_available"] != "online" || a["payload_not_available"] != "offline" {
+				t.Errorf("%s: availability[%d] %v", topic, i, a)
+			}
 		}
 		dev, _ := c["device"].(map[string]any)
 		if ids, _ := dev["identifiers"].([]any); len(ids) != 1 || ids[0] != "beacon_d1" || dev["name"] == "" || dev["model"] != "thermostat" {

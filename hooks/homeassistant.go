@@ -29,6 +29,10 @@ type HomeAssistantOptions struct {
 	// as one retained JSON object: <StatePrefix>/<device id> (default
 	// "beacon/state").
 	StatePrefix string
+	// StatusTopic is the device's own birth/will topic, "%u" standing for
+	// its id ("" for none). Availability follows the latest of it and of
+	// Beacon's presence ($beacon/presence/<id>).
+	StatusTopic string
 	Log         *slog.Logger
 }
 
@@ -145,21 +149,27 @@ func (h *HomeAssistant) StateTopic(id string) string { return h.opts.StatePrefix
 // DiscoveryConfig is the discovery payload of one entity, in Home
 // Assistant's documented MQTT discovery schema.
 type DiscoveryConfig struct {
-	Name                string          `json:"name"`
-	UniqueID            string          `json:"unique_id"`
-	StateTopic          string          `json:"state_topic"`
-	ValueTemplate       string          `json:"value_template"`
-	UnitOfMeasurement   string          `json:"unit_of_measurement,omitempty"`
-	DeviceClass         string          `json:"device_class,omitempty"`
-	StateClass          string          `json:"state_class,omitempty"`
-	PayloadOn           string          `json:"payload_on,omitempty"`
-	PayloadOff          string          `json:"payload_off,omitempty"`
-	AvailabilityTopic   string          `json:"availability_topic"`
-	AvailabilityTmpl    string          `json:"availability_template"`
-	PayloadAvailable    string          `json:"payload_available"`
-	PayloadNotAvailable string          `json:"payload_not_available"`
-	Device              DiscoveryDevice `json:"device"`
-	Origin              DiscoveryOrigin `json:"origin"`
+	Name              string          `json:"name"`
+	UniqueID          string          `json:"unique_id"`
+	StateTopic        string          `json:"state_topic"`
+	ValueTemplate     string          `json:"value_template"`
+	UnitOfMeasurement string          `json:"unit_of_measurement,omitempty"`
+	DeviceClass       string          `json:"device_class,omitempty"`
+	StateClass        string          `json:"state_class,omitempty"`
+	PayloadOn         string          `json:"payload_on,omitempty"`
+	PayloadOff        string          `json:"payload_off,omitempty"`
+	Availability      []Availability  `json:"availability"`
+	AvailabilityMode  string          `json:"availability_mode"`
+	Device            DiscoveryDevice `json:"device"`
+	Origin            DiscoveryOrigin `json:"origin"`
+}
+
+// Availability is one topic that says whether an entity is available.
+type Availability struct {
+	Topic               string `json:"topic"`
+	ValueTemplate       string `json:"value_template,omitempty"`
+	PayloadAvailable    string `json:"payload_available"`
+	PayloadNotAvailable string `json:"payload_not_available"`
 }
 
 // DiscoveryDevice groups a device's entities in Home Assistant.
@@ -188,17 +198,15 @@ func (h *HomeAssistant) discovery(dev devices.Device, field string, value any, m
 		name = dev.ID
 	}
 	c := DiscoveryConfig{
-		Name:                haTitle(field),
-		UniqueID:            "beacon_" + objectID,
-		StateTopic:          h.StateTopic(dev.ID),
-		UnitOfMeasurement:   meta.Unit,
-		DeviceClass:         meta.DeviceClass,
-		AvailabilityTopic:   "$beacon/presence/" + dev.ID,
-		AvailabilityTmpl:    "{{ 'online' if value_json.online else 'offline' }}",
-		PayloadAvailable:    "online",
-		PayloadNotAvailable: "offline",
-		Device:              DiscoveryDevice{Identifiers: []string{"beacon_" + dev.ID}, Name: name, Model: dev.Type, Manufacturer: "Beacon"},
-		Origin:              DiscoveryOrigin{Name: "Beacon"},
+		Name:              haTitle(field),
+		UniqueID:          "beacon_" + objectID,
+		StateTopic:        h.StateTopic(dev.ID),
+		UnitOfMeasurement: meta.Unit,
+		DeviceClass:       meta.DeviceClass,
+		Availability:      h.availability(dev.ID),
+		AvailabilityMode:  "latest",
+		Device:            DiscoveryDevice{Identifiers: []string{"beacon_" + dev.ID}, Name: name, Model: dev.Type, Manufacturer: "Beacon"},
+		Origin:            DiscoveryOrigin{Name: "Beacon"},
 	}
 	if component == "binary_sensor" {
 		c.ValueTemplate = "{{ 'ON' if value_json." + field + " else 'OFF' }}"
@@ -209,6 +217,18 @@ func (h *HomeAssistant) discovery(dev devices.Device, field string, value any, m
 	}
 	b, _ := json.Marshal(c)
 	return h.opts.Prefix + "/" + component + "/" + objectID + "/config", b
+}
+
+// availability lists the topics that tell whether a device is there:
+// Beacon's presence always, the device's own status topic when set.
+func (h *HomeAssistant) availability(id string) []Availability {
+	out := []Availability{{Topic: "$beacon/presence/" + id, ValueTemplate: "{{ 'online' if value_json.online else 'offline' }}",
+		PayloadAvailable: "online", PayloadNotAvailable: "offline"}}
+	if h.opts.StatusTopic != "" {
+		out = append(out, Availability{Topic: strings.ReplaceAll(h.opts.StatusTopic, "%u", id),
+			PayloadAvailable: "online", PayloadNotAvailable: "offline"})
+	}
+	return out
 }
 
 // haSlug turns a device id into an object id: lower case letters, digits
