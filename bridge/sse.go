@@ -515,7 +515,7 @@ func (s *Streams) poll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	q := r.URL.Query()
-	wait := 25 * time.Second
+	wait := min(25*time.Second, s.PollMaxWait)
 	if v := q.Get("wait"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 0 || time.Duration(n)*time.Second > s.PollMaxWait {

@@ -201,8 +201,12 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	// Always built, also with no webhooks: it clears the outbox of removed ones.
 	var whs []hooks.WebhookConfig
 	for _, w := range cfg.Webhooks {
+		retries := w.MaxRetries
+		if retries == 0 {
+			retries = -1 // max_retries: 0 means none; the hook reads 0 as its default
+		}
 		whs = append(whs, hooks.WebhookConfig{Name: w.Name, URL: w.URL, Topics: w.Topics, Secret: w.Secret,
-			Timeout: w.Timeout, MaxRetries: w.MaxRetries})
+			Timeout: w.Timeout, MaxRetries: retries})
 	}
 	b.webhooks, err = hooks.NewWebhooks(hooks.WebhooksOptions{DB: b.db, Hooks: whs, Encode: b.encodeEnvelope,
 		DeviceOf: b.auth.DeviceOf, Log: log.With("component", "webhooks")})

@@ -46,7 +46,7 @@ type WebhookConfig struct {
 	Topics     []string      `yaml:"topics"`      // topic filters; list $beacon/presence/# for online/offline events
 	Secret     string        `yaml:"secret"`      // HMAC-SHA256 key: X-Beacon-Signature: sha256=<hex>
 	Timeout    time.Duration `yaml:"timeout"`     // per attempt
-	MaxRetries int           `yaml:"max_retries"` // attempts after the first before a message is dropped; -1: none
+	MaxRetries int           `yaml:"max_retries"` // attempts after the first before a message is dropped; 0: none
 }
 
 func (w *WebhookConfig) setDefaults() { *w = WebhookConfig{Timeout: 10 * time.Second, MaxRetries: 10} }
@@ -662,8 +662,8 @@ func (c *Config) Validate() error {
 		return err
 	}
 	for key, v := range map[string]int{"http.sse_buffer": h.SSEBuffer, "http.sse_max_filters": h.SSEMaxFilters} {
-		if v < 1 {
-			return bad(key, "must be at least 1")
+		if v < 1 || v > 65536 {
+			return bad(key, "%d is outside 1..65536", v)
 		}
 	}
 	for key, v := range map[string]int{"http.sse_max_streams_per_principal": h.SSEMaxStreamsPerPrincipal, "http.sse_max_streams_per_ip": h.SSEMaxStreamsPerIP} {
@@ -740,8 +740,8 @@ func (c *Config) Validate() error {
 		if w.Timeout <= 0 || w.Timeout > 5*time.Minute {
 			return bad(key+".timeout", "%s is outside 1ns..5m", w.Timeout)
 		}
-		if w.MaxRetries < -1 {
-			return bad(key+".max_retries", "must be -1 (no retries) or more")
+		if w.MaxRetries < 0 {
+			return bad(key+".max_retries", "must be 0 (no retries) or more")
 		}
 	}
 	if c.Storage.Dir == "" {
@@ -885,6 +885,10 @@ func (c Config) asMap() yaml.Node {
 				parent.Content = append(parent.Content, seq)
 				continue
 			}
+			if prefix+name == "webhooks[].url" {
+				parent.Content = append(parent.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: redactURL(f.String()), Style: yaml.DoubleQuotedStyle})
+				continue
+			}
 			if secretKeys[prefix+name] && f.String() != "" {
 				parent.Content = append(parent.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: "",
 					Style: yaml.DoubleQuotedStyle, LineComment: "set, not printed"})
@@ -921,4 +925,24 @@ func validFilter(f string) bool {
 		}
 	}
 	return true
+}
+
+// redactURL hides the credentials and query values of a URL (a webhook's
+// may carry a token) for printing.
+func redactURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparsable URL, not printed)"
+	}
+	if u.User != nil {
+		u.User = url.User("xxxxx")
+	}
+	if u.RawQuery != "" {
+		q := u.Query()
+		for k := range q {
+			q[k] = []string{"xxxxx"}
+		}
+		u.RawQuery = q.Encode()
+	}
+	return u.String()
 }
