@@ -81,13 +81,14 @@ type History struct {
 	db    *storage.DB
 	epoch string
 
-	mu       sync.Mutex
-	seq      uint64 // last sequence handed out
-	reserved uint64 // sequences up to this are reserved in the store
-	rules    []*ruleState
-	trimmed  uint64            // highest sequence ever trimmed, persisted
-	last     map[string]uint64 // topic -> newest recorded sequence
-	queued   uint64            // last recorded sequence queued to the store
+	mu        sync.Mutex
+	seq       uint64 // last sequence handed out
+	reserved  uint64 // sequences up to this are reserved in the store
+	rules     []*ruleState
+	trimmed   uint64            // highest sequence ever trimmed
+	savedTrim uint64            // the trim mark as last written to the store
+	last      map[string]uint64 // topic -> newest recorded sequence
+	queued    uint64            // last recorded sequence queued to the store
 
 	// persisted is the last recorded sequence committed (records commit in
 	// order). The committer updates it without h.mu, which a publisher may
@@ -229,9 +230,18 @@ func (h *History) load() error {
 	h.persisted.Store(h.seq)
 	h.queued = h.seq
 	h.reserved = h.seq + h.opts.ReserveBlock
-	dels = append(dels, h.metaOp(metaReserved, h.reserved), h.metaOp(metaTrimmed, h.trimmed))
-	if err := h.db.Commit(dels...); err != nil {
+	// The marks first (a trim mark ahead of its deletes is safe), then the
+	// deletes in batches a transaction can hold.
+	if err := h.db.Commit(h.metaOp(metaReserved, h.reserved), h.metaOp(metaTrimmed, h.trimmed)); err != nil {
 		return fmt.Errorf("history: reserve sequences: %w", err)
+	}
+	h.savedTrim = h.trimmed
+	for len(dels) > 0 {
+		n := min(len(dels), maxOpsPerWrite)
+		if err := h.db.Commit(dels[:n]...); err != nil {
+			return fmt.Errorf("history: trim: %w", err)
+		}
+		dels = dels[n:]
 	}
 	return nil
 }
@@ -367,9 +377,9 @@ func (h *History) Publish(rec *Record, now time.Time) {
 		h.recorded.Add(1)
 		ops := []storage.Op{storage.Set(storage.HistoryKey(rec.Seq), storage.AppendHistory(nil, rec))}
 		if len(r.entries)-r.head > r.MaxMessages {
-			// The trim mark is not rewritten here, per message: a rule
-			// found full at the next start counts as trimmed up to its
-			// oldest record (see load).
+			// The trim mark is written within a second (ager) and at
+			// shutdown, not per message; after a crash, a rule found full
+			// counts as trimmed up to its oldest record (see load).
 			for _, seq := range h.trimRule(r, now) {
 				ops = append(ops, storage.Delete(storage.HistoryKey(seq)))
 				h.trimCount.Add(1)
@@ -382,17 +392,33 @@ func (h *History) Publish(rec *Record, now time.Time) {
 	h.feed(rec)
 }
 
-// trimOps appends the deletes of trimmed sequences, and the new trim
-// mark, to ops.
+// trimOps appends the deletes of trimmed sequences to ops.
 func (h *History) trimOps(ops []storage.Op, trimmed []uint64) []storage.Op {
-	if len(trimmed) == 0 {
-		return ops
-	}
 	for _, seq := range trimmed {
 		ops = append(ops, storage.Delete(storage.HistoryKey(seq)))
 	}
 	h.trimCount.Add(int64(len(trimmed)))
-	return append(ops, h.metaOp(metaTrimmed, h.trimmed))
+	return ops
+}
+
+// maxOpsPerWrite keeps a write well inside one badger transaction.
+const maxOpsPerWrite = 4096
+
+// writeTrims queues the trim mark, if it moved, then ops in batches.
+// Called with h.mu held.
+func (h *History) writeTrims(ops []storage.Op) {
+	if h.closed {
+		return
+	}
+	if h.trimmed > h.savedTrim {
+		h.db.WriteAsync(h.metaOp(metaTrimmed, h.trimmed))
+		h.savedTrim = h.trimmed
+	}
+	for len(ops) > 0 {
+		n := min(len(ops), maxOpsPerWrite)
+		h.db.WriteAsync(ops[:n]...)
+		ops = ops[n:]
+	}
 }
 
 // committed is called by the store's committer once the record seq (and
@@ -459,6 +485,8 @@ func (h *History) ager() {
 		case <-h.done:
 			return
 		case now := <-t.C:
+			// Trims by age, and the trim mark that count trims moved (they
+			// do not write it per message).
 			h.mu.Lock()
 			var ops []storage.Op
 			for _, r := range h.rules {
@@ -466,9 +494,7 @@ func (h *History) ager() {
 					ops = h.trimOps(ops, h.trimRule(r, now))
 				}
 			}
-			if len(ops) > 0 && !h.closed {
-				h.db.WriteAsync(ops...)
-			}
+			h.writeTrims(ops)
 			h.mu.Unlock()
 		}
 	}
@@ -688,6 +714,10 @@ func (h *History) Shutdown(ctx context.Context) error {
 	if h.closed {
 		h.mu.Unlock()
 		return nil
+	}
+	if h.trimmed > h.savedTrim {
+		h.db.WriteAsync(h.metaOp(metaTrimmed, h.trimmed)) // committed before the store closes
+		h.savedTrim = h.trimmed
 	}
 	h.closed = true
 	for w := range h.watches {

@@ -177,3 +177,31 @@ func BenchmarkHistoryPublish(b *testing.B) {
 	_ = h.Shutdown(context.Background())
 	_ = db.Shutdown(context.Background())
 }
+
+// Raising a rule's limit across a restart must not turn trimmed history
+// into a silent gap, and a restart that trims a great deal at once must
+// still start.
+func TestHistoryTrimMarkSurvivesRestart(t *testing.T) {
+	dir := t.TempDir()
+	h, db := openHistory(t, dir, HistoryRule{Filter: "#", MaxMessages: 100})
+	for i := range 1000 {
+		h.Publish(&Record{Topic: "a", Payload: []byte(fmt.Sprint(i))}, time.Now())
+	}
+	closeHistory(t, h, db)
+
+	h, db = openHistory(t, dir, HistoryRule{Filter: "#", MaxMessages: 1000}) // raised: no longer full
+	var re *ErrReset
+	if err := h.CanReplay(50, []string{"#"}); !errors.As(err, &re) || re.Reason != ResetExpired {
+		t.Fatalf("resume from a trimmed position after raising the limit: %v", err)
+	}
+	for i := range 60000 {
+		h.Publish(&Record{Topic: "a", Payload: []byte(fmt.Sprint(i))}, time.Now())
+	}
+	closeHistory(t, h, db)
+
+	h, db = openHistory(t, dir, HistoryRule{Filter: "#", MaxMessages: 10}) // 59,990+ deletes at load
+	defer closeHistory(t, h, db)
+	if got := replayAll(t, h, 0, ""); len(got) != 10 {
+		t.Fatalf("%d records kept, want 10", len(got))
+	}
+}
