@@ -54,6 +54,7 @@ type Streams struct {
 	mu    sync.Mutex
 	byKey map[string]int
 	byIP  map[netip.Addr]int
+	kicks map[string]map[*context.CancelFunc]struct{}
 	done  chan struct{}
 	once  sync.Once
 
@@ -71,6 +72,7 @@ func (s *Streams) Register(mux *http.ServeMux) {
 	s.done = make(chan struct{})
 	s.byKey = map[string]int{}
 	s.byIP = map[netip.Addr]int{}
+	s.kicks = map[string]map[*context.CancelFunc]struct{}{}
 	if s.WriteTimeout == 0 {
 		s.WriteTimeout = 10 * time.Second
 	}
@@ -92,6 +94,20 @@ func (s *Streams) Close() {
 			close(s.done)
 		}
 	})
+}
+
+// KickDevice ends every stream and poll of a device (disabled, removed or
+// given a new secret): it authenticated with credentials no longer valid.
+func (s *Streams) KickDevice(id string) int {
+	key := string(devices.DeviceKind) + ":" + id
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for cancel := range s.kicks[key] {
+		(*cancel)()
+		n++
+	}
+	return n
 }
 
 // StreamStats are the feeds' counters.
@@ -174,8 +190,9 @@ func (s *Streams) filters(w http.ResponseWriter, r *http.Request, c *Caller) ([]
 }
 
 // acquire counts a feed (transport "sse" or "poll") against the
-// per-principal and per-address limits, and in the gauges.
-func (s *Streams) acquire(w http.ResponseWriter, r *http.Request, c *Caller, transport string) (release func(), ok bool) {
+// per-principal and per-address limits, and in the gauges. The context it
+// returns ends with the request, or when Kick ends the caller's feeds.
+func (s *Streams) acquire(w http.ResponseWriter, r *http.Request, c *Caller, transport string) (ctx context.Context, release func(), ok bool) {
 	open := &s.sseOpen
 	if transport == "poll" {
 		open = &s.pollOpen
@@ -188,22 +205,28 @@ func (s *Streams) acquire(w http.ResponseWriter, r *http.Request, c *Caller, tra
 	case key != "" && s.MaxPerPrincipal > 0 && s.byKey[key] >= s.MaxPerPrincipal:
 		s.refused.Add(1)
 		fail(w, http.StatusTooManyRequests, "too many open streams for this principal (http.sse_max_streams_per_principal)")
-		return nil, false
+		return nil, nil, false
 	case s.MaxPerIP > 0 && s.byIP[addr] >= s.MaxPerIP:
 		s.refused.Add(1)
 		fail(w, http.StatusTooManyRequests, "too many open streams from this address (http.sse_max_streams_per_ip)")
-		return nil, false
+		return nil, nil, false
 	}
+	ctx, cancel := context.WithCancel(r.Context())
 	if key != "" {
 		s.byKey[key]++
+		if s.kicks[key] == nil {
+			s.kicks[key] = map[*context.CancelFunc]struct{}{}
+		}
+		s.kicks[key][&cancel] = struct{}{}
 	}
 	s.byIP[addr]++
 	s.opened.Add(1)
 	open.Add(1)
 	s.track(transport, 1)
 	var once sync.Once
-	return func() {
+	return ctx, func() {
 		once.Do(func() {
+			cancel()
 			open.Add(-1)
 			s.track(transport, -1)
 			s.mu.Lock()
@@ -211,6 +234,10 @@ func (s *Streams) acquire(w http.ResponseWriter, r *http.Request, c *Caller, tra
 			if key != "" {
 				if s.byKey[key]--; s.byKey[key] <= 0 {
 					delete(s.byKey, key)
+				}
+				delete(s.kicks[key], &cancel)
+				if len(s.kicks[key]) == 0 {
+					delete(s.kicks, key)
 				}
 			}
 			if s.byIP[addr]--; s.byIP[addr] <= 0 {
@@ -357,7 +384,7 @@ func (s *Streams) events(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer admitted()
-	release, ok := s.acquire(w, r, c, "sse")
+	ctx, release, ok := s.acquire(w, r, c, "sse")
 	if !ok {
 		return
 	}
@@ -406,33 +433,49 @@ func (s *Streams) events(w http.ResponseWriter, r *http.Request) {
 	}()
 	sw.buf.WriteString("retry: " + strconv.FormatInt(s.Retry.Milliseconds(), 10) + "\n\n")
 
-	ctx := r.Context()
 	if reset != "" {
 		_ = sw.event("", "reset", map[string]string{"reason": reset, "last_event_id": s.History.EventID(watch.From)})
 	}
-	if lastID == "" || reset != "" {
-		for _, e := range s.retained(c, filters) {
-			_ = sw.event("", "message", e)
-		}
-	} else {
-		match := matcher(filters)
+	var notReplayed []string
+	if lastID != "" && reset == "" {
 		var werr error
-		err := s.History.Replay(ctx, from, watch.From, match, func(rec *hooks.Record) bool {
+		err := s.History.Replay(ctx, from, watch.From, filters, matcher(filters), func(rec *hooks.Record) bool {
 			s.writeRecord(sw, c, rec)
 			if sw.buf.Len() >= 64<<10 {
 				werr = sw.flush()
 			}
 			return werr == nil
 		})
-		if err != nil || werr != nil {
+		var re *hooks.ErrReset
+		switch {
+		case errors.As(err, &re):
+			// Retention caught up with the position between the check
+			// above and the replay's snapshot: a reset all the same.
+			s.resets.Add(1)
+			reset = re.Reason
+			_ = sw.event("", "reset", map[string]string{"reason": reset, "last_event_id": s.History.EventID(watch.From)})
+		case err != nil || werr != nil:
 			if err != nil && ctx.Err() == nil {
 				s.Log.Error("sse replay", "error", err)
 			}
 			return
+		default:
+			// Filters no history rule wholly records cannot be replayed:
+			// their retained messages come again, and the ready event
+			// names them.
+			notReplayed = s.unrecorded(filters)
+			for _, e := range s.retained(c, notReplayed) {
+				_ = sw.event("", "message", e)
+			}
+		}
+	}
+	if lastID == "" || reset != "" {
+		for _, e := range s.retained(c, filters) {
+			_ = sw.event("", "message", e)
 		}
 	}
 	ready := s.History.EventID(watch.From)
-	_ = sw.event(ready, "ready", map[string]string{"last_event_id": ready})
+	_ = sw.event(ready, "ready", readyEvent{LastEventID: ready, NotReplayed: notReplayed})
 	if sw.flush() != nil {
 		return
 	}
@@ -497,9 +540,27 @@ func (s *Streams) writeRecord(sw *sseWriter, c *Caller, rec *hooks.Record) {
 
 // pollResponse is the body of a long-poll.
 type pollResponse struct {
-	Messages []Envelope `json:"messages"`
-	Cursor   string     `json:"cursor"`          // pass as cursor= on the next poll
-	Reset    string     `json:"reset,omitempty"` // why the cursor given could not be resumed from
+	Messages    []Envelope `json:"messages"`
+	Cursor      string     `json:"cursor"`                 // pass as cursor= on the next poll
+	Reset       string     `json:"reset,omitempty"`        // why the cursor given could not be resumed from
+	NotReplayed []string   `json:"not_replayed,omitempty"` // filters no history rule records: their retained messages are included instead
+}
+
+// readyEvent is the data of the ready event.
+type readyEvent struct {
+	LastEventID string   `json:"last_event_id"`
+	NotReplayed []string `json:"not_replayed,omitempty"` // filters no history rule records: their retained messages were sent instead
+}
+
+// unrecorded lists the filters that no history rule records wholly.
+func (s *Streams) unrecorded(filters []string) []string {
+	var out []string
+	for _, f := range filters {
+		if !s.History.Records(f) {
+			out = append(out, f)
+		}
+	}
+	return out
 }
 
 // poll serves GET /poll?topic=F...&cursor=ID&wait=25: the messages after
@@ -533,7 +594,7 @@ func (s *Streams) poll(w http.ResponseWriter, r *http.Request) {
 		}
 		limit = n
 	}
-	release, ok := s.acquire(w, r, c, "poll")
+	ctx, release, ok := s.acquire(w, r, c, "poll")
 	if !ok {
 		return
 	}
@@ -556,12 +617,9 @@ func (s *Streams) poll(w http.ResponseWriter, r *http.Request) {
 	if resp.Reset != "" {
 		w.Header().Set("Beacon-Last-Event-ID", resp.Cursor)
 	}
-	if cursor == "" || resp.Reset != "" {
-		resp.Messages = append(resp.Messages, s.retained(c, filters)...)
-	} else {
-		ctx := r.Context()
+	if cursor != "" && resp.Reset == "" {
 		full := false
-		err := s.History.Replay(ctx, from, watch.From, matcher(filters), func(rec *hooks.Record) bool {
+		err := s.History.Replay(ctx, from, watch.From, filters, matcher(filters), func(rec *hooks.Record) bool {
 			if len(resp.Messages) == limit {
 				full = true
 				return false
@@ -572,19 +630,31 @@ func (s *Streams) poll(w http.ResponseWriter, r *http.Request) {
 			resp.Cursor = s.History.EventID(rec.Seq)
 			return true
 		})
-		if err != nil {
+		var re *hooks.ErrReset
+		switch {
+		case errors.As(err, &re):
+			s.resets.Add(1)
+			resp.Reset = re.Reason
+			resp.Messages, resp.Cursor = resp.Messages[:0], s.History.EventID(watch.From)
+			w.Header().Set("Beacon-Last-Event-ID", resp.Cursor)
+		case err != nil:
 			if ctx.Err() == nil {
 				s.Log.Error("poll replay", "error", err)
 				fail(w, http.StatusServiceUnavailable, "history unavailable")
 			}
 			return
-		}
-		if !full {
+		case !full:
 			resp.Cursor = s.History.EventID(watch.From)
+			// As for SSE: what no rule records comes as retained.
+			resp.NotReplayed = s.unrecorded(filters)
+			resp.Messages = append(resp.Messages, s.retained(c, resp.NotReplayed)...)
 		}
 	}
+	if cursor == "" || resp.Reset != "" {
+		resp.Messages = append(resp.Messages, s.retained(c, filters)...)
+	}
 	if len(resp.Messages) == 0 && resp.Reset == "" && wait > 0 {
-		s.waitPoll(r.Context(), c, watch, wait, limit, &resp)
+		s.waitPoll(ctx, c, watch, wait, limit, &resp)
 	}
 	s.delivered.Add(int64(len(resp.Messages)))
 	WriteJSON(w, http.StatusOK, resp)

@@ -175,7 +175,13 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	if err := b.mqtt.AddHook(b.auth, nil); err != nil {
 		return nil, err
 	}
-	b.admin.Kick = b.auth.Kick
+	b.admin.Kick = func(id string) int {
+		n := b.auth.Kick(id)
+		if b.streams != nil {
+			n += b.streams.KickDevice(id) // streams opened with its old credentials
+		}
+		return n
+	}
 	b.drops = hooks.NewDrops()
 	if err := b.mqtt.AddHook(b.drops, nil); err != nil {
 		return nil, err

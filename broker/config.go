@@ -242,10 +242,11 @@ func Default() Config {
 			SSEHeartbeat: 15 * time.Second, SSEBuffer: 1024, SSEMaxFilters: 32, SSEMaxStreamsPerPrincipal: 32,
 			SSEMaxStreamsPerIP: 64, PollMaxWait: 60 * time.Second},
 		HomeAssistant: HomeAssistantConfig{Prefix: "homeassistant", StatePrefix: "beacon/state", StatusTopic: "devices/%u/status"},
-		History:       HistoryConfig{Rules: []HistoryRuleConfig{{Filter: "#", MaxMessages: 10000, MaxAge: 24 * time.Hour}}},
-		Auth:          AuthConfig{FailDelay: time.Second},
-		Storage:       StorageConfig{Dir: "beacon-data", Sync: storage.SyncBatch, SyncInterval: time.Second, GCInterval: 5 * time.Minute},
-		Log:           LogConfig{Level: "info", Format: "text"},
+		History: HistoryConfig{Rules: []HistoryRuleConfig{{Filter: "#", MaxMessages: 10000, MaxAge: 24 * time.Hour},
+			{Filter: "$beacon/presence/#", MaxMessages: 10000, MaxAge: 24 * time.Hour}}},
+		Auth:    AuthConfig{FailDelay: time.Second},
+		Storage: StorageConfig{Dir: "beacon-data", Sync: storage.SyncBatch, SyncInterval: time.Second, GCInterval: 5 * time.Minute},
+		Log:     LogConfig{Level: "info", Format: "text"},
 	}
 }
 

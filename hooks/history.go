@@ -521,6 +521,18 @@ func (h *History) waitPersisted(ctx context.Context, seq uint64) error {
 	}
 }
 
+// Records reports whether every message a filter matches is recorded: a
+// rule's filter covers it.
+func (h *History) Records(filter string) bool {
+	levels := strings.Split(filter, "/")
+	for _, r := range h.rules {
+		if devices.Covers(r.levels, levels) {
+			return true
+		}
+	}
+	return false
+}
+
 // CanReplay reports whether every recorded message after seq matching any
 // of filters is still stored; if not it returns an *ErrReset.
 func (h *History) CanReplay(seq uint64, filters []string) error {
@@ -543,16 +555,21 @@ func (h *History) CanReplay(seq uint64, filters []string) error {
 }
 
 // Replay calls fn, in order, for every recorded message with a sequence
-// in (after, upto] that match accepts, until fn returns false.
-func (h *History) Replay(ctx context.Context, after, upto uint64, match func(topic string) bool, fn func(*Record) bool) error {
-	if after >= upto {
-		return nil
-	}
+// in (after, upto] that match accepts, until fn returns false. It returns
+// an *ErrReset, before calling fn, if retention has meanwhile removed
+// messages after "after" that filters match: checked once the read
+// snapshot is taken, so nothing trimmed before it goes unnoticed and
+// nothing trimmed after it is missing from it.
+func (h *History) Replay(ctx context.Context, after, upto uint64, filters []string, match func(topic string) bool, fn func(*Record) bool) error {
 	if err := h.waitPersisted(ctx, upto); err != nil {
 		return err
 	}
+	check := func() error { return h.CanReplay(after, filters) }
+	if after >= upto {
+		return check()
+	}
 	var derr error
-	err := h.db.ScanFrom(storage.HistoryPrefix(), storage.HistoryKey(after+1), func(key, value []byte) bool {
+	err := h.db.ScanSnapshot(storage.HistoryPrefix(), storage.HistoryKey(after+1), check, func(key, value []byte) bool {
 		seq, ok := storage.ParseHistoryKey(key)
 		if !ok || seq > upto || ctx.Err() != nil {
 			return false

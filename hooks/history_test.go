@@ -37,7 +37,7 @@ func closeHistory(t *testing.T, h *History, db *storage.DB) {
 func replayAll(t *testing.T, h *History, after uint64, filter string) []string {
 	t.Helper()
 	var out []string
-	err := h.Replay(context.Background(), after, h.Seq(), func(topic string) bool {
+	err := h.Replay(context.Background(), after, h.Seq(), nil, func(topic string) bool {
 		return filter == "" || strings.HasPrefix(topic, filter)
 	}, func(r *Record) bool {
 		out = append(out, r.Topic+"="+string(r.Payload))

@@ -97,7 +97,19 @@ var errStop = errors.New("stop")
 // ScanFrom calls fn for every key under prefix from start on, in key
 // order, until fn returns false. The slices are only valid during the call.
 func (d *DB) ScanFrom(prefix, start []byte, fn func(key, value []byte) bool) error {
+	return d.ScanSnapshot(prefix, start, nil, fn)
+}
+
+// ScanSnapshot is ScanFrom that first calls opened, if set, once the
+// read snapshot is taken: what opened checks then holds for everything
+// the scan sees. An error from opened ends the scan and is returned.
+func (d *DB) ScanSnapshot(prefix, start []byte, opened func() error, fn func(key, value []byte) bool) error {
 	err := d.db.View(func(txn *badger.Txn) error {
+		if opened != nil {
+			if err := opened(); err != nil {
+				return err
+			}
+		}
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: true, PrefetchSize: 64})
 		defer it.Close()
 		for it.Seek(start); it.Valid(); it.Next() {

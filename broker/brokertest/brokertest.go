@@ -240,7 +240,16 @@ func (c *Client) Barrier(t testing.TB) {
 	c.barrier = true
 	c.mu.Unlock()
 	if !subscribed {
-		c.SubscribeT(t, paho.SubscribeOptions{Topic: topic, QoS: 1})
+		// mochi refuses a SUBSCRIBE whose packet id equals one of its own
+		// outbound messages still in flight to this client (0x91; MQTT
+		// says the two sides number independently), so try again until
+		// those flows are done.
+		WaitFor(t, 10*time.Second, "the barrier subscription", func() bool {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			sa, err := c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: topic, QoS: 1}}})
+			return err == nil && len(sa.Reasons) == 1 && sa.Reasons[0] < 0x80
+		})
 	}
 	seen := func() int {
 		c.mu.Lock()
