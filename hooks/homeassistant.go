@@ -49,6 +49,7 @@ type HomeAssistant struct {
 	state  map[string]map[string]any // device -> last readings
 	known  map[string]map[string]bool
 	queue  []haPublish
+	queued map[string]int // topic -> index in queue
 	wake   chan struct{}
 	done   chan struct{}
 	wg     sync.WaitGroup
@@ -114,10 +115,13 @@ func (h *HomeAssistant) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 	}
 	var fresh []string
 	for k, v := range values {
-		st[k] = v
 		if !h.known[id][k] {
+			if len(h.known[id])+len(fresh) >= maxEntitiesPerDevice {
+				continue // a device inventing keys must not flood Home Assistant
+			}
 			fresh = append(fresh, k)
 		}
+		st[k] = v
 	}
 	if len(fresh) > 0 {
 		sort.Strings(fresh)
@@ -302,10 +306,24 @@ func (h *HomeAssistant) Forget(id string) {
 	h.queueLocked(h.StateTopic(id), nil)
 }
 
+// maxEntitiesPerDevice bounds the readings announced for one device: a
+// JSON codec without declared fields exposes whatever keys a device sends.
+const maxEntitiesPerDevice = 64
+
 func (h *HomeAssistant) queueLocked(topic string, payload []byte) {
 	if h.closed {
 		return
 	}
+	// A state not yet published is replaced by the newer one: the queue
+	// holds one entry per topic at most, so a fast device cannot grow it.
+	if i, ok := h.queued[topic]; ok {
+		h.queue[i].payload = payload
+		return
+	}
+	if h.queued == nil {
+		h.queued = map[string]int{}
+	}
+	h.queued[topic] = len(h.queue)
 	h.queue = append(h.queue, haPublish{topic: topic, payload: payload})
 	select {
 	case h.wake <- struct{}{}:
@@ -330,7 +348,7 @@ func (h *HomeAssistant) Start() {
 			}
 			h.mu.Lock()
 			batch := h.queue
-			h.queue = nil
+			h.queue, h.queued = nil, nil
 			h.mu.Unlock()
 			for _, p := range batch {
 				if err := h.opts.Server.Publish(p.topic, p.payload, true, 1); err != nil {
