@@ -43,6 +43,11 @@ func TestHomeAssistantDiscovery(t *testing.T) {
 			{Name: "setpoint", Type: "float64", Unit: "°C", DeviceClass: "temperature"},
 		}}}
 	})
+	// Registering d1 (a thermostat) announced its declared reading; wait
+	// until that is retained, so the subscriber below gets it once.
+	bt.WaitFor(t, 10*time.Second, "the announcement", func() bool {
+		return len(e.b.Server().Topics.Messages("homeassistant/sensor/d1_setpoint/config")) == 1
+	})
 	ha := bt.Dial(t, e.addr, creds("home-assistant", "ha", token(t, "ha", "", time.Hour, nil,
 		[]string{"homeassistant/#", "beacon/state/#", "$beacon/presence/#"})))
 	ha.SubscribeT(t, paho.SubscribeOptions{Topic: "homeassistant/#", QoS: 1}, paho.SubscribeOptions{Topic: "beacon/state/#", QoS: 1})

@@ -54,6 +54,13 @@ func envelopeOf(t *testing.T, ev bt.Event) envelope {
 	return e
 }
 
+// waitRecorded waits until the history holds n messages: routed, so a
+// stream opened now sees them as past, not live.
+func waitRecorded(t *testing.T, b *broker.Broker, n int64) {
+	t.Helper()
+	bt.WaitFor(t, 5*time.Second, fmt.Sprintf("%d messages recorded", n), func() bool { return b.Stats().History.Recorded >= n })
+}
+
 func eventsURL(b *broker.Broker, params ...string) string {
 	q := url.Values{}
 	for i := 0; i+1 < len(params); i += 2 {
@@ -67,6 +74,7 @@ func TestSSERetainedThenLive(t *testing.T) {
 	pub := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub", CleanStart: true})
 	pub.PublishT(t, &paho.Publish{Topic: "home/t1", QoS: 1, Retain: true, Payload: []byte(`{"temp": 21.5}`)})
 	pub.PublishT(t, &paho.Publish{Topic: "home/bin", QoS: 1, Retain: true, Payload: []byte{0, 1, 2, 0xff}})
+	waitRecorded(t, b, 2) // PUBACK comes before routing: else they could also arrive live
 
 	s, resp := bt.OpenSSE(t, eventsURL(b, "topic", "home/#"), nil)
 	if s == nil {
@@ -292,6 +300,7 @@ func TestSSEAuthorization(t *testing.T) {
 	dev := bt.Dial(t, e.addr, creds("d1", "d1", e.dev))
 	dev.PublishT(t, &paho.Publish{Topic: "devices/d1/state", QoS: 1, Retain: true, Payload: []byte("on")})
 	dev.PublishT(t, &paho.Publish{Topic: "devices/d1/secrets/key", QoS: 1, Retain: true, Payload: []byte("hunter2")})
+	waitRecorded(t, b, 2)
 	viewer := token(t, "alice", "viewer", time.Hour, nil, nil)
 
 	for _, tc := range []struct {
