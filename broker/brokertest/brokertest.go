@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"runtime/pprof"
 	"sync"
 	"testing"
 	"time"
@@ -83,7 +84,10 @@ func Stop(t testing.TB, b *broker.Broker) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	if err := b.Shutdown(ctx); err != nil {
-		t.Errorf("shutdown: %v", err)
+		// What is stuck: every goroutine's stack, for the test log.
+		var dump bytes.Buffer
+		_ = pprof.Lookup("goroutine").WriteTo(&dump, 2)
+		t.Errorf("shutdown: %v\n%s", err, dump.String())
 	}
 }
 
