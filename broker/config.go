@@ -11,10 +11,10 @@ import (
 	"strconv"
 	"strings"
 	"time"
-	"unicode/utf8"
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/beaconmq/beacon/devices"
 	"github.com/beaconmq/beacon/devices/codec"
 	"github.com/beaconmq/beacon/storage"
 )
@@ -910,24 +910,6 @@ func (c Config) asMap() yaml.Node {
 	return root
 }
 
-// validFilter reports whether f is an MQTT topic filter without a shared
-// subscription prefix.
-func validFilter(f string) bool {
-	if strings.HasPrefix(f, "$share/") || strings.ContainsRune(f, 0) || !utf8.ValidString(f) {
-		return false
-	}
-	levels := strings.Split(f, "/")
-	for i, l := range levels {
-		if l == "#" && i != len(levels)-1 {
-			return false
-		}
-		if l != "#" && l != "+" && strings.ContainsAny(l, "+#") {
-			return false
-		}
-	}
-	return true
-}
-
 // redactURL hides the credentials and query values of a URL (a webhook's
 // may carry a token) for printing.
 func redactURL(raw string) string {
@@ -947,3 +929,6 @@ func redactURL(raw string) string {
 	}
 	return u.String()
 }
+
+// validFilter reports whether f is an MQTT topic filter.
+func validFilter(f string) bool { return devices.ValidFilter(f) == nil }

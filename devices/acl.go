@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"gopkg.in/yaml.v3"
 )
@@ -328,11 +329,17 @@ func parseRule(n *yaml.Node) (Rule, error) {
 	return r, nil
 }
 
-// validRuleFilter checks an MQTT topic filter in which %u and %c may stand
-// as whole levels.
-func validRuleFilter(f string) error {
-	if f == "" {
+// ValidFilter checks an MQTT topic filter: not empty, valid UTF-8 without
+// U+0000, wildcards as whole levels, '#' last, no shared-subscription
+// prefix.
+func ValidFilter(f string) error {
+	switch {
+	case f == "":
 		return errors.New("empty topic filter")
+	case strings.IndexByte(f, 0) >= 0 || !utf8.ValidString(f):
+		return fmt.Errorf("topic %q: not valid UTF-8 without U+0000", f)
+	case strings.HasPrefix(f, "$share/"):
+		return fmt.Errorf("topic %q: a shared subscription, not a filter", f)
 	}
 	levels := strings.Split(f, "/")
 	for i, l := range levels {
@@ -341,7 +348,19 @@ func validRuleFilter(f string) error {
 			return fmt.Errorf("topic %q: '#' must be the last level", f)
 		case l != "#" && l != "+" && strings.ContainsAny(l, "#+"):
 			return fmt.Errorf("topic %q: wildcards must stand as whole levels", f)
-		case l != "%u" && l != "%c" && strings.Contains(l, "%") && (strings.Contains(l, "%u") || strings.Contains(l, "%c")):
+		}
+	}
+	return nil
+}
+
+// validRuleFilter checks an MQTT topic filter in which %u and %c may stand
+// as whole levels.
+func validRuleFilter(f string) error {
+	if err := ValidFilter(f); err != nil {
+		return err
+	}
+	for _, l := range strings.Split(f, "/") {
+		if l != "%u" && l != "%c" && strings.Contains(l, "%") && (strings.Contains(l, "%u") || strings.Contains(l, "%c")) {
 			return fmt.Errorf("topic %q: %%u and %%c must stand as whole levels", f)
 		}
 	}

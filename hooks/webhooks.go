@@ -281,7 +281,7 @@ func newWebhook(i int, c WebhookConfig) (*webhook, error) {
 	}
 	h := &webhook{url: redactURL(u), wake: make(chan struct{}, 1)}
 	for _, f := range c.Topics {
-		if err := validFilter(f); err != nil {
+		if err := devices.ValidFilter(f); err != nil {
 			return nil, fmt.Errorf("%s: %w", key("topics"), err)
 		}
 		h.filters = append(h.filters, strings.Split(f, "/"))
@@ -297,26 +297,6 @@ func newWebhook(i int, c WebhookConfig) (*webhook, error) {
 	}
 	h.cfg = c
 	return h, nil
-}
-
-// validFilter checks an MQTT topic filter.
-func validFilter(f string) error {
-	if f == "" {
-		return errors.New("empty topic filter")
-	}
-	if strings.IndexByte(f, 0) >= 0 {
-		return fmt.Errorf("topic %q: contains U+0000", f)
-	}
-	levels := strings.Split(f, "/")
-	for i, l := range levels {
-		switch {
-		case l == "#" && i != len(levels)-1:
-			return fmt.Errorf("topic %q: '#' must be the last level", f)
-		case l != "#" && l != "+" && strings.ContainsAny(l, "#+"):
-			return fmt.Errorf("topic %q: wildcards must stand as whole levels", f)
-		}
-	}
-	return nil
 }
 
 // redactURL is u for logs and the admin API, with its user info and
