@@ -51,10 +51,14 @@ func (p *presence) push(c devices.Change) {
 	}
 }
 
-// start publishes the state of every device once (a crash may have left
-// "online" retained), then follows the changes.
+// start corrects the retained presence of every device whose message is
+// missing or says online (nothing is connected yet; a crash or a stop
+// leaves "online" behind), then follows the changes.
 func (p *presence) start(reg *devices.Registry) {
 	for _, d := range reg.List(nil) {
+		if p.retainedOffline(d.ID) {
+			continue // already right: no write per device at every start
+		}
 		p.publish(devices.Change{Device: d})
 	}
 	p.wg.Add(1)
@@ -89,6 +93,16 @@ func (p *presence) publish(c devices.Change) {
 	if err := p.srv.Publish(topic, payload, true, 1); err != nil {
 		p.log.Warn("presence publish", "device", c.Device.ID, "error", err)
 	}
+}
+
+// retainedOffline reports whether the retained presence of id says offline.
+func (p *presence) retainedOffline(id string) bool {
+	msgs := p.srv.Topics.Messages(PresencePrefix + id)
+	if len(msgs) != 1 {
+		return false
+	}
+	var e PresenceEvent
+	return json.Unmarshal(msgs[0].Payload, &e) == nil && e.Device == id && !e.Online
 }
 
 func (p *presence) stop() {

@@ -21,6 +21,7 @@ import (
 
 	"github.com/beaconmq/beacon/broker"
 	bt "github.com/beaconmq/beacon/broker/brokertest"
+	"github.com/beaconmq/beacon/devices"
 	"github.com/beaconmq/beacon/devices/codec"
 )
 
@@ -657,5 +658,35 @@ func TestSSEHeartbeatAndRetryHint(t *testing.T) {
 	}
 	if lines[0] != "retry: 3000" || !strings.HasPrefix(lines[len(lines)-1], ": heartbeat") {
 		t.Fatalf("stream began %q: want the retry hint first and a heartbeat comment when idle", lines)
+	}
+}
+
+// A device connected when the broker stops is not left "online" in its
+// retained presence after the restart.
+func TestPresenceCorrectedAtStart(t *testing.T) {
+	cfg := bt.Config(t)
+	cfg.Auth.AllowAnonymous = true
+	b := bt.Start(t, cfg)
+	_, secret, err := b.Registry().Add(devices.NewDevice{ID: "p1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "p1", CleanStart: true, Username: "p1", UsernameFlag: true,
+		Password: []byte(secret), PasswordFlag: true})
+	online := func(b *broker.Broker) (bool, bool) {
+		msgs := b.Server().Topics.Messages(broker.PresencePrefix + "p1")
+		if len(msgs) != 1 {
+			return false, false
+		}
+		var e broker.PresenceEvent
+		_ = json.Unmarshal(msgs[0].Payload, &e)
+		return e.Online, true
+	}
+	bt.WaitFor(t, 5*time.Second, "p1 online", func() bool { on, _ := online(b); return on })
+	bt.Stop(t, b)
+
+	b = bt.Start(t, cfg)
+	if on, ok := online(b); !ok || on {
+		t.Fatalf("after a restart, p1's retained presence: online=%v present=%v", on, ok)
 	}
 }
