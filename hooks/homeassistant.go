@@ -1,6 +1,7 @@
 package hooks
 
 import (
+	"bytes"
 	"encoding/json"
 	"log/slog"
 	"sort"
@@ -280,6 +281,9 @@ func (h *HomeAssistant) Announce(dev devices.Device) {
 			sample = false
 		}
 		topic, cfg := h.discovery(dev, f.Name, sample, f)
+		if msgs := h.opts.Server.Topics.Messages(topic); len(msgs) == 1 && bytes.Equal(msgs[0].Payload, cfg) {
+			continue // retained already, as it would be published: no write at every start
+		}
 		h.queueLocked(topic, cfg)
 	}
 }
