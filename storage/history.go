@@ -130,21 +130,6 @@ func (d *DB) ScanSnapshot(prefix, start []byte, opened func() error, fn func(key
 	return err
 }
 
-// ScanKeys calls fn for every key under prefix, in key order, without
-// reading values.
-func (d *DB) ScanKeys(prefix []byte, fn func(key []byte) error) error {
-	return d.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			if err := fn(it.Item().Key()); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-}
-
 // Commit queues ops as one atomic unit and returns once they are
 // committed and visible to readers, whatever the sync policy (under
 // SyncNone, Write returns before that).

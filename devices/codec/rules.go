@@ -58,16 +58,16 @@ func (rs *Rules) Len() int {
 	return len(rs.rules)
 }
 
-// Match returns the rule for a message on topic from a device of
+// find is the first rule matching a message on topic from a device of
 // deviceType ("" when the publisher is not a device), or nil.
-func (rs *Rules) Match(topic, deviceType string) *Rule {
+func (rs *Rules) find(topic, deviceType string) *compiled {
 	if rs == nil {
 		return nil
 	}
 	for i := range rs.rules {
 		r := &rs.rules[i]
 		if (r.DeviceType == "" || r.DeviceType == deviceType) && devices.MatchesTopic(r.levels, topic) {
-			return &r.Rule
+			return r
 		}
 	}
 	return nil
@@ -78,36 +78,26 @@ func (rs *Rules) Match(topic, deviceType string) *Rule {
 // counted as a failure and returned as err: the message itself still
 // flows raw).
 func (rs *Rules) Decode(topic, deviceType string, payload []byte) (map[string]any, error) {
-	if rs == nil {
+	r := rs.find(topic, deviceType)
+	if r == nil {
 		return nil, nil
 	}
-	for i := range rs.rules {
-		r := &rs.rules[i]
-		if (r.DeviceType != "" && r.DeviceType != deviceType) || !devices.MatchesTopic(r.levels, topic) {
-			continue
-		}
-		v, err := r.dec.Decode(payload)
-		if err != nil {
-			rs.failures.Add(1)
-			return nil, err
-		}
-		if v != nil {
-			rs.decoded.Add(1)
-		}
-		return v, nil
+	v, err := r.dec.Decode(payload)
+	if err != nil {
+		rs.failures.Add(1)
+		return nil, err
 	}
-	return nil, nil
+	if v != nil {
+		rs.decoded.Add(1)
+	}
+	return v, nil
 }
 
 // Fields are the readings of the matching rule, with units and device
 // classes, or nil.
 func (rs *Rules) Fields(topic, deviceType string) []Field {
-	if r := rs.Match(topic, deviceType); r != nil {
-		for i := range rs.rules {
-			if &rs.rules[i].Rule == r {
-				return rs.rules[i].dec.Fields()
-			}
-		}
+	if r := rs.find(topic, deviceType); r != nil {
+		return r.dec.Fields()
 	}
 	return nil
 }
