@@ -1,0 +1,97 @@
+package topics
+
+import (
+	"strings"
+	"unicode/utf8"
+)
+
+// MaxLen is the longest topic name or filter in bytes: an MQTT UTF-8 string
+// carries a 16-bit length.
+const MaxLen = 65535
+
+// sharePrefix starts a shared subscription's filter (MQTT 5.0, 4.8.2).
+const sharePrefix = "$share/"
+
+// validString applies the rules every MQTT topic string shares: 1 to
+// MaxLen bytes of well-formed UTF-8 (which excludes the surrogates
+// U+D800..U+DFFF) without U+0000.
+func validString(s string) bool {
+	return len(s) > 0 && len(s) <= MaxLen &&
+		strings.IndexByte(s, 0) < 0 && utf8.ValidString(s)
+}
+
+// ValidTopicName reports whether name may be the topic of a PUBLISH: a
+// valid MQTT string without the wildcards '+' and '#'.
+func ValidTopicName(name string) bool {
+	return validString(name) && strings.IndexAny(name, "+#") < 0
+}
+
+// ValidFilter reports whether filter is a syntactically valid topic filter:
+// a valid MQTT string in which '+' and '#' stand as whole levels and '#'
+// only as the last one. It checks syntax only: "$share/g/a" passes as the
+// filter it would be in MQTT 3.1.1. A SUBSCRIBE filter goes through
+// ParseShared, which splits shared subscriptions off and validates both.
+func ValidFilter(filter string) bool {
+	if !validString(filter) {
+		return false
+	}
+	for i := 0; i < len(filter); i++ {
+		c := filter[i]
+		if c != '+' && c != '#' {
+			continue
+		}
+		if i > 0 && filter[i-1] != '/' {
+			return false // "a+", "a#"
+		}
+		if c == '#' && i != len(filter)-1 {
+			return false // "#a", "a/#/b"
+		}
+		if i+1 < len(filter) && filter[i+1] != '/' {
+			return false // "+a"
+		}
+	}
+	return true
+}
+
+// ParseShared splits a SUBSCRIBE filter. For "$share/{group}/{inner}" it
+// returns the group, the inner filter and shared true; for any other filter
+// it returns "", filter and false. ok reports whether the filter is valid:
+// the group is non-empty and holds no '+', '#' or '/', and the inner filter
+// (or the plain filter) passes ValidFilter. "$share/g", "$share//a" and
+// "$share/g+/a" are not ok.
+func ParseShared(filter string) (group, inner string, shared, ok bool) {
+	rest, found := strings.CutPrefix(filter, sharePrefix)
+	if !found {
+		return "", filter, false, ValidFilter(filter)
+	}
+	group, inner, found = strings.Cut(rest, "/")
+	ok = found && group != "" && strings.IndexAny(group, "+#") < 0 &&
+		validString(filter) && ValidFilter(inner)
+	return group, inner, true, ok
+}
+
+// Match reports whether the topic name matches the filter. Both are
+// expected to be valid (ValidTopicName, ValidFilter); for other input the
+// answer is unspecified. Match does not allocate.
+func Match(filter, topic string) bool {
+	if topic != "" && topic[0] == '$' && filter != "" && (filter[0] == '+' || filter[0] == '#') {
+		return false // MQTT-4.7.2-1
+	}
+	for {
+		f, frest, fmore := strings.Cut(filter, "/")
+		if f == "#" {
+			return true
+		}
+		t, trest, tmore := strings.Cut(topic, "/")
+		if f != "+" && f != t {
+			return false
+		}
+		switch {
+		case !fmore:
+			return !tmore
+		case !tmore:
+			return frest == "#" // "a/#" matches "a"
+		}
+		filter, topic = frest, trest
+	}
+}
