@@ -541,6 +541,10 @@ func TestTopicsLast(t *testing.T) {
 
 func TestPresenceStream(t *testing.T) {
 	e := startAuth(t, nil)
+	// Registering d1, d2 and off published their presence from the
+	// presence goroutine, after Add returned: wait until all three are
+	// routed, or they can arrive live after ready.
+	waitRecorded(t, e.b, 3)
 	ops := token(t, "ops", "ops", time.Hour, nil, []string{"$beacon/presence/#"})
 	s, _ := bt.OpenSSE(t, eventsURL(e.b, "topic", "$beacon/presence/#", "access_token", ops), nil)
 	before, _ := s.Until(t, "ready", 5*time.Second)
