@@ -49,6 +49,9 @@ func TestSSEResumeAfterSIGKILL(t *testing.T) {
 	p = startBeacon(t, data)
 	pub = bt.Dial(t, p.mqtt, &paho.Connect{ClientID: "pub", CleanStart: true})
 	publish(100, 150)
+	// PUBACK precedes routing: wait until m149 is routed (so recorded),
+	// or it can reach the resumed stream live, after ready.
+	pub.Barrier(t)
 	url = "http://" + p.http + "/events?topic=k%2F%23"
 	h := http.Header{}
 	h.Set("Last-Event-ID", last)
