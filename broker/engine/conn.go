@@ -1,0 +1,389 @@
+package engine
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// conn is one network connection. Its reader goroutine decodes and
+// handles packets in order; writes are appended to out under outMu and
+// written by a flusher goroutine that runs only while there is something
+// to write, so many packets leave in one write and a connection that is
+// idle holds neither a writer goroutine nor a write buffer.
+type conn struct {
+	srv      *Server
+	nc       net.Conn
+	listener string
+	remote   string
+	br       *bufio.Reader
+
+	// Set by CONNECT, read-only afterwards (the reader goroutine owns them).
+	version        byte
+	clientID       string
+	username       string
+	principal      Principal
+	sess           *session
+	keepalive      time.Duration
+	maxOut         uint32 // the client's Maximum Packet Size; 0 = unlimited
+	aliasMax       uint16 // inbound topic aliases accepted
+	aliases        map[uint16]string
+	inQoS          int  // inbound QoS 1/2 flows awaiting our acknowledgement (QoS 2 until PUBREL)
+	problem        bool // the client accepts reason strings (v5 Request Problem Information)
+	will           *Message
+	willDelay      time.Duration
+	stopTimer      func() bool // stops the credentials-expiry timer
+	sessionPresent bool
+	persistent     bool
+	takenOver      atomic.Bool
+
+	outMu     sync.Mutex
+	out       []byte // bytes queued for the socket
+	spare     []byte // the buffer of the previous write, reused
+	writing   int    // bytes handed to the socket and not yet written
+	flushing  bool   // a flusher goroutine runs
+	closing   bool   // no more writes accepted; the socket closes once out is written
+	closed    bool   // the socket is closed
+	needPump  bool   // the session waits for the budget to free
+	closeErr  error  // why the connection is closing
+	finalSent bool   // a DISCONNECT was queued
+	done      chan struct{}
+}
+
+func newConn(srv *Server, nc net.Conn, listener string) *conn {
+	return &conn{
+		srv:      srv,
+		nc:       nc,
+		listener: listener,
+		remote:   nc.RemoteAddr().String(),
+		br:       bufio.NewReaderSize(nc, 2048),
+		done:     make(chan struct{}),
+	}
+}
+
+// errSlowConsumer closes a connection whose socket did not take a write
+// within the write timeout.
+var errSlowConsumer = errors.New("slow consumer: write timed out")
+
+// queue appends what fn encodes to the outbound bytes and makes sure a
+// flusher runs. It reports false once the connection is closing.
+func (c *conn) queue(fn func([]byte) []byte) bool {
+	c.outMu.Lock()
+	if c.closing {
+		c.outMu.Unlock()
+		return false
+	}
+	c.out = fn(c.out)
+	c.kickLocked()
+	c.outMu.Unlock()
+	return true
+}
+
+// pending is the number of bytes queued and being written. Callers hold
+// outMu.
+func (c *conn) pendingLocked() int { return len(c.out) + c.writing }
+
+// hasRoom reports whether n more bytes fit in the outbound budget; if not,
+// the session is pumped again once the socket drains.
+func (c *conn) hasRoom(n int) bool {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.closing {
+		return false
+	}
+	if c.pendingLocked() == 0 || c.pendingLocked()+n <= c.srv.lim.OutboundBudget {
+		return true
+	}
+	c.needPump = true
+	return false
+}
+
+// queueIfRoom queues a packet of size n unless it would pass the
+// outbound budget (an empty queue always takes one packet).
+func (c *conn) queueIfRoom(n int, fn func([]byte) []byte) bool {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.closing {
+		return false
+	}
+	if p := c.pendingLocked(); p > 0 && p+n > c.srv.lim.OutboundBudget {
+		return false
+	}
+	c.out = fn(c.out)
+	c.kickLocked()
+	return true
+}
+
+func (c *conn) kickLocked() {
+	if !c.flushing && len(c.out) > 0 {
+		c.flushing = true
+		go c.flush()
+	}
+}
+
+// flush writes queued bytes until none are left, then exits.
+func (c *conn) flush() {
+	for {
+		c.outMu.Lock()
+		if len(c.out) == 0 || c.closed {
+			c.flushing = false
+			if c.closing && !c.closed {
+				c.closeSocketLocked()
+			}
+			// Idle: keep no buffers.
+			c.out, c.spare = nil, nil
+			c.outMu.Unlock()
+			return
+		}
+		buf := c.out
+		c.out = c.spare[:0]
+		c.spare = nil
+		c.writing = len(buf)
+		c.outMu.Unlock()
+
+		_ = c.nc.SetWriteDeadline(time.Now().Add(c.srv.lim.WriteTimeout))
+		_, err := c.nc.Write(buf)
+
+		c.outMu.Lock()
+		c.writing = 0
+		if cap(buf) <= 64<<10 {
+			c.spare = buf[:0]
+		}
+		pump := c.needPump && !c.closing && c.pendingLocked() <= c.srv.lim.OutboundBudget/2
+		if pump {
+			c.needPump = false
+		}
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				err = errSlowConsumer
+				c.srv.stats.slowConsumers.Add(1)
+			}
+			if c.closeErr == nil {
+				c.closeErr = err
+			}
+			c.closing = true
+			c.flushing = false
+			c.closeSocketLocked()
+			c.outMu.Unlock()
+			return
+		}
+		c.outMu.Unlock()
+		if pump && c.sess != nil {
+			c.sess.pump(c)
+		}
+	}
+}
+
+// closeSocketLocked closes the socket; the reader then ends. Callers hold
+// outMu.
+func (c *conn) closeSocketLocked() {
+	if !c.closed {
+		c.closed = true
+		_ = c.nc.Close()
+	}
+}
+
+// close ends the connection: a v5 client that has connected is told why
+// with a DISCONNECT (code 0 = none sent), queued bytes are written first
+// (bounded by the write timeout), then the socket closes.
+func (c *conn) close(cause error, code byte, reason string) {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.closing {
+		return
+	}
+	if c.closeErr == nil {
+		c.closeErr = cause
+	}
+	if code != 0 && c.version == 5 && c.sess != nil && !c.finalSent {
+		c.finalSent = true
+		c.out = appendDisconnect(c.out, code, c.reasonString(reason))
+	}
+	c.closing = true
+	if len(c.out) == 0 && c.writing == 0 {
+		c.closeSocketLocked()
+		return
+	}
+	c.kickLocked()
+	// A write in progress is bounded by its deadline; make sure the
+	// reader does not wait for more input meanwhile.
+	_ = c.nc.SetReadDeadline(time.Now())
+}
+
+// reasonString is reason if the client accepts reason strings.
+func (c *conn) reasonString(reason string) string {
+	if c.problem {
+		return reason
+	}
+	return ""
+}
+
+// appendDisconnect encodes a v5 DISCONNECT.
+func appendDisconnect(b []byte, code byte, reason string) []byte {
+	propLen := 0
+	if reason != "" {
+		propLen = 3 + len(reason)
+	}
+	b = appendVarint(append(b, packets.Disconnect<<4), 1+varintLen(propLen)+propLen)
+	b = appendVarint(append(b, code), propLen)
+	if reason != "" {
+		b = appendString(append(b, packets.PropReasonString), reason)
+	}
+	return b
+}
+
+// protoError is a violation found while reading or handling a packet: the
+// v5 reason code to disconnect with and what to tell.
+type protoError struct {
+	code   byte
+	reason string
+}
+
+func (e *protoError) Error() string { return fmt.Sprintf("%s (0x%02x)", e.reason, e.code) }
+
+func protoErr(code byte, reason string) error { return &protoError{code: code, reason: reason} }
+
+// Reason codes (MQTT 5.0 section 2.4) the engine sends.
+const (
+	codeSuccess              = 0x00
+	codeNoMatchingSubs       = 0x10
+	codeNoSubscription       = 0x11
+	codeUnspecified          = 0x80
+	codeMalformed            = 0x81
+	codeProtocolError        = 0x82
+	codeImplementation       = 0x83
+	codeUnsupportedVersion   = 0x84
+	codeIDRejected           = 0x85
+	codeBadCredentials       = 0x86
+	codeNotAuthorized        = 0x87
+	codeServerBusy           = 0x89
+	codeBanned               = 0x8A
+	codeServerShuttingDown   = 0x8B
+	codeBadAuthMethod        = 0x8C
+	codeKeepAliveTimeout     = 0x8D
+	codeSessionTakenOver     = 0x8E
+	codeFilterInvalid        = 0x8F
+	codeTopicInvalid         = 0x90
+	codeIDInUse              = 0x91
+	codeIDNotFound           = 0x92
+	codeReceiveMaxExceeded   = 0x93
+	codeTopicAliasInvalid    = 0x94
+	codePacketTooLarge       = 0x95
+	codeQuotaExceeded        = 0x97
+	codeAdminAction          = 0x98
+	codeRetainNotSupported   = 0x9A
+	codeQoSNotSupported      = 0x9B
+	codeSharedNotSupported   = 0x9E
+	codeSubIDsNotSupported   = 0xA1
+	codeWildcardNotSupported = 0xA2
+)
+
+// readPacket reads and decodes one packet. A decoded packet's strings and
+// slices point into a buffer of its own, which the handlers may keep.
+func (c *conn) readPacket() (pk packets.Packet, err error) {
+	hb, err := c.br.ReadByte()
+	if err != nil {
+		return pk, err
+	}
+	if err := pk.FixedHeader.Decode(hb); err != nil {
+		return pk, protoErr(codeMalformed, "malformed fixed header")
+	}
+	n, _, err := packets.DecodeLength(c.br)
+	if err != nil {
+		if errors.Is(err, io.EOF) || isTimeout(err) {
+			return pk, err
+		}
+		return pk, protoErr(codeMalformed, "malformed remaining length")
+	}
+	max := c.srv.lim.MaxPacketSize
+	if uint64(n)+1+uint64(varintLen(n)) > uint64(max) {
+		return pk, protoErr(codePacketTooLarge, "packet larger than the maximum packet size")
+	}
+	pk.FixedHeader.Remaining = n
+	body := make([]byte, n)
+	if _, err := io.ReadFull(c.br, body); err != nil {
+		return pk, err
+	}
+	if c.version == 0 && pk.FixedHeader.Type != packets.Connect {
+		return pk, protoErr(codeProtocolError, "the first packet must be CONNECT")
+	}
+	pk.ProtocolVersion = c.version
+	if pk.FixedHeader.Type == packets.Connect && c.version == 0 {
+		// The version is in the packet; the property check needs it.
+		if off := propertiesOffset(packets.Connect, 0, body); off > 0 && off-4 < len(body) && body[off-4] == 5 {
+			if err := checkDuplicateProps(packets.Connect, 0, body); err != nil {
+				return pk, connectErr{code: codeProtocolError, version: 5, reason: err.Error()}
+			}
+		}
+	} else if c.version == 5 {
+		if err := checkDuplicateProps(pk.FixedHeader.Type, pk.FixedHeader.Qos, body); err != nil {
+			code := byte(codeProtocolError)
+			if errors.Is(err, errBadProperties) {
+				code = codeMalformed
+			}
+			return pk, protoErr(code, err.Error())
+		}
+	}
+	if err := decode(&pk, body); err != nil {
+		if pk.FixedHeader.Type == packets.Connect && c.version == 0 {
+			return pk, connectErr{code: codeMalformed, version: pk.ProtocolVersion, reason: "malformed CONNECT"}
+		}
+		var code packets.Code
+		if errors.As(err, &code) && code.Code >= 0x80 {
+			return pk, protoErr(code.Code, code.Reason)
+		}
+		return pk, protoErr(codeMalformed, "malformed packet")
+	}
+	return pk, nil
+}
+
+// decode runs mochi's decoder for the packet type; a decoder that panics
+// on a short buffer reports a malformed packet instead.
+func decode(pk *packets.Packet, body []byte) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = packets.ErrMalformedPacket
+		}
+	}()
+	switch pk.FixedHeader.Type {
+	case packets.Connect:
+		return pk.ConnectDecode(body)
+	case packets.Publish:
+		return pk.PublishDecode(body)
+	case packets.Puback:
+		return pk.PubackDecode(body)
+	case packets.Pubrec:
+		return pk.PubrecDecode(body)
+	case packets.Pubrel:
+		return pk.PubrelDecode(body)
+	case packets.Pubcomp:
+		return pk.PubcompDecode(body)
+	case packets.Subscribe:
+		return pk.SubscribeDecode(body)
+	case packets.Unsubscribe:
+		return pk.UnsubscribeDecode(body)
+	case packets.Pingreq:
+		if len(body) != 0 {
+			return packets.ErrMalformedPacket
+		}
+		return nil
+	case packets.Disconnect:
+		return pk.DisconnectDecode(body)
+	case packets.Auth:
+		return pk.AuthDecode(body)
+	}
+	return packets.ErrProtocolViolation // CONNACK, SUBACK, ... from a client, or type 0
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}

@@ -1,0 +1,535 @@
+package engine
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/beaconmq/beacon/broker/topics"
+)
+
+const (
+	pubackType  = packets.Puback
+	pubrecType  = packets.Pubrec
+	pubcompType = packets.Pubcomp
+)
+
+// loop reads and handles packets until the connection ends. It returns
+// why, and whether the client ended it with a normal DISCONNECT (no will).
+func (c *conn) loop() (error, bool) {
+	for {
+		if c.keepalive > 0 {
+			_ = c.nc.SetReadDeadline(time.Now().Add(c.keepalive * 3 / 2))
+		} else {
+			_ = c.nc.SetReadDeadline(time.Time{})
+		}
+		pk, err := c.readPacket()
+		if err == nil {
+			err = c.handle(&pk)
+		}
+		if err == nil {
+			continue
+		}
+		var pe *protoError
+		switch {
+		case errors.Is(err, errDisconnect):
+			return err, pk.ReasonCode != packets.CodeDisconnectWillMessage.Code
+		case errors.As(err, &pe):
+			c.close(err, pe.code, pe.reason)
+		case isTimeout(err) && !c.isClosing():
+			c.close(err, codeKeepAliveTimeout, "keep alive timeout")
+			err = errKeepAlive
+		case errors.Is(err, io.EOF):
+			err = io.ErrUnexpectedEOF // closed without DISCONNECT
+		}
+		return err, false
+	}
+}
+
+var errKeepAlive = errors.New("keep-alive timeout")
+
+func (c *conn) isClosing() bool {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	return c.closing
+}
+
+// handle dispatches one packet after CONNECT.
+func (c *conn) handle(pk *packets.Packet) error {
+	switch pk.FixedHeader.Type {
+	case packets.Publish:
+		return c.publish(pk)
+	case packets.Puback, packets.Pubcomp:
+		c.sess.ack(c, pk.FixedHeader.Type, pk.PacketID)
+		return nil
+	case packets.Pubrec:
+		return c.pubrec(pk)
+	case packets.Pubrel:
+		return c.pubrel(pk)
+	case packets.Subscribe:
+		return c.subscribe(pk)
+	case packets.Unsubscribe:
+		return c.unsubscribe(pk)
+	case packets.Pingreq:
+		c.queue(func(b []byte) []byte { return append(b, hdrPingresp, 0) })
+		return nil
+	case packets.Disconnect:
+		return c.disconnect(pk)
+	case packets.Connect:
+		return protoErr(codeProtocolError, "second CONNECT")
+	case packets.Auth:
+		return protoErr(codeProtocolError, "AUTH without an authentication method")
+	}
+	return protoErr(codeProtocolError, "unexpected packet type")
+}
+
+// publish handles an inbound PUBLISH: validate, authorize, accept (route),
+// then acknowledge.
+func (c *conn) publish(pk *packets.Packet) error {
+	c.srv.stats.received.Add(1)
+	fh := &pk.FixedHeader
+	v5 := c.version == 5
+	lim := &c.srv.lim
+	switch {
+	case fh.Qos > 0 && pk.PacketID == 0:
+		return protoErr(codeProtocolError, "QoS 1/2 PUBLISH without a packet identifier")
+	case fh.Qos > lim.MaxQoS:
+		return protoErr(codeQoSNotSupported, "QoS not supported")
+	case fh.Retain && lim.NoRetain:
+		return protoErr(codeRetainNotSupported, "retained messages are not supported")
+	}
+	topic := pk.TopicName
+	props := &pk.Properties
+	if v5 {
+		switch {
+		case len(props.SubscriptionIdentifier) > 0:
+			return protoErr(codeProtocolError, "subscription identifier in a PUBLISH from a client")
+		case strings.ContainsAny(props.ResponseTopic, "+#"):
+			return protoErr(codeProtocolError, "response topic with wildcards")
+		case props.TopicAliasFlag:
+			a := props.TopicAlias
+			if a == 0 || a > c.aliasMax {
+				return protoErr(codeTopicAliasInvalid, "topic alias out of range")
+			}
+			if topic != "" {
+				if c.aliases == nil {
+					c.aliases = map[uint16]string{}
+				}
+				c.aliases[a] = strings.Clone(topic)
+			} else if t, ok := c.aliases[a]; ok {
+				topic = t
+			} else {
+				return protoErr(codeProtocolError, "topic alias not set on this connection")
+			}
+		}
+	}
+	if topic == "" {
+		return protoErr(codeProtocolError, "PUBLISH without a topic name")
+	}
+	if !topics.ValidTopicName(topic) {
+		return protoErr(codeTopicInvalid, "invalid topic name")
+	}
+	sess := c.sess
+	if fh.Qos == 2 {
+		sess.mu.Lock()
+		_, dup := sess.inQoS2[pk.PacketID]
+		n := len(sess.inQoS2)
+		sess.mu.Unlock()
+		if dup {
+			// Received before and PUBREC'd: acknowledge again, do not route twice.
+			c.ackPublish(pk, 0, "")
+			return nil
+		}
+		if n >= int(lim.ReceiveMaximum) {
+			return protoErr(codeReceiveMaxExceeded, "receive maximum exceeded")
+		}
+	}
+
+	// Authorization.
+	denied := ""
+	switch {
+	case reservedTopic(topic):
+		denied = "topic reserved for the broker"
+	case !c.principal.Allow(ActPublish, topic):
+		denied = "not authorized"
+	}
+	if denied != "" {
+		c.srv.dropped(DropDenied, c.clientID, nil)
+		c.refusePublish(pk, codeNotAuthorized, denied)
+		return nil
+	}
+	if pc, ok := c.principal.(PublishChecker); ok {
+		if err := pc.CheckPublish(topic, pk.Payload); err != nil {
+			c.srv.dropped(DropPolicy, c.clientID, nil)
+			c.refusePublish(pk, codeImplementation, "refused by policy: "+err.Error())
+			return nil
+		}
+	}
+
+	now := c.srv.now()
+	m := fromPacket(pk, topic, c.clientID, now.UnixNano())
+	if exp := c.srv.messageExpiry(props.MessageExpiryInterval); exp > 0 {
+		m.Expiry = now.Unix() + int64(exp/time.Second)
+	}
+	c.srv.accept(m)
+	if fh.Qos == 2 {
+		sess.mu.Lock()
+		sess.inQoS2[pk.PacketID] = struct{}{}
+		sess.mu.Unlock()
+	}
+	c.ackPublish(pk, 0, "")
+	return nil
+}
+
+// messageExpiry is the expiry to apply to a message whose publisher asked
+// for interval seconds (0 = none), under Limits.MaxMessageExpiry.
+func (s *Server) messageExpiry(interval uint32) time.Duration {
+	d := time.Duration(interval) * time.Second
+	if max := s.lim.MaxMessageExpiry; max > 0 && (d == 0 || d > max) {
+		d = max
+	}
+	return d
+}
+
+// refusePublish answers a PUBLISH that is not accepted: v5 QoS 1/2 get
+// the reason; QoS 0 and 3.1.1 publishes are acknowledged and dropped
+// (3.1.1 has no way to say no).
+func (c *conn) refusePublish(pk *packets.Packet, code byte, reason string) {
+	if pk.FixedHeader.Qos == 0 {
+		return
+	}
+	if c.version < 5 {
+		if pk.FixedHeader.Qos == 2 {
+			c.sess.mu.Lock()
+			c.sess.inQoS2[pk.PacketID] = struct{}{}
+			c.sess.mu.Unlock()
+		}
+		c.ackPublish(pk, 0, "")
+		return
+	}
+	// A v5 PUBREC with a failure code ends the QoS 2 flow: no PUBREL follows.
+	c.ackPublish(pk, code, reason)
+}
+
+func (c *conn) ackPublish(pk *packets.Packet, code byte, reason string) {
+	hdr := byte(hdrPuback)
+	switch pk.FixedHeader.Qos {
+	case 0:
+		return
+	case 2:
+		hdr = hdrPubrec
+	}
+	id := pk.PacketID
+	reason = c.reasonString(reason)
+	c.queue(func(b []byte) []byte { return appendAck(b, hdr, c.version, id, code, reason) })
+}
+
+// pubrec handles the client's PUBREC of an outbound QoS 2 message.
+func (c *conn) pubrec(pk *packets.Packet) error {
+	id := pk.PacketID
+	if c.version == 5 && pk.ReasonCode >= 0x80 {
+		// The client refused the message: the flow ends here.
+		c.sess.completeRefused(c, id)
+		return nil
+	}
+	code := byte(codeSuccess)
+	if !c.sess.ack(c, pubrecType, id) {
+		code = codeIDNotFound
+	}
+	c.queue(func(b []byte) []byte { return appendAck(b, hdrPubrel, c.version, id, code, "") })
+	return nil
+}
+
+// pubrel releases an inbound QoS 2 message: PUBCOMP.
+func (c *conn) pubrel(pk *packets.Packet) error {
+	id := pk.PacketID
+	c.sess.mu.Lock()
+	_, ok := c.sess.inQoS2[id]
+	delete(c.sess.inQoS2, id)
+	c.sess.mu.Unlock()
+	code := byte(codeSuccess)
+	if !ok {
+		code = codeIDNotFound
+	}
+	c.queue(func(b []byte) []byte { return appendAck(b, hdrPubcomp, c.version, id, code, "") })
+	return nil
+}
+
+// completeRefused ends an outbound QoS 2 flow the client refused.
+func (s *session) completeRefused(c *conn, id uint16) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, f := range s.out {
+		if f.id == id && f.qos == 2 && !f.pubrel {
+			copy(s.out[i:], s.out[i+1:])
+			s.out[len(s.out)-1] = nil
+			s.out = s.out[:len(s.out)-1]
+			if s.conn == c {
+				s.pumpLocked()
+			}
+			return
+		}
+	}
+}
+
+// subscribe handles SUBSCRIBE: SUBACK, then the retained messages of the
+// granted filters.
+func (c *conn) subscribe(pk *packets.Packet) error {
+	if pk.PacketID == 0 {
+		return protoErr(codeMalformed, "SUBSCRIBE without a packet identifier")
+	}
+	if len(pk.Filters) == 0 {
+		return protoErr(codeProtocolError, "SUBSCRIBE without filters")
+	}
+	var subID uint32
+	if ids := pk.Properties.SubscriptionIdentifier; len(ids) > 0 {
+		if len(ids) > 1 || ids[0] <= 0 || ids[0] > 268435455 {
+			return protoErr(codeProtocolError, "invalid subscription identifier")
+		}
+		subID = uint32(ids[0])
+	}
+	lim := &c.srv.lim
+	codes := make([]byte, len(pk.Filters))
+	type retainedReq struct {
+		filter string
+		qos    byte
+	}
+	var sendRetained []retainedReq
+	fail := func(i int, code byte) {
+		if c.version < 5 {
+			code = 0x80
+		}
+		codes[i] = code
+	}
+	for i, f := range pk.Filters {
+		if f.RetainHandling > 2 {
+			return protoErr(codeProtocolError, "retain handling 3")
+		}
+		filter, group := f.Filter, ""
+		if strings.HasPrefix(filter, "$share/") {
+			g, inner, _, ok := topics.ParseShared(filter)
+			switch {
+			case !ok:
+				fail(i, codeFilterInvalid)
+				continue
+			case f.NoLocal && c.version == 5:
+				return protoErr(codeProtocolError, "no local on a shared subscription")
+			case lim.NoSharedSubs:
+				fail(i, codeSharedNotSupported)
+				continue
+			}
+			filter, group = inner, g
+		} else if !topics.ValidFilter(filter) {
+			fail(i, codeFilterInvalid)
+			continue
+		}
+		if !c.principal.Allow(ActSubscribe, filter) {
+			c.srv.dropped(DropDenied, c.clientID, nil)
+			fail(i, codeNotAuthorized)
+			continue
+		}
+		qos := min(f.Qos, lim.MaxQoS)
+		sub := topics.Subscription{
+			Client: c.clientID, Filter: strings.Clone(filter), Group: strings.Clone(group), QoS: qos,
+			NoLocal: f.NoLocal && c.version == 5, RetainAsPublished: f.RetainAsPublished && c.version == 5,
+			RetainHandling: f.RetainHandling, ID: subID,
+		}
+		if c.version < 5 {
+			sub.RetainHandling = 0
+		}
+		replaced := c.srv.index.Subscribe(sub)
+		codes[i] = qos
+		if group == "" && (sub.RetainHandling == 0 || (sub.RetainHandling == 1 && !replaced)) {
+			sendRetained = append(sendRetained, retainedReq{sub.Filter, qos})
+		}
+	}
+	ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Suback}, ProtocolVersion: c.version,
+		PacketID: pk.PacketID, ReasonCodes: codes}
+	var buf bytes.Buffer
+	_ = ack.SubackEncode(&buf)
+	c.queue(func(b []byte) []byte { return append(b, buf.Bytes()...) })
+
+	var ids []uint32
+	if subID > 0 {
+		ids = []uint32{subID}
+	}
+	for _, r := range sendRetained {
+		c.srv.retained.Match(r.filter, func(topic string, m *Message) bool {
+			if m.expired(c.srv.now().Unix()) {
+				return true
+			}
+			if !c.principal.Allow(ActRead, topic) {
+				c.srv.dropped(DropDenied, c.clientID, m)
+				return true
+			}
+			c.sess.deliver(m, min(m.QoS, r.qos), true, ids)
+			return true
+		})
+	}
+	return nil
+}
+
+// unsubscribe handles UNSUBSCRIBE.
+func (c *conn) unsubscribe(pk *packets.Packet) error {
+	if pk.PacketID == 0 {
+		return protoErr(codeMalformed, "UNSUBSCRIBE without a packet identifier")
+	}
+	if len(pk.Filters) == 0 {
+		return protoErr(codeProtocolError, "UNSUBSCRIBE without filters")
+	}
+	codes := make([]byte, len(pk.Filters))
+	for i, f := range pk.Filters {
+		filter, group := f.Filter, ""
+		if strings.HasPrefix(filter, "$share/") {
+			g, inner, _, ok := topics.ParseShared(filter)
+			if !ok {
+				codes[i] = codeFilterInvalid
+				continue
+			}
+			filter, group = inner, g
+		} else if !topics.ValidFilter(filter) {
+			codes[i] = codeFilterInvalid
+			continue
+		}
+		if !c.srv.index.Unsubscribe(c.clientID, filter, group) {
+			codes[i] = codeNoSubscription
+		}
+	}
+	ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Unsuback}, ProtocolVersion: c.version,
+		PacketID: pk.PacketID, ReasonCodes: codes}
+	var buf bytes.Buffer
+	_ = ack.UnsubackEncode(&buf)
+	c.queue(func(b []byte) []byte { return append(b, buf.Bytes()...) })
+	return nil
+}
+
+// disconnect handles the client's DISCONNECT.
+func (c *conn) disconnect(pk *packets.Packet) error {
+	if c.version == 5 && pk.Properties.SessionExpiryIntervalFlag {
+		sess := c.sess
+		sess.mu.Lock()
+		was := sess.expiry
+		if was == 0 && pk.Properties.SessionExpiryInterval > 0 {
+			sess.mu.Unlock()
+			return protoErr(codeProtocolError, "session expiry set on DISCONNECT after 0 at CONNECT")
+		}
+		sess.expiry = min(time.Duration(pk.Properties.SessionExpiryInterval)*time.Second, c.srv.lim.MaxSessionExpiry)
+		sess.persistent = sess.expiry > 0
+		sess.mu.Unlock()
+	}
+	c.close(errDisconnect, 0, "")
+	return errDisconnect
+}
+
+// sendQoS0 queues a QoS 0 delivery if the connection has room for it.
+// Callers hold the session's lock.
+func (c *conn) sendQoS0(m *Message, retain bool, subIDs []uint32) bool {
+	d := delivery{retain: retain, subIDs: subIDs, expiry: remainingExpiry(m, c.srv.now().Unix())}
+	size, _, _ := publishSize(m, c.version, &d)
+	if c.maxOut > 0 && uint32(size) > c.maxOut {
+		c.srv.dropped(DropTooLarge, c.clientID, m)
+		return false
+	}
+	if !c.queueIfRoom(size, func(b []byte) []byte { return appendPublish(b, m, c.version, &d) }) {
+		c.srv.dropped(DropQueueFull, c.clientID, m)
+		return false
+	}
+	c.srv.stats.sent.Add(1)
+	return true
+}
+
+// end runs once the reader stops: the session is detached (and ended
+// unless persistent), the will is published or scheduled, observers told.
+func (c *conn) end(cause error, graceful bool) {
+	c.close(cause, 0, "")
+	if c.stopTimer != nil {
+		c.stopTimer()
+	}
+	s := c.srv
+	sess := c.sess
+	var will *Message
+	s.mu.Lock()
+	sess.mu.Lock()
+	current := sess.conn == c
+	if current {
+		sess.conn = nil
+	}
+	if c.will != nil && !graceful && !errors.Is(cause, errShutdown) {
+		switch {
+		case c.willDelay == 0, current && !sess.persistent, !current && sess.discarded:
+			will = c.will
+		case current:
+			sess.will = c.will
+			sess.willTimer = time.AfterFunc(min(c.willDelay, sess.expiry), func() { s.sendDelayedWill(sess) })
+		}
+		// Taken over by a connection that keeps the session: the will
+		// waits for a delay that the new connection cancelled.
+	}
+	if current {
+		if !sess.persistent {
+			sess.discardLocked()
+			if s.sessions[sess.id] == sess {
+				delete(s.sessions, sess.id)
+			}
+		} else if !s.closing {
+			sess.expireAt = s.now().Add(sess.expiry)
+			sess.expireTimer = time.AfterFunc(sess.expiry, func() { s.expire(sess) })
+		}
+	}
+	sess.mu.Unlock()
+	if current && !sess.persistent {
+		s.index.RemoveClient(sess.id)
+	}
+	s.mu.Unlock()
+	if will != nil {
+		s.publishWill(will)
+	}
+	s.log.Debug("client disconnected", "client", c.clientID, "remote", c.remote, "cause", cause)
+	if o := s.opts.Observer; o != nil {
+		o.Disconnected(c.info(), cause)
+	}
+}
+
+// sendDelayedWill publishes a will whose delay passed while its session
+// stayed offline.
+func (s *Server) sendDelayedWill(sess *session) {
+	sess.mu.Lock()
+	w := sess.will
+	if sess.conn != nil {
+		w = nil
+	}
+	sess.will, sess.willTimer = nil, nil
+	sess.mu.Unlock()
+	if w != nil {
+		s.publishWill(w)
+	}
+}
+
+// expire ends an offline persistent session whose expiry passed; a will
+// still waiting for its delay goes now (the session ended first).
+func (s *Server) expire(sess *session) {
+	s.mu.Lock()
+	sess.mu.Lock()
+	if sess.conn != nil || sess.discarded || s.sessions[sess.id] != sess {
+		sess.mu.Unlock()
+		s.mu.Unlock()
+		return
+	}
+	sess.discardLocked()
+	delete(s.sessions, sess.id)
+	w := sess.will
+	if sess.willTimer != nil {
+		sess.willTimer.Stop()
+	}
+	sess.will, sess.willTimer = nil, nil
+	sess.mu.Unlock()
+	s.index.RemoveClient(sess.id)
+	s.mu.Unlock()
+	if w != nil {
+		s.publishWill(w)
+	}
+}

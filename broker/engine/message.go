@@ -1,0 +1,89 @@
+package engine
+
+import (
+	"sync"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// Message is one accepted message, shared (never copied) by every
+// delivery. Treat it as immutable once routed.
+type Message struct {
+	Seq     uint64 // position in the message log (0 when not numbered)
+	Topic   string
+	Payload []byte
+	QoS     byte
+	Retain  bool
+	Client  string // publishing client id; "" for the broker itself
+	Created int64  // unix nanoseconds accepted
+	Expiry  int64  // unix seconds after which it is not delivered; 0 = never
+
+	// MQTT 5 properties that travel with the message.
+	PayloadFormat    byte
+	PayloadFormatSet bool
+	ContentType      string
+	ResponseTopic    string
+	CorrelationData  []byte
+	User             []packets.UserProperty
+
+	propsOnce sync.Once
+	props     []byte // the shared v5 properties, encoded once
+}
+
+// sharedProps is the encoded form of the properties every v5 delivery
+// carries unchanged.
+func (m *Message) sharedProps() []byte {
+	m.propsOnce.Do(func() {
+		var b []byte
+		if m.PayloadFormatSet {
+			b = append(b, packets.PropPayloadFormat, m.PayloadFormat)
+		}
+		if m.ContentType != "" {
+			b = appendString(append(b, packets.PropContentType), m.ContentType)
+		}
+		if m.ResponseTopic != "" {
+			b = appendString(append(b, packets.PropResponseTopic), m.ResponseTopic)
+		}
+		if m.CorrelationData != nil {
+			b = appendBinary(append(b, packets.PropCorrelationData), m.CorrelationData)
+		}
+		for _, u := range m.User {
+			b = appendString(appendString(append(b, packets.PropUser), u.Key), u.Val)
+		}
+		m.props = b
+	})
+	return m.props
+}
+
+// expired reports whether the message may no longer be delivered at unix
+// second now.
+func (m *Message) expired(now int64) bool { return m.Expiry > 0 && now >= m.Expiry }
+
+// fromPacket builds a message from a decoded PUBLISH (or a will) whose
+// buffers the message may keep: the caller hands over ownership.
+func fromPacket(pk *packets.Packet, topic string, client string, created int64) *Message {
+	p := &pk.Properties
+	m := &Message{
+		Topic:            topic,
+		Payload:          pk.Payload,
+		QoS:              pk.FixedHeader.Qos,
+		Retain:           pk.FixedHeader.Retain,
+		Client:           client,
+		Created:          created,
+		PayloadFormat:    p.PayloadFormat,
+		PayloadFormatSet: p.PayloadFormatFlag,
+		ContentType:      p.ContentType,
+		ResponseTopic:    p.ResponseTopic,
+		CorrelationData:  p.CorrelationData,
+		User:             p.User,
+	}
+	return m
+}
+
+// clone copies m's fields into a new message (its encoded properties are
+// made again).
+func (m *Message) clone() *Message {
+	return &Message{Seq: m.Seq, Topic: m.Topic, Payload: m.Payload, QoS: m.QoS, Retain: m.Retain, Client: m.Client,
+		Created: m.Created, Expiry: m.Expiry, PayloadFormat: m.PayloadFormat, PayloadFormatSet: m.PayloadFormatSet,
+		ContentType: m.ContentType, ResponseTopic: m.ResponseTopic, CorrelationData: m.CorrelationData, User: m.User}
+}

@@ -1,0 +1,175 @@
+package engine
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"time"
+)
+
+// Action is what a Principal is asked to allow.
+type Action uint8
+
+// Actions a Principal decides.
+const (
+	ActPublish   Action = iota // publish to a topic name
+	ActSubscribe               // subscribe to a filter
+	ActRead                    // receive a message published to a topic name
+)
+
+// Principal is who a connection authenticated as. The engine asks it for
+// every publish, subscription and delivery; it never looks inside.
+// Optional features are detected by type assertion: PublishChecker,
+// Expirer.
+type Principal interface {
+	Allow(a Action, topic string) bool
+}
+
+// PublishChecker is a Principal that also vets payloads (size policies by
+// device type). A refusal is answered with 0x83 (v5) or dropped (3.1.1).
+type PublishChecker interface {
+	CheckPublish(topic string, payload []byte) error
+}
+
+// Expirer is a Principal whose credentials end (a JWT): the connection is
+// closed then (v5: DISCONNECT 0x87).
+type Expirer interface {
+	Expires() time.Time
+}
+
+// AllowAll is the Principal of a broker without authentication.
+type AllowAll struct{}
+
+// Allow implements Principal.
+func (AllowAll) Allow(Action, string) bool { return true }
+
+// ConnectRequest is what an Authenticator decides on.
+type ConnectRequest struct {
+	ClientID        string // as sent; "" when the server assigns one
+	Username        string
+	Password        []byte
+	PasswordSet     bool
+	ProtocolVersion byte
+	Listener        string
+	Remote          net.Addr
+	Conn            net.Conn // the transport: *tls.Conn for client certificates, or a WebSocket conn that carries a handshake principal
+	Will            *Message // nil without a will; Allow(ActPublish) is checked by the engine
+}
+
+// Authenticator admits connections. It returns one of the Err* refusals
+// below (wrapped or not) to refuse; the engine answers with the code the
+// client's protocol version names.
+type Authenticator interface {
+	Authenticate(req *ConnectRequest) (Principal, error)
+}
+
+// Refusals an Authenticator returns.
+var (
+	ErrBadCredentials = errors.New("bad user name or password") // v5 0x86, 3.1.1 0x04
+	ErrNotAuthorized  = errors.New("not authorized")            // v5 0x87, 3.1.1 0x05
+	ErrBanned         = errors.New("banned")                    // v5 0x8A, 3.1.1 0x05
+	ErrServerBusy     = errors.New("server busy")               // v5 0x89, 3.1.1 0x03
+	ErrQuotaExceeded  = errors.New("quota exceeded")            // v5 0x97, 3.1.1 0x03
+)
+
+// Observer is told what happens, for metrics, presence and logs. Its
+// methods are called without engine locks held and must not block.
+type Observer interface {
+	// Connected: a connection was admitted and its session attached.
+	Connected(c *ClientInfo)
+	// Disconnected: the connection ended (err says why; nil for a clean DISCONNECT).
+	Disconnected(c *ClientInfo, err error)
+	// Routed: an accepted message (publish, will or inline) was routed to n sessions.
+	Routed(m *Message, n int)
+	// Dropped: a delivery or message was not made, and why.
+	Dropped(reason DropReason, client string, m *Message)
+}
+
+// DropReason says why a message was not delivered.
+type DropReason string
+
+// Reasons for drops.
+const (
+	DropQueueFull  DropReason = "queue_full"  // QoS 0 beyond a connection's outbound budget
+	DropQueueLimit DropReason = "queue_limit" // QoS 1/2 beyond Limits.MaxQueued of a session
+	DropExpired    DropReason = "expired"     // message expiry passed before delivery
+	DropDenied     DropReason = "denied"      // the subscriber may not read the topic
+	DropTooLarge   DropReason = "too_large"   // larger than the client's Maximum Packet Size
+	DropPolicy     DropReason = "policy"      // a PublishChecker refused the payload
+)
+
+// ClientInfo describes a connection to observers.
+type ClientInfo struct {
+	ID              string
+	Username        string
+	Listener        string
+	Remote          string
+	ProtocolVersion byte
+	Principal       Principal
+	SessionPresent  bool
+	Persistent      bool
+}
+
+// Limits are the protocol limits the engine enforces and announces.
+// Zero values take the documented defaults.
+type Limits struct {
+	MaxPacketSize    uint32        // inbound packets; announced to v5 clients; default 1 MiB
+	ReceiveMaximum   uint16        // inbound QoS 1/2 unacknowledged per connection; announced; default 100
+	MaxQoS           byte          // highest QoS granted; default 2 (set MaxQoSSet to grant 0)
+	MaxQoSSet        bool          // MaxQoS was given (0 is a valid maximum)
+	NoRetain         bool          // retained messages not available
+	NoSharedSubs     bool          // shared subscriptions not available
+	TopicAliasMax    uint16        // inbound aliases per v5 connection; 0 disables
+	KeepaliveMin     time.Duration // lowest keep-alive accepted (raised to this via Server Keep Alive)
+	KeepaliveMax     time.Duration // highest keep-alive accepted (lowered via Server Keep Alive)
+	MaxSessionExpiry time.Duration // cap for v5 session expiry; lifetime of 3.1.1 persistent sessions; default 7 days
+	MaxMessageExpiry time.Duration // cap on message expiry; 0 = none
+	MaxQueued        int           // QoS 1/2 messages per session (inflight + queued); default 1000
+	OutboundBudget   int           // bytes queued per connection before QoS 0 is dropped; default 1 MiB
+	WriteTimeout     time.Duration // a write that takes longer closes the connection (slow consumer); default 10s
+	ConnectTimeout   time.Duration // time to send CONNECT after the socket opens; default 10s
+	MaxClients       int           // concurrent connections; 0 = unlimited
+}
+
+func (l *Limits) defaults() {
+	if l.MaxPacketSize == 0 {
+		l.MaxPacketSize = 1 << 20
+	}
+	if l.ReceiveMaximum == 0 {
+		l.ReceiveMaximum = 100
+	}
+	if !l.MaxQoSSet && l.MaxQoS == 0 {
+		l.MaxQoS = 2
+	}
+	if l.MaxSessionExpiry == 0 {
+		l.MaxSessionExpiry = 7 * 24 * time.Hour
+	}
+	if l.MaxQueued == 0 {
+		l.MaxQueued = 1000
+	}
+	if l.OutboundBudget == 0 {
+		l.OutboundBudget = 1 << 20
+	}
+	if l.WriteTimeout == 0 {
+		l.WriteTimeout = 10 * time.Second
+	}
+	if l.ConnectTimeout == 0 {
+		l.ConnectTimeout = 10 * time.Second
+	}
+}
+
+// Options configure a Server.
+type Options struct {
+	Limits Limits
+	// Auth admits connections; nil admits everyone as AllowAll.
+	Auth Authenticator
+	// Observer is told of connections, routing and drops; nil for none.
+	Observer Observer
+	// Log is the engine's logger; default slog.Default(). It never logs
+	// payloads or credentials.
+	Log *slog.Logger
+	// Version is reported in $SYS/broker/version.
+	Version string
+	// Now is the clock; default time.Now (tests).
+	Now func() time.Time
+}

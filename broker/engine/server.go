@@ -1,0 +1,262 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/beaconmq/beacon/broker/topics"
+)
+
+// Server is the MQTT engine. Build it with New, feed it connections with
+// Serve (a listener) or ServeConn (one connection, e.g. from the
+// WebSocket bridge), publish from inside the broker with Publish, and stop
+// it with Shutdown.
+type Server struct {
+	opts Options
+	lim  Limits
+	log  *slog.Logger
+	now  func() time.Time
+
+	index    *topics.Index
+	retained *topics.Retained[*Message]
+
+	mu        sync.RWMutex
+	sessions  map[string]*session
+	conns     map[*conn]struct{}
+	listeners []net.Listener
+	closing   bool
+
+	wg       sync.WaitGroup // connection readers and accept loops
+	sharedRR atomic.Uint64
+	stats    counters
+}
+
+type counters struct {
+	connections   atomic.Int64 // open now
+	accepted      atomic.Int64
+	received      atomic.Int64 // PUBLISH packets received
+	sent          atomic.Int64 // PUBLISH packets queued to connections
+	slowConsumers atomic.Int64
+	dropped       sync.Map // DropReason -> *atomic.Int64
+}
+
+// New returns a Server with opts.
+func New(opts Options) *Server {
+	opts.Limits.defaults()
+	if opts.Log == nil {
+		opts.Log = slog.Default()
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	return &Server{
+		opts:     opts,
+		lim:      opts.Limits,
+		log:      opts.Log,
+		now:      opts.Now,
+		index:    topics.NewIndex(),
+		retained: topics.NewRetained[*Message](),
+		sessions: map[string]*session{},
+		conns:    map[*conn]struct{}{},
+	}
+}
+
+// ErrServerClosed is returned by Serve and ServeConn after Shutdown.
+var ErrServerClosed = errors.New("engine: server closed")
+
+// Serve accepts connections from ln until ln is closed or the server shuts
+// down. listener names the listener in ClientInfo ("tcp", "tls", ...).
+func (s *Server) Serve(ln net.Listener, listener string) error {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		return ErrServerClosed
+	}
+	s.listeners = append(s.listeners, ln)
+	s.wg.Add(1)
+	s.mu.Unlock()
+	defer s.wg.Done()
+	var backoff time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if s.isClosing() || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			// Out of file descriptors or similar: wait, do not spin.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("accept failed", "listener", listener, "error", err, "retry_in", backoff)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		if tc, ok := nc.(*net.TCPConn); ok {
+			_ = tc.SetNoDelay(true)
+		}
+		_ = s.ServeConn(nc, listener, false)
+	}
+}
+
+// ServeConn serves one connection. With wait it returns when the
+// connection ends; otherwise at once.
+func (s *Server) ServeConn(nc net.Conn, listener string, wait bool) error {
+	c := newConn(s, nc, listener)
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		_ = nc.Close()
+		return ErrServerClosed
+	}
+	if s.lim.MaxClients > 0 && len(s.conns) >= s.lim.MaxClients {
+		s.mu.Unlock()
+		// CONNACK "server busy" needs the CONNECT; read it with a short deadline.
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			c.refuseBusy()
+		}()
+		return nil
+	}
+	s.conns[c] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	s.stats.accepted.Add(1)
+	s.stats.connections.Add(1)
+	if wait {
+		s.run(c)
+		return nil
+	}
+	go s.run(c)
+	return nil
+}
+
+func (s *Server) run(c *conn) {
+	defer s.wg.Done()
+	defer func() {
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+		s.stats.connections.Add(-1)
+	}()
+	c.serve()
+}
+
+func (s *Server) isClosing() bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.closing
+}
+
+// Shutdown stops accepting, disconnects every client (v5: "server shutting
+// down"), and waits for the connections to end or ctx to be done. Wills
+// of the disconnected clients are not sent (a broker restart is not a
+// client failure). It is idempotent.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	first := !s.closing
+	s.closing = true
+	lns := s.listeners
+	conns := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	if first {
+		for _, ln := range lns {
+			_ = ln.Close()
+		}
+	}
+	for _, c := range conns {
+		c.close(errShutdown, codeServerShuttingDown, "server shutting down")
+	}
+	done := make(chan struct{})
+	go func() {
+		s.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	s.mu.Lock()
+	for _, ss := range s.sessions {
+		ss.mu.Lock()
+		if ss.willTimer != nil {
+			ss.willTimer.Stop()
+		}
+		ss.mu.Unlock()
+	}
+	s.mu.Unlock()
+	return nil
+}
+
+var errShutdown = errors.New("server shutting down")
+
+// session returns the session of a client id, or nil.
+func (s *Server) session(id string) *session {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.sessions[id]
+}
+
+func (s *Server) dropped(r DropReason, client string, m *Message) {
+	v, ok := s.stats.dropped.Load(r)
+	if !ok {
+		v, _ = s.stats.dropped.LoadOrStore(r, new(atomic.Int64))
+	}
+	v.(*atomic.Int64).Add(1)
+	if o := s.opts.Observer; o != nil {
+		o.Dropped(r, client, m)
+	}
+}
+
+// Stats are the engine's counters.
+type Stats struct {
+	Connections   int64 // open now
+	Accepted      int64 // connections accepted since start
+	Sessions      int   // sessions, connected or not
+	Subscriptions int
+	Retained      int
+	Received      int64 // PUBLISH packets received from clients
+	Sent          int64 // PUBLISH packets sent to clients
+	SlowConsumers int64 // connections closed because a write timed out
+	Inflight      int   // outbound QoS 1/2 messages in flight or queued, all sessions
+	Dropped       map[DropReason]int64
+}
+
+// Stats returns the counters.
+func (s *Server) Stats() Stats {
+	st := Stats{
+		Connections:   s.stats.connections.Load(),
+		Accepted:      s.stats.accepted.Load(),
+		Received:      s.stats.received.Load(),
+		Sent:          s.stats.sent.Load(),
+		SlowConsumers: s.stats.slowConsumers.Load(),
+		Subscriptions: s.index.Len(),
+		Retained:      s.retained.Len(),
+		Dropped:       map[DropReason]int64{},
+	}
+	s.mu.RLock()
+	st.Sessions = len(s.sessions)
+	sess := make([]*session, 0, len(s.sessions))
+	for _, ss := range s.sessions {
+		sess = append(sess, ss)
+	}
+	s.mu.RUnlock()
+	for _, ss := range sess {
+		ss.mu.Lock()
+		st.Inflight += len(ss.out) + len(ss.queue)
+		ss.mu.Unlock()
+	}
+	s.stats.dropped.Range(func(k, v any) bool {
+		st.Dropped[k.(DropReason)] = v.(*atomic.Int64).Load()
+		return true
+	})
+	return st
+}
