@@ -93,7 +93,9 @@ func TestPacketIDSpacesSeparate(t *testing.T) {
 func TestPersistentSessionQueueAndReceiveMaximum(t *testing.T) {
 	_, addr := startServer(t, Options{})
 	sub := dialRaw(t, addr, 5)
-	sub.connect("phone", true, func(pk *packets.Packet) { pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = 300, true })
+	sub.connect("phone", true, func(pk *packets.Packet) {
+		pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = 300, true
+	})
 	sub.subscribe(1, "alerts/#", 2)
 	sub.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}})
 	sub.expectClosed()
