@@ -55,6 +55,7 @@ fuzz:
 	$(GO) test ./storage -run '^$$' -fuzz FuzzDecodeMessage -fuzztime $(FUZZTIME)
 	$(GO) test ./broker -run '^$$' -fuzz FuzzLoad -fuzztime $(FUZZTIME)
 	$(GO) test ./broker -run '^$$' -fuzz FuzzConnection -fuzztime $(FUZZTIME)
+	$(GO) test ./broker/engine -run '^$$' -fuzz FuzzConnection -fuzztime $(FUZZTIME)
 	$(GO) test ./devices -run '^$$' -fuzz FuzzMatchesCovers -fuzztime $(FUZZTIME)
 	$(GO) test ./devices -run '^$$' -fuzz FuzzParseRules -fuzztime $(FUZZTIME)
 	$(GO) test ./devices/codec -run '^$$' -fuzz FuzzPacked -fuzztime $(FUZZTIME)
