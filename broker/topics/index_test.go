@@ -431,3 +431,38 @@ func TestIndexMatchDoesNotAllocate(t *testing.T) {
 		t.Fatalf("got %d deliveries, %d shared", len(m.Direct), len(m.Shared))
 	}
 }
+
+// TestIndexMergeWide merges more matches than the comparison sort takes,
+// from clients whose sequence numbers differ in three bytes and share the
+// low two.
+func TestIndexMergeWide(t *testing.T) {
+	x := NewIndex()
+	rng := rand.New(rand.NewPCG(5, 6))
+	var subs []Subscription
+	filters := []string{"a/b/c", "a/+/c", "a/#", "+/b/+", "#", "a/b/+"}
+	subscribe := func(n int) {
+		for i := range n {
+			c := fmt.Sprintf("c%d", rng.IntN(500))
+			for _, j := range rng.Perm(len(filters))[:1+rng.IntN(3)] {
+				s := Subscription{Client: c, Filter: filters[j], QoS: byte(rng.IntN(3)), ID: uint32(rng.IntN(3)), RetainAsPublished: i%7 == 0}
+				x.Subscribe(s)
+				subs = slices.DeleteFunc(subs, func(o Subscription) bool { return o.Client == s.Client && o.Filter == s.Filter })
+				subs = append(subs, s)
+			}
+		}
+	}
+	subscribe(300)
+	// Move the client sequence on, as 65536 connections would, to where
+	// the low two bytes of a new client's equal those of one from the first
+	// round.
+	x.seq = 1 << 16
+	subscribe(600)
+	var m Matches
+	for _, topic := range []string{"a/b/c", "a/b", "x/b/y", "a"} {
+		checkIndexMatch(t, x, &m, subs, topic, "")
+	}
+	x.Match("a/b/c", "", &m)
+	if len(m.multi) <= radixMin || x.seq < 1<<16 {
+		t.Fatalf("%d matches to merge, seq %d: the test does not reach three radix passes", len(m.multi), x.seq)
+	}
+}

@@ -22,7 +22,19 @@ type Matches struct {
 
 	publisher string
 	ids       []uint32 // backing of Direct[i].IDs
-	multi     []*entry // matches of clients with several subscriptions, to merge
+	multi     []mitem  // matches of clients with several subscriptions, to merge
+	tmp       []mitem  // radix sort buffer
+	maxSeq    uint64   // highest client seq in multi
+}
+
+// radixMin is the size below which a comparison sort beats two or more
+// radix passes over 256 buckets (measured with the benchmarks).
+const radixMin = 256
+
+// mitem is a match to merge, with its sort key at hand.
+type mitem struct {
+	seq uint64
+	e   *entry
 }
 
 // Delivery is one client's share of a publication: whatever number of its
@@ -78,13 +90,15 @@ func (g *SharedMatch) Pick(n uint64, online func(client string) bool) (s Subscri
 // message that no client published (a bridge, the broker itself). NoLocal
 // is ignored on shared subscriptions (MQTT-3.8.3-4 forbids it there).
 func (x *Index) Match(topic, publisher string, m *Matches) {
-	m.Direct, m.Shared, m.ids, m.multi = m.Direct[:0], m.Shared[:0], m.ids[:0], m.multi[:0]
+	m.Direct, m.Shared, m.ids, m.multi, m.maxSeq = m.Direct[:0], m.Shared[:0], m.ids[:0], m.multi[:0], 0
 	m.publisher = publisher
 	x.mu.RLock()
 	m.walk(&x.root, topic, topic != "" && topic[0] == '$')
 	m.merge()
 	x.mu.RUnlock()
 	clear(m.multi) // hold no entry past the lock
+	clear(m.tmp)
+	m.tmp = m.tmp[:0]
 	m.publisher = ""
 }
 
@@ -124,7 +138,8 @@ func (m *Matches) collect(n *node) {
 			continue
 		}
 		if e.c.direct > 1 {
-			m.multi = append(m.multi, e) // may match twice: merge later
+			m.multi = append(m.multi, mitem{e.c.seq, e}) // may match twice: merge later
+			m.maxSeq = max(m.maxSeq, e.c.seq)
 			continue
 		}
 		d := Delivery{Client: e.c.id, QoS: e.sub.QoS, RetainAsPublished: e.sub.RetainAsPublished}
@@ -140,29 +155,72 @@ func (m *Matches) collect(n *node) {
 }
 
 // merge turns the matches of clients with several subscriptions into one
-// Delivery per client: sorted by client and identifier, each client's
-// matches are a run.
+// Delivery per client. Sorted by client, each client's matches are a run.
+// Wide merges are radix sorted on the clients' sequence numbers: on 1,300
+// matches (BenchmarkIndexMatchWildcardHeavy) a comparison sort took 4 to
+// 5 times as long, and a scratch map would need a second pass to keep each
+// client's identifiers together.
 func (m *Matches) merge() {
-	if len(m.multi) > 1 {
-		slices.SortFunc(m.multi, func(a, b *entry) int {
-			return cmp.Or(cmp.Compare(a.c.seq, b.c.seq), cmp.Compare(a.sub.ID, b.sub.ID))
-		})
+	if len(m.multi) == 0 {
+		return
 	}
-	for i := 0; i < len(m.multi); {
-		c := m.multi[i].c
+	sorted := m.sortMulti()
+	for i := 0; i < len(sorted); {
+		c := sorted[i].e.c
 		d := Delivery{Client: c.id}
 		start := len(m.ids)
-		for ; i < len(m.multi) && m.multi[i].c == c; i++ {
-			s := &m.multi[i].sub
+		for ; i < len(sorted) && sorted[i].e.c == c; i++ {
+			s := &sorted[i].e.sub
 			d.QoS = max(d.QoS, s.QoS)
 			d.RetainAsPublished = d.RetainAsPublished || s.RetainAsPublished
-			if s.ID != 0 && (len(m.ids) == start || m.ids[len(m.ids)-1] != s.ID) {
+			if s.ID != 0 {
 				m.ids = append(m.ids, s.ID)
 			}
 		}
 		if len(m.ids) > start {
+			if ids := m.ids[start:]; len(ids) > 1 {
+				slices.Sort(ids)
+				m.ids = m.ids[:start+len(slices.Compact(ids))]
+			}
 			d.IDs = m.ids[start:len(m.ids):len(m.ids)]
 		}
 		m.Direct = append(m.Direct, d)
 	}
+}
+
+// sortMulti sorts m.multi by client and returns the sorted items, which
+// are in m.multi or m.tmp. Matches from one node come in order already.
+func (m *Matches) sortMulti() []mitem {
+	a := m.multi
+	sorted := true
+	for i := 1; i < len(a) && sorted; i++ {
+		sorted = a[i-1].seq <= a[i].seq
+	}
+	switch {
+	case sorted:
+		return a
+	case len(a) <= radixMin:
+		slices.SortFunc(a, func(x, y mitem) int { return cmp.Compare(x.seq, y.seq) })
+		return a
+	}
+	// LSD radix sort, one pass per byte of the highest seq.
+	m.tmp = slices.Grow(m.tmp[:0], len(a))[:len(a)]
+	b := m.tmp
+	for shift := uint(0); shift < 64 && m.maxSeq>>shift != 0; shift += 8 {
+		var count [256]int
+		for _, it := range a {
+			count[byte(it.seq>>shift)]++
+		}
+		sum := 0
+		for i, n := range count {
+			count[i], sum = sum, sum+n
+		}
+		for _, it := range a {
+			k := byte(it.seq >> shift)
+			b[count[k]] = it
+			count[k]++
+		}
+		a, b = b, a
+	}
+	return a
 }
