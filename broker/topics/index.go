@@ -24,6 +24,7 @@ type Subscription struct {
 // for concurrent use; Match takes a read lock, changes a write lock.
 //
 // The index does not validate: a filter reaches it through ParseShared.
+// The zero value is an empty index.
 type Index struct {
 	mu      sync.RWMutex
 	root    node
@@ -106,6 +107,9 @@ func (x *Index) Subscribe(s Subscription) (replaced bool) {
 	} else {
 		c = &client{id: strings.Clone(s.Client), seq: x.seq, subs: make(map[subKey]*entry)}
 		x.seq++
+		if x.clients == nil {
+			x.clients = make(map[string]*client)
+		}
 		x.clients[c.id] = c
 	}
 	s.Client, s.Filter, s.Group = c.id, strings.Clone(s.Filter), strings.Clone(s.Group)

@@ -466,3 +466,16 @@ func TestIndexMergeWide(t *testing.T) {
 		t.Fatalf("%d matches to merge, seq %d: the test does not reach three radix passes", len(m.multi), x.seq)
 	}
 }
+
+func TestIndexZeroValue(t *testing.T) {
+	var x Index
+	var m Matches
+	x.Match("a", "", &m)
+	if x.Unsubscribe("c", "a", "") || x.RemoveClient("c") != 0 || x.Len() != 0 || x.Subscriptions("c") != nil {
+		t.Fatal("zero Index is not empty")
+	}
+	x.Subscribe(Subscription{Client: "c", Filter: "a"})
+	if x.Match("a", "", &m); len(m.Direct) != 1 {
+		t.Fatalf("Match = %+v", m.Direct)
+	}
+}

@@ -7,7 +7,7 @@ import (
 
 // Retained maps topic names to values, one per topic like the retained
 // messages of a broker, and finds the topics a filter matches. It is safe
-// for concurrent use.
+// for concurrent use. The zero value is an empty index.
 type Retained[V any] struct {
 	mu    sync.RWMutex
 	root  rnode[V]
