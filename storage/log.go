@@ -1,0 +1,813 @@
+package storage
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+)
+
+// Errors of the message log.
+var (
+	// ErrLogNotFound: the record was never stored (numbered only) or has
+	// been deleted.
+	ErrLogNotFound = errors.New("storage: log record not found")
+	// ErrLogIDMalformed: not an id FormatID makes.
+	ErrLogIDMalformed = errors.New("storage: malformed log id")
+	// ErrLogIDForeign: an id of another data directory (wiped, replaced,
+	// or an id of the history that preceded the log).
+	ErrLogIDForeign = errors.New("storage: log id of another epoch")
+	// ErrLogIDFuture: an id of this epoch beyond the last seq assigned.
+	ErrLogIDFuture = errors.New("storage: log id from the future")
+)
+
+// LogRule is the retention of the messages a topic filter matches. A
+// message belongs to the first rule whose filter matches its topic. A
+// record is outside its rule's retention once any limit says so; zero
+// limits mean no limit (a rule with none keeps its records forever).
+type LogRule struct {
+	Filter      string        // MQTT topic filter
+	MaxMessages int           // keep the newest MaxMessages records; 0 = no count limit
+	MaxAge      time.Duration // keep records younger than MaxAge; 0 = no age limit
+	MaxBytes    int64         // keep the newest records up to this sum of topic+payload+props bytes; 0 = no limit
+}
+
+// LogOptions configure OpenLog. Zero values take the documented defaults.
+type LogOptions struct {
+	Rules []LogRule // retention per topic filter; none: only referenced records are kept
+	// ReserveBlock is how many sequence numbers are reserved in the store
+	// at a time, so that a seq handed out is never handed out again after
+	// a crash; default 65,536.
+	ReserveBlock uint64
+	Now          func() time.Time // for tests; default time.Now
+}
+
+// LogStats are the log's counters and sizes.
+type LogStats struct {
+	Head       uint64 // last seq assigned
+	Oldest     uint64 // see Log.Oldest
+	Stored     int    // records stored now, including ones kept only by references
+	Bytes      int64  // topic+payload+props bytes of the stored records
+	Referenced int    // records in the reference map: referenced, not yet released, or kept past retention
+	Pending    int    // records appended and not yet released
+	Appended   int64  // records appended since open
+	Numbered   int64  // messages numbered without being stored since open
+	Trimmed    int64  // records deleted since open
+	Failed     int64  // records whose write failed since open
+	Damaged    int    // records found damaged at open (skipped; deleted once trimming starts)
+	Strays     int64  // Unref or Release calls that matched no Ref or Append
+	Rules      []LogRuleStats
+}
+
+// LogRuleStats describe the records a rule retains.
+type LogRuleStats struct {
+	Filter  string
+	Stored  int    // records inside the rule's retention
+	Bytes   int64  // their topic+payload+props bytes
+	Trimmed uint64 // highest seq that left the rule's retention (a lower bound after a restart)
+}
+
+// Log is the broker's message log: every message the broker accepts is
+// appended once and read by every consumer (session queues, browser
+// streams, history, webhooks, Home Assistant) by its seq.
+//
+// # Ids
+//
+// A message's id is (Epoch, seq). The epoch is a random number made when
+// the data directory's log is created. Seqs increase by one per message,
+// stored (Append) or not (Number), and are never handed out twice, also
+// after a crash: they are reserved in the store in blocks before they are
+// handed out. FormatID and ParseID turn ids into browser event ids.
+//
+// # Order and durability
+//
+// Append returns once the record is durable under the DB's sync policy.
+// Concurrent appends share group commits; seqs are assigned and the
+// writes queued under one lock, so commit order is seq order. Read and Get
+// wait for records up to the seq they were asked for to be committed, so
+// a reader that reads up to Head and then follows live messages from
+// Head+1 on misses nothing, whatever the sync policy.
+//
+// # Retention and references
+//
+// A record belongs to the first rule whose filter matches its topic. It is
+// deleted once three things hold: it is outside its rule's retention (or
+// matched no rule), it has no references, and it has been released.
+//
+//   - A consumer that keeps a seq (a session queue, a webhook) calls Ref,
+//     and Unref once done with it. Ref reports whether the record is still
+//     stored; a false Ref takes nothing and needs no Unref.
+//   - The router calls Release once it has taken every Ref of a message it
+//     appended; every appended record must be released. Until then no
+//     record is deleted: not even a rule's count or byte limit removes a
+//     message before the sessions it is routed to hold it.
+//   - A record outside its rule's retention that is still referenced is
+//     kept, no longer counts against the rule, and is deleted by its last
+//     Unref.
+//
+// Count and byte limits are applied on Append, age limits every second.
+// Deletes are queued asynchronously in batches, with the trim mark (the
+// highest seq that left a rule's retention, see Oldest) in the same
+// write.
+//
+// At open every record is taken as released and unreferenced: sessions
+// restore their references by calling Ref, and nothing is deleted until
+// the broker calls StartTrimming; until then the log only appends.
+//
+// # Memory
+//
+// The index holds no topics: 16 bytes per record a rule retains (in 8 KiB
+// chunks), plus a map entry (about 30 bytes) per record that is
+// referenced, not yet released, or kept past its retention.
+type Log struct {
+	db    *DB
+	opts  LogOptions
+	now   func() time.Time
+	log   *slog.Logger
+	epoch uint64
+	rules []*logRule
+
+	// appendMu orders appends: seqs are assigned and their writes queued
+	// to the DB under it. It is never held by the committer, nor taken by
+	// callbacks the committer runs.
+	appendMu sync.Mutex
+	last     uint64 // guarded by appendMu: the last seq assigned
+	closed   bool   // guarded by appendMu
+
+	head      atomic.Uint64 // == last
+	queued    atomic.Uint64 // the last stored seq whose write is queued
+	committed atomic.Uint64 // every stored seq up to this is committed (or failed)
+	waiters   atomic.Int32  // goroutines in waitCommitted
+	cmu       sync.Mutex
+	cch       chan struct{} // guarded by cmu: closed (and replaced) when committed moves while waiters > 0
+
+	res logReservation
+
+	mu        sync.Mutex // guards the index below
+	refs      map[uint64]refState
+	dels      []Op // deletes not yet queued
+	trimming  bool
+	trimmed   uint64 // highest seq that left a rule's retention
+	savedTrim uint64 // the trim mark in the last write queued
+	stored    int
+	bytes     int64
+	pending   int
+	damaged   [][]byte // keys of damaged records, deleted when trimming starts
+	nDamaged  int
+
+	appended atomic.Int64
+	numbered atomic.Int64
+	trimCnt  atomic.Int64
+	failed   atomic.Int64
+	strays   atomic.Int64
+
+	kick     chan struct{}
+	done     chan struct{}
+	wg       sync.WaitGroup
+	shutOnce sync.Once
+}
+
+type logRule struct {
+	LogRule
+	levels  []string
+	q       entryQueue
+	bytes   int64
+	trimmed uint64 // highest seq of the rule that left its retention
+}
+
+// logReservation is the reserved range of seqs. The committer completes
+// reservations, so it has its own lock, never held across a DB call.
+type logReservation struct {
+	mu       sync.Mutex
+	durable  uint64 // seqs up to this are reserved in the store
+	asked    uint64 // highest reservation queued
+	inflight bool
+	err      error         // the last reservation's failure
+	ch       chan struct{} // closed (and replaced) when a reservation completes
+}
+
+// Limits on the writes of the log.
+const (
+	maxLogDeletes   = 4096    // deletes in one write (well inside a badger transaction)
+	maxPiggyDeletes = 256     // deletes added to an append's write
+	maxLogBatchOps  = 1024    // records in one write of AppendBatch
+	maxLogBatchSize = 1 << 20 // bytes in one write of AppendBatch (a badger transaction holds 2.4 MB)
+)
+
+// OpenLog opens the message log in db: it loads (or creates) the epoch,
+// resumes after every seq handed out before, and rebuilds the retention
+// index from the stored records. A damaged record is skipped and counted.
+func OpenLog(db *DB, opts LogOptions) (*Log, error) {
+	if opts.ReserveBlock == 0 {
+		opts.ReserveBlock = 1 << 16
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	l := &Log{
+		db:   db,
+		opts: opts,
+		now:  opts.Now,
+		log:  db.log,
+		cch:  make(chan struct{}),
+		refs: map[uint64]refState{},
+		kick: make(chan struct{}, 1),
+		done: make(chan struct{}),
+	}
+	l.res.ch = make(chan struct{})
+	for i, r := range opts.Rules {
+		if err := validLogFilter(r.Filter); err != nil {
+			return nil, fmt.Errorf("log rule %d: %w", i, err)
+		}
+		if r.MaxMessages < 0 || r.MaxAge < 0 || r.MaxBytes < 0 {
+			return nil, fmt.Errorf("log rule %d %q: negative limit", i, r.Filter)
+		}
+		l.rules = append(l.rules, &logRule{LogRule: r, levels: strings.Split(r.Filter, "/")})
+	}
+	if err := l.load(); err != nil {
+		return nil, err
+	}
+	l.wg.Add(1)
+	go l.trimLoop()
+	return l, nil
+}
+
+func (l *Log) load() error {
+	epoch, haveEpoch, err := l.readMeta(metaLogEpoch)
+	if err != nil {
+		return err
+	}
+	reserved, haveReserved, err := l.readMeta(metaLogReserved)
+	if err != nil {
+		return err
+	}
+	trimmed, _, err := l.readMeta(metaLogTrimmed)
+	if err != nil {
+		return err
+	}
+
+	var maxSeq uint64
+	err = l.db.Scan([]byte(nsLog), func(key, value []byte) error {
+		seq, ok := parseLogKey(key)
+		if !ok {
+			l.damage(key, "bad key")
+			return nil
+		}
+		maxSeq = max(maxSeq, seq)
+		v, err := parseLogRecord(value)
+		if err != nil {
+			l.damage(key, err.Error())
+			return nil
+		}
+		l.index(l.ruleFor(v.topic), seq, v.time, v.size(), 0)
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("log: load: %w", err)
+	}
+
+	var ops []Op
+	if !haveEpoch || !haveReserved || epoch == 0 {
+		// A new log, or one whose reservation is lost: seqs after the
+		// highest stored one may have been seen, so ids start a new epoch.
+		if haveEpoch {
+			l.log.Warn("log: sequence reservation missing or damaged: starting a new epoch")
+		}
+		if epoch, err = newEpoch(); err != nil {
+			return err
+		}
+		ops = append(ops, metaOp(metaLogEpoch, epoch))
+	}
+	l.epoch = epoch
+	l.last = max(reserved, maxSeq)
+	l.head.Store(l.last)
+	l.queued.Store(l.last)
+	l.committed.Store(l.last)
+	target := l.last + l.opts.ReserveBlock
+	ops = append(ops, metaOp(metaLogReserved, target))
+	if err := l.db.Commit(ops...); err != nil {
+		return fmt.Errorf("log: reserve sequence numbers: %w", err)
+	}
+	l.res.durable, l.res.asked = target, target
+
+	l.trimmed, l.savedTrim = trimmed, trimmed
+	for _, r := range l.rules {
+		// Per-rule marks are not stored: after a restart every rule is
+		// taken as trimmed up to the global mark.
+		r.trimmed = trimmed
+	}
+	return nil
+}
+
+// damage counts a record that cannot be read. Called before start.
+func (l *Log) damage(key []byte, why string) {
+	l.nDamaged++
+	l.damaged = append(l.damaged, append([]byte(nil), key...))
+	l.log.Warn("log: skipping a damaged record", "key", fmt.Sprintf("%x", key), "error", why)
+}
+
+func newEpoch() (uint64, error) {
+	var b [8]byte
+	for {
+		if _, err := rand.Read(b[:]); err != nil {
+			return 0, fmt.Errorf("log: epoch: %w", err)
+		}
+		if e := binary.BigEndian.Uint64(b[:]); e != 0 {
+			return e, nil
+		}
+	}
+}
+
+// readMeta reads an 8-byte meta value; a damaged one counts as missing.
+func (l *Log) readMeta(name string) (uint64, bool, error) {
+	v, err := l.db.Get(MetaKey(name))
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return 0, false, nil
+	case err != nil:
+		return 0, false, fmt.Errorf("log: read %s: %w", name, err)
+	case len(v) != 8:
+		l.log.Warn("log: damaged meta value", "name", name, "len", len(v))
+		return 0, false, nil
+	}
+	return binary.BigEndian.Uint64(v), true, nil
+}
+
+func metaOp(name string, v uint64) Op {
+	return Set(MetaKey(name), binary.BigEndian.AppendUint64(nil, v))
+}
+
+// ruleFor is the index of the first rule matching topic, or -1.
+func (l *Log) ruleFor(topic []byte) int {
+	for i, r := range l.rules {
+		if matchTopic(r.levels, topic) {
+			return i
+		}
+	}
+	return -1
+}
+
+func (l *Log) ruleForString(topic string) int {
+	for i, r := range l.rules {
+		if matchTopic(r.levels, topic) {
+			return i
+		}
+	}
+	return -1
+}
+
+// index adds a stored record. Called with l.mu held (or before start), in
+// seq order.
+func (l *Log) index(rule int, seq uint64, timeNS int64, size int, flags uint8) {
+	e := newLogEntry(seq, timeNS, size)
+	l.stored++
+	l.bytes += int64(e.size)
+	if flags&refPending != 0 {
+		l.pending++
+	}
+	if rule < 0 {
+		l.refs[seq] = refState{size: e.size, flags: flags | refLoose}
+		return
+	}
+	r := l.rules[rule]
+	r.q.push(e)
+	r.bytes += int64(e.size)
+	if flags != 0 {
+		l.refs[seq] = refState{size: e.size, flags: flags}
+	}
+}
+
+// Epoch is the random number naming this data directory's log.
+func (l *Log) Epoch() uint64 { return l.epoch }
+
+// Head is the last seq assigned, stored or not (0 if none).
+func (l *Log) Head() uint64 { return l.head.Load() }
+
+// Append assigns m the next seq (and the time, if m.Time is 0), writes
+// the record, and returns once it is durable under the DB's sync policy.
+// The caller must Release the seq once routing is done.
+func (l *Log) Append(m *LogMessage) (uint64, error) {
+	ms := [1]*LogMessage{m}
+	if err := l.appendMessages(ms[:]); err != nil {
+		return 0, err
+	}
+	return m.Seq, nil
+}
+
+// AppendBatch appends several messages with consecutive seqs and one
+// wait. A batch larger than a transaction holds is written in several
+// atomic parts, in order; an error means some of it may be stored.
+func (l *Log) AppendBatch(ms []*LogMessage) error { return l.appendMessages(ms) }
+
+// Number assigns m the next seq (and the time, if m.Time is 0) without
+// storing it, for a message nobody keeps that live streams still number.
+// It returns 0 if the log is shut down or seqs cannot be reserved.
+func (l *Log) Number(m *LogMessage) uint64 {
+	if m.Time == 0 {
+		m.Time = l.now().UnixNano()
+	}
+	l.appendMu.Lock()
+	defer l.appendMu.Unlock()
+	if l.closed {
+		return 0
+	}
+	seq, err := l.take(1)
+	if err != nil {
+		l.log.Error("log: reserve sequence numbers", "error", err)
+		return 0
+	}
+	m.Seq = seq
+	l.numbered.Add(1)
+	return seq
+}
+
+// logWrite is one write of an append: the DB request with its first ops
+// inline, so that a single append allocates them once.
+type logWrite struct {
+	req    request
+	inline [2]Op
+	n      int    // records in the write
+	last   uint64 // seq of its last record
+}
+
+func (l *Log) appendMessages(ms []*LogMessage) error {
+	if len(ms) == 0 {
+		return nil
+	}
+	now := l.now().UnixNano()
+	total := 0
+	for _, m := range ms {
+		if m.QoS > 2 {
+			return fmt.Errorf("log: append %q: QoS %d", m.Topic, m.QoS)
+		}
+		if m.Time == 0 {
+			m.Time = now
+		}
+		total += len(nsLog) + 8 + logRecordSize(m)
+	}
+	// Encode outside the lock, into one buffer; the seqs in the keys are
+	// filled in under it. A batch is split into writes a transaction holds.
+	buf := make([]byte, 0, total)
+	var oneRule [1]int
+	var oneWrite [1]*logWrite
+	rules, writes := oneRule[:], oneWrite[:0]
+	if len(ms) > 1 {
+		rules = make([]int, len(ms))
+	}
+	var w *logWrite
+	size := 0
+	for i, m := range ms {
+		start := len(buf)
+		if w == nil || w.n == maxLogBatchOps || w.n > 0 && size+logRecordSize(m) > maxLogBatchSize {
+			w = &logWrite{}
+			w.req.ops = w.inline[:0]
+			writes = append(writes, w)
+			size = 0
+		}
+		buf = appendLogKey(buf, 0)
+		k := len(buf)
+		buf = appendLogRecord(buf, m)
+		w.req.ops = append(w.req.ops, Set(buf[start:k:k], buf[k:len(buf):len(buf)]))
+		w.n++
+		size += len(buf) - start
+		rules[i] = l.ruleForString(m.Topic)
+	}
+	return l.commitAppend(ms, rules, writes, now)
+}
+
+// commitAppend numbers the encoded records, indexes them and queues their
+// writes in seq order, then waits for them outside the lock.
+func (l *Log) commitAppend(ms []*LogMessage, rules []int, writes []*logWrite, now int64) error {
+	l.appendMu.Lock()
+	if l.closed {
+		l.appendMu.Unlock()
+		return ErrClosed
+	}
+	first, err := l.take(uint64(len(ms)))
+	if err != nil {
+		l.appendMu.Unlock()
+		return fmt.Errorf("log: reserve sequence numbers: %w", err)
+	}
+	i := 0
+	for _, w := range writes {
+		for _, op := range w.req.ops {
+			ms[i].Seq = first + uint64(i)
+			binary.BigEndian.PutUint64(op.key[len(nsLog):], ms[i].Seq)
+			i++
+		}
+		w.last = first + uint64(i) - 1
+	}
+
+	l.mu.Lock()
+	for i, m := range ms {
+		l.index(rules[i], m.Seq, m.Time, m.Size(), refPending)
+	}
+	var extra []Op
+	poke := false
+	if l.trimming {
+		// Count and byte limits of the rules just appended to (and age,
+		// with the same clock); a big backlog is left to the trimmer.
+		prev := -1
+		for _, ri := range rules {
+			if ri >= 0 && ri != prev {
+				extra = l.trimRule(l.rules[ri], now, maxPiggyDeletes, extra)
+				prev = ri
+			}
+		}
+		if n := len(l.dels); n > 0 && n+len(extra) <= maxPiggyDeletes {
+			extra = append(extra, l.dels...)
+			clear(l.dels)
+			l.dels = l.dels[:0]
+		}
+		extra = l.markOp(extra)
+		poke = len(l.dels) > 0 || len(extra) >= maxPiggyDeletes
+	}
+	l.mu.Unlock()
+	if len(extra) > 0 {
+		w := writes[len(writes)-1]
+		w.req.ops = append(w.req.ops, extra...)
+	}
+
+	sync := l.db.opts.Sync != SyncNone
+	queued, records := 0, 0
+	for _, w := range writes {
+		w.req.then = l.written(w.last, w.n)
+		if sync {
+			w.req.done = make(chan error, 1)
+		}
+		if err = l.db.enqueue(&w.req); err != nil {
+			break
+		}
+		queued++
+		records += w.n
+		l.queued.Store(w.last)
+	}
+	l.appendMu.Unlock()
+	if poke {
+		l.poke()
+	}
+	l.appended.Add(int64(records))
+	if err != nil {
+		// The DB is closed: the seqs are spent, the records not stored.
+		l.failed.Add(int64(len(ms) - records))
+		return fmt.Errorf("log: append: %w", err)
+	}
+	if !sync {
+		return nil
+	}
+	for _, w := range writes[:queued] {
+		if werr := <-w.req.done; werr != nil {
+			err = werr
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("log: append: %w", err)
+	}
+	return nil
+}
+
+// written returns the committer's callback for a write of n records up
+// to seq last: writes commit in queue order, so every stored seq up to
+// last is then committed (or failed).
+func (l *Log) written(last uint64, n int) func(error) {
+	return func(err error) {
+		if err != nil {
+			l.failed.Add(int64(n))
+		}
+		for {
+			c := l.committed.Load()
+			if c >= last || l.committed.CompareAndSwap(c, last) {
+				break
+			}
+		}
+		if l.waiters.Load() > 0 {
+			l.cmu.Lock()
+			close(l.cch)
+			l.cch = make(chan struct{})
+			l.cmu.Unlock()
+		}
+	}
+}
+
+// waitCommitted returns once every stored seq up to seq is committed.
+func (l *Log) waitCommitted(seq uint64) {
+	if l.committed.Load() >= seq {
+		return
+	}
+	l.waiters.Add(1)
+	defer l.waiters.Add(-1)
+	for {
+		l.cmu.Lock()
+		ch := l.cch
+		l.cmu.Unlock()
+		if l.committed.Load() >= seq {
+			return
+		}
+		<-ch
+	}
+}
+
+// settle returns once every stored record up to seq is committed and
+// readable: also one whose seq is assigned but whose write is still being
+// queued.
+func (l *Log) settle(seq uint64) {
+	q := l.queued.Load()
+	if seq > q {
+		l.appendMu.Lock() // an append holding seqs <= seq has queued its write
+		q = l.queued.Load()
+		l.appendMu.Unlock()
+	}
+	l.waitCommitted(min(seq, q))
+}
+
+// take assigns k seqs and returns the first, once they are reserved in the
+// store. It asks for the next block half a block ahead, so appends wait
+// for a reservation only when they outrun the store. Called with
+// l.appendMu held.
+func (l *Log) take(k uint64) (uint64, error) {
+	need := l.last + k
+	r := &l.res
+	waited := false
+	for {
+		r.mu.Lock()
+		ok := need <= r.durable
+		if !ok && waited && !r.inflight && r.err != nil {
+			err := r.err
+			r.mu.Unlock()
+			return 0, err
+		}
+		var ask uint64
+		if !r.inflight && need+l.opts.ReserveBlock/2 >= r.asked {
+			ask = max(r.asked, need) + l.opts.ReserveBlock
+			r.asked, r.inflight = ask, true
+		}
+		ch := r.ch
+		r.mu.Unlock()
+		if ask != 0 {
+			l.db.WriteAsyncThen(func(err error) { l.reserved(ask, err) }, metaOp(metaLogReserved, ask))
+		}
+		if ok {
+			first := l.last + 1
+			l.last = need
+			l.head.Store(need)
+			return first, nil
+		}
+		<-ch
+		waited = true
+	}
+}
+
+// reserved completes a reservation; called by the committer.
+func (l *Log) reserved(upto uint64, err error) {
+	r := &l.res
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.inflight = false
+	r.err = err
+	if err == nil {
+		r.durable = max(r.durable, upto)
+	} else {
+		r.asked = r.durable
+	}
+	close(r.ch)
+	r.ch = make(chan struct{})
+}
+
+// Get reads one stored message. It returns ErrLogNotFound for a seq that
+// was never stored or has been deleted.
+func (l *Log) Get(seq uint64) (LogMessage, error) {
+	var m LogMessage
+	if seq == 0 || seq > l.Head() {
+		return m, ErrLogNotFound
+	}
+	l.settle(seq)
+	err := l.db.db.View(func(txn *badger.Txn) error {
+		item, err := txn.Get(logKey(seq))
+		if err != nil {
+			return err
+		}
+		return item.Value(func(b []byte) error {
+			v, err := parseLogRecord(b)
+			if err != nil {
+				return err
+			}
+			v.message(seq, &m)
+			return nil
+		})
+	})
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return LogMessage{}, ErrLogNotFound
+	}
+	if err != nil {
+		return LogMessage{}, fmt.Errorf("log: get %d: %w", seq, err)
+	}
+	return m, nil
+}
+
+// Read calls fn for each stored message with a seq in (after, upto], in
+// seq order, from one consistent snapshot, until fn returns false. upto 0
+// means Head at the call. Every record appended up to upto is committed
+// before the snapshot is taken. fn's *LogMessage is reused after fn
+// returns; the strings and slices it holds are not, and may be kept.
+// Damaged records are skipped.
+func (l *Log) Read(after, upto uint64, fn func(*LogMessage) bool) error {
+	if upto == 0 {
+		upto = l.Head()
+	}
+	if after >= upto {
+		return nil
+	}
+	l.settle(upto)
+	var m LogMessage
+	err := l.db.ScanFrom([]byte(nsLog), logKey(after+1), func(key, value []byte) bool {
+		seq, ok := parseLogKey(key)
+		if !ok {
+			return true
+		}
+		if seq > upto {
+			return false
+		}
+		v, err := parseLogRecord(value)
+		if err != nil {
+			return true
+		}
+		v.message(seq, &m)
+		return fn(&m)
+	})
+	if err != nil {
+		return fmt.Errorf("log: read: %w", err)
+	}
+	return nil
+}
+
+// FormatID is the browser event id of seq: the epoch in 16 hex digits, a
+// dash, and seq in decimal. The history's ids had the same shape (with a
+// 12-digit epoch), so a browser resuming from one gets ErrLogIDForeign: a
+// clean reset.
+func (l *Log) FormatID(seq uint64) string {
+	const digits = "0123456789abcdef"
+	var b [17 + 20]byte
+	for i := 0; i < 16; i++ {
+		b[i] = digits[l.epoch>>(60-4*i)&0xf]
+	}
+	b[16] = '-'
+	return string(strconv.AppendUint(b[:17], seq, 10))
+}
+
+// ParseID returns the seq of an id FormatID made. It returns
+// ErrLogIDMalformed for anything else, ErrLogIDForeign for an id of
+// another epoch, and ErrLogIDFuture for a seq beyond Head. Whether the
+// messages after it are still stored is for Oldest to say.
+func (l *Log) ParseID(s string) (uint64, error) {
+	i := strings.LastIndexByte(s, '-')
+	if i < 1 || i > 16 || i == len(s)-1 || len(s)-i-1 > 20 {
+		return 0, ErrLogIDMalformed
+	}
+	epoch, err := strconv.ParseUint(s[:i], 16, 64)
+	if err != nil {
+		return 0, ErrLogIDMalformed
+	}
+	seq, err := strconv.ParseUint(s[i+1:], 10, 64)
+	if err != nil {
+		return 0, ErrLogIDMalformed
+	}
+	if epoch != l.epoch {
+		return 0, ErrLogIDForeign
+	}
+	if seq > l.Head() {
+		return 0, ErrLogIDFuture
+	}
+	return seq, nil
+}
+
+// Shutdown stops the trimmer, rejects further appends (ErrClosed) and
+// queues the pending deletes. Call it after the engine stopped and before
+// the DB shuts down. It is idempotent.
+func (l *Log) Shutdown(ctx context.Context) error {
+	l.appendMu.Lock()
+	l.closed = true
+	l.appendMu.Unlock()
+	l.shutOnce.Do(func() { close(l.done) })
+	stopped := make(chan struct{})
+	go func() { l.wg.Wait(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-ctx.Done():
+		return fmt.Errorf("log shutdown: %w", ctx.Err())
+	}
+	l.mu.Lock()
+	ops := l.markFirst(l.dels)
+	l.dels = nil
+	l.mu.Unlock()
+	l.writeDeletes(ops)
+	return nil
+}

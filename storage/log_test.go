@@ -1,0 +1,1114 @@
+package storage_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/beaconmq/beacon/storage"
+)
+
+// openLogDB opens a DB in dir that is shut down when the test ends.
+func openLogDB(t testing.TB, dir string, policy storage.SyncPolicy) *storage.DB {
+	t.Helper()
+	db, err := storage.Open(storage.Options{Dir: dir, Sync: policy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = db.Shutdown(context.Background()) })
+	return db
+}
+
+// openLog opens the log of db, shut down when the test ends (before the
+// DB: cleanups run last in, first out).
+func openLog(t testing.TB, db *storage.DB, opts storage.LogOptions) *storage.Log {
+	t.Helper()
+	l, err := storage.OpenLog(db, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = l.Shutdown(context.Background()) })
+	return l
+}
+
+// barrier returns once everything queued to db before it is committed.
+func barrier(t testing.TB, db *storage.DB) {
+	t.Helper()
+	if err := db.Commit(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// checkFor calls f until it returns nil or total has passed; f's last
+// error says what was seen at the deadline.
+func checkFor(t testing.TB, total, sleep time.Duration, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(total)
+	for {
+		err := f()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+		time.Sleep(sleep)
+	}
+}
+
+// fakeClock is a settable clock for LogOptions.Now.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newFakeClock() *fakeClock { return &fakeClock{t: time.Unix(1_700_000_000, 0)} }
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+func appendMsg(t testing.TB, l *storage.Log, topic string, payload string) uint64 {
+	t.Helper()
+	seq, err := l.Append(&storage.LogMessage{Topic: topic, Payload: []byte(payload), QoS: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return seq
+}
+
+// stored lists the seqs Read returns.
+func stored(t testing.TB, l *storage.Log) []uint64 {
+	t.Helper()
+	var out []uint64
+	if err := l.Read(0, 0, func(m *storage.LogMessage) bool { out = append(out, m.Seq); return true }); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func seqs(from, to uint64) []uint64 {
+	var out []uint64
+	for s := from; s <= to; s++ {
+		out = append(out, s)
+	}
+	return out
+}
+
+func equalMessage(a, b storage.LogMessage) bool {
+	return a.Seq == b.Seq && a.Time == b.Time && a.Topic == b.Topic && bytes.Equal(a.Payload, b.Payload) &&
+		a.QoS == b.QoS && a.Retain == b.Retain && a.Client == b.Client && a.Device == b.Device &&
+		a.Expiry == b.Expiry && bytes.Equal(a.Props, b.Props)
+}
+
+func sampleLogMessages() []storage.LogMessage {
+	return []storage.LogMessage{
+		{Topic: "a/b", Payload: []byte("hello"), QoS: 1},
+		{Topic: "t", QoS: 0},
+		{Topic: "sensors/1/temp", Payload: []byte{0, 1, 2, 0xff}, QoS: 2, Retain: true, Client: "c1", Device: "dev-1",
+			Expiry: 1_800_000_000, Props: []byte{0x03, 0x00, 0x04, 'j', 's', 'o', 'n'}, Time: 42},
+		{Topic: "$SYS/broker", Payload: bytes.Repeat([]byte("x"), 100_000), Client: "broker-internal", Time: -5},
+		{Topic: strings.Repeat("long/", 1000), Payload: []byte("y"), Props: []byte{1}},
+	}
+}
+
+func TestLogAppendGetRead(t *testing.T) {
+	for _, policy := range []storage.SyncPolicy{storage.SyncAlways, storage.SyncBatch, storage.SyncNone} {
+		t.Run(string(policy), func(t *testing.T) {
+			clock := newFakeClock()
+			db := openLogDB(t, t.TempDir(), policy)
+			l := openLog(t, db, storage.LogOptions{Now: clock.Now})
+			if l.Epoch() == 0 || l.Head() != 0 {
+				t.Fatalf("epoch %x head %d", l.Epoch(), l.Head())
+			}
+			var want []storage.LogMessage
+			for i, m := range sampleLogMessages() {
+				seq, err := l.Append(&m)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if seq != uint64(i+1) || m.Seq != seq {
+					t.Fatalf("append %d: seq %d (m.Seq %d)", i, seq, m.Seq)
+				}
+				if m.Time == 0 {
+					t.Fatalf("append %d: time not set", i)
+				}
+				want = append(want, m)
+			}
+			if want[0].Time != clock.Now().UnixNano() || want[2].Time != 42 {
+				t.Fatalf("times %d %d", want[0].Time, want[2].Time)
+			}
+			for _, w := range want {
+				got, err := l.Get(w.Seq)
+				if err != nil {
+					t.Fatalf("get %d: %v", w.Seq, err)
+				}
+				if !equalMessage(got, w) {
+					t.Fatalf("get %d:\n got %+v\nwant %+v", w.Seq, got, w)
+				}
+			}
+			var got []storage.LogMessage
+			if err := l.Read(0, 0, func(m *storage.LogMessage) bool { got = append(got, *m); return true }); err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != len(want) {
+				t.Fatalf("read %d messages, want %d", len(got), len(want))
+			}
+			for i := range want {
+				if !equalMessage(got[i], want[i]) {
+					t.Fatalf("read %d:\n got %+v\nwant %+v", i, got[i], want[i])
+				}
+			}
+			for _, seq := range []uint64{0, 6, 1 << 40} {
+				if _, err := l.Get(seq); !errors.Is(err, storage.ErrLogNotFound) {
+					t.Fatalf("get %d: %v, want ErrLogNotFound", seq, err)
+				}
+			}
+			s := l.Stats()
+			if s.Stored != 5 || s.Appended != 5 || s.Head != 5 || s.Pending != 5 {
+				t.Fatalf("stats %+v", s)
+			}
+		})
+	}
+}
+
+func TestLogReadWindows(t *testing.T) {
+	db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+	l := openLog(t, db, storage.LogOptions{})
+	for i := 0; i < 10; i++ {
+		appendMsg(t, l, "a", fmt.Sprint(i))
+	}
+	numbered := l.Number(&storage.LogMessage{Topic: "q0"}) // 11: not stored
+	appendMsg(t, l, "a", "12")
+	if numbered != 11 {
+		t.Fatalf("numbered %d", numbered)
+	}
+	tests := []struct {
+		name        string
+		after, upto uint64
+		stopAt      uint64
+		want        []uint64
+	}{
+		{"all", 0, 0, 0, append(seqs(1, 10), 12)},
+		{"window", 3, 6, 0, seqs(4, 6)},
+		{"after the end", 12, 0, 0, nil},
+		{"after equals upto", 5, 5, 0, nil},
+		{"after beyond upto", 7, 5, 0, nil},
+		{"numbered seq skipped", 9, 12, 0, []uint64{10, 12}},
+		{"upto a numbered seq", 9, 11, 0, []uint64{10}},
+		{"upto beyond head", 10, 100, 0, []uint64{12}},
+		{"stop early", 0, 0, 3, seqs(1, 3)},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var got []uint64
+			err := l.Read(tc.after, tc.upto, func(m *storage.LogMessage) bool {
+				got = append(got, m.Seq)
+				return m.Seq != tc.stopAt
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Fatalf("read (%d, %d]: %v, want %v", tc.after, tc.upto, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestLogAppendBatch(t *testing.T) {
+	db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+	l := openLog(t, db, storage.LogOptions{})
+	appendMsg(t, l, "first", "")
+	// More records and bytes than one write holds: split in order.
+	var ms []*storage.LogMessage
+	for i := 0; i < 3000; i++ {
+		ms = append(ms, &storage.LogMessage{Topic: "batch", Payload: bytes.Repeat([]byte{byte(i)}, 1000)})
+	}
+	if err := l.AppendBatch(ms); err != nil {
+		t.Fatal(err)
+	}
+	for i, m := range ms {
+		if m.Seq != uint64(i+2) {
+			t.Fatalf("message %d: seq %d", i, m.Seq)
+		}
+	}
+	if got := stored(t, l); !slices.Equal(got, seqs(1, 3001)) {
+		t.Fatalf("stored %d records (%v...)", len(got), got[:min(len(got), 5)])
+	}
+	if err := l.AppendBatch(nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.AppendBatch([]*storage.LogMessage{{Topic: "x", QoS: 3}}); err == nil {
+		t.Fatal("QoS 3 appended")
+	}
+}
+
+// TestLogConcurrentAppend: seqs from many appenders are unique and each
+// appender's increase; a reader following Head sees every seq in order
+// without a gap while appends are in flight.
+func TestLogConcurrentAppend(t *testing.T) {
+	for _, policy := range []storage.SyncPolicy{storage.SyncBatch, storage.SyncNone} {
+		t.Run(string(policy), func(t *testing.T) {
+			const writers, each = 8, 500
+			db := openLogDB(t, t.TempDir(), policy)
+			l := openLog(t, db, storage.LogOptions{ReserveBlock: 64}) // reservations on the way too
+			var wg sync.WaitGroup
+			got := make([][]uint64, writers)
+			errs := make(chan error, writers+1)
+			var stop atomic.Bool
+			readerDone := make(chan struct{})
+			go func() { // follows Head, checks every record is there
+				defer close(readerDone)
+				var pos uint64
+				for pos < writers*each {
+					upto := l.Head()
+					err := l.Read(pos, upto, func(m *storage.LogMessage) bool {
+						if m.Seq != pos+1 {
+							errs <- fmt.Errorf("reader at %d got %d (upto %d)", pos, m.Seq, upto)
+							stop.Store(true)
+							return false
+						}
+						pos = m.Seq
+						return true
+					})
+					if err != nil || stop.Load() {
+						errs <- err
+						return
+					}
+					if pos != upto {
+						errs <- fmt.Errorf("read up to %d stopped at %d", upto, pos)
+						return
+					}
+				}
+			}()
+			for w := 0; w < writers; w++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for i := 0; i < each; i++ {
+						seq, err := l.Append(&storage.LogMessage{Topic: fmt.Sprintf("w/%d", w), Payload: []byte{byte(i)}})
+						if err != nil {
+							errs <- err
+							return
+						}
+						got[w] = append(got[w], seq)
+					}
+				}()
+			}
+			wg.Wait()
+			<-readerDone
+			close(errs)
+			for err := range errs {
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			var all []uint64
+			for w, s := range got {
+				if !slices.IsSorted(s) {
+					t.Fatalf("writer %d: seqs not increasing", w)
+				}
+				all = append(all, s...)
+			}
+			slices.Sort(all)
+			if !slices.Equal(all, seqs(1, writers*each)) {
+				t.Fatalf("seqs not 1..%d without duplicates", writers*each)
+			}
+			var read []uint64
+			err := l.Read(0, 0, func(m *storage.LogMessage) bool {
+				read = append(read, m.Seq)
+				if want := fmt.Sprintf("w/%d", slices.IndexFunc(got, func(s []uint64) bool { return slices.Contains(s, m.Seq) })); m.Topic != want {
+					t.Errorf("seq %d: topic %q, want %q", m.Seq, m.Topic, want)
+				}
+				return true
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(read, all) {
+				t.Fatalf("read %d records, not 1..%d in order", len(read), writers*each)
+			}
+		})
+	}
+}
+
+// TestLogReopenWithoutShutdown: the log is not shut down, only the DB (a
+// crash of everything above storage): no seq is handed out twice, the
+// epoch stays, every append that returned is readable.
+func TestLogReopenWithoutShutdown(t *testing.T) {
+	for _, policy := range []storage.SyncPolicy{storage.SyncAlways, storage.SyncBatch, storage.SyncNone} {
+		t.Run(string(policy), func(t *testing.T) {
+			dir := t.TempDir()
+			db, err := storage.Open(storage.Options{Dir: dir, Sync: policy})
+			if err != nil {
+				t.Fatal(err)
+			}
+			l, err := storage.OpenLog(db, storage.LogOptions{ReserveBlock: 4})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = l.Shutdown(context.Background()) })
+			epoch := l.Epoch()
+			var appended []uint64
+			var seen uint64
+			for i := 0; i < 30; i++ {
+				if i%3 == 0 {
+					seen = l.Number(&storage.LogMessage{Topic: "live"})
+					continue
+				}
+				seen = appendMsg(t, l, "kept", fmt.Sprint(i))
+				appended = append(appended, seen)
+			}
+			seen = l.Number(&storage.LogMessage{Topic: "live"}) // the last seq is a numbered one
+			if err := db.Shutdown(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+
+			db = openLogDB(t, dir, policy)
+			l2 := openLog(t, db, storage.LogOptions{ReserveBlock: 4})
+			if l2.Epoch() != epoch {
+				t.Fatalf("epoch %x, was %x", l2.Epoch(), epoch)
+			}
+			if l2.Head() < seen {
+				t.Fatalf("head %d below the last seq seen %d", l2.Head(), seen)
+			}
+			if seq := appendMsg(t, l2, "kept", "after"); seq <= seen {
+				t.Fatalf("seq %d reused (last seen %d)", seq, seen)
+			}
+			if got := stored(t, l2); !slices.Equal(got[:len(got)-1], appended) {
+				t.Fatalf("stored %v, want %v and one more", got, appended)
+			}
+		})
+	}
+}
+
+// TestLogSurvivesSIGKILL kills a process that appends and numbers from
+// several goroutines: after the restart the epoch is the same, every
+// append that returned (under SyncBatch) is readable, and no seq the
+// process handed out is handed out again.
+func TestLogSurvivesSIGKILL(t *testing.T) {
+	if dir := os.Getenv("BEACON_LOG_CRASH_DIR"); dir != "" {
+		crashChild(dir)
+		return
+	}
+	if testing.Short() {
+		t.Skip("starts a process")
+	}
+	dir := t.TempDir()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestLogSurvivesSIGKILL$", "-test.count=1")
+	cmd.Env = append(os.Environ(), "BEACON_LOG_CRASH_DIR="+dir)
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var epoch, maxSeen uint64
+	var appended []uint64
+	sc := bufio.NewScanner(out)
+	for lines := 0; lines < 2000 && sc.Scan(); lines++ {
+		kind, v, ok := strings.Cut(sc.Text(), " ")
+		n, err := strconv.ParseUint(v, 10, 64)
+		if !ok || err != nil {
+			continue
+		}
+		switch kind {
+		case "epoch":
+			epoch = n
+		case "a":
+			appended = append(appended, n)
+		}
+		if kind == "a" || kind == "n" {
+			maxSeen = max(maxSeen, n)
+		}
+	}
+	if err := cmd.Process.Kill(); err != nil { // SIGKILL
+		t.Fatal(err)
+	}
+	_ = cmd.Wait()
+	if epoch == 0 || len(appended) < 100 {
+		t.Fatalf("child printed epoch %x and %d appends", epoch, len(appended))
+	}
+
+	db := openLogDB(t, dir, storage.SyncBatch)
+	l := openLog(t, db, storage.LogOptions{ReserveBlock: 16})
+	if l.Epoch() != epoch {
+		t.Fatalf("epoch %x, was %x", l.Epoch(), epoch)
+	}
+	for _, seq := range appended {
+		if _, err := l.Get(seq); err != nil {
+			t.Fatalf("acknowledged append %d: %v", seq, err)
+		}
+	}
+	if seq := appendMsg(t, l, "after", ""); seq <= maxSeen {
+		t.Fatalf("seq %d handed out again (child saw up to %d)", seq, maxSeen)
+	}
+	if n := l.Number(&storage.LogMessage{}); n <= maxSeen {
+		t.Fatalf("numbered %d, handed out before", n)
+	}
+}
+
+// crashChild appends until it is killed, printing each seq it got.
+func crashChild(dir string) {
+	db, err := storage.Open(storage.Options{Dir: dir, Sync: storage.SyncBatch})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	l, err := storage.OpenLog(db, storage.LogOptions{ReserveBlock: 16})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	var mu sync.Mutex
+	say := func(kind string, v uint64) {
+		mu.Lock()
+		defer mu.Unlock()
+		fmt.Fprintf(os.Stdout, "%s %d\n", kind, v)
+	}
+	say("epoch", l.Epoch())
+	for g := 0; g < 4; g++ {
+		go func() {
+			for i := 0; ; i++ {
+				if i%3 == 0 {
+					say("n", l.Number(&storage.LogMessage{Topic: "live"}))
+					continue
+				}
+				seq, err := l.Append(&storage.LogMessage{Topic: "crash", Payload: []byte("payload")})
+				if err != nil {
+					fmt.Fprintln(os.Stderr, err)
+					os.Exit(2)
+				}
+				say("a", seq)
+			}
+		}()
+	}
+	select {}
+}
+
+func TestLogRuleValidation(t *testing.T) {
+	db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+	tests := []struct {
+		name string
+		rule storage.LogRule
+		want string // in the error; "" = valid
+	}{
+		{"plain", storage.LogRule{Filter: "a/b", MaxMessages: 1}, ""},
+		{"wildcards", storage.LogRule{Filter: "a/+/#", MaxAge: time.Hour}, ""},
+		{"no limits", storage.LogRule{Filter: "#"}, ""},
+		{"empty", storage.LogRule{Filter: ""}, "empty"},
+		{"hash inside", storage.LogRule{Filter: "a/#/b"}, "last level"},
+		{"partial wildcard", storage.LogRule{Filter: "a/b+"}, "whole levels"},
+		{"shared", storage.LogRule{Filter: "$share/g/a"}, "shared"},
+		{"nul", storage.LogRule{Filter: "a\x00b"}, "U+0000"},
+		{"negative", storage.LogRule{Filter: "a", MaxBytes: -1}, "negative"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			l, err := storage.OpenLog(db, storage.LogOptions{Rules: []storage.LogRule{tc.rule}})
+			if l != nil {
+				_ = l.Shutdown(context.Background())
+			}
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("rejected: %v", err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("error %v, want one saying %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestLogRetention(t *testing.T) {
+	type step struct {
+		topic   string
+		payload int           // bytes
+		advance time.Duration // clock advance before the append
+	}
+	tests := []struct {
+		name  string
+		rules []storage.LogRule
+		steps []step
+		after time.Duration // clock advance after the appends
+		want  []uint64
+	}{
+		{
+			name:  "count",
+			rules: []storage.LogRule{{Filter: "a/#", MaxMessages: 3}},
+			steps: []step{{topic: "a/1"}, {topic: "a/2"}, {topic: "a"}, {topic: "a/3"}, {topic: "a/4"}},
+			want:  seqs(3, 5),
+		},
+		{
+			name:  "bytes",
+			rules: []storage.LogRule{{Filter: "b/+", MaxBytes: 3 * (3 + 10)}},
+			steps: []step{{topic: "b/1", payload: 10}, {topic: "b/2", payload: 10}, {topic: "b/3", payload: 10}, {topic: "b/4", payload: 10}},
+			want:  seqs(2, 4),
+		},
+		{
+			name:  "bytes larger than the limit",
+			rules: []storage.LogRule{{Filter: "b", MaxBytes: 5}},
+			steps: []step{{topic: "b", payload: 1}, {topic: "b", payload: 10}},
+			want:  nil,
+		},
+		{
+			name:  "age",
+			rules: []storage.LogRule{{Filter: "#", MaxAge: time.Minute}},
+			steps: []step{{topic: "x"}, {topic: "x", advance: 30 * time.Second}, {topic: "x", advance: 20 * time.Second}},
+			after: 15 * time.Second, // ages 65s, 35s, 15s
+			want:  seqs(2, 3),
+		},
+		{
+			name:  "age exactly at the limit is kept",
+			rules: []storage.LogRule{{Filter: "#", MaxAge: time.Minute}},
+			steps: []step{{topic: "x"}},
+			after: time.Minute,
+			want:  []uint64{1},
+		},
+		{
+			name: "first matching rule wins",
+			rules: []storage.LogRule{
+				{Filter: "s/important", MaxMessages: 10},
+				{Filter: "s/#", MaxMessages: 1},
+			},
+			steps: []step{{topic: "s/important"}, {topic: "s/x"}, {topic: "s/important"}, {topic: "s/y"}},
+			want:  []uint64{1, 3, 4},
+		},
+		{
+			name:  "no rule: deleted once released",
+			rules: []storage.LogRule{{Filter: "kept"}},
+			steps: []step{{topic: "kept"}, {topic: "other"}, {topic: "$SYS/x"}},
+			want:  []uint64{1},
+		},
+		{
+			name:  "wildcard rules do not take $ topics",
+			rules: []storage.LogRule{{Filter: "#"}},
+			steps: []step{{topic: "$SYS/x"}, {topic: "y"}},
+			want:  []uint64{2},
+		},
+		{
+			name:  "no limits keeps all",
+			rules: []storage.LogRule{{Filter: "#"}},
+			steps: []step{{topic: "a"}, {topic: "b", advance: 1000 * time.Hour}},
+			want:  seqs(1, 2),
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			clock := newFakeClock()
+			db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+			l := openLog(t, db, storage.LogOptions{Rules: tc.rules, Now: clock.Now})
+			l.StartTrimming()
+			for _, s := range tc.steps {
+				clock.Advance(s.advance)
+				seq := appendMsg(t, l, s.topic, strings.Repeat("p", s.payload))
+				l.Release(seq) // routed to nobody
+			}
+			clock.Advance(tc.after)
+			l.TrimNow()
+			barrier(t, db)
+			if got := stored(t, l); !slices.Equal(got, tc.want) {
+				t.Fatalf("stored %v, want %v", got, tc.want)
+			}
+			st := l.Stats()
+			if st.Stored != len(tc.want) || st.Trimmed != int64(len(tc.steps)-len(tc.want)) || st.Referenced != 0 {
+				t.Fatalf("stats %+v", st)
+			}
+			var bytes int64
+			for _, seq := range tc.want {
+				m, err := l.Get(seq)
+				if err != nil {
+					t.Fatal(err)
+				}
+				bytes += int64(m.Size())
+			}
+			if st.Bytes != bytes {
+				t.Fatalf("stats bytes %d, want %d", st.Bytes, bytes)
+			}
+		})
+	}
+}
+
+// TestLogAgeTrimmer: the trimmer goroutine applies age limits by itself.
+func TestLogAgeTrimmer(t *testing.T) {
+	clock := newFakeClock()
+	db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+	l := openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#", MaxAge: time.Hour}}, Now: clock.Now})
+	l.StartTrimming()
+	for i := 0; i < 3; i++ {
+		l.Release(appendMsg(t, l, "t", "x"))
+	}
+	clock.Advance(2 * time.Hour)
+	checkFor(t, 5*time.Second, 50*time.Millisecond, func() error {
+		if got := stored(t, l); len(got) != 0 {
+			return fmt.Errorf("still stored: %v", got)
+		}
+		return nil
+	})
+	if o := l.Oldest(); o != 4 {
+		t.Fatalf("oldest %d, want 4", o)
+	}
+}
+
+func TestLogReferences(t *testing.T) {
+	db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+	l := openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "r/#", MaxMessages: 2}}})
+	l.StartTrimming()
+	settle := func() { t.Helper(); l.TrimNow(); barrier(t, db) }
+	has := func(seq uint64) bool {
+		t.Helper()
+		_, err := l.Get(seq)
+		if err != nil && !errors.Is(err, storage.ErrLogNotFound) {
+			t.Fatal(err)
+		}
+		return err == nil
+	}
+
+	// A referenced record outlives its rule's retention.
+	r1 := appendMsg(t, l, "r/1", "a")
+	if !l.Ref(r1) || !l.Ref(r1) { // two sessions
+		t.Fatal("ref of a stored record failed")
+	}
+	l.Release(r1)
+	for i := 0; i < 3; i++ {
+		l.Release(appendMsg(t, l, "r/x", "b"))
+	}
+	settle()
+	if !has(r1) {
+		t.Fatal("referenced record trimmed")
+	}
+	if got := stored(t, l); !slices.Equal(got, []uint64{r1, 3, 4}) {
+		t.Fatalf("stored %v", got)
+	}
+	if st := l.Stats(); st.Rules[0].Stored != 2 || st.Stored != 3 {
+		t.Fatalf("the kept record counts against its rule: %+v", st)
+	}
+	l.Unref(r1)
+	settle()
+	if !has(r1) {
+		t.Fatal("deleted with a reference left")
+	}
+	l.Unref(r1)
+	settle()
+	if has(r1) {
+		t.Fatal("not deleted after the last unref")
+	}
+	if l.Ref(r1) {
+		t.Fatal("ref of a deleted record succeeded")
+	}
+
+	// A record of no rule: kept until released, then while referenced.
+	q := appendMsg(t, l, "queue/only", "c")
+	settle()
+	if !has(q) {
+		t.Fatal("rule-less record deleted before release")
+	}
+	if !l.Ref(q) {
+		t.Fatal("ref failed")
+	}
+	l.Release(q)
+	settle()
+	if !has(q) {
+		t.Fatal("referenced rule-less record deleted")
+	}
+	l.Unref(q)
+	settle()
+	if has(q) {
+		t.Fatal("rule-less record kept after its last unref")
+	}
+
+	// Released with no reference: deleted at once.
+	q2 := appendMsg(t, l, "queue/only", "d")
+	l.Release(q2)
+	settle()
+	if has(q2) {
+		t.Fatal("unreferenced released rule-less record kept")
+	}
+
+	// Not even a count limit removes a record that is not yet released.
+	var pend []uint64
+	for i := 0; i < 4; i++ {
+		pend = append(pend, appendMsg(t, l, "r/p", "e"))
+	}
+	settle()
+	for _, seq := range pend {
+		if !has(seq) {
+			t.Fatalf("unreleased record %d trimmed", seq)
+		}
+	}
+	for _, seq := range pend {
+		l.Release(seq)
+	}
+	settle()
+	if got := stored(t, l); !slices.Equal(got, pend[2:]) {
+		t.Fatalf("stored %v, want %v", got, pend[2:])
+	}
+
+	// Refs of a record in its rule's retention with no map entry.
+	last := pend[3]
+	if !l.Ref(last) {
+		t.Fatal("ref of a retained record failed")
+	}
+	l.Unref(last)
+
+	// Strays are counted, never panic or go negative.
+	n := l.Number(&storage.LogMessage{Topic: "r/live"})
+	if l.Ref(n) {
+		t.Fatal("ref of a numbered (never stored) seq succeeded")
+	}
+	l.Unref(n)
+	l.Unref(last)
+	l.Release(last) // released already
+	if st := l.Stats(); st.Strays != 3 || st.Referenced != 0 || st.Pending != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+	if !has(last) {
+		t.Fatal("stray unref deleted a retained record")
+	}
+}
+
+// TestLogStartTrimmingGate: after a restart nothing is deleted before
+// StartTrimming; then only what no restored reference holds.
+func TestLogStartTrimmingGate(t *testing.T) {
+	dir := t.TempDir()
+	rules := []storage.LogRule{{Filter: "r", MaxMessages: 2}}
+	db, err := storage.Open(storage.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := storage.OpenLog(db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "r"}}}) // no limit yet
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 5; i++ {
+		appendMsg(t, l, "r", "")
+	}
+	appendMsg(t, l, "q", "") // 6: queued for a session
+	appendMsg(t, l, "q", "") // 7: nobody
+	_ = l.Shutdown(context.Background())
+	if err := db.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	db = openLogDB(t, dir, storage.SyncBatch)
+	l = openLog(t, db, storage.LogOptions{Rules: rules})
+	if st := l.Stats(); st.Stored != 7 || st.Rules[0].Stored != 5 || st.Pending != 0 {
+		t.Fatalf("after open: %+v", st)
+	}
+	s8 := appendMsg(t, l, "r", "") // appends happen (after the reserved block)
+	l.Release(s8)
+	l.TrimNow()
+	barrier(t, db)
+	if got := stored(t, l); !slices.Equal(got, append(seqs(1, 7), s8)) {
+		t.Fatalf("deleted before StartTrimming: %v", got)
+	}
+	// Sessions restore their references.
+	if !l.Ref(6) || !l.Ref(2) || !l.Ref(7) {
+		t.Fatal("restoring a ref failed")
+	}
+	l.Unref(7) // a session that dropped it
+	l.TrimNow()
+	barrier(t, db)
+	if got := stored(t, l); !slices.Equal(got, append(seqs(1, 7), s8)) {
+		t.Fatalf("deleted before StartTrimming: %v", got)
+	}
+	l.StartTrimming()
+	l.StartTrimming() // idempotent
+	checkFor(t, 5*time.Second, 20*time.Millisecond, func() error {
+		barrier(t, db)
+		if got, want := stored(t, l), []uint64{2, 5, 6, s8}; !slices.Equal(got, want) {
+			return fmt.Errorf("stored %v, want %v", got, want)
+		}
+		return nil
+	})
+	l.Unref(2)
+	l.Unref(6)
+	checkFor(t, 5*time.Second, 20*time.Millisecond, func() error {
+		barrier(t, db)
+		if got, want := stored(t, l), []uint64{5, s8}; !slices.Equal(got, want) {
+			return fmt.Errorf("stored %v, want %v", got, want)
+		}
+		return nil
+	})
+}
+
+func TestLogOldest(t *testing.T) {
+	dir := t.TempDir()
+	rules := []storage.LogRule{
+		{Filter: "fast/#", MaxMessages: 1},
+		{Filter: "slow/#", MaxMessages: 100},
+	}
+	db, err := storage.Open(storage.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := storage.OpenLog(db, storage.LogOptions{Rules: rules})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.StartTrimming()
+	if l.Oldest() != 1 {
+		t.Fatalf("oldest of an empty log %d", l.Oldest())
+	}
+	l.Release(appendMsg(t, l, "slow/1", ""))  // 1
+	l.Release(appendMsg(t, l, "fast/1", ""))  // 2
+	l.Release(appendMsg(t, l, "fast/2", ""))  // 3: trims 2
+	l.Release(appendMsg(t, l, "nobody", ""))  // 4: no rule, no gap
+	l.Release(appendMsg(t, l, "fast/3", ""))  // 5: trims 3
+	l.Release(appendMsg(t, l, "slow/2", ""))  // 6
+	tests := []struct {
+		filters []string
+		want    uint64
+	}{
+		{nil, 1},
+		{[]string{"slow/#"}, 1},
+		{[]string{"fast/1"}, 4},
+		{[]string{"slow/1", "fast/+"}, 4},
+		{[]string{"#"}, 4},
+		{[]string{"other"}, 1},
+	}
+	for _, tc := range tests {
+		if got := l.OldestFor(tc.filters...); got != tc.want {
+			t.Errorf("OldestFor(%q) = %d, want %d", tc.filters, got, tc.want)
+		}
+	}
+	if l.Oldest() != 4 {
+		t.Fatalf("oldest %d, want 4", l.Oldest())
+	}
+	for filter, want := range map[string]bool{"fast/#": true, "slow/a/b": true, "#": false, "nobody": false, "fast": true, "slow": true, "other/#": false} {
+		if got := l.Retains(filter); got != want {
+			t.Errorf("Retains(%q) = %v", filter, got)
+		}
+	}
+	_ = l.Shutdown(context.Background())
+	if err := db.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// The mark survives a restart; every rule counts as trimmed up to it.
+	db = openLogDB(t, dir, storage.SyncBatch)
+	l = openLog(t, db, storage.LogOptions{Rules: rules})
+	if l.Oldest() != 4 || l.OldestFor("slow/#") != 4 {
+		t.Fatalf("after restart: oldest %d, slow %d", l.Oldest(), l.OldestFor("slow/#"))
+	}
+}
+
+func TestLogIDs(t *testing.T) {
+	db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+	l := openLog(t, db, storage.LogOptions{})
+	for i := 0; i < 3; i++ {
+		appendMsg(t, l, "a", "")
+	}
+	for _, seq := range []uint64{0, 1, 3} {
+		id := l.FormatID(seq)
+		got, err := l.ParseID(id)
+		if err != nil || got != seq {
+			t.Fatalf("ParseID(FormatID(%d) = %q) = %d, %v", seq, id, got, err)
+		}
+	}
+	if id := l.FormatID(3); len(id) != 18 || id[16] != '-' || !strings.HasSuffix(id, "-3") {
+		t.Fatalf("id %q: not 16 hex digits, a dash and the seq", id)
+	}
+	foreign := fmt.Sprintf("%016x-2", l.Epoch()^1)
+	tests := []struct {
+		id   string
+		want error
+	}{
+		{l.FormatID(4), storage.ErrLogIDFuture},
+		{fmt.Sprintf("%x-%d", l.Epoch(), uint64(1<<64-1)), storage.ErrLogIDFuture},
+		{strings.ToUpper(l.FormatID(2)), nil},
+		{foreign, storage.ErrLogIDForeign},
+		{"a1b2c3d4e5f6-2", storage.ErrLogIDForeign}, // the history's format
+		{"", storage.ErrLogIDMalformed},
+		{"-", storage.ErrLogIDMalformed},
+		{"12", storage.ErrLogIDMalformed},
+		{"-12", storage.ErrLogIDMalformed},
+		{"abc-", storage.ErrLogIDMalformed},
+		{"xyz-1", storage.ErrLogIDMalformed},
+		{"abc-1x", storage.ErrLogIDMalformed},
+		{"abc--1", storage.ErrLogIDMalformed},
+		{"abc-+1", storage.ErrLogIDMalformed},
+		{"0x1f-1", storage.ErrLogIDMalformed},
+		{"11111111111111111-1", storage.ErrLogIDMalformed}, // 17 hex digits
+		{"abc-99999999999999999999999", storage.ErrLogIDMalformed},
+		{"abc-1 ", storage.ErrLogIDMalformed},
+		{"\x00-\x00", storage.ErrLogIDMalformed},
+	}
+	for _, tc := range tests {
+		_, err := l.ParseID(tc.id)
+		if !errors.Is(err, tc.want) && !(err == nil && tc.want == nil) {
+			t.Errorf("ParseID(%q) = %v, want %v", tc.id, err, tc.want)
+		}
+	}
+}
+
+func TestLogDamagedRecords(t *testing.T) {
+	dir := t.TempDir()
+	db, err := storage.Open(storage.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := storage.OpenLog(db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 4; i++ {
+		appendMsg(t, l, "ok", fmt.Sprint(i))
+	}
+	_ = l.Shutdown(context.Background())
+	good := storage.EncodeLogMessage(nil, &storage.LogMessage{Topic: "t", Payload: []byte("p")})
+	damage := []storage.Op{
+		storage.Set(storage.LogKey(2), []byte{}),                  // empty
+		storage.Set(storage.LogKey(3), good[:len(good)-1]),        // truncated
+		storage.Set(storage.LogKey(9), []byte{99, 0, 0, 0, 0}),    // unknown version
+		storage.Set(append(storage.LogKey(5), 'x'), good),         // bad key
+		storage.Set(storage.LogKey(6), append(good[:2:2], 0xff)), // bad varint
+	}
+	if err := db.Write(damage...); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	db = openLogDB(t, dir, storage.SyncBatch)
+	l = openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#"}}})
+	if st := l.Stats(); st.Damaged != 5 || st.Stored != 2 {
+		t.Fatalf("stats %+v", st)
+	}
+	if got := stored(t, l); !slices.Equal(got, []uint64{1, 4}) {
+		t.Fatalf("read %v", got)
+	}
+	if _, err := l.Get(3); !errors.Is(err, storage.ErrCorrupt) {
+		t.Fatalf("get of a damaged record: %v", err)
+	}
+	if seq := appendMsg(t, l, "ok", ""); seq <= 9 {
+		t.Fatalf("seq %d reuses a damaged record's", seq)
+	}
+	l.StartTrimming()
+	checkFor(t, 5*time.Second, 20*time.Millisecond, func() error {
+		barrier(t, db)
+		n := 0
+		err := db.Scan(storage.LogKey(0)[:2], func(_, _ []byte) error { n++; return nil })
+		if err != nil || n != 3 {
+			return fmt.Errorf("%d keys in the log, want 3 (%v)", n, err)
+		}
+		return nil
+	})
+}
+
+func TestLogShutdown(t *testing.T) {
+	db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+	l := openLog(t, db, storage.LogOptions{})
+	appendMsg(t, l, "a", "")
+	for i := 0; i < 2; i++ {
+		if err := l.Shutdown(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := l.Append(&storage.LogMessage{Topic: "a"}); !errors.Is(err, storage.ErrClosed) {
+		t.Fatalf("append after shutdown: %v", err)
+	}
+	if seq := l.Number(&storage.LogMessage{Topic: "a"}); seq != 0 {
+		t.Fatalf("numbered %d after shutdown", seq)
+	}
+	if m, err := l.Get(1); err != nil || m.Topic != "a" {
+		t.Fatalf("get after shutdown: %+v %v", m, err)
+	}
+}
+
+func TestLogAppendAfterDBClosed(t *testing.T) {
+	db, err := storage.Open(storage.Options{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := openLog(t, db, storage.LogOptions{ReserveBlock: 2})
+	appendMsg(t, l, "a", "")
+	if err := db.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ { // past the reservation too
+		if _, err := l.Append(&storage.LogMessage{Topic: "a"}); !errors.Is(err, storage.ErrClosed) {
+			t.Fatalf("append %d after the DB closed: %v", i, err)
+		}
+	}
+}
+
+func TestLogMessageRoundTrip(t *testing.T) {
+	for _, m := range sampleLogMessages() {
+		b := storage.EncodeLogMessage(nil, &m)
+		got, err := storage.DecodeLogMessage(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.Seq = 0
+		if !equalMessage(got, m) {
+			t.Fatalf("got %+v\nwant %+v", got, m)
+		}
+		for i := range b { // every truncation is an error, never a panic
+			if _, err := storage.DecodeLogMessage(b[:i]); !errors.Is(err, storage.ErrCorrupt) {
+				t.Fatalf("truncated at %d: %v", i, err)
+			}
+		}
+	}
+	small := storage.EncodeLogMessage(nil, &storage.LogMessage{Topic: "t", QoS: 1})
+	if len(small) != 6 { // version, flags, time 0, topic length, topic, payload length
+		t.Fatalf("a message with a 1-byte topic takes %d bytes: % x", len(small), small)
+	}
+}
+
+func FuzzDecodeLogMessage(f *testing.F) {
+	for _, m := range sampleLogMessages() {
+		f.Add(storage.EncodeLogMessage(nil, &m))
+	}
+	f.Add([]byte{})
+	f.Add([]byte{1, 0xff})
+	f.Add([]byte{1, 3, 0, 0, 0})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := storage.DecodeLogMessage(b)
+		if err != nil {
+			if !errors.Is(err, storage.ErrCorrupt) {
+				t.Fatalf("error %v does not wrap ErrCorrupt", err)
+			}
+			return
+		}
+		again, err := storage.DecodeLogMessage(storage.EncodeLogMessage(nil, &m))
+		if err != nil {
+			t.Fatalf("re-encoded message does not decode: %v", err)
+		}
+		if !reflect.DeepEqual(normalized(again), normalized(m)) {
+			t.Fatalf("round trip changed %+v to %+v", m, again)
+		}
+	})
+}
+
+func normalized(m storage.LogMessage) storage.LogMessage {
+	if len(m.Payload) == 0 {
+		m.Payload = nil
+	}
+	if len(m.Props) == 0 {
+		m.Props = nil
+	}
+	return m
+}
