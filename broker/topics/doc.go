@@ -22,8 +22,9 @@
 // [Index] and [Retained] are tries keyed by topic level, like mosquitto's
 // and NATS's: each node has a map of literal children and, in the index,
 // one '+' child and one '#' child. A lookup follows the levels of the
-// topic, so its cost depends on the depth of the topic and the number of
-// wildcard branches on its path, not on how many subscriptions exist.
+// topic, so its cost depends on the depth of the topic, the wildcard
+// branches on its path and the number of matches, not on how many
+// subscriptions exist.
 //
 // Matching a topic against the index at node n for level l visits the
 // literal child l, the '+' child and collects the '#' child; at the last
