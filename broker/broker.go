@@ -593,14 +593,14 @@ func (b *Broker) Start() error {
 	b.webhooks.Start()
 
 	for _, l := range b.listeners {
-		if err := b.mqtt.AddListener(l); err != nil {
+		if err := b.mqtt.AddListener(&shutdownSafe{Listener: l, srv: b.mqtt}); err != nil {
 			return fmt.Errorf("add listener %s: %w", l.id, err)
 		}
 		b.mqtt.Listeners.Serve(l.id, b.mqtt.EstablishConnection)
 		b.log.Info("mqtt listening", "listener", l.id, "addr", l.Address())
 	}
 	if b.ws != nil {
-		if err := b.mqtt.AddListener(b.ws); err != nil {
+		if err := b.mqtt.AddListener(&shutdownSafe{Listener: b.ws, srv: b.mqtt}); err != nil {
 			return fmt.Errorf("add websocket listener: %w", err)
 		}
 		b.mqtt.Listeners.Serve(b.ws.ID(), b.mqtt.EstablishConnection)

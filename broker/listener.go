@@ -8,7 +8,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
 )
 
 // tcpListener is our mochi listener for MQTT over TCP and TLS. Unlike
@@ -79,6 +81,32 @@ func (l *tcpListener) Close(closeClients listeners.CloseFn) {
 			k.(*lingerConn).Finish(nil)
 			return true
 		})
+	}
+}
+
+// shutdownSafe wraps every listener Beacon adds to mochi, around a
+// deadlock in mochi's Server.Close: Close hands each listener a callback
+// that disconnects its clients through Clients.GetByListener, which
+// read-locks the clients map and then read-locks it again (Clients.Len).
+// A client connecting or leaving in between (a writer waiting on the
+// lock) blocks the second read lock forever, and the shutdown with it.
+// The listener gets disconnectClients instead, which takes the lock once.
+type shutdownSafe struct {
+	listeners.Listener
+	srv *mqtt.Server
+}
+
+func (l *shutdownSafe) Close(listeners.CloseFn) {
+	l.Listener.Close(func(id string) { disconnectClients(l.srv, id) })
+}
+
+// disconnectClients does what mochi's closeListenerClients does: every
+// open client of the listener gets a DISCONNECT "server shutting down".
+func disconnectClients(srv *mqtt.Server, listener string) {
+	for _, cl := range srv.Clients.GetAll() {
+		if cl.Net.Listener == listener && !cl.Closed() {
+			_ = srv.DisconnectClient(cl, packets.ErrServerShuttingDown)
+		}
 	}
 }
 
