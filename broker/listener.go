@@ -62,6 +62,15 @@ func (l *tcpListener) Serve(establish listeners.EstablishFn) {
 		_ = conn.SetDeadline(time.Now().Add(l.connectTimeout))
 		lc := &lingerConn{Conn: conn}
 		l.conns.Store(lc, struct{}{})
+		if l.end.Load() {
+			// Close ran between Accept and Store, so its sweep of conns
+			// missed this one: a client it let connect would hold
+			// mochi's Close (which waits for every client) until the
+			// client left.
+			l.conns.Delete(lc)
+			lc.Finish(nil)
+			return
+		}
 		go func() {
 			defer l.conns.Delete(lc)
 			if err := establish(l.id, lc); err != nil {
@@ -84,20 +93,47 @@ func (l *tcpListener) Close(closeClients listeners.CloseFn) {
 	}
 }
 
-// shutdownSafe wraps every listener Beacon adds to mochi, around a
-// deadlock in mochi's Server.Close: Close hands each listener a callback
-// that disconnects its clients through Clients.GetByListener, which
-// read-locks the clients map and then read-locks it again (Clients.Len).
-// A client connecting or leaving in between (a writer waiting on the
-// lock) blocks the second read lock forever, and the shutdown with it.
-// The listener gets disconnectClients instead, which takes the lock once.
+// shutdownSafe wraps every listener Beacon adds to mochi, around two
+// races in mochi's Server.Close:
+//
+//   - Close hands each listener a callback that disconnects its clients
+//     through Clients.GetByListener, which read-locks the clients map and
+//     then read-locks it again (Clients.Len). A client connecting or
+//     leaving in between (a writer waiting on the lock) blocks the second
+//     read lock forever, and the shutdown with it. The listener gets
+//     disconnectClients instead, which takes the lock once.
+//   - A connection joins the wait group Close waits on from inside
+//     EstablishConnection (ClientsWg.Add in attachClient), so one that
+//     starts while Close waits races with the Wait (the race detector
+//     says so). Here Close returns only once mochi is done with every
+//     connection it let in, and no connection is let in after.
 type shutdownSafe struct {
 	listeners.Listener
-	srv *mqtt.Server
+	srv    *mqtt.Server
+	mu     sync.RWMutex // held for reading while mochi serves a connection
+	closed bool         // guarded by mu
 }
 
+func (l *shutdownSafe) Serve(establish listeners.EstablishFn) {
+	l.Listener.Serve(func(id string, c net.Conn) error {
+		l.mu.RLock()
+		defer l.mu.RUnlock()
+		if l.closed {
+			_ = c.Close()
+			return net.ErrClosed
+		}
+		return establish(id, c)
+	})
+}
+
+// Close closes the listener, which disconnects its clients and closes
+// every connection it accepted, then waits until mochi has let go of
+// each.
 func (l *shutdownSafe) Close(listeners.CloseFn) {
 	l.Listener.Close(func(id string) { disconnectClients(l.srv, id) })
+	l.mu.Lock()
+	l.closed = true
+	l.mu.Unlock()
 }
 
 // disconnectClients does what mochi's closeListenerClients does: every

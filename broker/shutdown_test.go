@@ -22,7 +22,8 @@ import (
 // disconnect (over TCP and WebSocket) ends in time. mochi's own way of
 // closing a listener's clients (Clients.GetByListener) read-locks the
 // clients map twice, so a client added or removed between the two locks
-// deadlocked it.
+// deadlocked it; a connection accepted as the listener closed could also
+// stay open past the shutdown.
 func TestShutdownWhileClientsChurn(t *testing.T) {
 	for round := range 5 {
 		cfg := bt.Config(t)
