@@ -70,7 +70,7 @@ func (l *Log) settleRef(seq uint64, st refState) {
 	delete(l.refs, seq)
 	if st.loose() {
 		l.dels = l.deleteRecord(l.dels, seq, st.size)
-		if len(l.dels) >= maxPiggyDeletes {
+		if len(l.dels) > maxPiggyDeletes {
 			l.poke()
 		}
 	}
@@ -82,7 +82,12 @@ func (l *Log) deleteRecord(ops []Op, seq uint64, size uint32) []Op {
 	l.stored--
 	l.bytes -= int64(size)
 	l.trimCnt.Add(1)
-	return append(ops, Delete(logKey(seq)))
+	if cap(l.keyBuf)-len(l.keyBuf) < len(nsLog)+8 {
+		l.keyBuf = make([]byte, 0, (len(nsLog)+8)*minPiggyDeletes)
+	}
+	start := len(l.keyBuf)
+	l.keyBuf = appendLogKey(l.keyBuf, seq)
+	return append(ops, Delete(l.keyBuf[start:len(l.keyBuf):len(l.keyBuf)]))
 }
 
 // trimRule takes up to limit records outside the rule's retention out of

@@ -872,12 +872,12 @@ func TestLogOldest(t *testing.T) {
 	if l.Oldest() != 1 {
 		t.Fatalf("oldest of an empty log %d", l.Oldest())
 	}
-	l.Release(appendMsg(t, l, "slow/1", ""))  // 1
-	l.Release(appendMsg(t, l, "fast/1", ""))  // 2
-	l.Release(appendMsg(t, l, "fast/2", ""))  // 3: trims 2
-	l.Release(appendMsg(t, l, "nobody", ""))  // 4: no rule, no gap
-	l.Release(appendMsg(t, l, "fast/3", ""))  // 5: trims 3
-	l.Release(appendMsg(t, l, "slow/2", ""))  // 6
+	l.Release(appendMsg(t, l, "slow/1", "")) // 1
+	l.Release(appendMsg(t, l, "fast/1", "")) // 2
+	l.Release(appendMsg(t, l, "fast/2", "")) // 3: trims 2
+	l.Release(appendMsg(t, l, "nobody", "")) // 4: no rule, no gap
+	l.Release(appendMsg(t, l, "fast/3", "")) // 5: trims 3
+	l.Release(appendMsg(t, l, "slow/2", "")) // 6
 	tests := []struct {
 		filters []string
 		want    uint64
@@ -979,10 +979,10 @@ func TestLogDamagedRecords(t *testing.T) {
 	_ = l.Shutdown(context.Background())
 	good := storage.EncodeLogMessage(nil, &storage.LogMessage{Topic: "t", Payload: []byte("p")})
 	damage := []storage.Op{
-		storage.Set(storage.LogKey(2), []byte{}),                  // empty
-		storage.Set(storage.LogKey(3), good[:len(good)-1]),        // truncated
-		storage.Set(storage.LogKey(9), []byte{99, 0, 0, 0, 0}),    // unknown version
-		storage.Set(append(storage.LogKey(5), 'x'), good),         // bad key
+		storage.Set(storage.LogKey(2), []byte{}),                 // empty
+		storage.Set(storage.LogKey(3), good[:len(good)-1]),       // truncated
+		storage.Set(storage.LogKey(9), []byte{99, 0, 0, 0, 0}),   // unknown version
+		storage.Set(append(storage.LogKey(5), 'x'), good),        // bad key
 		storage.Set(storage.LogKey(6), append(good[:2:2], 0xff)), // bad varint
 	}
 	if err := db.Write(damage...); err != nil {
