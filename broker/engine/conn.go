@@ -29,6 +29,7 @@ type conn struct {
 	version        byte
 	clientID       string
 	username       string
+	device         string
 	principal      Principal
 	sess           *session
 	keepalive      time.Duration

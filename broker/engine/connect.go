@@ -220,6 +220,9 @@ func (c *conn) connect(pk *packets.Packet) error {
 		}
 	}
 	c.clientID, c.username, c.principal = id, string(cn.Username), p
+	if dn, ok := p.(DeviceNamer); ok {
+		c.device = dn.Device()
+	}
 	c.keepalive = want
 	c.maxOut = props.MaximumPacketSize
 	c.aliasMax = c.srv.lim.TopicAliasMax
@@ -335,6 +338,7 @@ func (s *Server) attach(c *conn, r attachReq) error {
 		}
 		sess.will = nil
 		if r.clean || sess.discarded {
+			sess.dropStoredLocked()
 			sess.discardLocked()
 			sess.mu.Unlock()
 			s.index.RemoveClient(id)
@@ -346,12 +350,26 @@ func (s *Server) attach(c *conn, r attachReq) error {
 	}
 	if sess == nil {
 		sess = newSession(s, id)
+		if s.store != nil {
+			s.store.gen++
+			sess.gen = s.store.gen
+		}
 	}
 	sess.mu.Lock()
 	sess.principal = c.principal
 	sess.version = c.version
 	sess.expiry = r.expiry
 	sess.persistent = r.expiry > 0
+	if s.store != nil {
+		if sess.persistent {
+			// Ordered under s.mu with the records of this client id's
+			// previous and next sessions.
+			s.store.async(nil, s.store.sessionOp(sess, 0))
+			sess.recorded = true
+		} else {
+			sess.dropStoredLocked()
+		}
+	}
 	sess.recvMax = r.recvMax
 	sess.maxOut = c.maxOut
 	sess.conn = c

@@ -3,6 +3,7 @@ package engine
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"strings"
 	"time"
@@ -10,6 +11,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/beaconmq/beacon/broker/topics"
+	"github.com/beaconmq/beacon/storage"
 )
 
 const (
@@ -64,7 +66,7 @@ func (c *conn) handle(pk *packets.Packet) error {
 	case packets.Publish:
 		return c.publish(pk)
 	case packets.Puback, packets.Pubcomp:
-		c.sess.ack(c, pk.FixedHeader.Type, pk.PacketID)
+		c.sess.ack(c, pk.FixedHeader.Type, pk.PacketID, false)
 		return nil
 	case packets.Pubrec:
 		return c.pubrec(pk)
@@ -172,10 +174,23 @@ func (c *conn) publish(pk *packets.Packet) error {
 
 	now := c.srv.now()
 	m := fromPacket(pk, topic, c.clientID, now.UnixNano())
+	m.Device = c.device
 	if exp := c.srv.messageExpiry(props.MessageExpiryInterval); exp > 0 {
 		m.Expiry = now.Unix() + int64(exp/time.Second)
 	}
-	c.srv.accept(m)
+	var in *inbound
+	if fh.Qos == 2 {
+		in = &inbound{sess: sess, id: pk.PacketID}
+	}
+	if _, err := c.srv.accept(m, in); err != nil {
+		// Not stored, so not accepted: the client sends it again.
+		c.srv.log.Error("publish not stored", "client", c.clientID, "error", err)
+		if c.version < 5 || fh.Qos == 0 {
+			return fmt.Errorf("store: %w", err)
+		}
+		c.ackPublish(pk, codeUnspecified, "not stored")
+		return nil
+	}
 	if fh.Qos == 2 {
 		sess.mu.Lock()
 		sess.inQoS2[pk.PacketID] = struct{}{}
@@ -233,14 +248,13 @@ func (c *conn) pubrec(pk *packets.Packet) error {
 	id := pk.PacketID
 	if c.version == 5 && pk.ReasonCode >= 0x80 {
 		// The client refused the message: the flow ends here.
-		c.sess.completeRefused(c, id)
+		c.sess.ack(c, pubrecType, id, true)
 		return nil
 	}
-	code := byte(codeSuccess)
-	if !c.sess.ack(c, pubrecType, id) {
-		code = codeIDNotFound
+	if !c.sess.released(c, id) {
+		code := byte(codeIDNotFound)
+		c.queue(func(b []byte) []byte { return appendAck(b, hdrPubrel, c.version, id, code, "") })
 	}
-	c.queue(func(b []byte) []byte { return appendAck(b, hdrPubrel, c.version, id, code, "") })
 	return nil
 }
 
@@ -250,30 +264,20 @@ func (c *conn) pubrel(pk *packets.Packet) error {
 	c.sess.mu.Lock()
 	_, ok := c.sess.inQoS2[id]
 	delete(c.sess.inQoS2, id)
+	persistent := c.sess.persistent
 	c.sess.mu.Unlock()
+	if ok && persistent && c.srv.store != nil {
+		// Gone before PUBCOMP: a later PUBLISH reusing the id is a new message.
+		if err := c.srv.store.db.Write(storage.Delete(storage.InboundKey(c.clientID, id))); err != nil {
+			return fmt.Errorf("store: %w", err)
+		}
+	}
 	code := byte(codeSuccess)
 	if !ok {
 		code = codeIDNotFound
 	}
 	c.queue(func(b []byte) []byte { return appendAck(b, hdrPubcomp, c.version, id, code, "") })
 	return nil
-}
-
-// completeRefused ends an outbound QoS 2 flow the client refused.
-func (s *session) completeRefused(c *conn, id uint16) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for i, f := range s.out {
-		if f.id == id && f.qos == 2 && !f.pubrel {
-			copy(s.out[i:], s.out[i+1:])
-			s.out[len(s.out)-1] = nil
-			s.out = s.out[:len(s.out)-1]
-			if s.conn == c {
-				s.pumpLocked()
-			}
-			return
-		}
-	}
 }
 
 // subscribe handles SUBSCRIBE: SUBACK, then the retained messages of the
@@ -299,6 +303,7 @@ func (c *conn) subscribe(pk *packets.Packet) error {
 		qos    byte
 	}
 	var sendRetained []retainedReq
+	var added []topics.Subscription
 	fail := func(i int, code byte) {
 		if c.version < 5 {
 			code = 0x80
@@ -343,9 +348,13 @@ func (c *conn) subscribe(pk *packets.Packet) error {
 		}
 		replaced := c.srv.index.Subscribe(sub)
 		codes[i] = qos
+		added = append(added, sub)
 		if group == "" && (sub.RetainHandling == 0 || (sub.RetainHandling == 1 && !replaced)) {
 			sendRetained = append(sendRetained, retainedReq{sub.Filter, qos})
 		}
+	}
+	if err := c.srv.storeSubs(c.sess, added, nil); err != nil {
+		return fmt.Errorf("store: %w", err)
 	}
 	ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Suback}, ProtocolVersion: c.version,
 		PacketID: pk.PacketID, ReasonCodes: codes}
@@ -366,7 +375,7 @@ func (c *conn) subscribe(pk *packets.Packet) error {
 				c.srv.dropped(DropDenied, c.clientID, m)
 				return true
 			}
-			c.sess.deliver(m, min(m.QoS, r.qos), true, ids)
+			c.sess.deliverRetained(m, min(m.QoS, r.qos), ids)
 			return true
 		})
 	}
@@ -382,6 +391,7 @@ func (c *conn) unsubscribe(pk *packets.Packet) error {
 		return protoErr(codeProtocolError, "UNSUBSCRIBE without filters")
 	}
 	codes := make([]byte, len(pk.Filters))
+	var removed []topics.Subscription
 	for i, f := range pk.Filters {
 		filter, group := f.Filter, ""
 		if strings.HasPrefix(filter, "$share/") {
@@ -397,7 +407,13 @@ func (c *conn) unsubscribe(pk *packets.Packet) error {
 		}
 		if !c.srv.index.Unsubscribe(c.clientID, filter, group) {
 			codes[i] = codeNoSubscription
+			continue
 		}
+		removed = append(removed, topics.Subscription{Filter: filter, Group: group})
+	}
+	_ = c.srv.storeSubs(c.sess, nil, removed)
+	if c.version < 5 {
+		codes = nil
 	}
 	ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Unsuback}, ProtocolVersion: c.version,
 		PacketID: pk.PacketID, ReasonCodes: codes}
@@ -471,13 +487,20 @@ func (c *conn) end(cause error, graceful bool) {
 	}
 	if current {
 		if !sess.persistent {
+			sess.dropStoredLocked()
 			sess.discardLocked()
 			if s.sessions[sess.id] == sess {
 				delete(s.sessions, sess.id)
 			}
-		} else if !s.closing {
+		} else {
 			sess.expireAt = s.now().Add(sess.expiry)
-			sess.expireTimer = time.AfterFunc(sess.expiry, func() { s.expire(sess) })
+			if s.store != nil {
+				s.store.async(nil, s.store.sessionOp(sess, sess.expireAt.Add(-sess.expiry).Unix()))
+				sess.recorded = true
+			}
+			if !s.closing {
+				sess.expireTimer = time.AfterFunc(sess.expiry, func() { s.expire(sess) })
+			}
 		}
 	}
 	sess.mu.Unlock()
@@ -519,6 +542,7 @@ func (s *Server) expire(sess *session) {
 		s.mu.Unlock()
 		return
 	}
+	sess.dropStoredLocked()
 	sess.discardLocked()
 	delete(s.sessions, sess.id)
 	w := sess.will
@@ -532,4 +556,30 @@ func (s *Server) expire(sess *session) {
 	if w != nil {
 		s.publishWill(w)
 	}
+}
+
+// storeSubs records subscriptions added to and removed from a persistent
+// session; additions are durable before the SUBACK.
+func (s *Server) storeSubs(sess *session, added, removed []topics.Subscription) error {
+	if s.store == nil || (len(added) == 0 && len(removed) == 0) {
+		return nil
+	}
+	sess.mu.Lock()
+	persistent := sess.persistent
+	sess.mu.Unlock()
+	if !persistent {
+		return nil
+	}
+	ops := make([]storage.Op, 0, len(added)+len(removed))
+	for i := range added {
+		ops = append(ops, subOp(sess.id, &added[i]))
+	}
+	for _, r := range removed {
+		ops = append(ops, storage.Delete(storage.SubKey(sess.id, r.Group, r.Filter)))
+	}
+	if len(added) == 0 {
+		s.store.async(nil, ops...)
+		return nil
+	}
+	return s.store.db.Write(ops...)
 }

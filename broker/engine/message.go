@@ -15,6 +15,7 @@ type Message struct {
 	QoS     byte
 	Retain  bool
 	Client  string // publishing client id; "" for the broker itself
+	Device  string // registered device of the publisher (DeviceNamer), or ""
 	Created int64  // unix nanoseconds accepted
 	Expiry  int64  // unix seconds after which it is not delivered; 0 = never
 
@@ -26,6 +27,7 @@ type Message struct {
 	CorrelationData  []byte
 	User             []packets.UserProperty
 
+	stored    bool // written to the log (Release it after routing)
 	propsOnce sync.Once
 	props     []byte // the shared v5 properties, encoded once
 }
@@ -83,7 +85,7 @@ func fromPacket(pk *packets.Packet, topic string, client string, created int64) 
 // clone copies m's fields into a new message (its encoded properties are
 // made again).
 func (m *Message) clone() *Message {
-	return &Message{Seq: m.Seq, Topic: m.Topic, Payload: m.Payload, QoS: m.QoS, Retain: m.Retain, Client: m.Client,
+	return &Message{Seq: m.Seq, Topic: m.Topic, Payload: m.Payload, QoS: m.QoS, Retain: m.Retain, Client: m.Client, Device: m.Device,
 		Created: m.Created, Expiry: m.Expiry, PayloadFormat: m.PayloadFormat, PayloadFormatSet: m.PayloadFormatSet,
 		ContentType: m.ContentType, ResponseTopic: m.ResponseTopic, CorrelationData: m.CorrelationData, User: m.User}
 }

@@ -37,6 +37,12 @@ type Expirer interface {
 	Expires() time.Time
 }
 
+// DeviceNamer is a Principal that is a registered device: its messages
+// carry the device id (for codecs by device type).
+type DeviceNamer interface {
+	Device() string
+}
+
 // AllowAll is the Principal of a broker without authentication.
 type AllowAll struct{}
 
@@ -172,4 +178,7 @@ type Options struct {
 	Version string
 	// Now is the clock; default time.Now (tests).
 	Now func() time.Time
+	// Persistence makes sessions and messages durable; nil keeps them in
+	// memory. Call Server.Load before serving.
+	Persistence *Persistence
 }

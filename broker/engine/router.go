@@ -5,61 +5,179 @@ import (
 	"sync"
 
 	"github.com/beaconmq/beacon/broker/topics"
+	"github.com/beaconmq/beacon/storage"
 )
 
 var matchesPool = sync.Pool{New: func() any { return new(topics.Matches) }}
 
-// accept takes a message a client published (authorized already): the
-// retained store is updated, the message routed.
-func (s *Server) accept(m *Message) int {
-	if m.Retain {
-		s.retain(m)
-	}
-	return s.route(m)
+// target is one planned delivery of a message.
+type target struct {
+	sess   *session
+	gen    uint64
+	qos    byte
+	retain bool
+	ids    []uint32
+	stored bool // a queue entry is written with the message
 }
 
-// retain stores m as the retained message of its topic, or clears it if
-// the payload is empty (MQTT-3.3.1-6, -7).
-func (s *Server) retain(m *Message) {
-	if len(m.Payload) == 0 {
-		s.retained.Delete(m.Topic)
-		return
-	}
-	s.retained.Set(m.Topic, m)
+var targetsPool = sync.Pool{New: func() any { s := make([]target, 0, 16); return &s }}
+
+// inbound names the publisher's inbound QoS 2 flow a message belongs to,
+// so its mark is written with the message.
+type inbound struct {
+	sess *session
+	id   uint16
 }
 
-// route delivers m to every matching session the subscriber's principal
-// lets read it, and returns how many sessions took it. It never waits for
-// a subscriber.
-func (s *Server) route(m *Message) int {
+// accept makes a message durable as far as anyone keeps it, then routes
+// it: match, authorize each delivery, write the message with the queue
+// entries of the persistent sessions it goes to (and the retained update
+// and the publisher's QoS 2 mark) in one atomic write, and only then
+// hand it to the sessions. It returns how many sessions took it. A
+// publisher never waits for a subscriber; it waits for the write.
+func (s *Server) accept(m *Message, in *inbound) (int, error) {
 	ms := matchesPool.Get().(*topics.Matches)
 	defer matchesPool.Put(ms)
+	tp := targetsPool.Get().(*[]target)
+	defer func() {
+		clear(*tp)
+		*tp = (*tp)[:0]
+		targetsPool.Put(tp)
+	}()
 	s.index.Match(m.Topic, m.Client, ms)
+	ts := s.plan(m, ms, (*tp)[:0])
+	*tp = ts
+
+	if err := s.commit(m, ts, in); err != nil {
+		return 0, err
+	}
+	if m.Retain {
+		if len(m.Payload) == 0 {
+			s.retained.Delete(m.Topic)
+		} else {
+			s.retained.Set(m.Topic, m)
+		}
+	}
 	n := 0
-	for i := range ms.Direct {
-		d := &ms.Direct[i]
-		if s.deliverTo(d.Client, m, d.QoS, d.RetainAsPublished, d.IDs) {
+	for i := range ts {
+		if ts[i].sess.deliver(m, &ts[i]) {
 			n++
 		}
 	}
-	for i := range ms.Shared {
-		g := &ms.Shared[i]
-		sub, ok := g.Pick(s.sharedRR.Add(1), s.online)
-		if !ok {
-			continue
-		}
-		var ids []uint32
-		if sub.ID > 0 {
-			ids = []uint32{sub.ID}
-		}
-		if s.deliverTo(sub.Client, m, sub.QoS, sub.RetainAsPublished, ids) {
-			n++
-		}
+	if s.store != nil && m.Seq != 0 && m.stored {
+		s.store.log.Release(m.Seq)
 	}
 	if o := s.opts.Observer; o != nil {
 		o.Routed(m, n)
 	}
-	return n
+	return n, nil
+}
+
+// plan lists the deliveries of m: one per matching client (one member
+// per shared group), each authorized for reading.
+func (s *Server) plan(m *Message, ms *topics.Matches, ts []target) []target {
+	now := s.now().Unix()
+	if m.expired(now) {
+		return ts
+	}
+	for i := range ms.Direct {
+		d := &ms.Direct[i]
+		ts = s.planOne(ts, d.Client, m, d.QoS, d.RetainAsPublished, d.IDs)
+	}
+	for i := range ms.Shared {
+		g := &ms.Shared[i]
+		if len(g.Members) == 0 {
+			continue
+		}
+		// No member online: the one picked keeps it if its session does.
+		sub, _ := g.Pick(s.sharedRR.Add(1), s.online)
+		var ids []uint32
+		if sub.ID > 0 {
+			ids = []uint32{sub.ID}
+		}
+		ts = s.planOne(ts, sub.Client, m, sub.QoS, sub.RetainAsPublished, ids)
+	}
+	return ts
+}
+
+func (s *Server) planOne(ts []target, client string, m *Message, subQoS byte, rap bool, ids []uint32) []target {
+	ss := s.session(client)
+	if ss == nil {
+		return ts
+	}
+	qos := min(m.QoS, subQoS)
+	ss.mu.Lock()
+	p, v, persistent, online, gen, discarded := ss.principal, ss.version, ss.persistent, ss.conn != nil, ss.gen, ss.discarded
+	full := qos > 0 && len(ss.out)+len(ss.queue) >= s.lim.MaxQueued
+	ss.mu.Unlock()
+	switch {
+	case discarded, !online && (qos == 0 || !persistent):
+		return ts
+	case p == nil || !p.Allow(ActRead, m.Topic):
+		s.dropped(DropDenied, client, m)
+		return ts
+	case full:
+		s.dropped(DropQueueLimit, client, m)
+		return ts
+	}
+	if len(ids) > 0 {
+		ids = append([]uint32(nil), ids...) // the match buffer is reused
+	}
+	return append(ts, target{sess: ss, gen: gen, qos: qos, retain: rap && m.Retain && v == 5, ids: ids,
+		stored: s.store != nil && persistent && qos > 0})
+}
+
+// commit writes what must be durable before m is delivered and
+// acknowledged, and numbers m in the log.
+func (s *Server) commit(m *Message, ts []target, in *inbound) error {
+	st := s.store
+	if st == nil {
+		return nil
+	}
+	keep := m.Retain || st.log.Keeps(m.Topic)
+	for i := range ts {
+		keep = keep || ts[i].stored
+	}
+	var fixed []storage.Op
+	if m.Retain {
+		if len(m.Payload) == 0 {
+			fixed = append(fixed, storage.Delete(storage.RetainKey(m.Topic)))
+		} else {
+			fixed = append(fixed, storage.Set(storage.RetainKey(m.Topic), storage.AppendRetained(nil, logMessage(m))))
+		}
+	}
+	if in != nil && in.sess.isPersistent() {
+		fixed = append(fixed, storage.Set(storage.InboundKey(in.sess.id, in.id), nil))
+	}
+	lm := logMessage(m)
+	if !keep {
+		m.Seq = st.log.Number(lm)
+		if len(fixed) > 0 {
+			return st.db.Write(fixed...)
+		}
+		return nil
+	}
+	seq, err := st.log.AppendWith(lm, func(seq uint64) []storage.Op {
+		ops := fixed
+		for i := range ts {
+			t := &ts[i]
+			if t.stored {
+				f := flight{msg: &Message{Seq: seq}, qos: t.qos, retain: t.retain, subIDs: t.ids}
+				ops = append(ops, queueOp(t.sess.id, t.gen, &f))
+			}
+		}
+		return ops
+	})
+	if err != nil {
+		return err
+	}
+	m.Seq, m.stored = seq, true
+	for i := range ts {
+		if ts[i].stored {
+			st.log.Ref(seq)
+		}
+	}
+	return nil
 }
 
 // online reports whether a client id has a connection attached.
@@ -73,39 +191,14 @@ func (s *Server) online(client string) bool {
 	return ss.conn != nil
 }
 
-// deliverTo authorizes and hands one delivery to a client's session.
-func (s *Server) deliverTo(client string, m *Message, subQoS byte, rap bool, ids []uint32) bool {
-	ss := s.session(client)
-	if ss == nil {
-		return false
-	}
-	ss.mu.Lock()
-	p := ss.principal
-	v := ss.version
-	ss.mu.Unlock()
-	if p == nil || !p.Allow(ActRead, m.Topic) {
-		s.dropped(DropDenied, client, m)
-		return false
-	}
-	if m.expired(s.now().Unix()) {
-		s.dropped(DropExpired, client, m)
-		return false
-	}
-	retain := rap && m.Retain && v == 5
-	if len(ids) > 0 {
-		ids = append([]uint32(nil), ids...) // the match buffer is reused
-	}
-	return ss.deliver(m, min(m.QoS, subQoS), retain, ids)
-}
-
 // Publish routes a message from the broker itself (REST, presence, Home
-// Assistant, $SYS): the caller has authorized it. Retained messages are
-// stored.
-func (s *Server) Publish(m *Message) int {
+// Assistant, $SYS): the caller has authorized it. It returns how many
+// sessions took it, once it is durable.
+func (s *Server) Publish(m *Message) (int, error) {
 	if m.Created == 0 {
 		m.Created = s.now().UnixNano()
 	}
-	return s.accept(m)
+	return s.accept(m, nil)
 }
 
 // publishWill routes a will as an ordinary publish from its client.
@@ -117,7 +210,9 @@ func (s *Server) publishWill(w *Message) {
 	if exp := s.messageExpiry(uint32(w.Expiry)); exp > 0 {
 		m.Expiry = now.Add(exp).Unix()
 	}
-	s.accept(m)
+	if _, err := s.accept(m, nil); err != nil {
+		s.log.Error("will not published: store failed", "client", w.Client, "error", err)
+	}
 }
 
 // Retained calls fn for each retained message matching filter.

@@ -34,6 +34,7 @@ type Server struct {
 	wg       sync.WaitGroup // connection readers and accept loops
 	sharedRR atomic.Uint64
 	stats    counters
+	store    *store // nil: in memory only
 }
 
 type counters struct {
@@ -54,7 +55,7 @@ func New(opts Options) *Server {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	return &Server{
+	s := &Server{
 		opts:     opts,
 		lim:      opts.Limits,
 		log:      opts.Log,
@@ -64,6 +65,10 @@ func New(opts Options) *Server {
 		sessions: map[string]*session{},
 		conns:    map[*conn]struct{}{},
 	}
+	if p := opts.Persistence; p != nil {
+		s.store = &store{db: p.DB, log: p.Log, ids: p.Identities, nt: newNotifier(), gen: uint64(opts.Now().UnixNano())}
+	}
+	return s
 }
 
 // ErrServerClosed is returned by Serve and ServeConn after Shutdown.
@@ -190,9 +195,15 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		if ss.willTimer != nil {
 			ss.willTimer.Stop()
 		}
+		if ss.expireTimer != nil {
+			ss.expireTimer.Stop()
+		}
 		ss.mu.Unlock()
 	}
 	s.mu.Unlock()
+	if s.store != nil && first {
+		s.store.nt.stop()
+	}
 	return nil
 }
 

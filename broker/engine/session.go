@@ -1,18 +1,25 @@
 package engine
 
 import (
+	"sync"
 	"time"
 
-	"sync"
+	"github.com/beaconmq/beacon/storage"
 )
 
 // session is the state of a client id that outlives a connection:
 // subscriptions (in the server's index, by client id), outbound QoS 1/2
-// flows and their queue, inbound QoS 2 flows and the will.
+// flows and their queue, inbound QoS 2 flows and a will waiting for its
+// delay.
 //
 // Packet ids: outbound flows use ids the server assigns (out); inbound QoS
 // 2 flows use the ids the client assigned (inQoS2). The two spaces are
 // separate, as MQTT numbers each direction on its own.
+//
+// With persistence, a persistent session's queue entries are log
+// references written with the message; the id of a QoS 2 message and its
+// PUBREL state are written before the packet that depends on them goes
+// out, so a restart resends the same flow, never a second one.
 type session struct {
 	id  string
 	srv *Server
@@ -22,10 +29,12 @@ type session struct {
 	principal   Principal
 	version     byte
 	persistent  bool
-	expiry      time.Duration // after the connection ends; -1 = never
+	recorded    bool          // a session record is stored
+	gen         uint64        // generation of the stored records
+	expiry      time.Duration // how long the session outlives its connection
 	expireAt    time.Time     // while offline and persistent
-	discarded   bool          // replaced (clean start) or expired: deliveries are dropped
 	expireTimer *time.Timer
+	discarded   bool // replaced (clean start) or expired: deliveries are dropped
 
 	recvMax uint16 // the client's Receive Maximum (outbound in flight)
 	maxOut  uint32 // the client's Maximum Packet Size; 0 = none
@@ -40,21 +49,30 @@ type session struct {
 
 // flight is one outbound QoS 1/2 message of a session.
 type flight struct {
-	msg    *Message
-	qos    byte
-	retain bool
-	subIDs []uint32
-	id     uint16 // 0 while queued
-	pubrel bool   // PUBREC received, PUBREL sent: waiting for PUBCOMP
-	sent   bool   // sent on some connection (a resend carries DUP)
+	msg        *Message
+	qos        byte
+	retain     bool
+	subIDs     []uint32
+	id         uint16 // 0 while queued
+	pubrel     bool   // PUBREC received, PUBREL sent: waiting for PUBCOMP
+	sent       bool   // sent on some connection (a resend carries DUP)
+	stored     bool   // a queue entry is stored for it
+	idPending  bool   // its id is being written; the PUBLISH waits for that
+	relPending bool   // its PUBREL state is being written; the PUBREL waits
 }
 
 func newSession(srv *Server, id string) *session {
 	return &session{id: id, srv: srv, inQoS2: map[uint16]struct{}{}}
 }
 
-// allocID returns a free outbound packet id. Callers hold mu and have
-// checked that fewer than 65535 flows are in flight.
+func (s *session) isPersistent() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.persistent
+}
+
+// allocIDLocked returns a free outbound packet id. Callers hold mu and
+// have checked that fewer than 65535 flows are in flight.
 func (s *session) allocIDLocked() uint16 {
 	for {
 		s.nextID++
@@ -76,33 +94,55 @@ func (s *session) inUseLocked(id uint16) bool {
 	return false
 }
 
-// deliver hands a routed message to the session. QoS 0 goes to the
+// deliver hands a planned delivery to the session. QoS 0 goes to the
 // connection if it is attached and has room (else it is dropped and
 // counted); QoS 1/2 are queued and sent as the Receive Maximum and the
 // outbound budget allow.
-func (s *session) deliver(m *Message, qos byte, retain bool, subIDs []uint32) bool {
+func (s *session) deliver(m *Message, t *target) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.discarded {
+	if s.discarded || (t.stored && t.gen != s.gen) {
+		if t.stored {
+			// Replaced after the entry was planned: it belongs to no one.
+			s.srv.store.unstore(s.id, t.gen, m.Seq)
+		}
 		return false
 	}
-	if qos == 0 {
+	if t.qos == 0 {
 		c := s.conn
 		if c == nil {
 			return false
 		}
-		return c.sendQoS0(m, retain, subIDs)
+		return c.sendQoS0(m, t.retain, t.ids)
 	}
 	if !s.persistent && s.conn == nil {
 		return false
 	}
-	if len(s.out)+len(s.queue) >= s.srv.lim.MaxQueued {
-		s.srv.dropped(DropQueueLimit, s.id, m)
-		return false
-	}
-	s.queue = append(s.queue, &flight{msg: m, qos: qos, retain: retain, subIDs: subIDs})
+	s.queue = append(s.queue, &flight{msg: m, qos: t.qos, retain: t.retain, subIDs: t.ids, stored: t.stored})
 	s.pumpLocked()
 	return true
+}
+
+// deliverRetained queues a retained message for a new subscription (not
+// stored: a restart does not resend what a subscription got at its start).
+func (s *session) deliverRetained(m *Message, qos byte, ids []uint32) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.discarded {
+		return
+	}
+	if qos == 0 {
+		if s.conn != nil {
+			s.conn.sendQoS0(m, true, ids)
+		}
+		return
+	}
+	if len(s.out)+len(s.queue) >= s.srv.lim.MaxQueued {
+		s.srv.dropped(DropQueueLimit, s.id, m)
+		return
+	}
+	s.queue = append(s.queue, &flight{msg: m, qos: qos, retain: true, subIDs: ids})
+	s.pumpLocked()
 }
 
 // pump sends queued messages while the window and the budget allow.
@@ -122,61 +162,114 @@ func (s *session) pumpLocked() {
 	now := s.srv.now().Unix()
 	for len(s.queue) > 0 && len(s.out) < int(s.recvMax) {
 		f := s.queue[0]
-		if f.msg.expired(now) {
-			s.queue[0] = nil
-			s.queue = s.queue[1:]
-			s.srv.dropped(DropExpired, s.id, f.msg)
-			continue
-		}
+		drop := DropReason("")
 		d := delivery{qos: f.qos, retain: f.retain, subIDs: f.subIDs, expiry: remainingExpiry(f.msg, now)}
 		size, _, _ := publishSize(f.msg, c.version, &d)
-		if s.maxOut > 0 && uint32(size) > s.maxOut {
+		switch {
+		case f.msg.expired(now):
+			drop = DropExpired
+		case s.maxOut > 0 && uint32(size) > s.maxOut:
+			drop = DropTooLarge
+		}
+		if drop != "" {
 			s.queue[0] = nil
 			s.queue = s.queue[1:]
-			s.srv.dropped(DropTooLarge, s.id, f.msg)
+			s.srv.dropped(drop, s.id, f.msg)
+			if f.stored {
+				s.srv.store.unstore(s.id, s.gen, f.msg.Seq)
+			}
 			continue
 		}
 		if !c.hasRoom(size) {
 			return // flush pumps again once the socket drains
 		}
 		f.id = s.allocIDLocked()
-		d.id = f.id
-		if !c.queue(func(b []byte) []byte { return appendPublish(b, f.msg, c.version, &d) }) {
-			f.id = 0
-			return
-		}
-		f.sent = true
 		s.queue[0] = nil
 		s.queue = s.queue[1:]
 		s.out = append(s.out, f)
+		if f.stored && f.qos == 2 {
+			// The id must be durable before the PUBLISH: a restart then
+			// resends this flow with the same id, which the client knows.
+			f.idPending = true
+			s.srv.store.async(func(error) { s.sendPending(f) }, queueOp(s.id, s.gen, f))
+			continue
+		}
+		s.sendLocked(c, f, false)
 	}
 	if len(s.queue) == 0 {
 		s.queue = nil // let a long drained queue's array go
 	}
 }
 
+// sendLocked queues the PUBLISH of a flight in flight.
+func (s *session) sendLocked(c *conn, f *flight, dup bool) {
+	d := delivery{qos: f.qos, retain: f.retain, subIDs: f.subIDs, dup: dup, id: f.id, expiry: remainingExpiry(f.msg, s.srv.now().Unix())}
+	if c.queue(func(b []byte) []byte { return appendPublish(b, f.msg, c.version, &d) }) {
+		f.sent = true
+		s.srv.stats.sent.Add(1)
+	}
+}
+
+// sendPending sends a flight whose id has been written.
+func (s *session) sendPending(f *flight) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !f.idPending {
+		return
+	}
+	f.idPending = false
+	if c := s.conn; c != nil && s.holdsLocked(f) {
+		s.sendLocked(c, f, f.sent)
+	}
+}
+
+// sendPubrel sends the PUBREL of a flight whose PUBREL state has been
+// written.
+func (s *session) sendPubrel(f *flight) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !f.relPending {
+		return
+	}
+	f.relPending = false
+	if c := s.conn; c != nil && s.holdsLocked(f) {
+		id := f.id
+		c.queue(func(b []byte) []byte { return appendAck(b, hdrPubrel, c.version, id, 0, "") })
+	}
+}
+
+func (s *session) holdsLocked(f *flight) bool {
+	for _, g := range s.out {
+		if g == f {
+			return true
+		}
+	}
+	return false
+}
+
 // resendLocked sends the flows in flight again on a new connection, in
 // their order: PUBLISH with DUP, or PUBREL for those PUBREC'd (MQTT-4.4.0-1).
-// Flows beyond the new Receive Maximum go back to the head of the queue.
+// QoS 1 flows beyond the new Receive Maximum go back to the head of the
+// queue; QoS 2 flows keep their ids (the client may hold them).
 func (s *session) resendLocked(c *conn) {
-	now := s.srv.now().Unix()
-	var keep []*flight
-	var back []*flight
+	var keep, back []*flight
 	for _, f := range s.out {
-		if f.pubrel {
-			id := f.id
-			c.queue(func(b []byte) []byte { return appendAck(b, hdrPubrel, c.version, id, 0, "") })
+		switch {
+		case f.pubrel:
+			if !f.relPending {
+				id := f.id
+				c.queue(func(b []byte) []byte { return appendAck(b, hdrPubrel, c.version, id, 0, "") })
+			}
 			keep = append(keep, f)
-			continue
-		}
-		if len(keep) >= int(s.recvMax) {
+		case f.qos == 1 && len(keep) >= int(s.recvMax):
 			f.id = 0
 			back = append(back, f)
-			continue
+		default:
+			if !f.idPending {
+				s.sendLocked(c, f, f.sent)
+			}
+			keep = append(keep, f)
 		}
-		d := delivery{qos: f.qos, retain: f.retain, subIDs: f.subIDs, dup: f.sent, id: f.id, expiry: remainingExpiry(f.msg, now)}
-		c.queue(func(b []byte) []byte { return appendPublish(b, f.msg, c.version, &d) })
-		keep = append(keep, f)
 	}
 	s.out = keep
 	if len(back) > 0 {
@@ -184,32 +277,92 @@ func (s *session) resendLocked(c *conn) {
 	}
 }
 
-// ack completes an outbound QoS 1 flow (PUBACK) or, for QoS 2, moves it to
-// the PUBREL state (PUBREC) or completes it (PUBCOMP). It reports whether
-// the id was in flight in that state.
-func (s *session) ack(c *conn, typ byte, id uint16) bool {
+// ack completes an outbound QoS 1 flow (PUBACK) or QoS 2 flow (PUBCOMP),
+// or ends a QoS 2 flow the client refused (PUBREC with a failure code).
+// It reports whether the id was in flight in that state.
+func (s *session) ack(c *conn, typ byte, id uint16, refused bool) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for i, f := range s.out {
-		if f.id != id {
+		if f.id != id || f.idPending {
 			continue
 		}
-		switch {
-		case typ == pubackType && f.qos == 1, typ == pubcompType && f.qos == 2 && f.pubrel:
-			copy(s.out[i:], s.out[i+1:])
-			s.out[len(s.out)-1] = nil
-			s.out = s.out[:len(s.out)-1]
-			if s.conn == c {
-				s.pumpLocked()
-			}
-			return true
-		case typ == pubrecType && f.qos == 2:
-			f.pubrel = true
-			return true
+		done := typ == pubackType && f.qos == 1 ||
+			typ == pubcompType && f.qos == 2 && f.pubrel ||
+			typ == pubrecType && f.qos == 2 && !f.pubrel && refused
+		if !done {
+			return false
 		}
-		return false
+		copy(s.out[i:], s.out[i+1:])
+		s.out[len(s.out)-1] = nil
+		s.out = s.out[:len(s.out)-1]
+		if f.stored {
+			s.srv.store.unstore(s.id, s.gen, f.msg.Seq)
+		}
+		if s.conn == c {
+			s.pumpLocked()
+		}
+		return true
 	}
 	return false
+}
+
+// released moves an outbound QoS 2 flow to the PUBREL state (the
+// client's PUBREC) and sends the PUBREL, after the state is written if the
+// flow is stored. It reports whether the id was in flight awaiting PUBREC
+// (a repeated PUBREC is answered again).
+func (s *session) released(c *conn, id uint16) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, f := range s.out {
+		if f.id != id || f.qos != 2 || f.idPending {
+			continue
+		}
+		if f.pubrel {
+			if !f.relPending {
+				c.queue(func(b []byte) []byte { return appendAck(b, hdrPubrel, c.version, id, 0, "") })
+			}
+			return true
+		}
+		f.pubrel = true
+		if f.stored {
+			f.relPending = true
+			s.srv.store.async(func(error) { s.sendPubrel(f) }, queueOp(s.id, s.gen, f))
+			return true
+		}
+		c.queue(func(b []byte) []byte { return appendAck(b, hdrPubrel, c.version, id, 0, "") })
+		return true
+	}
+	return false
+}
+
+// unstore removes a delivered or dropped queue entry and its reference.
+func (st *store) unstore(client string, gen, seq uint64) {
+	st.async(nil, storage.Delete(storage.QueueKey(client, gen, seq)))
+	st.log.Unref(seq) // after the delete is queued: a trim of the record commits after it
+}
+
+// dropStoredLocked forgets the stored records of a session that ends or
+// stops being persistent, and the log references of its queue. Callers
+// hold s.srv.mu and s.mu, so the writes are ordered with the next
+// session of the client id.
+func (s *session) dropStoredLocked() {
+	st := s.srv.store
+	if st == nil {
+		return
+	}
+	if s.recorded {
+		st.async(nil, dropOps(s.id)...)
+		s.recorded = false
+	}
+	for _, list := range [][]*flight{s.out, s.queue} {
+		for _, f := range list {
+			if f.stored {
+				f.stored = false
+				st.log.Unref(f.msg.Seq)
+			}
+		}
+	}
 }
 
 // remainingExpiry is the Message Expiry Interval to send: what is left of
