@@ -101,8 +101,9 @@ type LogRuleStats struct {
 // matched no rule), it has no references, and it has been released.
 //
 //   - A consumer that keeps a seq (a session queue, a webhook) calls Ref,
-//     and Unref once done with it. Ref reports whether the record is still
-//     stored; a false Ref takes nothing and needs no Unref.
+//     and Unref once done with it. A consumer that found the seq by
+//     reading, and may race with retention, calls TryRef, which reports
+//     whether the record is still stored (a false one takes nothing).
 //   - The router calls Release once it has taken every Ref of a message it
 //     appended; every appended record must be released. Until then no
 //     record is deleted: not even a rule's count or byte limit removes a
@@ -396,9 +397,16 @@ func (l *Log) Head() uint64 { return l.head.Load() }
 // Append assigns m the next seq (and the time, if m.Time is 0), writes
 // the record, and returns once it is durable under the DB's sync policy.
 // The caller must Release the seq once routing is done.
-func (l *Log) Append(m *LogMessage) (uint64, error) {
+func (l *Log) Append(m *LogMessage) (uint64, error) { return l.AppendWith(m, nil) }
+
+// AppendWith is Append that also writes the ops extra returns for the
+// message's seq (say, the queue entries of the sessions it goes to) in the
+// same atomic write. extra runs under the lock that orders appends: it
+// must be quick and must not call the Log. All of it must fit in one
+// badger transaction (about 2.4 MB and some 20,000 ops).
+func (l *Log) AppendWith(m *LogMessage, extra func(seq uint64) []Op) (uint64, error) {
 	ms := [1]*LogMessage{m}
-	if err := l.appendMessages(ms[:]); err != nil {
+	if err := l.appendMessages(ms[:], extra); err != nil {
 		return 0, err
 	}
 	return m.Seq, nil
@@ -407,7 +415,11 @@ func (l *Log) Append(m *LogMessage) (uint64, error) {
 // AppendBatch appends several messages with consecutive seqs and one
 // wait. A batch larger than a transaction holds is written in several
 // atomic parts, in order; an error means some of it may be stored.
-func (l *Log) AppendBatch(ms []*LogMessage) error { return l.appendMessages(ms) }
+func (l *Log) AppendBatch(ms []*LogMessage) error { return l.appendMessages(ms, nil) }
+
+// Keeps reports whether a retention rule keeps messages to topic: storing
+// one is worthwhile even when no session queues it.
+func (l *Log) Keeps(topic string) bool { return l.ruleForString(topic) >= 0 }
 
 // Number assigns m the next seq (and the time, if m.Time is 0) without
 // storing it, for a message nobody keeps that live streams still number.
@@ -440,7 +452,9 @@ type logWrite struct {
 	last   uint64 // seq of its last record
 }
 
-func (l *Log) appendMessages(ms []*LogMessage) error {
+// appendMessages appends ms; extra, if set, adds ops for the seq of a
+// single message to its write.
+func (l *Log) appendMessages(ms []*LogMessage, extra func(seq uint64) []Op) error {
 	if len(ms) == 0 {
 		return nil
 	}
@@ -482,12 +496,12 @@ func (l *Log) appendMessages(ms []*LogMessage) error {
 		size += len(buf) - start
 		rules[i] = l.ruleForString(m.Topic)
 	}
-	return l.commitAppend(ms, rules, writes, now)
+	return l.commitAppend(ms, rules, writes, now, extra)
 }
 
 // commitAppend numbers the encoded records, indexes them and queues their
 // writes in seq order, then waits for them outside the lock.
-func (l *Log) commitAppend(ms []*LogMessage, rules []int, writes []*logWrite, now int64) error {
+func (l *Log) commitAppend(ms []*LogMessage, rules []int, writes []*logWrite, now int64, with func(uint64) []Op) error {
 	l.appendMu.Lock()
 	if l.closed {
 		l.appendMu.Unlock()
@@ -506,6 +520,10 @@ func (l *Log) commitAppend(ms []*LogMessage, rules []int, writes []*logWrite, no
 			i++
 		}
 		w.last = first + uint64(i) - 1
+	}
+	if with != nil && len(ms) == 1 {
+		w := writes[0]
+		w.req.ops = append(w.req.ops, with(ms[0].Seq)...)
 	}
 
 	l.mu.Lock()

@@ -7,9 +7,16 @@ import (
 )
 
 // Ref takes a reference on seq: the record is not deleted before the
-// matching Unref. It reports whether the record is stored; when it is not
-// (never stored, or deleted) nothing is taken and no Unref is needed.
-func (l *Log) Ref(seq uint64) bool {
+// matching Unref. The router refs a seq before it releases it, and a
+// session restoring its queue before StartTrimming, so the record is
+// there; a Ref of a seq no longer stored takes nothing (see TryRef).
+func (l *Log) Ref(seq uint64) { l.TryRef(seq) }
+
+// TryRef is Ref that reports whether the record is stored: when it is not
+// (never stored, or deleted) nothing is taken and no Unref is needed. A
+// consumer that found seq by reading calls it, as retention may have
+// deleted the record since.
+func (l *Log) TryRef(seq uint64) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if st, ok := l.refs[seq]; ok {

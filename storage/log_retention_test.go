@@ -158,7 +158,7 @@ func TestLogReferences(t *testing.T) {
 
 	// A referenced record outlives its rule's retention.
 	r1 := appendMsg(t, l, "r/1", "a")
-	if !l.Ref(r1) || !l.Ref(r1) { // two sessions
+	if !l.TryRef(r1) || !l.TryRef(r1) { // two sessions
 		t.Fatal("ref of a stored record failed")
 	}
 	l.Release(r1)
@@ -185,7 +185,7 @@ func TestLogReferences(t *testing.T) {
 	if has(r1) {
 		t.Fatal("not deleted after the last unref")
 	}
-	if l.Ref(r1) {
+	if l.TryRef(r1) {
 		t.Fatal("ref of a deleted record succeeded")
 	}
 
@@ -195,7 +195,7 @@ func TestLogReferences(t *testing.T) {
 	if !has(q) {
 		t.Fatal("rule-less record deleted before release")
 	}
-	if !l.Ref(q) {
+	if !l.TryRef(q) {
 		t.Fatal("ref failed")
 	}
 	l.Release(q)
@@ -238,14 +238,14 @@ func TestLogReferences(t *testing.T) {
 
 	// Refs of a record in its rule's retention with no map entry.
 	last := pend[3]
-	if !l.Ref(last) {
+	if !l.TryRef(last) {
 		t.Fatal("ref of a retained record failed")
 	}
 	l.Unref(last)
 
 	// Strays are counted, never panic or go negative.
 	n := l.Number(&storage.LogMessage{Topic: "r/live"})
-	if l.Ref(n) {
+	if l.TryRef(n) {
 		t.Fatal("ref of a numbered (never stored) seq succeeded")
 	}
 	l.Unref(n)
@@ -295,7 +295,7 @@ func TestLogStartTrimmingGate(t *testing.T) {
 		t.Fatalf("deleted before StartTrimming: %v", got)
 	}
 	// Sessions restore their references.
-	if !l.Ref(6) || !l.Ref(2) || !l.Ref(7) {
+	if !l.TryRef(6) || !l.TryRef(2) || !l.TryRef(7) {
 		t.Fatal("restoring a ref failed")
 	}
 	l.Unref(7) // a session that dropped it

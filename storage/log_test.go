@@ -192,6 +192,51 @@ func TestLogAppendGetRead(t *testing.T) {
 	}
 }
 
+// The methods broker/engine's Log interface asks of the log (declared
+// there; repeated here, as storage cannot import the engine).
+var _ interface {
+	AppendWith(m *storage.LogMessage, extra func(seq uint64) []storage.Op) (uint64, error)
+	Number(m *storage.LogMessage) uint64
+	Keeps(topic string) bool
+	Get(seq uint64) (storage.LogMessage, error)
+	Ref(seq uint64)
+	Unref(seq uint64)
+	Release(seq uint64)
+	StartTrimming()
+} = (*storage.Log)(nil)
+
+func TestLogAppendWith(t *testing.T) {
+	db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+	l := openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "kept/#"}}})
+	queueKey := func(seq uint64) []byte { return fmt.Appendf(nil, "test-queue\x00%d", seq) }
+	appendMsg(t, l, "kept/a", "")
+	var got uint64
+	seq, err := l.AppendWith(&storage.LogMessage{Topic: "q"}, func(seq uint64) []storage.Op {
+		got = seq
+		return []storage.Op{storage.Set(queueKey(seq), []byte("entry")), storage.Set(queueKey(seq+1000), nil)}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seq != 2 || got != seq {
+		t.Fatalf("seq %d, extra saw %d", seq, got)
+	}
+	if v, err := db.Get(queueKey(seq)); err != nil || string(v) != "entry" {
+		t.Fatalf("extra op: %q %v", v, err)
+	}
+	if _, err := l.Get(seq); err != nil {
+		t.Fatal(err)
+	}
+	if seq, err := l.AppendWith(&storage.LogMessage{Topic: "q"}, nil); err != nil || seq != 3 {
+		t.Fatalf("without extra: %d %v", seq, err)
+	}
+	for topic, want := range map[string]bool{"kept": true, "kept/x/y": true, "q": false, "$SYS/kept": false} {
+		if l.Keeps(topic) != want {
+			t.Errorf("Keeps(%q) = %v", topic, !want)
+		}
+	}
+}
+
 func TestLogReadWindows(t *testing.T) {
 	db := openLogDB(t, t.TempDir(), storage.SyncBatch)
 	l := openLog(t, db, storage.LogOptions{})
