@@ -26,16 +26,20 @@ type conn struct {
 	br       *bufio.Reader
 
 	// Set by CONNECT, read-only afterwards (the reader goroutine owns them).
-	version        byte
-	clientID       string
-	username       string
-	device         string
-	principal      Principal
-	sess           *session
-	keepalive      time.Duration
-	maxOut         uint32 // the client's Maximum Packet Size; 0 = unlimited
-	aliasMax       uint16 // inbound topic aliases accepted
-	aliases        map[uint16]string
+	version   byte
+	clientID  string
+	username  string
+	device    string
+	principal Principal
+	sess      *session
+	keepalive time.Duration
+	maxOut    uint32 // the client's Maximum Packet Size; 0 = unlimited
+	aliasMax  uint16 // inbound topic aliases accepted
+	aliases   map[uint16]string
+	// Outbound topic aliases (v5 clients that announce a Topic Alias
+	// Maximum): assigned in wire order, under outMu.
+	outAliasMax    uint16
+	outAliases     map[string]uint16
 	inQoS          int  // inbound QoS 1/2 flows awaiting our acknowledgement (QoS 2 until PUBREL)
 	problem        bool // the client accepts reason strings (v5 Request Problem Information)
 	will           *Message
@@ -85,6 +89,26 @@ func (c *conn) queue(fn func([]byte) []byte) bool {
 	c.kickLocked()
 	c.outMu.Unlock()
 	return true
+}
+
+// encodePublish appends a PUBLISH of m, with a topic alias where the
+// client accepts them: the first PUBLISH of a topic carries topic and a
+// new alias, later ones the alias alone. Callers hold outMu.
+func (c *conn) encodePublish(b []byte, m *Message, d *delivery) []byte {
+	if c.outAliasMax > 0 && len(m.Topic) > 2 {
+		if a, ok := c.outAliases[m.Topic]; ok {
+			d.alias, d.noTopic = a, true
+		} else if sz, _, _ := publishSize(m, c.version, d); len(c.outAliases) < int(c.outAliasMax) &&
+			(c.maxOut == 0 || uint32(sz+3) <= c.maxOut) { // the alias property must fit too
+			if c.outAliases == nil {
+				c.outAliases = map[string]uint16{}
+			}
+			a := uint16(len(c.outAliases) + 1)
+			c.outAliases[m.Topic] = a
+			d.alias = a
+		}
+	}
+	return appendPublish(b, m, c.version, d)
 }
 
 // pending is the number of bytes queued and being written. Callers hold

@@ -225,6 +225,9 @@ func (c *conn) connect(pk *packets.Packet) error {
 	}
 	c.keepalive = want
 	c.maxOut = props.MaximumPacketSize
+	if v == 5 {
+		c.outAliasMax = props.TopicAliasMaximum
+	}
 	c.aliasMax = c.srv.lim.TopicAliasMax
 	c.will, c.willDelay = will, willDelay
 

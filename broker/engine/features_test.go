@@ -217,3 +217,27 @@ func TestWillDelay(t *testing.T) {
 		t.Fatalf("got %q", got.Payload)
 	}
 }
+
+// The server uses the client's topic aliases: the first PUBLISH of a topic
+// carries the topic and an alias, the next ones the alias only.
+func TestOutboundTopicAliases(t *testing.T) {
+	_, addr := startServer(t, Options{})
+	sub := dialRaw(t, addr, 5)
+	sub.connect("aliased", true, func(pk *packets.Packet) { pk.Properties.TopicAliasMaximum = 2 })
+	sub.subscribe(1, "long/topic/name/#", 0)
+	pub := dialRaw(t, addr, 5)
+	pub.connect("pub", true, nil)
+	for _, tp := range []string{"long/topic/name/a", "long/topic/name/a", "long/topic/name/b", "long/topic/name/c", "long/topic/name/c"} {
+		pub.publish(tp, []byte(tp), 0, 0)
+	}
+	want := []struct {
+		topic string
+		alias uint16
+	}{{"long/topic/name/a", 1}, {"", 1}, {"long/topic/name/b", 2}, {"long/topic/name/c", 0}, {"long/topic/name/c", 0}}
+	for i, w := range want {
+		got := sub.expect(packets.Publish)
+		if got.TopicName != w.topic || got.Properties.TopicAlias != w.alias {
+			t.Fatalf("message %d: topic %q alias %d, want %q alias %d", i, got.TopicName, got.Properties.TopicAlias, w.topic, w.alias)
+		}
+	}
+}

@@ -450,7 +450,7 @@ func (c *conn) sendQoS0(m *Message, retain bool, subIDs []uint32) bool {
 		c.srv.dropped(DropTooLarge, c.clientID, m)
 		return false
 	}
-	if !c.queueIfRoom(size, func(b []byte) []byte { return appendPublish(b, m, c.version, &d) }) {
+	if !c.queueIfRoom(size, func(b []byte) []byte { return c.encodePublish(b, m, &d) }) {
 		c.srv.dropped(DropQueueFull, c.clientID, m)
 		return false
 	}

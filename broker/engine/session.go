@@ -204,7 +204,7 @@ func (s *session) pumpLocked() {
 // sendLocked queues the PUBLISH of a flight in flight.
 func (s *session) sendLocked(c *conn, f *flight, dup bool) {
 	d := delivery{qos: f.qos, retain: f.retain, subIDs: f.subIDs, dup: dup, id: f.id, expiry: remainingExpiry(f.msg, s.srv.now().Unix())}
-	if c.queue(func(b []byte) []byte { return appendPublish(b, f.msg, c.version, &d) }) {
+	if c.queue(func(b []byte) []byte { return c.encodePublish(b, f.msg, &d) }) {
 		f.sent = true
 		s.srv.stats.sent.Add(1)
 	}
