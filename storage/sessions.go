@@ -34,6 +34,11 @@ type SessionRecord struct {
 	Expiry       uint32 // seconds the session lives after its connection ends
 	Disconnected int64  // unix seconds its connection ended; 0 = connected (at a crash: counted from the load)
 	Principal    []byte // who the session belongs to, in the authenticator's form
+	// Will is the will of the session's connection (AppendRetained form,
+	// Expiry holding the will's expiry interval in seconds), sent after a
+	// crash; WillDelay its delay in seconds. Empty without a will.
+	Will      []byte
+	WillDelay uint32
 }
 
 // SubRecord is one subscription of a session.
@@ -160,7 +165,9 @@ func AppendSession(dst []byte, r *SessionRecord) []byte {
 	dst = binary.AppendUvarint(dst, uint64(r.Expiry))
 	dst = binary.AppendVarint(dst, r.Disconnected)
 	dst = appendBytes(dst, []byte(r.ID))
-	return appendBytes(dst, r.Principal)
+	dst = appendBytes(dst, r.Principal)
+	dst = appendBytes(dst, r.Will)
+	return binary.AppendUvarint(dst, uint64(r.WillDelay))
 }
 
 // DecodeSession decodes a session record.
@@ -176,10 +183,14 @@ func DecodeSession(b []byte) (SessionRecord, error) {
 	r.Disconnected = rd.varint()
 	r.ID = string(rd.bytes())
 	r.Principal = append([]byte(nil), rd.bytes()...)
-	if rd.err != nil || exp > 1<<32-1 {
+	if w := rd.bytes(); len(w) > 0 {
+		r.Will = append([]byte(nil), w...)
+	}
+	delay := rd.uvarint()
+	if rd.err != nil || exp > 1<<32-1 || delay > 1<<32-1 {
 		return SessionRecord{}, ErrBadRecord
 	}
-	r.Expiry = uint32(exp)
+	r.Expiry, r.WillDelay = uint32(exp), uint32(delay)
 	return r, nil
 }
 

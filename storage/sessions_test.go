@@ -6,7 +6,8 @@ import (
 )
 
 func TestSessionRecordsRoundTrip(t *testing.T) {
-	s := SessionRecord{ID: "phone", Gen: 7, Version: 5, Expiry: 3600, Disconnected: 1700000000, Principal: []byte(`{"k":1}`)}
+	s := SessionRecord{ID: "phone", Gen: 7, Version: 5, Expiry: 3600, Disconnected: 1700000000, Principal: []byte(`{"k":1}`),
+		Will: []byte{1, 2, 3}, WillDelay: 30}
 	got, err := DecodeSession(AppendSession(nil, &s))
 	if err != nil || !reflect.DeepEqual(got, s) {
 		t.Fatalf("session: got %+v %v", got, err)

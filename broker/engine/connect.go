@@ -367,7 +367,7 @@ func (s *Server) attach(c *conn, r attachReq) error {
 		if sess.persistent {
 			// Ordered under s.mu with the records of this client id's
 			// previous and next sessions.
-			s.store.async(nil, s.store.sessionOp(sess, 0))
+			s.store.async(nil, s.store.sessionOp(sess, 0, c.will, c.willDelay))
 			sess.recorded = true
 		} else {
 			sess.dropStoredLocked()

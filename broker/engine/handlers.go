@@ -495,7 +495,7 @@ func (c *conn) end(cause error, graceful bool) {
 		} else {
 			sess.expireAt = s.now().Add(sess.expiry)
 			if s.store != nil {
-				s.store.async(nil, s.store.sessionOp(sess, sess.expireAt.Add(-sess.expiry).Unix()))
+				s.store.async(nil, s.store.sessionOp(sess, sess.expireAt.Add(-sess.expiry).Unix(), sess.will, c.willDelay))
 				sess.recorded = true
 			}
 			if !s.closing {

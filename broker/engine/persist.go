@@ -132,9 +132,12 @@ func (st *store) async(then func(error), ops ...storage.Op) {
 
 // sessionOps are the writes that record sess (connected when
 // disconnected is 0). Callers hold sess.mu.
-func (st *store) sessionOp(sess *session, disconnected int64) storage.Op {
+func (st *store) sessionOp(sess *session, disconnected int64, will *Message, willDelay time.Duration) storage.Op {
 	r := storage.SessionRecord{ID: sess.id, Gen: sess.gen, Version: sess.version,
-		Expiry: uint32(sess.expiry / time.Second), Disconnected: disconnected}
+		Expiry: uint32(sess.expiry / time.Second), Disconnected: disconnected, WillDelay: uint32(willDelay / time.Second)}
+	if will != nil {
+		r.Will = storage.AppendRetained(nil, logMessage(will))
+	}
 	if st.ids != nil && sess.principal != nil {
 		r.Principal = st.ids.MarshalPrincipal(sess.principal)
 	}
@@ -227,6 +230,7 @@ func decodeSharedProps(m *Message, b []byte) error {
 type LoadStats struct {
 	Sessions, Subscriptions, Queued, Inflight, Retained int
 	Expired                                             int // sessions whose expiry passed while the broker was down
+	Wills                                               int // wills of connections that died with the broker, sent now or after their delay
 	Missing                                             int // queue entries whose log record was gone (counted, removed)
 	Damaged                                             int // records that did not decode (skipped, removed)
 }
@@ -271,6 +275,21 @@ func (s *Server) Load() (LoadStats, error) {
 		}
 		if r.Gen > ps.gen {
 			ps.gen = r.Gen
+		}
+		if len(r.Will) > 0 {
+			lm, err := storage.DecodeRetained(r.Will)
+			var w *Message
+			if err == nil {
+				w, err = fromLog(&lm)
+			}
+			if err != nil {
+				st.Damaged++
+			} else {
+				// The connection died with the broker, or its will was
+				// waiting for its delay: it goes when the delay has passed.
+				sess.will = w
+				sess.willAt = time.Unix(disc, 0).Add(time.Duration(r.WillDelay) * time.Second)
+			}
 		}
 		sessions[r.ID] = sess
 		return nil
@@ -377,6 +396,10 @@ func (s *Server) Load() (LoadStats, error) {
 	for id, sess := range sessions {
 		s.sessions[id] = sess
 		sess.expireTimer = time.AfterFunc(sess.expireAt.Sub(now), func() { s.expire(sess) })
+		if sess.will != nil {
+			sess.willTimer = time.AfterFunc(max(sess.willAt.Sub(now), 0), func() { s.sendDelayedWill(sess) })
+			st.Wills++
+		}
 		st.Sessions++
 	}
 	s.mu.Unlock()

@@ -44,6 +44,7 @@ type session struct {
 	inQoS2  map[uint16]struct{} // client ids of inbound QoS 2 messages PUBREC'd, awaiting PUBREL
 
 	will      *Message    // a will waiting for its delay while offline
+	willAt    time.Time   // when it goes (restored sessions)
 	willTimer *time.Timer // publishes will
 }
 
