@@ -174,7 +174,8 @@ func (c *conn) flush() {
 		c.outMu.Unlock()
 
 		_ = c.nc.SetWriteDeadline(time.Now().Add(c.srv.lim.WriteTimeout))
-		_, err := c.nc.Write(buf)
+		n, err := c.nc.Write(buf)
+		c.srv.stats.bytesOut.Add(int64(n))
 
 		c.outMu.Lock()
 		c.writing = 0
@@ -337,6 +338,7 @@ func (c *conn) readPacket() (pk packets.Packet, err error) {
 	if _, err := io.ReadFull(c.br, body); err != nil {
 		return pk, err
 	}
+	c.srv.stats.bytesIn.Add(int64(1 + varintLen(n) + n))
 	if c.version == 0 && pk.FixedHeader.Type != packets.Connect {
 		return pk, protoErr(codeProtocolError, "the first packet must be CONNECT")
 	}

@@ -241,3 +241,27 @@ func TestOutboundTopicAliases(t *testing.T) {
 		}
 	}
 }
+
+func TestSysTopics(t *testing.T) {
+	_, addr := startServer(t, Options{Version: "beacon-test-1", SysInterval: 50 * time.Millisecond})
+	r := dialRaw(t, addr, 4)
+	r.connect("sys", true, nil)
+	r.subscribe(1, "$SYS/broker/version", 0)
+	got := r.expect(packets.Publish)
+	if string(got.Payload) != "beacon-test-1" {
+		t.Fatalf("got %q", got.Payload)
+	}
+	// '#' does not match $SYS topics, and clients may not publish there.
+	r.subscribe(2, "#", 0)
+	r.publish("$SYS/broker/version", []byte("forged"), 1, 9)
+	r.expect(packets.Puback)
+	for {
+		pk, err := r.read(200 * time.Millisecond)
+		if err != nil {
+			break
+		}
+		if string(pk.Payload) == "forged" {
+			t.Fatal("a client published to $SYS")
+		}
+	}
+}

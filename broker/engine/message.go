@@ -28,6 +28,7 @@ type Message struct {
 	User             []packets.UserProperty
 
 	stored    bool // written to the log (Release it after routing)
+	volatile  bool // never stored ($SYS)
 	propsOnce sync.Once
 	props     []byte // the shared v5 properties, encoded once
 }

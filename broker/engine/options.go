@@ -176,6 +176,9 @@ type Options struct {
 	Log *slog.Logger
 	// Version is reported in $SYS/broker/version.
 	Version string
+	// SysInterval is how often the $SYS/broker/... topics are refreshed;
+	// 0 = never.
+	SysInterval time.Duration
 	// Now is the clock; default time.Now (tests).
 	Now func() time.Time
 	// Persistence makes sessions and messages durable; nil keeps them in

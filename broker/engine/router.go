@@ -131,7 +131,7 @@ func (s *Server) planOne(ts []target, client string, m *Message, subQoS byte, ra
 // acknowledged, and numbers m in the log.
 func (s *Server) commit(m *Message, ts []target, in *inbound) error {
 	st := s.store
-	if st == nil {
+	if st == nil || m.volatile {
 		return nil
 	}
 	keep := m.Retain || st.log.Keeps(m.Topic)

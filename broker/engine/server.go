@@ -35,10 +35,15 @@ type Server struct {
 	sharedRR atomic.Uint64
 	stats    counters
 	store    *store // nil: in memory only
+	started  time.Time
+	done     chan struct{} // closed by Shutdown
 }
 
 type counters struct {
 	connections   atomic.Int64 // open now
+	maxConns      atomic.Int64 // most open at once
+	bytesIn       atomic.Int64
+	bytesOut      atomic.Int64
 	accepted      atomic.Int64
 	received      atomic.Int64 // PUBLISH packets received
 	sent          atomic.Int64 // PUBLISH packets queued to connections
@@ -64,6 +69,12 @@ func New(opts Options) *Server {
 		retained: topics.NewRetained[*Message](),
 		sessions: map[string]*session{},
 		conns:    map[*conn]struct{}{},
+		started:  opts.Now(),
+		done:     make(chan struct{}),
+	}
+	if opts.SysInterval > 0 {
+		s.wg.Add(1)
+		go s.sysLoop(opts.SysInterval, s.done)
 	}
 	if p := opts.Persistence; p != nil {
 		s.store = &store{db: p.DB, log: p.Log, ids: p.Identities, nt: newNotifier(), gen: uint64(opts.Now().UnixNano())}
@@ -131,7 +142,9 @@ func (s *Server) ServeConn(nc net.Conn, listener string, wait bool) error {
 	s.wg.Add(1)
 	s.mu.Unlock()
 	s.stats.accepted.Add(1)
-	s.stats.connections.Add(1)
+	if n := s.stats.connections.Add(1); n > s.stats.maxConns.Load() {
+		s.stats.maxConns.Store(n)
+	}
 	if wait {
 		s.run(c)
 		return nil
@@ -172,6 +185,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 	if first {
+		close(s.done)
 		for _, ln := range lns {
 			_ = ln.Close()
 		}
