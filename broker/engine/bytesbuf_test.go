@@ -1,0 +1,5 @@
+package engine
+
+import "bytes"
+
+type bytesBuffer struct{ bytes.Buffer }

@@ -1,0 +1,411 @@
+package engine
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/beaconmq/beacon/storage"
+)
+
+// openStore opens a data directory the way the broker does.
+func openStore(t testing.TB, dir string, sync storage.SyncPolicy) (*storage.DB, *storage.Log) {
+	t.Helper()
+	db, err := storage.Open(storage.Options{Dir: dir, Sync: sync})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := storage.OpenLog(db, storage.LogOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return db, l
+}
+
+// durableServer runs a Server on dir; stop shuts it down as a graceful
+// broker stop does.
+func durableServer(t *testing.T, dir string) (s *Server, addr string, stop func()) {
+	t.Helper()
+	db, l := openStore(t, dir, storage.SyncBatch)
+	s = New(Options{Persistence: &Persistence{DB: db, Log: l}})
+	if _, err := s.Load(); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = s.Serve(ln, "tcp") }()
+	stopped := false
+	stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := s.Shutdown(ctx); err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+		_ = l.Shutdown(ctx)
+		if err := db.Shutdown(ctx); err != nil {
+			t.Errorf("db shutdown: %v", err)
+		}
+	}
+	t.Cleanup(stop)
+	return s, ln.Addr().String(), stop
+}
+
+func TestRestartKeepsSessionsQueuesAndRetained(t *testing.T) {
+	dir := t.TempDir()
+	_, addr, stop := durableServer(t, dir)
+	sub := dialRaw(t, addr, 5)
+	sub.connect("keeper", true, v5connect(3600))
+	sub.subscribe(1, "k/#", 2)
+	pub := dialRaw(t, addr, 4)
+	pub.connect("pub", true, nil)
+	// One QoS 2 message reaches the subscriber, which does not answer.
+	pub.publish("k/first", []byte("first"), 2, 1)
+	pub.expect(packets.Pubrec)
+	pub.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrel}, PacketID: 1})
+	pub.expect(packets.Pubcomp)
+	first := sub.expect(packets.Publish)
+	_ = sub.nc.Close()
+	for i := 2; i <= 10; i++ {
+		pub.publish("k/more", []byte(fmt.Sprint(i)), 1, uint16(i))
+		pub.expect(packets.Puback)
+	}
+	pub.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1, Retain: true},
+		TopicName: "k/status", Payload: []byte("on"), PacketID: 11})
+	pub.expect(packets.Puback)
+	stop()
+
+	srv, addr, _ := durableServer(t, dir)
+	if st := srv.Stats(); st.Sessions != 1 || st.Retained != 1 {
+		t.Fatalf("after restart: %d sessions, %d retained", st.Sessions, st.Retained)
+	}
+	sub = dialRaw(t, addr, 5)
+	if ack := sub.connect("keeper", false, v5connect(3600)); !ack.SessionPresent {
+		t.Fatal("session not present after restart")
+	}
+	again := sub.expect(packets.Publish)
+	if !again.FixedHeader.Dup || again.PacketID != first.PacketID || string(again.Payload) != "first" {
+		t.Fatalf("QoS 2 resent as dup=%v id %d (was %d) %q", again.FixedHeader.Dup, again.PacketID, first.PacketID, again.Payload)
+	}
+	for i := 2; i <= 11; i++ {
+		got := sub.expect(packets.Publish)
+		want := fmt.Sprint(i)
+		if i == 11 {
+			want = "on"
+		}
+		if string(got.Payload) != want {
+			t.Fatalf("got %q, want %q", got.Payload, want)
+		}
+		sub.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: got.PacketID})
+	}
+}
+
+// The child process of TestQoS2ExactlyOnceAcrossSIGKILL: a durable
+// engine on the directory and address the parent gives.
+func TestEngineChild(t *testing.T) {
+	dir, addr := os.Getenv("BEACON_ENGINE_CHILD_DIR"), os.Getenv("BEACON_ENGINE_CHILD_ADDR")
+	if dir == "" {
+		t.Skip("run by TestQoS2ExactlyOnceAcrossSIGKILL")
+	}
+	db, l := openStore(t, dir, storage.SyncBatch)
+	s := New(Options{Persistence: &Persistence{DB: db, Log: l}})
+	if _, err := s.Load(); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Println("listening")
+	_ = s.Serve(ln, "tcp")
+}
+
+// An online QoS 2 subscriber across repeated SIGKILLs of the broker: every
+// message the publisher completed arrives, none twice.
+func TestQoS2ExactlyOnceAcrossSIGKILL(t *testing.T) {
+	if testing.Short() {
+		t.Skip("kills a broker process repeatedly")
+	}
+	dir := t.TempDir()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close()
+	start := func() *exec.Cmd {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestEngineChild$", "-test.v")
+		cmd.Env = append(os.Environ(), "BEACON_ENGINE_CHILD_DIR="+dir, "BEACON_ENGINE_CHILD_ADDR="+addr)
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "listening") {
+				go func() {
+					for sc.Scan() {
+					}
+				}()
+				return cmd
+			}
+		}
+		t.Fatalf("child did not start: %v", cmd.Wait())
+		return nil
+	}
+	child := start()
+	t.Cleanup(func() { _ = child.Process.Kill(); _ = child.Wait() })
+
+	sub := &qos2Client{t: t, id: "exactly-once-sub", addr: addr, filter: "eo/#", got: map[string]int{}}
+	pub := &qos2Client{t: t, id: "exactly-once-pub", addr: addr}
+	if err := sub.dial(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go sub.receive(done)
+	completed := 0
+	const kills = 6
+	for k := 0; k < kills; k++ {
+		for i := 0; i < 150; i++ {
+			if err := pub.publish(fmt.Sprintf("m%d", completed)); err != nil {
+				break
+			}
+			completed++
+			if i == 100 {
+				_ = child.Process.Signal(syscall.SIGKILL) // mid-stream
+				_ = child.Wait()
+				child = start()
+			}
+		}
+		// The publisher finishes the message in flight at the kill.
+		for pub.publish(fmt.Sprintf("m%d", completed)) != nil {
+			time.Sleep(20 * time.Millisecond) // reconnect backoff
+		}
+		completed++
+	}
+	waitFor(t, 20*time.Second, func() error {
+		missing := sub.missing(completed)
+		if len(missing) > 0 {
+			return fmt.Errorf("%d of %d completed messages not received, e.g. %v", len(missing), completed, missing[:min(5, len(missing))])
+		}
+		return nil
+	})
+	close(done)
+	if d := sub.duplicates(); len(d) > 0 {
+		t.Fatalf("%d messages delivered twice: %v", len(d), d[:min(5, len(d))])
+	}
+	t.Logf("%d QoS 2 messages over %d kills: 0 lost, 0 duplicates", completed, kills)
+}
+
+// qos2Client is a persistent MQTT 3.1.1 QoS 2 client that keeps its
+// protocol state across connections, as a real device does: a subscriber
+// remembers the ids it PUBREC'd until PUBREL, a publisher resends its
+// flow in flight.
+type qos2Client struct {
+	t      *testing.T
+	id     string
+	addr   string
+	filter string
+	r      *raw
+
+	// subscriber
+	pendingIn map[uint16]bool
+	got       map[string]int
+	mu        chan struct{}
+
+	// publisher
+	nextID uint16
+}
+
+func (c *qos2Client) dial() error {
+	nc, err := net.DialTimeout("tcp", c.addr, time.Second)
+	if err != nil {
+		return err
+	}
+	r := &raw{t: c.t, nc: nc, br: bufio.NewReader(nc), version: 4}
+	name := []byte("MQTT")
+	connect := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+		Connect: packets.ConnectParams{ProtocolName: name, ClientIdentifier: c.id, Clean: false, Keepalive: 30}}
+	if err := sendPacket(nc, connect); err != nil {
+		return err
+	}
+	ack, err := r.read(5 * time.Second)
+	if err != nil || ack.FixedHeader.Type != packets.Connack || ack.ReasonCode != 0 {
+		_ = nc.Close()
+		return fmt.Errorf("connack: %v %v", ack.ReasonCode, err)
+	}
+	if c.filter != "" && !ack.SessionPresent {
+		if err := sendPacket(nc, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1,
+			ProtocolVersion: 4, Filters: packets.Subscriptions{{Filter: c.filter, Qos: 2}}}); err != nil {
+			return err
+		}
+	}
+	c.r = r
+	return nil
+}
+
+func sendPacket(nc net.Conn, pk packets.Packet) error {
+	var buf strings.Builder
+	_ = buf
+	var b bytesBuffer
+	var err error
+	switch pk.FixedHeader.Type {
+	case packets.Connect:
+		err = pk.ConnectEncode(&b.Buffer)
+	case packets.Subscribe:
+		err = pk.SubscribeEncode(&b.Buffer)
+	case packets.Publish:
+		err = pk.PublishEncode(&b.Buffer)
+	case packets.Pubrec:
+		err = pk.PubrecEncode(&b.Buffer)
+	case packets.Pubrel:
+		pk.FixedHeader.Qos = 1
+		err = pk.PubrelEncode(&b.Buffer)
+	case packets.Pubcomp:
+		err = pk.PubcompEncode(&b.Buffer)
+	}
+	if err != nil {
+		return err
+	}
+	_ = nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	_, err = nc.Write(b.Bytes())
+	return err
+}
+
+// receive runs the subscriber until done, reconnecting after each kill.
+func (c *qos2Client) receive(done chan struct{}) {
+	c.pendingIn = map[uint16]bool{}
+	c.mu = make(chan struct{}, 1)
+	c.mu <- struct{}{}
+	for {
+		select {
+		case <-done:
+			return
+		default:
+		}
+		if c.r == nil {
+			if c.dial() != nil {
+				time.Sleep(20 * time.Millisecond) // reconnect backoff
+				continue
+			}
+		}
+		pk, err := c.r.read(500 * time.Millisecond)
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			_ = c.r.nc.Close()
+			c.r = nil
+			continue
+		}
+		switch pk.FixedHeader.Type {
+		case packets.Publish:
+			<-c.mu
+			if !c.pendingIn[pk.PacketID] {
+				c.pendingIn[pk.PacketID] = true
+				c.got[string(pk.Payload)]++
+			}
+			c.mu <- struct{}{}
+			_ = sendPacket(c.r.nc, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: pk.PacketID, ProtocolVersion: 4})
+		case packets.Pubrel:
+			<-c.mu
+			delete(c.pendingIn, pk.PacketID)
+			c.mu <- struct{}{}
+			_ = sendPacket(c.r.nc, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubcomp}, PacketID: pk.PacketID, ProtocolVersion: 4})
+		}
+	}
+}
+
+func (c *qos2Client) missing(n int) []string {
+	<-c.mu
+	defer func() { c.mu <- struct{}{} }()
+	var out []string
+	for i := 0; i < n; i++ {
+		if c.got[fmt.Sprintf("m%d", i)] == 0 {
+			out = append(out, fmt.Sprintf("m%d", i))
+		}
+	}
+	return out
+}
+
+func (c *qos2Client) duplicates() []string {
+	<-c.mu
+	defer func() { c.mu <- struct{}{} }()
+	var out []string
+	for k, n := range c.got {
+		if n > 1 {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// publish completes one QoS 2 flow, resuming it on a new connection if
+// the broker dies: PUBLISH with DUP until PUBREC, then PUBREL until
+// PUBCOMP. It returns an error only if it could not connect.
+func (c *qos2Client) publish(payload string) error {
+	c.nextID = c.nextID%65535 + 1
+	id := c.nextID
+	released := false
+	dup := false
+	for attempt := 0; attempt < 200; attempt++ {
+		if c.r == nil {
+			if err := c.dial(); err != nil {
+				if attempt > 100 {
+					return err
+				}
+				time.Sleep(20 * time.Millisecond) // reconnect backoff
+				continue
+			}
+		}
+		var err error
+		if !released {
+			err = sendPacket(c.r.nc, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 2, Dup: dup},
+				TopicName: "eo/x", Payload: []byte(payload), PacketID: id, ProtocolVersion: 4})
+		} else {
+			err = sendPacket(c.r.nc, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrel}, PacketID: id, ProtocolVersion: 4})
+		}
+		for err == nil {
+			var pk packets.Packet
+			pk, err = c.r.read(5 * time.Second)
+			if err != nil {
+				break
+			}
+			if pk.PacketID != id {
+				continue
+			}
+			if pk.FixedHeader.Type == packets.Pubrec && !released {
+				released = true
+				err = sendPacket(c.r.nc, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrel}, PacketID: id, ProtocolVersion: 4})
+				continue
+			}
+			if pk.FixedHeader.Type == packets.Pubcomp && released {
+				return nil
+			}
+		}
+		_ = c.r.nc.Close()
+		c.r = nil
+		dup = true
+	}
+	return errors.New("publish did not complete")
+}
