@@ -312,42 +312,63 @@ const (
 	codeWildcardNotSupported = 0xA2
 )
 
-// readPacket reads and decodes one packet. A decoded packet's strings and
-// slices point into a buffer of its own, which the handlers may keep.
-func (c *conn) readPacket() (pk packets.Packet, err error) {
+// packetPool holds decoded packets: a packet is large (about 800 bytes),
+// and keeping it off the reader's stack keeps an idle connection's stack
+// small.
+var packetPool = sync.Pool{New: func() any { return new(packets.Packet) }}
+
+// readPacket reads and decodes one packet into a pooled packet (return it
+// with putPacket). A decoded packet's strings and slices point into a
+// buffer of its own, which the handlers may keep.
+func (c *conn) readPacket() (*packets.Packet, error) {
+	pk := packetPool.Get().(*packets.Packet)
+	*pk = packets.Packet{}
+	if err := c.readInto(pk); err != nil {
+		putPacket(pk)
+		return nil, err
+	}
+	return pk, nil
+}
+
+func putPacket(pk *packets.Packet) {
+	*pk = packets.Packet{}
+	packetPool.Put(pk)
+}
+
+func (c *conn) readInto(pk *packets.Packet) (err error) {
 	hb, err := c.br.ReadByte()
 	if err != nil {
-		return pk, err
+		return err
 	}
 	if err := pk.FixedHeader.Decode(hb); err != nil {
-		return pk, protoErr(codeMalformed, "malformed fixed header")
+		return protoErr(codeMalformed, "malformed fixed header")
 	}
 	n, _, err := packets.DecodeLength(c.br)
 	if err != nil {
 		if errors.Is(err, io.EOF) || isTimeout(err) {
-			return pk, err
+			return err
 		}
-		return pk, protoErr(codeMalformed, "malformed remaining length")
+		return protoErr(codeMalformed, "malformed remaining length")
 	}
 	max := c.srv.lim.MaxPacketSize
 	if uint64(n)+1+uint64(varintLen(n)) > uint64(max) {
-		return pk, protoErr(codePacketTooLarge, "packet larger than the maximum packet size")
+		return protoErr(codePacketTooLarge, "packet larger than the maximum packet size")
 	}
 	pk.FixedHeader.Remaining = n
 	body := make([]byte, n)
 	if _, err := io.ReadFull(c.br, body); err != nil {
-		return pk, err
+		return err
 	}
 	c.srv.stats.bytesIn.Add(int64(1 + varintLen(n) + n))
 	if c.version == 0 && pk.FixedHeader.Type != packets.Connect {
-		return pk, protoErr(codeProtocolError, "the first packet must be CONNECT")
+		return protoErr(codeProtocolError, "the first packet must be CONNECT")
 	}
 	pk.ProtocolVersion = c.version
 	if pk.FixedHeader.Type == packets.Connect && c.version == 0 {
 		// The version is in the packet; the property check needs it.
 		if off := propertiesOffset(packets.Connect, 0, body); off > 0 && off-4 < len(body) && body[off-4] == 5 {
 			if err := checkDuplicateProps(packets.Connect, 0, body); err != nil {
-				return pk, connectErr{code: codeProtocolError, version: 5, reason: err.Error()}
+				return connectErr{code: codeProtocolError, version: 5, reason: err.Error()}
 			}
 		}
 	} else if c.version == 5 {
@@ -356,20 +377,20 @@ func (c *conn) readPacket() (pk packets.Packet, err error) {
 			if errors.Is(err, errBadProperties) {
 				code = codeMalformed
 			}
-			return pk, protoErr(code, err.Error())
+			return protoErr(code, err.Error())
 		}
 	}
-	if err := decode(&pk, body); err != nil {
+	if err := decode(pk, body); err != nil {
 		if pk.FixedHeader.Type == packets.Connect && c.version == 0 {
-			return pk, connectErr{code: codeMalformed, version: pk.ProtocolVersion, reason: "malformed CONNECT"}
+			return connectErr{code: codeMalformed, version: pk.ProtocolVersion, reason: "malformed CONNECT"}
 		}
 		var code packets.Code
 		if errors.As(err, &code) && code.Code >= 0x80 {
-			return pk, protoErr(code.Code, code.Reason)
+			return protoErr(code.Code, code.Reason)
 		}
-		return pk, protoErr(codeMalformed, "malformed packet")
+		return protoErr(codeMalformed, "malformed packet")
 	}
-	return pk, nil
+	return nil
 }
 
 // decode runs mochi's decoder for the packet type; a decoder that panics

@@ -58,8 +58,9 @@ func (c *conn) serve() {
 		if pk.FixedHeader.Type != packets.Connect {
 			err = protoErr(codeProtocolError, "the first packet must be CONNECT")
 		} else {
-			err = c.connect(&pk)
+			err = c.connect(pk)
 		}
+		putPacket(pk)
 	}
 	if err != nil {
 		var ce connectErr
@@ -83,7 +84,7 @@ func (c *conn) refuse(ce connectErr) {
 			return
 		}
 	}
-	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack}, ProtocolVersion: ce.version, ReasonCode: code}
+	pk := &packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack}, ProtocolVersion: ce.version, ReasonCode: code}
 	if ce.version == 5 && ce.reason != "" {
 		pk.Properties.ReasonString = ce.reason
 	}
@@ -97,8 +98,11 @@ func (c *conn) refuse(ce connectErr) {
 func (c *conn) refuseBusy() {
 	_ = c.nc.SetReadDeadline(time.Now().Add(c.srv.lim.ConnectTimeout))
 	pk, err := c.readPacket()
-	if err == nil && pk.FixedHeader.Type == packets.Connect {
-		c.refuse(connectErr{code: codeServerBusy, version: pk.ProtocolVersion, reason: "too many connections"})
+	if err == nil {
+		if pk.FixedHeader.Type == packets.Connect {
+			c.refuse(connectErr{code: codeServerBusy, version: pk.ProtocolVersion, reason: "too many connections"})
+		}
+		putPacket(pk)
 	}
 	c.close(ErrServerBusy, 0, "")
 }
@@ -247,7 +251,7 @@ func (c *conn) connect(pk *packets.Packet) error {
 		recvMax = 65535
 	}
 
-	ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack}, ProtocolVersion: v}
+	ack := &packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack}, ProtocolVersion: v}
 	if v == 5 {
 		ap := &ack.Properties
 		ap.ReceiveMaximum = c.srv.lim.ReceiveMaximum
@@ -272,7 +276,7 @@ func (c *conn) connect(pk *packets.Packet) error {
 			ap.SessionExpiryInterval, ap.SessionExpiryIntervalFlag = uint32(expiry/time.Second), true
 		}
 	}
-	err := c.srv.attach(c, attachReq{clean: cn.Clean, expiry: expiry, recvMax: recvMax, connack: &ack})
+	err := c.srv.attach(c, attachReq{clean: cn.Clean, expiry: expiry, recvMax: recvMax, connack: ack})
 	if err != nil {
 		return err
 	}

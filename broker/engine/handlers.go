@@ -30,8 +30,11 @@ func (c *conn) loop() (error, bool) {
 			_ = c.nc.SetReadDeadline(time.Time{})
 		}
 		pk, err := c.readPacket()
+		var reason byte
 		if err == nil {
-			err = c.handle(&pk)
+			err = c.handle(pk)
+			reason = pk.ReasonCode
+			putPacket(pk)
 		}
 		if err == nil {
 			continue
@@ -39,7 +42,7 @@ func (c *conn) loop() (error, bool) {
 		var pe *protoError
 		switch {
 		case errors.Is(err, errDisconnect):
-			return err, pk.ReasonCode != packets.CodeDisconnectWillMessage.Code
+			return err, reason != packets.CodeDisconnectWillMessage.Code
 		case errors.As(err, &pe):
 			c.close(err, pe.code, pe.reason)
 		case isTimeout(err) && !c.isClosing():
@@ -356,7 +359,7 @@ func (c *conn) subscribe(pk *packets.Packet) error {
 	if err := c.srv.storeSubs(c.sess, added, nil); err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
-	ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Suback}, ProtocolVersion: c.version,
+	ack := &packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Suback}, ProtocolVersion: c.version,
 		PacketID: pk.PacketID, ReasonCodes: codes}
 	var buf bytes.Buffer
 	_ = ack.SubackEncode(&buf)
@@ -415,7 +418,7 @@ func (c *conn) unsubscribe(pk *packets.Packet) error {
 	if c.version < 5 {
 		codes = nil
 	}
-	ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Unsuback}, ProtocolVersion: c.version,
+	ack := &packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Unsuback}, ProtocolVersion: c.version,
 		PacketID: pk.PacketID, ReasonCodes: codes}
 	var buf bytes.Buffer
 	_ = ack.UnsubackEncode(&buf)
