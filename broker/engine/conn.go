@@ -23,7 +23,8 @@ type conn struct {
 	nc       net.Conn
 	listener string
 	remote   string
-	br       *bufio.Reader
+	br       *bufio.Reader // only while input is buffered; nil when idle
+	first    [1]byte       // the byte an idle connection waits for
 
 	// Set by CONNECT, read-only afterwards (the reader goroutine owns them).
 	version   byte
@@ -68,7 +69,6 @@ func newConn(srv *Server, nc net.Conn, listener string) *conn {
 		nc:       nc,
 		listener: listener,
 		remote:   nc.RemoteAddr().String(),
-		br:       bufio.NewReaderSize(nc, 2048),
 		done:     make(chan struct{}),
 	}
 }
@@ -336,7 +336,7 @@ func putPacket(pk *packets.Packet) {
 }
 
 func (c *conn) readInto(pk *packets.Packet) (err error) {
-	hb, err := c.br.ReadByte()
+	hb, err := c.nextByte()
 	if err != nil {
 		return err
 	}
@@ -391,6 +391,38 @@ func (c *conn) readInto(pk *packets.Packet) (err error) {
 		return protoErr(codeMalformed, "malformed packet")
 	}
 	return nil
+}
+
+var readerPool = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4096) }}
+
+// nextByte reads the first byte of a packet. A connection with nothing
+// buffered gives its read buffer back and waits for one byte in place, so
+// an idle connection holds no read buffer.
+func (c *conn) nextByte() (byte, error) {
+	if c.br != nil && c.br.Buffered() > 0 {
+		return c.br.ReadByte()
+	}
+	c.releaseReader()
+	for {
+		n, err := c.nc.Read(c.first[:])
+		if n == 1 {
+			break
+		}
+		if err != nil {
+			return 0, err
+		}
+	}
+	c.br = readerPool.Get().(*bufio.Reader)
+	c.br.Reset(c.nc)
+	return c.first[0], nil
+}
+
+func (c *conn) releaseReader() {
+	if c.br != nil {
+		c.br.Reset(nil)
+		readerPool.Put(c.br)
+		c.br = nil
+	}
 }
 
 // decode runs mochi's decoder for the packet type; a decoder that panics

@@ -68,10 +68,12 @@ func (c *conn) serve() {
 			c.refuse(ce)
 		}
 		c.close(err, 0, "")
+		c.releaseReader()
 		c.srv.log.Debug("connection refused", "remote", c.remote, "listener", c.listener, "error", err)
 		return
 	}
 	cause, graceful := c.loop()
+	c.releaseReader()
 	c.end(cause, graceful)
 }
 
@@ -105,6 +107,7 @@ func (c *conn) refuseBusy() {
 		putPacket(pk)
 	}
 	c.close(ErrServerBusy, 0, "")
+	c.releaseReader()
 }
 
 // connect validates, authenticates and admits a CONNECT.
