@@ -5,6 +5,8 @@ import (
 	"log/slog"
 	"net"
 	"time"
+
+	"github.com/beaconmq/beacon/storage"
 )
 
 // Action is what a Principal is asked to allow.
@@ -89,6 +91,16 @@ type Observer interface {
 	Routed(m *Message, n int)
 	// Dropped: a delivery or message was not made, and why.
 	Dropped(reason DropReason, client string, m *Message)
+}
+
+// Committer takes part in the write that accepts a message. Prepare
+// returns the writes to commit with m (nil for none: m is then stored
+// only if something else keeps it); Committed follows once the write
+// committed (err nil) or failed, before m is delivered. Neither may block
+// or call back into the engine.
+type Committer interface {
+	Prepare(m *Message) []storage.Op
+	Committed(m *Message, err error)
 }
 
 // DropReason says why a message was not delivered.
@@ -184,4 +196,8 @@ type Options struct {
 	// Persistence makes sessions and messages durable; nil keeps them in
 	// memory. Call Server.Load before serving.
 	Persistence *Persistence
+	// Committer, if set, adds writes of its own (a webhook outbox) to the
+	// atomic write of each accepted message, and hears whether it
+	// committed.
+	Committer Committer
 }

@@ -129,16 +129,20 @@ func (s *Server) planOne(ts []target, client string, m *Message, subQoS byte, ra
 
 // commit writes what must be durable before m is delivered and
 // acknowledged, and numbers m in the log.
-func (s *Server) commit(m *Message, ts []target, in *inbound) error {
+func (s *Server) commit(m *Message, ts []target, in *inbound) (err error) {
 	st := s.store
 	if st == nil || m.volatile {
 		return nil
 	}
-	keep := m.Retain || st.log.Keeps(m.Topic)
+	var fixed []storage.Op
+	if cm := s.opts.Committer; cm != nil {
+		fixed = cm.Prepare(m)
+		defer func() { cm.Committed(m, err) }()
+	}
+	keep := m.Retain || len(fixed) > 0 || st.log.Keeps(m.Topic)
 	for i := range ts {
 		keep = keep || ts[i].stored
 	}
-	var fixed []storage.Op
 	if m.Retain {
 		if len(m.Payload) == 0 {
 			fixed = append(fixed, storage.Delete(storage.RetainKey(m.Topic)))
