@@ -408,6 +408,6 @@ func (s *Server) attach(c *conn, r attachReq) error {
 // dropped. Callers hold mu and remove its subscriptions.
 func (s *session) discardLocked() {
 	s.discarded = true
-	s.out, s.queue = nil, nil
+	s.out, s.queue, s.expiring = nil, nil, 0
 	s.inQoS2 = map[uint16]struct{}{}
 }

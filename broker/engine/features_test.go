@@ -267,3 +267,28 @@ func TestSysTopics(t *testing.T) {
 		}
 	}
 }
+
+// An offline session does not keep an expired message until its client
+// returns: the sweeper drops it.
+func TestExpiredMessagesLeaveOfflineQueues(t *testing.T) {
+	srv, addr := startServer(t, Options{})
+	sub := dialRaw(t, addr, 5)
+	sub.connect("away", true, v5connect(600))
+	sub.subscribe(1, "x", 1)
+	sub.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}})
+	sub.expectClosed()
+	pub := dialRaw(t, addr, 5)
+	pub.connect("pub", true, nil)
+	pub.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, TopicName: "x", PacketID: 1,
+		Payload: []byte("brief"), Properties: packets.Properties{MessageExpiryInterval: 1}})
+	pub.expect(packets.Puback)
+	pub.publish("x", []byte("lasting"), 1, 2)
+	pub.expect(packets.Puback)
+	waitFor(t, 5*time.Second, func() error {
+		si, _ := srv.Session("away")
+		if si.Queued != 1 {
+			return fmt.Errorf("%d queued", si.Queued)
+		}
+		return nil
+	})
+}

@@ -458,6 +458,9 @@ func (c *conn) sendQoS0(m *Message, retain bool, subIDs []uint32) bool {
 		return false
 	}
 	c.srv.stats.sent.Add(1)
+	if so := c.srv.sentObs; so != nil {
+		so.Sent(m, 0, false)
+	}
 	return true
 }
 

@@ -353,6 +353,9 @@ func (s *Server) Load() (LoadStats, error) {
 			st.Inflight++
 		} else {
 			sess.queue = append(sess.queue, f)
+			if m.Expiry > 0 {
+				sess.expiring++
+			}
 			st.Queued++
 		}
 		return nil

@@ -35,6 +35,7 @@ type Server struct {
 	sharedRR atomic.Uint64
 	stats    counters
 	store    *store // nil: in memory only
+	sentObs  SendObserver
 	started  time.Time
 	done     chan struct{} // closed by Shutdown
 }
@@ -72,6 +73,9 @@ func New(opts Options) *Server {
 		started:  opts.Now(),
 		done:     make(chan struct{}),
 	}
+	s.sentObs, _ = opts.Observer.(SendObserver)
+	s.wg.Add(1)
+	go s.sweepExpired(time.Second, s.done)
 	if opts.SysInterval > 0 {
 		s.wg.Add(1)
 		go s.sysLoop(opts.SysInterval, s.done)

@@ -36,6 +36,8 @@ type session struct {
 	expireTimer *time.Timer
 	discarded   bool // replaced (clean start) or expired: deliveries are dropped
 
+	expiring int // queued messages with an expiry (for the sweeper)
+
 	recvMax uint16 // the client's Receive Maximum (outbound in flight)
 	maxOut  uint32 // the client's Maximum Packet Size; 0 = none
 	nextID  uint16
@@ -120,6 +122,9 @@ func (s *session) deliver(m *Message, t *target) bool {
 		return false
 	}
 	s.queue = append(s.queue, &flight{msg: m, qos: t.qos, retain: t.retain, subIDs: t.ids, stored: t.stored})
+	if m.Expiry > 0 {
+		s.expiring++
+	}
 	s.pumpLocked()
 	return true
 }
@@ -143,6 +148,9 @@ func (s *session) deliverRetained(m *Message, qos byte, ids []uint32) {
 		return
 	}
 	s.queue = append(s.queue, &flight{msg: m, qos: qos, retain: true, subIDs: ids})
+	if m.Expiry > 0 {
+		s.expiring++
+	}
 	s.pumpLocked()
 }
 
@@ -171,6 +179,9 @@ func (s *session) pumpLocked() {
 			drop = DropExpired
 		case s.maxOut > 0 && uint32(size) > s.maxOut:
 			drop = DropTooLarge
+		}
+		if f.msg.Expiry > 0 {
+			s.expiring--
 		}
 		if drop != "" {
 			s.queue[0] = nil
@@ -206,6 +217,9 @@ func (s *session) pumpLocked() {
 func (s *session) sendLocked(c *conn, f *flight, dup bool) {
 	d := delivery{qos: f.qos, retain: f.retain, subIDs: f.subIDs, dup: dup, id: f.id, expiry: remainingExpiry(f.msg, s.srv.now().Unix())}
 	if c.queue(func(b []byte) []byte { return c.encodePublish(b, f.msg, &d) }) {
+		if so := s.srv.sentObs; so != nil {
+			so.Sent(f.msg, f.qos, f.sent)
+		}
 		f.sent = true
 		s.srv.stats.sent.Add(1)
 	}
@@ -265,6 +279,9 @@ func (s *session) resendLocked(c *conn) {
 		case f.qos == 1 && len(keep) >= int(s.recvMax):
 			f.id = 0
 			back = append(back, f)
+			if f.msg.Expiry > 0 {
+				s.expiring++
+			}
 		default:
 			if !f.idPending {
 				s.sendLocked(c, f, f.sent)

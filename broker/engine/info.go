@@ -1,0 +1,87 @@
+package engine
+
+import "time"
+
+// SessionInfo describes a session, for operators and tests.
+type SessionInfo struct {
+	ID         string
+	Connected  bool
+	Remote     string // address of the attached connection
+	Persistent bool
+	Inflight   int // outbound QoS 1/2 messages sent and not yet acknowledged
+	Queued     int // outbound QoS 1/2 messages waiting to be sent
+	ExpiresAt  time.Time
+}
+
+// Session returns what the engine holds for a client id.
+func (s *Server) Session(id string) (SessionInfo, bool) {
+	ss := s.session(id)
+	if ss == nil {
+		return SessionInfo{}, false
+	}
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	si := SessionInfo{ID: id, Connected: ss.conn != nil, Persistent: ss.persistent, Inflight: len(ss.out), Queued: len(ss.queue)}
+	if ss.conn != nil {
+		si.Remote = ss.conn.remote
+	} else {
+		si.ExpiresAt = ss.expireAt
+	}
+	return si, true
+}
+
+// SendObserver is an Observer that also hears of every PUBLISH queued to a
+// connection (for delivery counters and latency). It is called on the hot
+// path with the session's lock held: count, never block.
+type SendObserver interface {
+	Sent(m *Message, qos byte, resent bool)
+}
+
+// sweepExpired drops queued messages whose expiry passed from the
+// sessions that hold any, every interval, so an offline session does not
+// keep them (in memory and in the store) until its client returns.
+func (s *Server) sweepExpired(every time.Duration, done <-chan struct{}) {
+	defer s.wg.Done()
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+		}
+		now := s.now().Unix()
+		s.mu.RLock()
+		list := make([]*session, 0, len(s.sessions))
+		for _, ss := range s.sessions {
+			list = append(list, ss)
+		}
+		s.mu.RUnlock()
+		for _, ss := range list {
+			ss.mu.Lock()
+			if ss.expiring > 0 {
+				ss.dropExpiredLocked(now)
+			}
+			ss.mu.Unlock()
+		}
+	}
+}
+
+// dropExpiredLocked removes expired messages from the queue (not those in
+// flight: their flow must finish).
+func (s *session) dropExpiredLocked(now int64) {
+	kept := s.queue[:0]
+	for _, f := range s.queue {
+		if f.msg.expired(now) {
+			s.srv.dropped(DropExpired, s.id, f.msg)
+			if f.stored {
+				s.srv.store.unstore(s.id, s.gen, f.msg.Seq)
+			}
+			s.expiring--
+			continue
+		}
+		kept = append(kept, f)
+	}
+	clear(s.queue[len(kept):])
+	s.queue = kept
+}
