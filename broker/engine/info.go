@@ -1,6 +1,9 @@
 package engine
 
-import "time"
+import (
+	"errors"
+	"time"
+)
 
 // SessionInfo describes a session, for operators and tests.
 type SessionInfo struct {
@@ -84,4 +87,26 @@ func (s *session) dropExpiredLocked(now int64) {
 	}
 	clear(s.queue[len(kept):])
 	s.queue = kept
+}
+
+// DisconnectReason names why a connection ended, for metrics: client (a
+// DISCONNECT), network, keepalive, protocol_error, taken_over,
+// slow_consumer, or server (shutdown, an admin kick, expired credentials).
+func DisconnectReason(err error) string {
+	var pe *protoError
+	switch {
+	case err == nil, errors.Is(err, errDisconnect):
+		return "client"
+	case errors.Is(err, errKeepAlive):
+		return "keepalive"
+	case errors.Is(err, errTakenOver):
+		return "taken_over"
+	case errors.Is(err, errSlowConsumer):
+		return "slow_consumer"
+	case errors.Is(err, errShutdown), errors.Is(err, errAdmin), errors.Is(err, errExpired):
+		return "server"
+	case errors.As(err, &pe):
+		return "protocol_error"
+	}
+	return "network"
 }
