@@ -3,17 +3,11 @@ package hooks
 import (
 	"bytes"
 	"context"
-	"crypto/hmac"
-	"crypto/sha256"
 	"encoding/binary"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash"
-	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -21,9 +15,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	mqtt "github.com/mochi-mqtt/server/v2"
-	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/beaconmq/beacon/devices"
 	"github.com/beaconmq/beacon/storage"
@@ -62,10 +53,10 @@ type WebhooksOptions struct {
 	// Encode makes the JSON body of a message. Called once per message
 	// that matches any webhook; the result is kept, so it must not be a
 	// buffer Encode reuses.
-	// device is the registered device that published it, or "".
+	// device is the registered device that published it (Message.Device)
+	// or ""; tsMillis is when the broker accepted it, unix milliseconds.
+	// It runs in Prepare, on the publisher's path: keep it quick.
 	Encode func(topic, device string, payload []byte, qos byte, retain bool, tsMillis int64) []byte
-	// DeviceOf, when set, names the registered device behind a client.
-	DeviceOf func(cl *mqtt.Client) string
 	// MaxOutbox is how many undelivered messages a webhook keeps; when it
 	// is full the oldest is dropped (if its request is in flight, it may
 	// still arrive). Default 10,000. Bodies are kept in memory too, so it
@@ -97,27 +88,28 @@ type WebhookStats struct {
 	LastFailure time.Time `json:"last_failure,omitzero"` // when an attempt last failed
 }
 
-// Webhooks POSTs routed messages to HTTP endpoints, at least once and in
-// order per webhook, across restarts.
+// Webhooks POSTs accepted messages to HTTP endpoints, at least once and
+// in order per webhook, across restarts.
 //
-// OnPublished queues a record of every matching message in the webhook's
-// outbox in the store (without waiting for the commit) and wakes the
-// webhook's delivery goroutine, which POSTs the outbox one message at a
-// time and deletes each record once answered with 2xx. Add the hook before
-// the Store hook: its records are then queued before the store deletes the
-// message from the ingress log, so a crash cannot lose an acknowledged
-// QoS 1/2 message (it may deliver it twice: a message routed again from
-// the ingress log is queued again, under a new delivery id).
+// It takes part in the write that accepts a message: Prepare returns a
+// record for the outbox of every webhook whose filters match, to be
+// committed in the same atomic write as the message, and Committed hands
+// the records to the webhooks' delivery goroutines once that write
+// committed. An acknowledged message is therefore in the outbox, and a
+// message whose write failed in no outbox. Each delivery goroutine POSTs
+// its outbox one message at a time, in sequence order, and deletes each
+// record once answered with 2xx. A sequence reserved by Prepare is not
+// delivered before its Committed arrived, nor skipped: the goroutine
+// waits for it, so deliveries follow commit order even when concurrent
+// publishers' writes commit out of the order of their Prepare.
 //
 // Every request carries "X-Beacon-Delivery: <name>-<seq>", unique per
 // webhook and never reused (sequences are reserved in the store in
 // blocks), so receivers can dedupe retries.
 type Webhooks struct {
-	mqtt.HookBase
 	db          *storage.DB
 	log         *slog.Logger
 	encode      func(topic, device string, payload []byte, qos byte, retain bool, tsMillis int64) []byte
-	deviceOf    func(cl *mqtt.Client) string
 	client      *http.Client
 	maxOutbox   int
 	backoffBase time.Duration
@@ -150,9 +142,11 @@ const (
 	outboxReserveBlock = 1 << 16
 	// dropLogEvery spaces the warnings about a full outbox.
 	dropLogEvery = 10 * time.Second
+	// commitWaitWarn is how long a delivery goroutine waits for the
+	// Committed of a prepared message before it says so: the broker must
+	// follow every Prepare with a Committed of the same *Message.
+	commitWaitWarn = time.Minute
 )
-
-var _ mqtt.Hook = (*Webhooks)(nil)
 
 // webhook is the state of one endpoint.
 type webhook struct {
@@ -161,11 +155,14 @@ type webhook struct {
 	filters [][]string
 	wake    chan struct{} // buffered 1: something was queued or dropped
 
-	mu          sync.Mutex
-	seq         uint64 // last sequence handed out
-	reserved    uint64 // sequences up to this are reserved in the store
-	items       []outboxItem
-	head        int // items[head:] are pending, oldest first
+	mu        sync.Mutex
+	seq       uint64 // last sequence handed out
+	reserved  uint64 // sequences up to this are reserved in the store
+	items     []outboxItem
+	head      int // items[head:] are in sequence order: prepared, ready or gone
+	ready     int // items ready for delivery: the messages in the outbox
+	preparing map[*Message]prepared
+
 	failing     bool
 	lastStatus  int
 	lastErr     string
@@ -180,13 +177,32 @@ type webhook struct {
 	expired   atomic.Int64
 }
 
-// outboxItem is a pending message. body is shared by every webhook the
-// message matched and never modified.
+// outboxItem is a message of the outbox. body is shared by every webhook
+// the message matched and never modified.
 type outboxItem struct {
 	seq      uint64
 	created  int64
 	attempts uint32
+	state    itemState
 	body     []byte
+}
+
+// itemState is where an outbox item stands.
+type itemState uint8
+
+const (
+	itemPrepared itemState = iota // sequence reserved by Prepare; its write has not committed yet
+	itemReady                     // stored: to deliver
+	itemGone                      // delivered, dropped, expired, or its write failed
+)
+
+// prepared is what Committed needs of a Prepare: the sequence reserved,
+// and whether the write also carried the webhook's mark and deletes of
+// dropped records (written again on their own if the write failed).
+type prepared struct {
+	seq   uint64
+	mark  bool
+	drops []uint64
 }
 
 // NewWebhooks checks the configuration and loads the outboxes from the
@@ -224,7 +240,6 @@ func NewWebhooks(o WebhooksOptions) (*Webhooks, error) {
 		db:          o.DB,
 		log:         o.Log,
 		encode:      o.Encode,
-		deviceOf:    o.DeviceOf,
 		client:      client,
 		maxOutbox:   o.MaxOutbox,
 		backoffBase: o.BackoffBase,
@@ -279,7 +294,7 @@ func newWebhook(i int, c WebhookConfig) (*webhook, error) {
 	if len(c.Topics) == 0 {
 		return nil, fmt.Errorf("%s: at least one topic filter is needed", key("topics"))
 	}
-	h := &webhook{url: redactURL(u), wake: make(chan struct{}, 1)}
+	h := &webhook{url: redactURL(u), wake: make(chan struct{}, 1), preparing: map[*Message]prepared{}}
 	for _, f := range c.Topics {
 		if err := devices.ValidFilter(f); err != nil {
 			return nil, fmt.Errorf("%s: %w", key("topics"), err)
@@ -341,7 +356,8 @@ func (w *Webhooks) load() error {
 				ops = append(ops, storage.Delete(bytes.Clone(key)))
 				return nil
 			}
-			h.items = append(h.items, outboxItem{seq: seq, created: rec.Created, attempts: rec.Attempts, body: rec.Body})
+			h.items = append(h.items, outboxItem{seq: seq, created: rec.Created, attempts: rec.Attempts, state: itemReady, body: rec.Body})
+			h.ready++
 			return nil
 		}
 		if name, ok := storage.ParseOutboxMarkKey(key); ok {
@@ -363,16 +379,17 @@ func (w *Webhooks) load() error {
 		w.log.Warn("webhook: deleting the outbox of a webhook no longer configured", "webhook", name, "records", n)
 	}
 	for _, h := range w.hooks {
-		if n := h.pending() - w.maxOutbox; n > 0 {
+		if n := h.ready - w.maxOutbox; n > 0 {
 			for range n {
-				ops = append(ops, storage.Delete(storage.OutboxKey(h.cfg.Name, h.pop().seq)))
+				ops = append(ops, storage.Delete(storage.OutboxKey(h.cfg.Name, h.dropOldest())))
 			}
+			h.compact()
 			h.dropped.Add(int64(n))
 			w.log.Warn("webhook: outbox over max_outbox at start, dropped the oldest", "webhook", h.cfg.Name, "dropped", n)
 		}
 		h.reserved = h.seq + outboxReserveBlock
 		ops = append(ops, storage.Set(storage.OutboxMarkKey(h.cfg.Name), binary.BigEndian.AppendUint64(nil, h.reserved)))
-		if n := h.pending(); n > 0 {
+		if n := h.ready; n > 0 {
 			w.log.Info("webhook: undelivered messages loaded", "webhook", h.cfg.Name, "pending", n)
 		}
 	}
@@ -380,343 +397,12 @@ func (w *Webhooks) load() error {
 	// deletes than one transaction takes.
 	for len(ops) > 0 {
 		n := min(len(ops), 4096)
-		if err := w.db.Commit(ops[:n]...); err != nil {
+		if err := w.db.Write(ops[:n]...); err != nil {
 			return fmt.Errorf("webhooks: store outbox: %w", err)
 		}
 		ops = ops[n:]
 	}
 	return nil
-}
-
-// ID implements mqtt.Hook.
-func (w *Webhooks) ID() string { return "beacon-webhooks" }
-
-// Provides implements mqtt.Hook.
-func (w *Webhooks) Provides(b byte) bool { return b == mqtt.OnPublished && len(w.hooks) > 0 }
-
-// OnPublished queues a routed message for every webhook whose filters
-// match its topic.
-func (w *Webhooks) OnPublished(cl *mqtt.Client, pk packets.Packet) {
-	if pk.Ignore || pk.FixedHeader.Type != packets.Publish {
-		return
-	}
-	var body []byte
-	var ts int64
-	encoded := false
-	for _, h := range w.hooks {
-		if !h.matches(pk.TopicName) {
-			continue
-		}
-		if !encoded {
-			ts = time.Now().UnixMilli()
-			device := ""
-			if w.deviceOf != nil {
-				device = w.deviceOf(cl)
-			}
-			body = w.encode(pk.TopicName, device, pk.Payload, pk.FixedHeader.Qos, pk.FixedHeader.Retain, ts)
-			encoded = true
-		}
-		w.enqueue(h, body, ts)
-	}
-}
-
-func (h *webhook) matches(topic string) bool {
-	for _, f := range h.filters {
-		if devices.MatchesTopic(f, topic) {
-			return true
-		}
-	}
-	return false
-}
-
-// enqueue adds a message to h's outbox, dropping the oldest when full.
-// The store write is queued under h.mu: a delivery (and the delete of its
-// record) cannot overtake it.
-func (w *Webhooks) enqueue(h *webhook, body []byte, created int64) {
-	rec := storage.AppendOutbox(make([]byte, 0, storage.OutboxRecordSize(len(body))), &storage.OutboxRecord{Created: created, Body: body})
-	name := h.cfg.Name
-	h.mu.Lock()
-	w.reserve(h)
-	h.seq++
-	h.items = append(h.items, outboxItem{seq: h.seq, created: created, body: body})
-	ops := []storage.Op{storage.Set(storage.OutboxKey(name, h.seq), rec)}
-	var logDrops int64
-	if h.pending() > w.maxOutbox {
-		for h.pending() > w.maxOutbox {
-			ops = append(ops, storage.Delete(storage.OutboxKey(name, h.pop().seq)))
-			h.dropped.Add(1)
-			h.unlogged++
-		}
-		if now := time.Now(); now.Sub(h.lastDropLog) >= dropLogEvery {
-			h.lastDropLog = now
-			logDrops, h.unlogged = h.unlogged, 0
-		}
-	}
-	w.db.WriteAsync(ops...)
-	h.mu.Unlock()
-	h.signal()
-	if logDrops > 0 {
-		w.log.Warn("webhook: outbox full, dropped the oldest messages", "webhook", name, "url", h.url,
-			"dropped", logDrops, "max_outbox", w.maxOutbox)
-	}
-}
-
-// reserve makes sure the next sequence is reserved in the store, so it is
-// never handed out again after a crash. One commit per block. Called with
-// h.mu held.
-func (w *Webhooks) reserve(h *webhook) {
-	if h.seq < h.reserved {
-		return
-	}
-	next := h.seq + outboxReserveBlock
-	if err := w.db.Commit(storage.Set(storage.OutboxMarkKey(h.cfg.Name), binary.BigEndian.AppendUint64(nil, next))); err != nil {
-		w.log.Error("webhook: reserve delivery sequences", "webhook", h.cfg.Name, "error", err)
-		return
-	}
-	h.reserved = next
-}
-
-func (h *webhook) signal() {
-	select {
-	case h.wake <- struct{}{}:
-	default:
-	}
-}
-
-// pending is the number of messages in the outbox. Called with h.mu held.
-func (h *webhook) pending() int { return len(h.items) - h.head }
-
-// pop removes the oldest message. Called with h.mu held.
-func (h *webhook) pop() outboxItem {
-	it := h.items[h.head]
-	h.items[h.head] = outboxItem{}
-	h.head++
-	switch {
-	case h.head == len(h.items):
-		h.items, h.head = h.items[:0], 0
-	case h.head > 1024 && h.head*2 >= len(h.items):
-		n := copy(h.items, h.items[h.head:])
-		clear(h.items[n:])
-		h.items, h.head = h.items[:n], 0
-	}
-	return it
-}
-
-// front returns the oldest message.
-func (h *webhook) front() (outboxItem, bool) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.pending() == 0 {
-		return outboxItem{}, false
-	}
-	return h.items[h.head], true
-}
-
-// isFront reports whether seq is still the oldest message. Called with
-// h.mu held.
-func (h *webhook) isFront(seq uint64) bool {
-	return h.pending() > 0 && h.items[h.head].seq == seq
-}
-
-// Start starts one delivery goroutine per webhook. Call it once the
-// broker has restored its state; messages queued before are delivered
-// then.
-func (w *Webhooks) Start() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.state != webhooksNew {
-		return
-	}
-	w.state = webhooksStarted
-	for _, h := range w.hooks {
-		w.wg.Add(1)
-		go w.run(h)
-	}
-}
-
-// Shutdown stops the deliveries, cancelling requests in flight. Messages
-// not delivered stay in the store for the next start (a message whose
-// request was cancelled may have arrived: it is sent again). Call it after
-// the engine has stopped and before the store closes. It is idempotent.
-func (w *Webhooks) Shutdown(ctx context.Context) error {
-	w.mu.Lock()
-	w.state = webhooksStopped
-	w.mu.Unlock()
-	w.cancel()
-	stopped := make(chan struct{})
-	go func() { w.wg.Wait(); close(stopped) }()
-	select {
-	case <-stopped:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("webhooks: %w", ctx.Err())
-	}
-}
-
-// run delivers h's outbox in order, one message at a time, until Shutdown.
-func (w *Webhooks) run(h *webhook) {
-	defer w.wg.Done()
-	ctx := w.ctx
-	var mac hash.Hash
-	if h.cfg.Secret != "" {
-		mac = hmac.New(sha256.New, []byte(h.cfg.Secret))
-	}
-	for {
-		it, ok := h.front()
-		if !ok {
-			select {
-			case <-ctx.Done():
-				return
-			case <-h.wake:
-			}
-			continue
-		}
-		status, err := w.post(ctx, h, mac, it)
-		if err == nil {
-			w.delivered(h, it.seq, status)
-			continue
-		}
-		if ctx.Err() != nil {
-			return // shutting down: not a failure of the endpoint
-		}
-		attempts, retry := w.failed(h, it, status, err)
-		if retry && !w.sleep(ctx, h, it.seq, w.backoff(attempts)) {
-			return
-		}
-	}
-}
-
-// post makes one attempt to deliver it. A nil error is a 2xx answer.
-func (w *Webhooks) post(ctx context.Context, h *webhook, mac hash.Hash, it outboxItem) (int, error) {
-	ctx, cancel := context.WithTimeout(ctx, h.cfg.Timeout)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, h.cfg.URL, bytes.NewReader(it.body))
-	if err != nil {
-		return 0, err
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("User-Agent", "beacon-webhook")
-	req.Header.Set("X-Beacon-Delivery", h.cfg.Name+"-"+strconv.FormatUint(it.seq, 10))
-	req.Header.Set("X-Beacon-Attempt", strconv.FormatUint(uint64(it.attempts)+1, 10))
-	if mac != nil {
-		mac.Reset()
-		mac.Write(it.body)
-		req.Header.Set("X-Beacon-Signature", "sha256="+hex.EncodeToString(mac.Sum(nil)))
-	}
-	resp, err := w.client.Do(req)
-	if err != nil {
-		// The url.Error would repeat the URL, query and all.
-		if ue := (*url.Error)(nil); errors.As(err, &ue) {
-			err = ue.Err
-		}
-		if errors.Is(err, context.DeadlineExceeded) {
-			err = fmt.Errorf("no response within %s", h.cfg.Timeout)
-		}
-		return 0, err
-	}
-	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxResponseDrain))
-	_ = resp.Body.Close()
-	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		return resp.StatusCode, fmt.Errorf("status %s", resp.Status)
-	}
-	return resp.StatusCode, nil
-}
-
-// delivered removes a delivered message from the outbox (unless it was
-// dropped meanwhile).
-func (w *Webhooks) delivered(h *webhook, seq uint64, status int) {
-	h.mu.Lock()
-	recovered := h.failing
-	h.failing = false
-	h.lastStatus = status
-	h.lastSuccess = time.Now()
-	if h.isFront(seq) {
-		h.pop()
-		h.delivered.Add(1)
-		w.db.WriteAsync(storage.Delete(storage.OutboxKey(h.cfg.Name, seq)))
-	}
-	h.mu.Unlock()
-	if recovered {
-		w.log.Info("webhook: delivering again", "webhook", h.cfg.Name, "url", h.url)
-	}
-}
-
-// failed records a failed attempt and says whether to retry after the
-// given number of attempts; a message out of retries is dropped.
-func (w *Webhooks) failed(h *webhook, it outboxItem, status int, err error) (attempts uint32, retry bool) {
-	h.failed.Add(1)
-	h.mu.Lock()
-	first := !h.failing
-	h.failing = true
-	h.lastStatus = status
-	h.lastErr = err.Error()
-	h.lastFailure = time.Now()
-	if !h.isFront(it.seq) { // dropped meanwhile
-		h.mu.Unlock()
-		return 0, false
-	}
-	cur := &h.items[h.head]
-	cur.attempts++
-	attempts = cur.attempts
-	key := storage.OutboxKey(h.cfg.Name, it.seq)
-	expired := int(attempts) > h.cfg.MaxRetries
-	if expired {
-		h.pop()
-		h.expired.Add(1)
-		w.db.WriteAsync(storage.Delete(key))
-	} else {
-		// Keep the count across restarts, so retries stay bounded.
-		rec := &storage.OutboxRecord{Attempts: attempts, Created: it.created, Body: it.body}
-		w.db.WriteAsync(storage.Set(key, storage.AppendOutbox(make([]byte, 0, storage.OutboxRecordSize(len(it.body))), rec)))
-	}
-	h.mu.Unlock()
-
-	switch {
-	case expired:
-		w.log.Warn("webhook: giving up on a message", "webhook", h.cfg.Name, "url", h.url, "seq", it.seq,
-			"attempts", attempts, "status", status, "error", err)
-	case first:
-		w.log.Warn("webhook: delivery failed, retrying", "webhook", h.cfg.Name, "url", h.url, "seq", it.seq,
-			"status", status, "error", err)
-	default:
-		w.log.Debug("webhook: delivery failed", "webhook", h.cfg.Name, "seq", it.seq, "attempts", attempts,
-			"status", status, "error", err)
-	}
-	return attempts, !expired
-}
-
-// backoff is the wait after the given number of failed attempts:
-// uniformly random up to BackoffBase * 2^(attempts-1), capped at
-// BackoffMax.
-func (w *Webhooks) backoff(attempts uint32) time.Duration {
-	d := w.backoffBase
-	for i := uint32(1); i < attempts && d < w.backoffMax; i++ {
-		d *= 2
-	}
-	d = min(d, w.backoffMax)
-	return time.Duration(rand.Int64N(int64(d) + 1))
-}
-
-// sleep waits d before the next attempt at seq; it returns early when seq
-// was dropped meanwhile, and false on Shutdown.
-func (w *Webhooks) sleep(ctx context.Context, h *webhook, seq uint64, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return false
-		case <-t.C:
-			return true
-		case <-h.wake:
-			h.mu.Lock()
-			gone := !h.isFront(seq)
-			h.mu.Unlock()
-			if gone {
-				return true
-			}
-		}
-	}
 }
 
 // Stats returns the state of every webhook, in configuration order.
@@ -727,7 +413,7 @@ func (w *Webhooks) Stats() []WebhookStats {
 		s := WebhookStats{
 			Name:        h.cfg.Name,
 			URL:         h.url,
-			Pending:     h.pending(),
+			Pending:     h.ready,
 			LastStatus:  h.lastStatus,
 			LastError:   h.lastErr,
 			LastSuccess: h.lastSuccess,
