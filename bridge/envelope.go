@@ -16,7 +16,7 @@ type Envelope struct {
 	Encoding string          `json:"encoding"` // json, utf8 or base64
 	QoS      byte            `json:"qos"`
 	Retain   bool            `json:"retain"`
-	TS       int64           `json:"ts"`                // unix milliseconds the broker received it (seconds precision for retained messages)
+	TS       int64           `json:"ts"`                // unix milliseconds the broker accepted it
 	Decoded  map[string]any  `json:"decoded,omitempty"` // fields decoded by the topic's codec, if any
 }
 

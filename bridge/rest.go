@@ -10,10 +10,10 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 	"unicode/utf8"
 
-	mqtt "github.com/mochi-mqtt/server/v2"
-
+	"github.com/beaconmq/beacon/broker/topics"
 	"github.com/beaconmq/beacon/devices"
 )
 
@@ -23,7 +23,7 @@ import (
 // secret), checked by the same authorizer.
 type REST struct {
 	*Access
-	Server  *mqtt.Server
+	Engine  Publisher
 	Policy  devices.PublishPolicy
 	MaxBody int64 // the MQTT max packet size
 	Log     *slog.Logger
@@ -134,10 +134,10 @@ func (h *REST) publish(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	// Server.Publish bypasses mochi's ACL: the checks above are the ACL.
-	// It returns once the message is routed, and a QoS 1/2 message is
-	// durable before routing starts, as for MQTT publishers.
-	if err := h.Server.Publish(req.Topic, payload, req.Retain, req.QoS); err != nil {
+	// Engine.Publish bypasses the authorizer: the checks above are the
+	// ACL. It returns once the message is durable and routed, as for MQTT
+	// publishers.
+	if err := h.Engine.Publish(req.Topic, payload, req.Retain, req.QoS); err != nil {
 		h.Log.Error("REST publish", "topic", req.Topic, "error", err)
 		fail(w, http.StatusInternalServerError, "publish failed")
 		return
@@ -151,17 +151,19 @@ func (h *REST) retained(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	filter := r.URL.Query().Get("topic")
-	if filter == "" || !mqtt.IsValidFilter(filter, false) {
+	// ParseShared refuses what a SUBSCRIBE would ("$share/g", "a/#/b");
+	// a valid shared filter is listed as the literal filter it also is.
+	if _, _, _, ok := topics.ParseShared(filter); !ok {
 		WriteJSON(w, http.StatusBadRequest, apiError{Error: "topic must be a topic filter, e.g. home/#", Field: "topic"})
 		return
 	}
 	out := []Envelope{}
-	for _, pk := range h.Server.Topics.Messages(filter) {
-		if !c.Allowed(h.Authorizer, devices.Read, pk.TopicName) {
-			continue // never list what the caller could not receive
+	h.Engine.Retained(filter, func(m RetainedMessage) bool {
+		if c.Allowed(h.Authorizer, devices.Read, m.Topic) { // never list what the caller could not receive
+			out = append(out, NewEnvelope(m.Topic, m.Payload, m.QoS, true, m.Created/int64(time.Millisecond)))
 		}
-		out = append(out, NewEnvelope(pk.TopicName, pk.Payload, pk.FixedHeader.Qos, true, pk.Created*1000))
-	}
+		return true
+	})
 	sort.Slice(out, func(i, j int) bool { return out[i].Topic < out[j].Topic })
 	WriteJSON(w, http.StatusOK, map[string]any{"messages": out})
 }

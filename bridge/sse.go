@@ -15,8 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	mqtt "github.com/mochi-mqtt/server/v2"
-
+	"github.com/beaconmq/beacon/broker/topics"
 	"github.com/beaconmq/beacon/devices"
 	"github.com/beaconmq/beacon/hooks"
 )
@@ -29,7 +28,7 @@ import (
 type Streams struct {
 	*Access
 	History *hooks.History
-	Server  *mqtt.Server
+	Engine  Retainer // the retained messages
 
 	Heartbeat       time.Duration // comment sent on an idle stream
 	Retry           time.Duration // reconnection delay suggested to EventSource
@@ -43,9 +42,6 @@ type Streams struct {
 	// envelope (the codec for the topic and the publishing device, "" when
 	// not a device).
 	Decode func(topic, device string, payload []byte) map[string]any
-	// DeviceOf, when set, names the device behind an MQTT client id, for
-	// decoding retained messages.
-	DeviceOf func(clientID string) string
 	// Track, when set, is told of feeds opening (+1) and closing (-1) by
 	// transport ("sse", "poll"), for the connection metrics.
 	Track func(transport string, delta int)
@@ -173,7 +169,8 @@ func (s *Streams) filters(w http.ResponseWriter, r *http.Request, c *Caller) ([]
 	seen := map[string]bool{}
 	var out []string
 	for _, f := range raw {
-		if f == "" || !mqtt.IsValidFilter(f, false) || strings.HasPrefix(f, "$share/") || len(f) > 65535 {
+		// A stream is no member of a share group: "$share/..." is refused.
+		if _, _, shared, ok := topics.ParseShared(f); !ok || shared {
 			WriteJSON(w, http.StatusBadRequest, apiError{Error: "not a topic filter: " + strconv.Quote(f), Field: "topic"})
 			return nil, false
 		}
@@ -285,17 +282,13 @@ func (s *Streams) retained(c *Caller, filters []string) []Envelope {
 	seen := map[string]bool{}
 	var out []Envelope
 	for _, f := range filters {
-		for _, pk := range s.Server.Topics.Messages(f) {
-			if seen[pk.TopicName] || !c.Allowed(s.Authorizer, devices.Read, pk.TopicName) {
-				continue
+		s.Engine.Retained(f, func(m RetainedMessage) bool {
+			if !seen[m.Topic] && c.Allowed(s.Authorizer, devices.Read, m.Topic) {
+				seen[m.Topic] = true
+				out = append(out, s.envelope("", m.Topic, m.Device, m.Payload, m.QoS, true, m.Created/int64(time.Millisecond)))
 			}
-			seen[pk.TopicName] = true
-			device := ""
-			if s.DeviceOf != nil {
-				device = s.DeviceOf(pk.Origin)
-			}
-			out = append(out, s.envelope("", pk.TopicName, device, pk.Payload, pk.FixedHeader.Qos, true, pk.Created*1000))
-		}
+			return true
+		})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Topic < out[j].Topic })
 	return out
@@ -707,7 +700,7 @@ func (s *Streams) last(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	topic := r.URL.Query().Get("topic")
-	if topic == "" || strings.ContainsAny(topic, "+#") || !mqtt.IsValidFilter(topic, false) {
+	if !topics.ValidTopicName(topic) {
 		WriteJSON(w, http.StatusBadRequest, apiError{Error: "topic must be a topic name (no wildcards)", Field: "topic"})
 		return
 	}
