@@ -221,5 +221,5 @@ func (g *Guard) Admit(addr netip.Addr) (release func(), status int, reason strin
 	}, 0, ""
 }
 
-// tcpAddr turns an AddrPort into a net.Addr for mochi's logs and hooks.
+// tcpAddr turns an AddrPort into a net.Addr, a connection's RemoteAddr.
 func tcpAddr(a netip.AddrPort) net.Addr { return net.TCPAddrFromAddrPort(a) }
