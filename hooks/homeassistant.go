@@ -9,20 +9,25 @@ import (
 	"sync"
 	"unicode"
 
-	mqtt "github.com/mochi-mqtt/server/v2"
-	"github.com/mochi-mqtt/server/v2/packets"
-
 	"github.com/beaconmq/beacon/devices"
 	"github.com/beaconmq/beacon/devices/codec"
 )
 
 // HomeAssistantOptions configure Home Assistant MQTT discovery.
 type HomeAssistantOptions struct {
-	Server   *mqtt.Server
+	// Publish publishes a message from the broker itself (the engine's
+	// inline publish). It is called from the hook's own goroutine, never
+	// with the hook's lock held, so it may route the message back into
+	// Observe.
+	Publish func(topic string, payload []byte, retain bool, qos byte) error
+	// Retained calls fn for every retained message matching filter (an
+	// MQTT filter, wildcards allowed) until fn returns false. It is never
+	// called with the hook's lock held. Announce uses it to skip a
+	// discovery config retained already, Forget to find the configs of a
+	// removed device, after a restart too. nil: nothing is retained.
+	Retained func(filter string, fn func(topic string, payload []byte) bool)
 	Registry *devices.Registry
 	Codecs   *codec.Rules
-	// DeviceOf names the registered device behind a client, or "".
-	DeviceOf func(cl *mqtt.Client) string
 	// Prefix is Home Assistant's discovery prefix (default
 	// "homeassistant").
 	Prefix string
@@ -43,7 +48,6 @@ type HomeAssistantOptions struct {
 // reading (sensor, or binary_sensor for booleans), with the device's
 // presence as availability. Removing a device removes its entities.
 type HomeAssistant struct {
-	mqtt.HookBase
 	opts HomeAssistantOptions
 
 	mu     sync.Mutex
@@ -62,8 +66,6 @@ type haPublish struct {
 	payload []byte
 }
 
-var _ mqtt.Hook = (*HomeAssistant)(nil)
-
 // NewHomeAssistant builds the hook; Start begins publishing.
 func NewHomeAssistant(o HomeAssistantOptions) *HomeAssistant {
 	if o.Prefix == "" {
@@ -79,28 +81,22 @@ func NewHomeAssistant(o HomeAssistantOptions) *HomeAssistant {
 		wake: make(chan struct{}, 1), done: make(chan struct{})}
 }
 
-// ID implements mqtt.Hook.
-func (h *HomeAssistant) ID() string { return "beacon-homeassistant" }
-
-// Provides implements mqtt.Hook.
-func (h *HomeAssistant) Provides(b byte) bool { return b == mqtt.OnPublished }
-
-// OnPublished decodes a device's message and updates its state and, for
-// readings seen for the first time, its discovery configs.
-func (h *HomeAssistant) OnPublished(cl *mqtt.Client, pk packets.Packet) {
-	if pk.Ignore || pk.FixedHeader.Type != packets.Publish || h.opts.DeviceOf == nil {
-		return
-	}
-	id := h.opts.DeviceOf(cl)
+// Observe decodes a routed message of a registered device and updates the
+// device's state and, for readings seen for the first time, its discovery
+// configs. The broker calls it for every routed message; messages of no
+// device (the broker's own included) are ignored. It does not block: the
+// publishes are queued for Start's goroutine.
+func (h *HomeAssistant) Observe(m *Message) {
+	id := m.Device
 	if id == "" {
 		return
 	}
 	typ := h.opts.Registry.TypeOf(id)
-	values, err := h.opts.Codecs.Decode(pk.TopicName, typ, pk.Payload)
+	values, err := h.opts.Codecs.Decode(m.Topic, typ, m.Payload)
 	if err != nil || len(values) == 0 {
 		return
 	}
-	fields := h.opts.Codecs.Fields(pk.TopicName, typ)
+	fields := h.opts.Codecs.Fields(m.Topic, typ)
 	// The registry calls Announce and Forget with its lock held: never ask
 	// it anything while holding h.mu.
 	dev, err := h.opts.Registry.Get(id)
@@ -266,8 +262,8 @@ func (h *HomeAssistant) Announce(dev devices.Device) {
 	if len(fields) == 0 {
 		return
 	}
+	var fresh []haPublish
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	for _, f := range fields {
 		if h.known[dev.ID][f.Name] {
 			continue
@@ -281,11 +277,38 @@ func (h *HomeAssistant) Announce(dev devices.Device) {
 			sample = false
 		}
 		topic, cfg := h.discovery(dev, f.Name, sample, f)
-		if msgs := h.opts.Server.Topics.Messages(topic); len(msgs) == 1 && bytes.Equal(msgs[0].Payload, cfg) {
+		fresh = append(fresh, haPublish{topic: topic, payload: cfg})
+	}
+	h.mu.Unlock()
+	// Asked without the lock: Retained reaches into the engine.
+	var publish []haPublish
+	for _, p := range fresh {
+		if h.retained(p.topic, p.payload) {
 			continue // retained already, as it would be published: no write at every start
 		}
-		h.queueLocked(topic, cfg)
+		publish = append(publish, p)
 	}
+	if len(publish) == 0 {
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, p := range publish {
+		h.queueLocked(p.topic, p.payload)
+	}
+}
+
+// retained reports whether payload is retained on topic.
+func (h *HomeAssistant) retained(topic string, payload []byte) bool {
+	if h.opts.Retained == nil {
+		return false
+	}
+	found := false
+	h.opts.Retained(topic, func(t string, p []byte) bool {
+		found = t == topic && bytes.Equal(p, payload)
+		return false
+	})
+	return found
 }
 
 // Forget removes a removed device's entities: an empty retained message on
@@ -293,21 +316,49 @@ func (h *HomeAssistant) Announce(dev devices.Device) {
 // works after a restart too) and on its state topic.
 func (h *HomeAssistant) Forget(id string) {
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	delete(h.state, id)
 	delete(h.known, id)
+	h.mu.Unlock()
+	// Asked without the lock: Retained reaches into the engine.
 	want := "beacon_" + id
-	for _, pk := range h.opts.Server.Topics.Messages(h.opts.Prefix + "/+/+/config") {
-		var c struct {
-			Device struct {
-				Identifiers []string `json:"identifiers"`
-			} `json:"device"`
-		}
-		if json.Unmarshal(pk.Payload, &c) == nil && len(c.Device.Identifiers) > 0 && c.Device.Identifiers[0] == want {
-			h.queueLocked(pk.TopicName, nil)
+	var topics []string
+	if h.opts.Retained != nil {
+		h.opts.Retained(h.opts.Prefix+"/+/+/config", func(topic string, payload []byte) bool {
+			if isConfigOf(payload, want) {
+				topics = append(topics, topic)
+			}
+			return true
+		})
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	// A discovery config queued but not yet published is emptied too.
+	for topic := range h.queued {
+		if strings.HasPrefix(topic, h.opts.Prefix+"/") && h.configOf(topic, want) {
+			topics = append(topics, topic)
 		}
 	}
+	for _, topic := range topics {
+		h.queueLocked(topic, nil)
+	}
 	h.queueLocked(h.StateTopic(id), nil)
+}
+
+// configOf reports whether the payload queued for topic is a discovery
+// config of the device with identifier want. Called with h.mu held.
+func (h *HomeAssistant) configOf(topic, want string) bool {
+	return isConfigOf(h.queue[h.queued[topic]].payload, want)
+}
+
+// isConfigOf reports whether payload is a discovery config of the device
+// with identifier want.
+func isConfigOf(payload []byte, want string) bool {
+	var c struct {
+		Device struct {
+			Identifiers []string `json:"identifiers"`
+		} `json:"device"`
+	}
+	return json.Unmarshal(payload, &c) == nil && len(c.Device.Identifiers) > 0 && c.Device.Identifiers[0] == want
 }
 
 // maxEntitiesPerDevice bounds the readings announced for one device: a
@@ -355,7 +406,7 @@ func (h *HomeAssistant) Start() {
 			h.queue, h.queued = nil, nil
 			h.mu.Unlock()
 			for _, p := range batch {
-				if err := h.opts.Server.Publish(p.topic, p.payload, true, 1); err != nil {
+				if err := h.opts.Publish(p.topic, p.payload, true, 1); err != nil {
 					h.opts.Log.Warn("home assistant publish", "topic", p.topic, "error", err)
 				}
 			}

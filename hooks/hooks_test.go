@@ -6,8 +6,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	mqtt "github.com/mochi-mqtt/server/v2"
 )
 
 func TestRateLimitHandler(t *testing.T) {
@@ -42,28 +40,5 @@ func TestRateLimiterCountsHeldBack(t *testing.T) {
 	ok, held := r.Allow("k")
 	if !ok || held != 3 {
 		t.Fatalf("after the interval: ok=%v held=%d, want true 3", ok, held)
-	}
-}
-
-func TestPersistent(t *testing.T) {
-	s := mqtt.New(&mqtt.Options{Logger: slog.New(slog.DiscardHandler)})
-	cl := s.NewClient(nil, "t", "c", false)
-	for _, tc := range []struct {
-		version byte
-		clean   bool
-		expiry  uint32
-		want    bool
-	}{
-		{4, true, 0, false}, {4, false, 0, true}, {5, true, 0, false}, {5, true, 10, true}, {5, false, 0, false},
-	} {
-		cl.Properties.ProtocolVersion = tc.version
-		cl.Properties.Clean = tc.clean
-		cl.Properties.Props.SessionExpiryInterval = tc.expiry
-		if got := persistent(cl); got != tc.want {
-			t.Errorf("v%d clean=%v expiry=%d: persistent=%v", tc.version, tc.clean, tc.expiry, got)
-		}
-	}
-	if persistent(s.NewClient(nil, "local", "inline", true)) {
-		t.Error("the inline client has no session")
 	}
 }

@@ -1,21 +1,18 @@
 package hooks
 
 import (
-	"errors"
-	"io"
-	"net"
 	"time"
 
-	mqtt "github.com/mochi-mqtt/server/v2"
-	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Metrics counts connections, messages and bytes for Prometheus, and
 // measures the publish-to-deliver latency of every message (from the
 // moment the broker read it to the moment it wrote it to a subscriber).
+//
+// It knows no engine: the broker calls its methods from the engine's
+// observer. They are safe for concurrent use and never block.
 type Metrics struct {
-	mqtt.HookBase
 	conns       *prometheus.GaugeVec
 	connects    *prometheus.CounterVec
 	disconnects *prometheus.CounterVec
@@ -28,7 +25,17 @@ type Metrics struct {
 	bin, bout   [3]prometheus.Counter
 }
 
-// NewMetrics registers the hook's collectors with reg.
+// The reasons Disconnected counts a connection's end under.
+const (
+	DisconnectClient        = "client"         // a DISCONNECT from the client
+	DisconnectNetwork       = "network"        // the connection broke or was closed without one
+	DisconnectKeepAlive     = "keepalive"      // nothing read within the keep-alive
+	DisconnectProtocolError = "protocol_error" // a malformed or forbidden packet
+	DisconnectTakenOver     = "taken_over"     // another connection took the client id
+	DisconnectServer        = "server"         // the broker closed it (shutdown, admin, slow consumer)
+)
+
+// NewMetrics registers the collectors with reg.
 func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 	m := &Metrics{
 		conns: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "beacon_connections",
@@ -63,84 +70,40 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 	return m, nil
 }
 
-var _ mqtt.Hook = (*Metrics)(nil)
-
-// ID implements mqtt.Hook.
-func (h *Metrics) ID() string { return "beacon-metrics" }
-
-var metricsEvents = eventSet(mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnPacketSent)
-
-// Provides implements mqtt.Hook.
-func (h *Metrics) Provides(b byte) bool { return metricsEvents[b] }
-
-// OnSessionEstablished counts a connection.
-func (h *Metrics) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
-	h.conns.WithLabelValues(cl.Net.Listener).Inc()
-	h.connects.WithLabelValues(cl.Net.Listener).Inc()
+// Connected counts an admitted MQTT connection on a transport (tcp, tls,
+// ws: the listener's name).
+func (h *Metrics) Connected(transport string) {
+	h.conns.WithLabelValues(transport).Inc()
+	h.connects.WithLabelValues(transport).Inc()
 }
 
-// OnDisconnect counts a connection's end and why.
-func (h *Metrics) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
-	h.conns.WithLabelValues(cl.Net.Listener).Dec()
-	h.disconnects.WithLabelValues(cl.Net.Listener, disconnectCause(cl, err)).Inc()
+// Disconnected counts the end of a connection that Connected counted, and
+// why: one of the Disconnect* reasons.
+func (h *Metrics) Disconnected(transport, reason string) {
+	h.conns.WithLabelValues(transport).Dec()
+	h.disconnects.WithLabelValues(transport, reason).Inc()
 }
 
-func disconnectCause(cl *mqtt.Client, err error) string {
-	var code packets.Code
-	var ne net.Error
-	switch {
-	case takenOver(cl):
-		return "taken_over"
-	case err == nil:
-		return "client"
-	case errors.As(err, &code) && code == packets.ErrServerShuttingDown:
-		return "server"
-	case errors.As(err, &code) && code.Code >= 0x80:
-		return "protocol_error"
-	case errors.As(err, &ne) && ne.Timeout():
-		return "keepalive"
-	case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed):
-		return "network"
+// Received counts a PUBLISH read from a client (not the broker's own
+// publishes).
+func (h *Metrics) Received(qos byte, payloadBytes int) {
+	if qos < 3 {
+		h.in[qos].Inc()
+		h.bin[qos].Add(float64(payloadBytes))
 	}
-	if stop, ok := cl.StopCause().(packets.Code); ok && stop == packets.ErrServerShuttingDown {
-		return "server"
-	}
-	return "network"
 }
 
-// OnPublish counts a received message and stamps it with the time it
-// arrived (see tag.go). It runs for every publish the broker accepts
-// from a client, before authorization decides.
-func (h *Metrics) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	if cl.Net.Inline {
-		return pk, nil
+// Sent counts a PUBLISH written to a client and observes how long after
+// the broker read it that was. latency < 0: not measured (a retained
+// message, a resend, a message of the broker itself): its age is not
+// delivery latency.
+func (h *Metrics) Sent(qos byte, payloadBytes int, latency time.Duration) {
+	if qos < 3 {
+		h.out[qos].Inc()
+		h.bout[qos].Add(float64(payloadBytes))
 	}
-	q := pk.FixedHeader.Qos & 3
-	if q < 3 {
-		h.in[q].Inc()
-		h.bin[q].Add(float64(len(pk.Payload)))
-	}
-	if _, tagged := readTag(&pk); !tagged {
-		setTag(&pk, msgTag{recv: time.Now().UnixNano()})
-	}
-	return pk, nil
-}
-
-// OnPacketSent counts a written message and observes its latency.
-func (h *Metrics) OnPacketSent(_ *mqtt.Client, pk packets.Packet, _ []byte) {
-	if pk.FixedHeader.Type != packets.Publish {
-		return
-	}
-	q := pk.FixedHeader.Qos & 3
-	if q < 3 {
-		h.out[q].Inc()
-		h.bout[q].Add(float64(len(pk.Payload)))
-	}
-	if pk.FixedHeader.Retain || pk.FixedHeader.Dup {
-		return // a retained message or a resend: its age is not delivery latency
-	}
-	if t, ok := readTag(&pk); ok && t.recv > 0 {
-		h.latency.Observe(time.Since(time.Unix(0, t.recv)).Seconds())
+	if latency >= 0 {
+		h.latency.Observe(latency.Seconds())
 	}
 }
 

@@ -155,8 +155,8 @@ func numbered(from, to int) []string {
 	return out
 }
 
-// waitForWebhooks polls cond until it holds or timeout passes.
-func waitForWebhooks(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+// waitFor polls cond until it holds or timeout passes; what names it in the failure.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for !cond() {
@@ -291,7 +291,7 @@ func TestWebhooksDeliverSignedInOrder(t *testing.T) {
 
 	wantSigned := append([]string{"1", "3"}, numbered(5, 25)...)
 	wantPlain := append([]string{"1", "2", "4"}, numbered(5, 25)...) // no $ topic through "#"
-	waitForWebhooks(t, 5*time.Second, "deliveries", func() bool {
+	waitFor(t, 5*time.Second, "deliveries", func() bool {
 		return len(signed.accepted()) >= len(wantSigned) && len(plain.accepted()) >= len(wantPlain)
 	})
 	if got := payloads(signed.accepted()); !slices.Equal(got, wantSigned) {
@@ -381,7 +381,7 @@ func TestWebhooksWaitForALowerSequenceToCommit(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.Committed(a, nil)
-	waitForWebhooks(t, 5*time.Second, "2 deliveries", func() bool { return len(rc.accepted()) == 2 })
+	waitFor(t, 5*time.Second, "2 deliveries", func() bool { return len(rc.accepted()) == 2 })
 	got := rc.accepted()
 	if p := payloads(got); !slices.Equal(p, []string{"a", "b"}) {
 		t.Errorf("delivered %v, want [a b]", p)
@@ -411,7 +411,7 @@ func TestWebhooksFailedCommitDeliversNothing(t *testing.T) {
 		}
 		w.Committed(x.m, nil)
 	}
-	waitForWebhooks(t, 5*time.Second, "2 deliveries", func() bool { return statsOf(t, w, "f").Delivered == 2 })
+	waitFor(t, 5*time.Second, "2 deliveries", func() bool { return statsOf(t, w, "f").Delivered == 2 })
 	if p := payloads(rc.accepted()); !slices.Equal(p, []string{"b", "c"}) {
 		t.Errorf("delivered %v, want [b c]", p)
 	}
@@ -481,7 +481,7 @@ func TestWebhooksConcurrentPublishersDeliverInCommitOrder(t *testing.T) {
 				want = append(want, p)
 			}
 		}
-		waitForWebhooks(t, 10*time.Second, tc.name+" deliveries", func() bool { return len(tc.rc.accepted()) >= len(want) })
+		waitFor(t, 10*time.Second, tc.name+" deliveries", func() bool { return len(tc.rc.accepted()) >= len(want) })
 		got := tc.rc.accepted()
 		// In sequence order, none skipped, none of a failed write.
 		if ids := deliveryIDs(t, tc.name, got); !slices.IsSorted(ids) || len(slices.Compact(slices.Clone(ids))) != len(ids) {
@@ -534,7 +534,7 @@ func TestWebhooksPreparedWritesSurviveACrash(t *testing.T) {
 
 	db = openWebhookDB(t, dir)
 	w = newTestWebhooks(t, db, WebhooksOptions{Hooks: hooks}, true)
-	waitForWebhooks(t, 5*time.Second, "the delivery", func() bool { return statsOf(t, w, "c").Delivered == 1 })
+	waitFor(t, 5*time.Second, "the delivery", func() bool { return statsOf(t, w, "c").Delivered == 1 })
 	if p := payloads(rc.accepted()); !slices.Equal(p, []string{"kept"}) {
 		t.Errorf("delivered %v after the restart, want [kept]", p)
 	}
@@ -583,7 +583,7 @@ func TestWebhooksFailedWriteKeepsTheMarkAndTheDrops(t *testing.T) {
 	}
 	w = newTestWebhooks(t, db, WebhooksOptions{Hooks: hooks, MaxOutbox: 2}, true)
 	publishTo(t, db, w, "t", "d")
-	waitForWebhooks(t, 5*time.Second, "2 deliveries", func() bool { return len(rc.accepted()) == 2 })
+	waitFor(t, 5*time.Second, "2 deliveries", func() bool { return len(rc.accepted()) == 2 })
 	got := rc.accepted()
 	if p := payloads(got); !slices.Equal(p, []string{"b", "d"}) {
 		t.Errorf("delivered %v, want [b d]", p)
@@ -621,7 +621,7 @@ func TestWebhooksRetryAfterFailures(t *testing.T) {
 	for i := range 5 {
 		publishTo(t, db, w, "t/x", strconv.Itoa(i))
 	}
-	waitForWebhooks(t, 10*time.Second, "5 deliveries", func() bool { return statsOf(t, w, "flaky").Delivered == 5 })
+	waitFor(t, 10*time.Second, "5 deliveries", func() bool { return statsOf(t, w, "flaky").Delivered == 5 })
 
 	got := rc.accepted()
 	if p := payloads(got); !slices.Equal(p, numbered(0, 5)) {
@@ -652,7 +652,7 @@ func TestWebhooksSurviveRestart(t *testing.T) {
 	for i := range 100 {
 		publishTo(t, db, w, "t", strconv.Itoa(i))
 	}
-	waitForWebhooks(t, 5*time.Second, "a failed attempt", func() bool { return statsOf(t, w, "down").Failed > 0 })
+	waitFor(t, 5*time.Second, "a failed attempt", func() bool { return statsOf(t, w, "down").Failed > 0 })
 	restart := func() {
 		t.Helper()
 		if err := w.Shutdown(context.Background()); err != nil {
@@ -674,7 +674,7 @@ func TestWebhooksSurviveRestart(t *testing.T) {
 	}
 	rc.setRespond(respondOK)
 	w.Start()
-	waitForWebhooks(t, 10*time.Second, "100 deliveries", func() bool { return statsOf(t, w, "down").Delivered == 100 })
+	waitFor(t, 10*time.Second, "100 deliveries", func() bool { return statsOf(t, w, "down").Delivered == 100 })
 	got := rc.accepted()
 	if p := payloads(got); !slices.Equal(p, numbered(0, 100)) {
 		t.Fatalf("delivered %d messages %v, want 0..99 in order", len(p), p)
@@ -692,7 +692,7 @@ func TestWebhooksSurviveRestart(t *testing.T) {
 	restart()
 	w.Start()
 	publishTo(t, db, w, "t", "after")
-	waitForWebhooks(t, 5*time.Second, "the delivery after the second restart", func() bool { return len(rc.accepted()) == 101 })
+	waitFor(t, 5*time.Second, "the delivery after the second restart", func() bool { return len(rc.accepted()) == 101 })
 	last, _ := strconv.ParseUint(strings.TrimPrefix(lastID, "down-"), 10, 64)
 	next, _ := strconv.ParseUint(strings.TrimPrefix(rc.accepted()[100].header.Get("X-Beacon-Delivery"), "down-"), 10, 64)
 	if next <= last {
@@ -719,12 +719,12 @@ func TestWebhooksBoundedOutbox(t *testing.T) {
 	// A request in flight when its message is dropped may still arrive:
 	// turn the receiver on once the deliveries have moved on to the kept
 	// messages.
-	waitForWebhooks(t, 5*time.Second, "an attempt at a kept message", func() bool {
+	waitFor(t, 5*time.Second, "an attempt at a kept message", func() bool {
 		tried := rc.triedPayloads()
 		return len(tried) > 0 && tried[len(tried)-1] == "15"
 	})
 	rc.setRespond(respondOK)
-	waitForWebhooks(t, 5*time.Second, "the outbox to drain", func() bool { return statsOf(t, w, "small").Pending == 0 })
+	waitFor(t, 5*time.Second, "the outbox to drain", func() bool { return statsOf(t, w, "small").Pending == 0 })
 	if p, want := payloads(rc.accepted()), numbered(15, 25); !slices.Equal(p, want) {
 		t.Errorf("delivered %v, want exactly %v", p, want)
 	}
@@ -742,7 +742,7 @@ func TestWebhooksExpireAfterRetries(t *testing.T) {
 	for i := range 3 {
 		publishTo(t, db, w, "t", strconv.Itoa(i))
 	}
-	waitForWebhooks(t, 5*time.Second, "3 expired messages", func() bool { return statsOf(t, w, "broken").Expired == 3 })
+	waitFor(t, 5*time.Second, "3 expired messages", func() bool { return statsOf(t, w, "broken").Expired == 3 })
 	s := statsOf(t, w, "broken")
 	if s.Failed != 9 || s.Pending != 0 || s.Delivered != 0 || s.LastStatus != 500 || !strings.Contains(s.LastError, "500") {
 		t.Errorf("stats: %+v", s)
@@ -767,7 +767,7 @@ func TestWebhooksDoNotFollowRedirects(t *testing.T) {
 		Hooks:  []WebhookConfig{{Name: "moved", URL: rc.srv.URL, Topics: []string{"#"}, MaxRetries: -1}},
 	}, true)
 	publishTo(t, db, w, "t", "x")
-	waitForWebhooks(t, 5*time.Second, "the message to expire", func() bool { return statsOf(t, w, "moved").Expired == 1 })
+	waitFor(t, 5*time.Second, "the message to expire", func() bool { return statsOf(t, w, "moved").Expired == 1 })
 	if s := statsOf(t, w, "moved"); s.Failed != 1 || s.LastStatus != http.StatusTemporaryRedirect {
 		t.Errorf("stats: %+v", s)
 	}
