@@ -98,7 +98,7 @@ func (w *Webhooks) Committed(m *Message, err error) {
 			continue
 		}
 		delete(h.preparing, m)
-		it := h.find(p.seq)
+		it := h.find(p.seq) // prepared items are never compacted away
 		if err == nil {
 			it.state = itemReady
 			h.ready++
