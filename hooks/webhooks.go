@@ -161,7 +161,8 @@ type webhook struct {
 	items     []outboxItem
 	head      int // items[head:] are in sequence order: prepared, ready or gone
 	ready     int // items ready for delivery: the messages in the outbox
-	preparing map[*Message]prepared
+	preparing map[preparedKey][]prepared
+	nprepared int // prepared items: the entries of preparing
 
 	failing     bool
 	lastStatus  int
@@ -200,9 +201,18 @@ const (
 // and whether the write also carried the webhook's mark and deletes of
 // dropped records (written again on their own if the write failed).
 type prepared struct {
-	seq   uint64
-	mark  bool
-	drops []uint64
+	seq     uint64
+	payload []byte // the message's, to tell apart messages of one key
+	mark    bool
+	drops   []uint64
+}
+
+// preparedKey finds the Prepare of a message in Committed. Not the
+// *Message: the broker may build a Message for each call from the same
+// accepted message (whose Seq is only known by Committed).
+type preparedKey struct {
+	topic, client string
+	time          int64
 }
 
 // NewWebhooks checks the configuration and loads the outboxes from the
@@ -294,7 +304,7 @@ func newWebhook(i int, c WebhookConfig) (*webhook, error) {
 	if len(c.Topics) == 0 {
 		return nil, fmt.Errorf("%s: at least one topic filter is needed", key("topics"))
 	}
-	h := &webhook{url: redactURL(u), wake: make(chan struct{}, 1), preparing: map[*Message]prepared{}}
+	h := &webhook{url: redactURL(u), wake: make(chan struct{}, 1), preparing: map[preparedKey][]prepared{}}
 	for _, f := range c.Topics {
 		if err := devices.ValidFilter(f); err != nil {
 			return nil, fmt.Errorf("%s: %w", key("topics"), err)

@@ -1,6 +1,7 @@
 package hooks
 
 import (
+	"bytes"
 	"encoding/binary"
 	"slices"
 	"time"
@@ -14,8 +15,9 @@ import (
 // block of sequences is reserved, and the deletes of the oldest records
 // when an outbox is full), to be committed in the same atomic write as m.
 // It returns nil when no webhook matches. Every Prepare must be followed
-// by Committed with the same *Message, from the same goroutine; calls for
-// different messages may come concurrently. It does not block.
+// by Committed of the same message (the same *Message, or one with the
+// same Topic, Client, Time and Payload), from the same goroutine; calls
+// for different messages may come concurrently. It does not block.
 func (w *Webhooks) Prepare(m *Message) []storage.Op {
 	var ops []storage.Op
 	var body, rec []byte
@@ -42,7 +44,7 @@ func (w *Webhooks) Prepare(m *Message) []storage.Op {
 func (w *Webhooks) prepare(h *webhook, m *Message, body, rec []byte, created int64, ops []storage.Op) []storage.Op {
 	name := h.cfg.Name
 	h.mu.Lock()
-	p := prepared{seq: h.seq + 1}
+	p := prepared{seq: h.seq + 1, payload: m.Payload}
 	if p.seq > h.reserved {
 		// The mark commits with the first record of the block (or, should
 		// that write fail, on its own in Committed): a sequence of the
@@ -57,7 +59,7 @@ func (w *Webhooks) prepare(h *webhook, m *Message, body, rec []byte, created int
 	// Full: drop the oldest stored records. Prepared ones count, but only
 	// stored ones can go (a record not yet committed cannot be deleted).
 	var logDrops int64
-	for h.ready+len(h.preparing)+1 > w.maxOutbox && h.ready > 0 {
+	for h.ready+h.nprepared+1 > w.maxOutbox && h.ready > 0 {
 		seq := h.dropOldest()
 		p.drops = append(p.drops, seq)
 		ops = append(ops, storage.Delete(storage.OutboxKey(name, seq)))
@@ -70,7 +72,9 @@ func (w *Webhooks) prepare(h *webhook, m *Message, body, rec []byte, created int
 			logDrops, h.unlogged = h.unlogged, 0
 		}
 	}
-	h.preparing[m] = p
+	k := keyOf(m)
+	h.preparing[k] = append(h.preparing[k], p)
+	h.nprepared++
 	h.mu.Unlock()
 	if len(p.drops) > 0 {
 		h.signal() // a delivery waiting to retry a dropped message moves on
@@ -92,12 +96,11 @@ func (w *Webhooks) Committed(m *Message, err error) {
 			continue
 		}
 		h.mu.Lock()
-		p, ok := h.preparing[m]
+		p, ok := h.takePrepared(m)
 		if !ok {
 			h.mu.Unlock()
 			continue
 		}
-		delete(h.preparing, m)
 		it := h.find(p.seq) // prepared items are never compacted away
 		if err == nil {
 			it.state = itemReady
@@ -122,6 +125,42 @@ func (w *Webhooks) Committed(m *Message, err error) {
 		h.mu.Unlock()
 		h.signal()
 	}
+}
+
+func keyOf(m *Message) preparedKey {
+	return preparedKey{topic: m.Topic, client: m.Client, time: m.Time}
+}
+
+// takePrepared removes and returns the Prepare of m. Messages of one key
+// (one client, one topic, one nanosecond) are told apart by their
+// payload: the same bytes first, then equal ones; beyond that they are
+// the same message and either Prepare will do. Called with h.mu held.
+func (h *webhook) takePrepared(m *Message) (prepared, bool) {
+	k := keyOf(m)
+	list := h.preparing[k]
+	if len(list) == 0 {
+		return prepared{}, false
+	}
+	i := 0
+	if len(list) > 1 {
+		i = slices.IndexFunc(list, func(p prepared) bool { return samePayload(p.payload, m.Payload) })
+		if i < 0 {
+			i = max(0, slices.IndexFunc(list, func(p prepared) bool { return bytes.Equal(p.payload, m.Payload) }))
+		}
+	}
+	p := list[i]
+	if len(list) == 1 {
+		delete(h.preparing, k)
+	} else {
+		h.preparing[k] = slices.Delete(list, i, i+1)
+	}
+	h.nprepared--
+	return p, true
+}
+
+// samePayload reports whether a and b are the same bytes in memory.
+func samePayload(a, b []byte) bool {
+	return len(a) == len(b) && (len(a) == 0 || &a[0] == &b[0])
 }
 
 // markOp writes h's reserved-sequence mark. Called with h.mu held.

@@ -208,8 +208,16 @@ func testMessage(topic, payload string) *Message {
 	return &Message{Topic: topic, Payload: []byte(payload), QoS: 1, Client: "c1", Time: time.Now().UnixNano()}
 }
 
-// accept does what the engine does with a message: Prepare, one write of
-// the message's ops, Committed with the write's result.
+// asCommitted is m as the broker hands it to Committed: another Message
+// built from the same accepted message, numbered by then.
+func asCommitted(m *Message) *Message {
+	c := *m
+	c.Seq = 1
+	return &c
+}
+
+// accept does what the engine and the broker do with a message: Prepare,
+// one write of the message's ops, Committed with the write's result.
 func accept(t *testing.T, db *storage.DB, w *Webhooks, m *Message) {
 	t.Helper()
 	ops := w.Prepare(m)
@@ -217,7 +225,7 @@ func accept(t *testing.T, db *storage.DB, w *Webhooks, m *Message) {
 	if len(ops) > 0 {
 		err = db.Write(ops...)
 	}
-	w.Committed(m, err)
+	w.Committed(asCommitted(m), err)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -367,7 +375,7 @@ func TestWebhooksWaitForALowerSequenceToCommit(t *testing.T) {
 	if err := db.Write(opsB...); err != nil {
 		t.Fatal(err)
 	}
-	w.Committed(b, nil)
+	w.Committed(asCommitted(b), nil)
 	// The delivery goroutine must wait for a's outcome, not send b. A
 	// short look for a request that must not come.
 	time.Sleep(50 * time.Millisecond)
@@ -423,6 +431,42 @@ func TestWebhooksFailedCommitDeliversNothing(t *testing.T) {
 	}
 }
 
+func TestWebhooksCommittedFindsItsPrepare(t *testing.T) {
+	rc := newReceiver(t, "", respondOK)
+	db := openWebhookDB(t, t.TempDir())
+	w := newTestWebhooks(t, db, WebhooksOptions{Hooks: []WebhookConfig{{Name: "k", URL: rc.srv.URL, Topics: []string{"#"}}}}, true)
+
+	// Three messages of one client, topic and nanosecond (the broker's
+	// own publishes from several goroutines can be). Committed gets copies,
+	// c's with a copy of the payload too, and out of order; the failed
+	// write is c's.
+	now := time.Now().UnixNano()
+	msgs := []*Message{testMessage("t", "a"), testMessage("t", "b"), testMessage("t", "c")}
+	var ops [][]storage.Op
+	for _, m := range msgs {
+		m.Client, m.Time = "", now
+		ops = append(ops, w.Prepare(m))
+	}
+	c := asCommitted(msgs[2])
+	c.Payload = []byte("c")
+	w.Committed(c, errors.New("write failed"))
+	for _, i := range []int{0, 1} {
+		if err := db.Write(ops[i]...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w.Committed(asCommitted(msgs[1]), nil)
+	w.Committed(asCommitted(msgs[0]), nil)
+
+	waitFor(t, 5*time.Second, "2 deliveries", func() bool { return statsOf(t, w, "k").Delivered == 2 })
+	if p := payloads(rc.accepted()); !slices.Equal(p, []string{"a", "b"}) {
+		t.Errorf("delivered %v, want [a b]", p)
+	}
+	if n := outboxRecords(t, db, "k"); n != 0 {
+		t.Errorf("%d records left", n)
+	}
+}
+
 func TestWebhooksConcurrentPublishersDeliverInCommitOrder(t *testing.T) {
 	all := newReceiver(t, "", respondOK)
 	even := newReceiver(t, "k", respondOK)
@@ -450,11 +494,11 @@ func TestWebhooksConcurrentPublishersDeliverInCommitOrder(t *testing.T) {
 					time.Sleep(time.Duration(g*50) * time.Microsecond) // let other publishers' writes overtake
 				}
 				if i%9 == 4 { // a write that fails: nothing stored, nothing delivered
-					w.Committed(m, errors.New("write failed"))
+					w.Committed(asCommitted(m), errors.New("write failed"))
 					continue
 				}
 				err := db.Write(ops...)
-				w.Committed(m, err)
+				w.Committed(asCommitted(m), err)
 				if err != nil {
 					t.Error(err)
 					return
