@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -20,13 +19,12 @@ import (
 	"sync/atomic"
 	"time"
 
-	mqtt "github.com/mochi-mqtt/server/v2"
-
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/beaconmq/beacon/bridge"
+	"github.com/beaconmq/beacon/broker/engine"
 	"github.com/beaconmq/beacon/devices"
 	"github.com/beaconmq/beacon/devices/codec"
 	"github.com/beaconmq/beacon/hooks"
@@ -40,17 +38,17 @@ const connectTimeout = 10 * time.Second
 type Broker struct {
 	cfg         Config
 	log         *slog.Logger
-	mqtt        *mqtt.Server
+	engine      *engine.Server
 	db          *storage.DB
-	store       *hooks.Store
-	drops       *hooks.Drops
-	auth        *hooks.Auth
+	msgLog      *storage.Log
+	auth        *auth
 	history     *hooks.History
 	codecs      *codec.Rules
 	ha          *hooks.HomeAssistant
 	webhooks    *hooks.Webhooks
 	metricsHook *hooks.Metrics
 	presence    *presence
+	loaded      engine.LoadStats
 
 	registry *devices.Registry
 	authz    *devices.Authorizer
@@ -62,7 +60,7 @@ type Broker struct {
 	streams  *bridge.Streams
 	ws       *bridge.WS
 
-	listeners []*tcpListener
+	listeners []mqttListener
 	httpLn    net.Listener
 	httpSrv   *http.Server
 	pprofSrv  *http.Server
@@ -73,6 +71,12 @@ type Broker struct {
 	ready        atomic.Bool
 	shutdownOnce sync.Once
 	shutdownErr  error
+}
+
+// mqttListener is a bound MQTT listener ("tcp" or "tls").
+type mqttListener struct {
+	id string
+	ln net.Listener
 }
 
 // New opens the store, builds the engine and binds every listener. Nothing
@@ -89,8 +93,11 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	defer func() {
 		if err != nil {
 			b.closeListeners()
-			if b.history != nil {
-				_ = b.history.Shutdown(context.Background())
+			if b.engine != nil {
+				_ = b.engine.Shutdown(context.Background())
+			}
+			if b.msgLog != nil {
+				_ = b.msgLog.Shutdown(context.Background())
 			}
 			if b.db != nil {
 				_ = b.db.Shutdown(context.Background())
@@ -111,97 +118,30 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	if err != nil {
 		return nil, err
 	}
-
-	if err := b.setupAuth(); err != nil {
-		return nil, err
+	// The message log: every accepted message once; history.rules say what
+	// it keeps for the browsers beyond what sessions still need.
+	var rules []storage.LogRule
+	for _, r := range cfg.History.Rules {
+		rules = append(rules, storage.LogRule{Filter: r.Filter, MaxMessages: r.MaxMessages, MaxAge: r.MaxAge})
 	}
-
-	m := cfg.MQTT
-	caps := mqtt.NewDefaultServerCapabilities()
-	caps.MaximumClients = m.MaxClients
-	if caps.MaximumClients == 0 {
-		caps.MaximumClients = math.MaxInt64
-	}
-	caps.MaximumMessageExpiryInterval = int64(m.MaxMessageExpiry / time.Second)
-	caps.MaximumClientWritesPending = m.OutboundQueue
-	caps.MaximumSessionExpiryInterval = uint32(m.MaxSessionExpiry / time.Second)
-	caps.MaximumPacketSize = m.MaxPacketSize
-	caps.ReceiveMaximum = m.ReceiveMaximum
-	caps.MaximumInflight = m.MaxQueuedMessages
-	caps.TopicAliasMaximum = m.MaxTopicAlias
-	caps.SharedSubAvailable = boolByte(m.SharedSubs)
-	caps.RetainAvailable = boolByte(m.RetainAvailable)
-	caps.MaximumQos = m.MaxQoS
-	caps.MinimumProtocolVersion = 3
-	caps.WildcardSubAvailable = 1
-	caps.SubIDAvailable = 1
-
-	engineLog := slog.New(hooks.NewRateLimitHandler(log.Handler(), 10*time.Second)).With("component", "mqtt")
-	b.mqtt = mqtt.New(&mqtt.Options{
-		Capabilities:           caps,
-		Logger:                 engineLog,
-		SysTopicResendInterval: int64(m.SysInterval / time.Second),
-		InlineClient:           true, // used to route recovered messages and wills, and by the bridges
-	})
-
-	// Order matters: the store comes last so that a publish any other hook
-	// rejects is never written to the ingress log.
-	if err := b.mqtt.AddHook(hooks.NewLimits(hooks.LimitsOptions{
-		Server:            b.mqtt,
-		KeepaliveMin:      uint16(m.KeepaliveMin / time.Second),
-		KeepaliveMax:      uint16(m.KeepaliveMax / time.Second),
-		MaxPacketSize:     m.MaxPacketSize,
-		TopicAliasMaximum: m.MaxTopicAlias,
-	}), nil); err != nil {
-		return nil, err
-	}
-	b.metricsHook, err = hooks.NewMetrics(b.metrics)
+	b.msgLog, err = storage.OpenLog(b.db, storage.LogOptions{Rules: rules})
 	if err != nil {
 		return nil, err
 	}
-	if err := b.mqtt.AddHook(b.metricsHook, nil); err != nil { // before auth: it stamps arrival times
+
+	if err := b.setupAuth(); err != nil {
 		return nil, err
-	}
-	b.auth = hooks.NewAuth(hooks.AuthOptions{
-		Server:         b.mqtt,
-		Registry:       b.registry,
-		Authorizer:     b.authz,
-		Tokens:         b.tokens,
-		Policy:         devices.MaxPayload{Authorizer: b.authz},
-		RulesFile:      cfg.Auth.ACLFile != "",
-		AllowAnonymous: cfg.Auth.AllowAnonymous,
-		FailDelay:      cfg.Auth.FailDelay,
-	})
-	if err := b.mqtt.AddHook(b.auth, nil); err != nil {
-		return nil, err
-	}
-	b.admin.Kick = func(id string) int {
-		n := b.auth.Kick(id)
-		if b.streams != nil {
-			n += b.streams.KickDevice(id) // streams opened with its old credentials
-		}
-		return n
-	}
-	b.drops = hooks.NewDrops()
-	if err := b.mqtt.AddHook(b.drops, nil); err != nil {
-		return nil, err
-	}
-	var rules []hooks.HistoryRule
-	for _, r := range cfg.History.Rules {
-		rules = append(rules, hooks.HistoryRule{Filter: r.Filter, MaxMessages: r.MaxMessages, MaxAge: r.MaxAge})
 	}
 	b.codecs, err = codec.NewRules(cfg.CodecRules())
 	if err != nil {
 		return nil, &ConfigError{Key: "codecs", Msg: err.Error()}
 	}
-	b.history, err = hooks.NewHistory(hooks.HistoryOptions{DB: b.db, Rules: rules, Log: log.With("component", "history"),
-		Publisher: b.auth.DeviceOf})
+	b.metricsHook, err = hooks.NewMetrics(b.metrics)
 	if err != nil {
 		return nil, err
 	}
-	// Before the store: its record is queued before the store deletes the
-	// message from the ingress log.
-	if err := b.mqtt.AddHook(b.history, nil); err != nil {
+	b.history, err = hooks.NewHistory(hooks.HistoryOptions{Log: b.msgLog, Logger: log.With("component", "history")})
+	if err != nil {
 		return nil, err
 	}
 	// Always built, also with no webhooks: it clears the outbox of removed ones.
@@ -215,28 +155,53 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 			Timeout: w.Timeout, MaxRetries: retries})
 	}
 	b.webhooks, err = hooks.NewWebhooks(hooks.WebhooksOptions{DB: b.db, Hooks: whs, Encode: b.encodeEnvelope,
-		DeviceOf: b.auth.DeviceOf, Log: log.With("component", "webhooks")})
+		Log: log.With("component", "webhooks")})
 	if err != nil {
 		return nil, &ConfigError{Key: "webhooks", Msg: err.Error()}
 	}
-	if err := b.mqtt.AddHook(b.webhooks, nil); err != nil { // before the store, as the history
-		return nil, err
-	}
-	b.store = hooks.NewStore(hooks.StoreOptions{
-		DB:               b.db,
-		MaxSessionExpiry: caps.MaximumSessionExpiryInterval,
-		Server:           b.mqtt,
-		Identity:         b.auth,
+
+	m := cfg.MQTT
+	b.engine = engine.New(engine.Options{
+		Limits: engine.Limits{
+			MaxPacketSize:    m.MaxPacketSize,
+			ReceiveMaximum:   m.ReceiveMaximum,
+			MaxQoS:           m.MaxQoS,
+			MaxQoSSet:        true,
+			NoRetain:         !m.RetainAvailable,
+			NoSharedSubs:     !m.SharedSubs,
+			TopicAliasMax:    m.MaxTopicAlias,
+			KeepaliveMin:     m.KeepaliveMin,
+			KeepaliveMax:     m.KeepaliveMax,
+			MaxSessionExpiry: m.MaxSessionExpiry,
+			MaxMessageExpiry: m.MaxMessageExpiry,
+			MaxQueued:        int(m.MaxQueuedMessages),
+			OutboundBudget:   int(max(m.OutboundQueue, 1)) * 1024,
+			ConnectTimeout:   connectTimeout,
+			MaxClients:       int(m.MaxClients),
+		},
+		Auth:        b.auth,
+		Observer:    (*observer)(b),
+		Committer:   (*committer)(b),
+		Log:         slog.New(hooks.NewRateLimitHandler(log.Handler(), 10*time.Second)).With("component", "mqtt"),
+		Version:     Version,
+		SysInterval: m.SysInterval,
+		Persistence: &engine.Persistence{DB: b.db, Log: b.msgLog, Identities: b.auth},
 	})
-	if err := b.mqtt.AddHook(b.store, nil); err != nil {
-		return nil, err
+	b.admin.Kick = func(id string) int {
+		b.auth.revoke(id)
+		n := b.engine.Disconnect(func(ci *engine.ClientInfo) bool {
+			p, ok := ci.Principal.(*principal)
+			return ok && p.Device() == id
+		}, 0x87, "not authorized")
+		if b.streams != nil {
+			n += b.streams.KickDevice(id) // streams opened with its old credentials
+		}
+		return n
 	}
 	if ha := cfg.HomeAssistant; ha.Discovery {
-		b.ha = hooks.NewHomeAssistant(hooks.HomeAssistantOptions{Server: b.mqtt, Registry: b.registry, Codecs: b.codecs,
-			DeviceOf: b.auth.DeviceOf, Prefix: ha.Prefix, StatePrefix: ha.StatePrefix, StatusTopic: ha.StatusTopic, Log: log.With("component", "homeassistant")})
-		if err := b.mqtt.AddHook(b.ha, nil); err != nil {
-			return nil, err
-		}
+		b.ha = hooks.NewHomeAssistant(hooks.HomeAssistantOptions{Publish: b.publishInline, Retained: b.retainedMatching,
+			Registry: b.registry, Codecs: b.codecs, Prefix: ha.Prefix, StatePrefix: ha.StatePrefix, StatusTopic: ha.StatusTopic,
+			Log: log.With("component", "homeassistant")})
 		b.registry.OnChange(func(c devices.Change) {
 			switch {
 			case c.Removed:
@@ -246,13 +211,13 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 			}
 		})
 	}
-	b.presence = newPresence(b.mqtt, log.With("component", "presence"))
+	b.presence = newPresence(b.publishInline, b.retainedPayload, log.With("component", "presence"))
 	b.registry.OnChange(b.presence.push)
 
 	b.registerMetrics()
 
 	if m.Addr != "" {
-		if err := b.listen("tcp", "tcp", "mqtt.addr", m.Addr, nil); err != nil {
+		if err := b.listen("tcp", "mqtt.addr", m.Addr, nil); err != nil {
 			return nil, err
 		}
 	}
@@ -262,7 +227,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 			return nil, &ConfigError{Key: "mqtt.tls_cert", Msg: fmt.Sprintf("load key pair: %v", err)}
 		}
 		tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-		if err := b.listen("tls", "tls", "mqtt.tls_addr", m.TLSAddr, tc); err != nil {
+		if err := b.listen("tls", "mqtt.tls_addr", m.TLSAddr, tc); err != nil {
 			return nil, err
 		}
 	}
@@ -272,6 +237,48 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		}
 	}
 	return b, nil
+}
+
+// Version is the broker's version, reported in $SYS/broker/version; cmd
+// sets it from the build.
+var Version = "dev"
+
+// publishInline routes a message from the broker itself (presence, Home
+// Assistant): authorized by the caller, durable when it returns.
+func (b *Broker) publishInline(topic string, payload []byte, retain bool, qos byte) error {
+	_, err := b.engine.Publish(&engine.Message{Topic: topic, Payload: payload, Retain: retain, QoS: qos})
+	return err
+}
+
+// retainedMatching calls fn for each retained message matching filter.
+func (b *Broker) retainedMatching(filter string, fn func(topic string, payload []byte) bool) {
+	b.engine.Retained(filter, func(m *engine.Message) bool { return fn(m.Topic, m.Payload) })
+}
+
+// bridgeEngine is the engine as the browser bridges see it.
+type bridgeEngine Broker
+
+var _ bridge.Publisher = (*bridgeEngine)(nil)
+
+func (e *bridgeEngine) Publish(topic string, payload []byte, retain bool, qos byte) error {
+	return (*Broker)(e).publishInline(topic, payload, retain, qos)
+}
+
+func (e *bridgeEngine) Retained(filter string, fn func(m bridge.RetainedMessage) bool) {
+	e.engine.Retained(filter, func(m *engine.Message) bool {
+		return fn(bridge.RetainedMessage{Topic: m.Topic, Payload: m.Payload, QoS: m.QoS, Device: m.Device, Created: m.Created})
+	})
+}
+
+// retainedPayload is the retained message of topic, if any.
+func (b *Broker) retainedPayload(topic string) ([]byte, bool) {
+	var out []byte
+	found := false
+	b.engine.Retained(topic, func(m *engine.Message) bool {
+		out, found = m.Payload, true
+		return false
+	})
+	return out, found
 }
 
 func (b *Broker) webhookNames() []string {
@@ -293,30 +300,34 @@ func mergeLabels(l prometheus.Labels, k, v string) prometheus.Labels {
 // registerMetrics exposes the engine's, the store's and the hooks'
 // counters to Prometheus.
 func (b *Broker) registerMetrics() {
-	info := b.mqtt.Info
 	gauge := func(name, help string, f func() float64) {
 		b.metrics.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f))
 	}
 	counter := func(name, help string, labels prometheus.Labels, f func() float64) {
 		b.metrics.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help, ConstLabels: labels}, f))
 	}
-	gauge("beacon_retained_messages", "Retained messages.", func() float64 { return float64(atomic.LoadInt64(&info.Retained)) })
+	es := func(f func(engine.Stats) float64) func() float64 {
+		return func() float64 { return f(b.engine.Stats()) }
+	}
+	gauge("beacon_retained_messages", "Retained messages.", es(func(s engine.Stats) float64 { return float64(s.Retained) }))
 	gauge("beacon_inflight_messages", "QoS 1/2 messages held for sessions, unacknowledged or queued.",
-		func() float64 { return float64(atomic.LoadInt64(&info.Inflight)) })
-	gauge("beacon_sessions", "Sessions, connected or not.", func() float64 { return float64(max(b.mqtt.Clients.Len()-1, 0)) })
-	gauge("beacon_subscriptions", "Subscriptions.", func() float64 { return float64(atomic.LoadInt64(&info.Subscriptions)) })
+		es(func(s engine.Stats) float64 { return float64(s.Inflight) }))
+	gauge("beacon_sessions", "Sessions, connected or not.", es(func(s engine.Stats) float64 { return float64(s.Sessions) }))
+	gauge("beacon_subscriptions", "Subscriptions.", es(func(s engine.Stats) float64 { return float64(s.Subscriptions) }))
+	counter("beacon_slow_consumers_total", "Connections closed because a write to them did not finish within the write timeout.", nil,
+		es(func(s engine.Stats) float64 { return float64(s.SlowConsumers) }))
 	const dropped = "beacon_messages_dropped_total"
-	const droppedHelp = "Messages not delivered, by reason: queue_full (connection buffer, QoS 0), queue_limit (mqtt.max_queued_messages), expired, denied (ACL at delivery), policy."
-	counter(dropped, droppedHelp, prometheus.Labels{"reason": "queue_full"}, func() float64 { return float64(b.drops.Stats().QueueFull) })
-	counter(dropped, droppedHelp, prometheus.Labels{"reason": "queue_limit"}, func() float64 { return float64(atomic.LoadInt64(&info.InflightDropped)) })
-	counter(dropped, droppedHelp, prometheus.Labels{"reason": "expired"}, func() float64 { return float64(b.drops.Stats().Expired) })
-	counter(dropped, droppedHelp, prometheus.Labels{"reason": "denied"}, func() float64 { return float64(b.auth.Stats().DeniedDelivery) })
-	counter(dropped, droppedHelp, prometheus.Labels{"reason": "policy"}, func() float64 { return float64(b.auth.Stats().PolicyDenied) })
+	const droppedHelp = "Messages not delivered, by reason: queue_full (connection buffer, QoS 0), queue_limit (mqtt.max_queued_messages), expired, denied (ACL at delivery), policy, too_large (the client's maximum packet size)."
+	for _, r := range []engine.DropReason{engine.DropQueueFull, engine.DropQueueLimit, engine.DropExpired, engine.DropTooLarge} {
+		counter(dropped, droppedHelp, prometheus.Labels{"reason": string(r)}, es(func(s engine.Stats) float64 { return float64(s.Dropped[r]) }))
+	}
+	counter(dropped, droppedHelp, prometheus.Labels{"reason": "denied"}, func() float64 { return float64(b.auth.stats().DeniedDelivery) })
+	counter(dropped, droppedHelp, prometheus.Labels{"reason": "policy"}, func() float64 { return float64(b.auth.stats().PolicyDenied) })
 	counter("beacon_auth_failures_total", "Refused CONNECTs (bad credentials, disabled devices, anonymous not allowed).", nil,
-		func() float64 { return float64(b.auth.Stats().Failures) })
+		func() float64 { return float64(b.auth.stats().Failures) })
 	const denied = "beacon_acl_denied_total"
-	counter(denied, "Actions the ACL refused, by action.", prometheus.Labels{"action": "publish"}, func() float64 { return float64(b.auth.Stats().DeniedPublish) })
-	counter(denied, "Actions the ACL refused, by action.", prometheus.Labels{"action": "subscribe"}, func() float64 { return float64(b.auth.Stats().DeniedSubscribe) })
+	counter(denied, "Actions the ACL refused, by action.", prometheus.Labels{"action": "publish"}, func() float64 { return float64(b.auth.stats().DeniedPublish) })
+	counter(denied, "Actions the ACL refused, by action.", prometheus.Labels{"action": "subscribe"}, func() float64 { return float64(b.auth.stats().DeniedSubscribe) })
 	counter("beacon_storage_commits_total", "Storage group commits.", nil, func() float64 { return float64(b.db.Stats().Commits) })
 	counter("beacon_storage_commit_errors_total", "Failed storage group commits.", nil, func() float64 { return float64(b.db.Stats().CommitErrors) })
 	counter("beacon_storage_writes_total", "Storage writes (sets and deletes) committed.", nil, func() float64 { return float64(b.db.Stats().Ops) })
@@ -366,8 +377,8 @@ func (b *Broker) registerMetrics() {
 		b.metrics.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "beacon_webhook_pending", ConstLabels: l,
 			Help: "Messages in a webhook's outbox, not yet delivered."}, stat(func(s hooks.WebhookStats) float64 { return float64(s.Pending) })))
 	}
-	counter("beacon_recovered_messages_total", "Acknowledged messages routed again from the ingress log after a crash.", nil,
-		func() float64 { return float64(b.store.Stats().Recovered) })
+	counter("beacon_log_appended_total", "Messages written to the message log.", nil, func() float64 { return float64(b.msgLog.Stats().Appended) })
+	gauge("beacon_log_records", "Records in the message log (history and session queues).", func() float64 { return float64(b.msgLog.Stats().Stored) })
 }
 
 // encodeEnvelope is the JSON body webhooks receive: the browsers'
@@ -436,12 +447,12 @@ func (b *Broker) setupHTTP() error {
 		Registry:       b.registry,
 		Tokens:         b.tokens,
 		Guard:          b.guard,
-		Open:           func() bool { return !b.auth.Configured() },
+		Open:           func() bool { return !b.auth.configured() },
 		AllowAnonymous: b.cfg.Auth.AllowAnonymous,
 	}
 	b.rest = &bridge.REST{
 		Access:  b.access,
-		Server:  b.mqtt,
+		Engine:  (*bridgeEngine)(b),
 		Policy:  devices.MaxPayload{Authorizer: b.authz},
 		MaxBody: int64(b.cfg.MQTT.MaxPacketSize),
 		Log:     b.log.With("component", "rest"),
@@ -449,7 +460,7 @@ func (b *Broker) setupHTTP() error {
 	b.streams = &bridge.Streams{
 		Access:          b.access,
 		History:         b.history,
-		Server:          b.mqtt,
+		Engine:          (*bridgeEngine)(b),
 		Heartbeat:       h.SSEHeartbeat,
 		Buffer:          h.SSEBuffer,
 		MaxFilters:      h.SSEMaxFilters,
@@ -458,16 +469,7 @@ func (b *Broker) setupHTTP() error {
 		PollMaxWait:     h.PollMaxWait,
 		Track:           b.metricsHook.Stream,
 		Decode:          b.decode,
-		DeviceOf: func(clientID string) string {
-			if cl, ok := b.mqtt.Clients.Get(clientID); ok {
-				return b.auth.DeviceOf(cl)
-			}
-			return ""
-		},
-		Log: b.log.With("component", "streams"),
-	}
-	if b.ws != nil {
-		b.ws.SetAddress(ln.Addr().String())
+		Log:             b.log.With("component", "streams"),
 	}
 	return nil
 }
@@ -507,6 +509,10 @@ func (b *Broker) setupAuth() error {
 	}
 	b.admin = &bridge.Admin{Registry: b.registry, Tokens: b.tokens, AdminToken: adminToken,
 		Reload: b.ReloadACL, Log: b.log.With("component", "admin")}
+	b.auth = &auth{registry: b.registry, authz: b.authz, tokens: b.tokens, policy: devices.MaxPayload{Authorizer: b.authz},
+		rulesFile: a.ACLFile != "", allowAnonymous: a.AllowAnonymous, failDelay: a.FailDelay,
+		log: b.log.With("component", "auth"), limiter: hooks.NewRateLimiter(10 * time.Second),
+		clients: map[string]*principal{}, online: map[string]int{}}
 
 	configured := b.tokens != nil || a.ACLFile != "" || b.registry.Len() > 0
 	for _, key := range []struct{ name, addr string }{
@@ -544,7 +550,7 @@ func (b *Broker) ReloadACL() (int, error) {
 	return len(rules.Rules), nil
 }
 
-func (b *Broker) listen(id, protocol, key, addr string, tc *tls.Config) error {
+func (b *Broker) listen(id, key, addr string, tc *tls.Config) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return &ConfigError{Key: key, Msg: err.Error()}
@@ -552,7 +558,7 @@ func (b *Broker) listen(id, protocol, key, addr string, tc *tls.Config) error {
 	if tc != nil {
 		ln = tls.NewListener(ln, tc)
 	}
-	b.listeners = append(b.listeners, &tcpListener{id: id, protocol: protocol, ln: ln, connectTimeout: connectTimeout})
+	b.listeners = append(b.listeners, mqttListener{id: id, ln: ln})
 	return nil
 }
 
@@ -565,27 +571,22 @@ func (b *Broker) closeListeners() {
 	}
 }
 
-func boolByte(v bool) byte {
-	if v {
-		return 1
-	}
-	return 0
-}
-
 // Start restores the stored state, then serves MQTT and HTTP. It returns
 // once everything accepts connections.
 func (b *Broker) Start() error {
-	if err := b.mqtt.Serve(); err != nil {
-		return fmt.Errorf("start engine: %w", err)
-	}
 	started := time.Now()
-	st, err := b.store.Restore()
+	st, err := b.engine.Load()
 	if err != nil {
 		return fmt.Errorf("restore state: %w", err)
 	}
+	b.loaded = st
 	b.log.Info("state restored", "sessions", st.Sessions, "subscriptions", st.Subscriptions,
-		"queued", st.Inflight, "retained", st.Retained, "recovered", st.Recovered,
-		"expired_sessions", st.Expired, "wills_sent", st.Wills, "took", time.Since(started).Round(time.Millisecond))
+		"queued", st.Queued, "inflight", st.Inflight, "retained", st.Retained, "expired_sessions", st.Expired,
+		"wills", st.Wills, "missing", st.Missing, "damaged", st.Damaged, "log_records", b.msgLog.Stats().Stored,
+		"took", time.Since(started).Round(time.Millisecond))
+	if st.Missing > 0 || st.Damaged > 0 {
+		b.log.Warn("some stored records could not be restored", "missing_log_records", st.Missing, "damaged_records", st.Damaged)
+	}
 	b.presence.start(b.registry)
 	if b.ha != nil {
 		b.ha.Start()
@@ -593,17 +594,11 @@ func (b *Broker) Start() error {
 	b.webhooks.Start()
 
 	for _, l := range b.listeners {
-		if err := b.mqtt.AddListener(&shutdownSafe{Listener: l, srv: b.mqtt}); err != nil {
-			return fmt.Errorf("add listener %s: %w", l.id, err)
-		}
-		b.mqtt.Listeners.Serve(l.id, b.mqtt.EstablishConnection)
-		b.log.Info("mqtt listening", "listener", l.id, "addr", l.Address())
+		go func() { _ = b.engine.Serve(l.ln, l.id) }()
+		b.log.Info("mqtt listening", "listener", l.id, "addr", l.ln.Addr().String())
 	}
 	if b.ws != nil {
-		if err := b.mqtt.AddListener(&shutdownSafe{Listener: b.ws, srv: b.mqtt}); err != nil {
-			return fmt.Errorf("add websocket listener: %w", err)
-		}
-		b.mqtt.Listeners.Serve(b.ws.ID(), b.mqtt.EstablishConnection)
+		b.ws.Serve(b.engine)
 	}
 	if b.httpLn != nil {
 		b.httpSrv = &http.Server{
@@ -644,7 +639,7 @@ func (b *Broker) warnExposure() {
 			return // setupAuth has said what it had to
 		}
 	}
-	if !b.auth.Configured() {
+	if !b.auth.configured() {
 		b.log.Info("listening on loopback only, every client anonymous; to expose Beacon configure authentication " +
 			"(docs/security.md) and set mqtt.addr / http.addr, e.g. 0.0.0.0:1883")
 	}
@@ -682,7 +677,7 @@ func (b *Broker) httpHandler() http.Handler {
 func (b *Broker) MQTTAddr(id string) string {
 	for _, l := range b.listeners {
 		if l.id == id {
-			return l.Address()
+			return l.ln.Addr().String()
 		}
 	}
 	return ""
@@ -699,15 +694,16 @@ func (b *Broker) HTTPAddr() string {
 // Registry is the device registry.
 func (b *Broker) Registry() *devices.Registry { return b.registry }
 
-// Server is the engine, for the bridges.
-func (b *Broker) Server() *mqtt.Server { return b.mqtt }
+// Engine is the MQTT engine.
+func (b *Broker) Engine() *engine.Server { return b.engine }
 
 // Stats are counters for tests and operators.
 type Stats struct {
-	Store   hooks.StoreStats
-	Drops   hooks.DropStats
-	Auth    hooks.AuthStats
+	Engine  engine.Stats
+	Loaded  engine.LoadStats // what the last start restored
+	Auth    AuthStats
 	Storage storage.Stats
+	Log     storage.LogStats
 	// QueueLimitDrops counts QoS 1/2 messages not queued for a session
 	// because it already held mqtt.max_queued_messages.
 	QueueLimitDrops int64
@@ -717,8 +713,9 @@ type Stats struct {
 
 // Stats returns the broker's counters.
 func (b *Broker) Stats() Stats {
-	st := Stats{Store: b.store.Stats(), Drops: b.drops.Stats(), Storage: b.db.Stats(), Auth: b.auth.Stats(),
-		QueueLimitDrops: atomic.LoadInt64(&b.mqtt.Info.InflightDropped), History: b.history.Stats()}
+	es := b.engine.Stats()
+	st := Stats{Engine: es, Loaded: b.loaded, Storage: b.db.Stats(), Log: b.msgLog.Stats(), Auth: b.auth.stats(),
+		QueueLimitDrops: es.Dropped[engine.DropQueueLimit], History: b.history.Stats()}
 	if b.streams != nil {
 		st.Streams = b.streams.Stats()
 	}
@@ -749,15 +746,13 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 		if b.ha != nil {
 			b.ha.Shutdown()
 		}
-		closed := make(chan struct{})
-		go func() {
-			_ = b.mqtt.Close() // disconnects clients and waits for their goroutines
-			close(closed)
-		}()
-		select {
-		case <-closed:
-		case <-ctx.Done():
-			errs = append(errs, fmt.Errorf("mqtt: clients did not finish: %w", ctx.Err()))
+		if err := b.engine.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("mqtt: clients did not finish: %w", err))
+		}
+		if b.ws != nil {
+			if err := b.ws.Shutdown(ctx); err != nil { // after the engine: v5 clients got their DISCONNECT
+				errs = append(errs, fmt.Errorf("websocket: %w", err))
+			}
 		}
 		b.closeListeners() // for a broker that was never started
 		if err := b.history.Shutdown(ctx); err != nil {
@@ -766,10 +761,70 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 		if err := b.webhooks.Shutdown(ctx); err != nil {
 			errs = append(errs, err)
 		}
+		if err := b.msgLog.Shutdown(ctx); err != nil {
+			errs = append(errs, err)
+		}
 		if err := b.db.Shutdown(ctx); err != nil {
 			errs = append(errs, err)
 		}
 		b.shutdownErr = errors.Join(errs...)
 	})
 	return b.shutdownErr
+}
+
+// observer hears the engine's events for metrics, device presence and the
+// extensions (history, Home Assistant).
+type observer Broker
+
+var (
+	_ engine.Observer     = (*observer)(nil)
+	_ engine.SendObserver = (*observer)(nil)
+)
+
+func (o *observer) Connected(ci *engine.ClientInfo) {
+	o.metricsHook.Connected(ci.Listener)
+	o.auth.connected(ci)
+}
+
+func (o *observer) Disconnected(ci *engine.ClientInfo, err error) {
+	o.metricsHook.Disconnected(ci.Listener, engine.DisconnectReason(err))
+	o.auth.disconnected(ci)
+}
+
+func (o *observer) Routed(m *engine.Message, _ int) {
+	if m.Client != "" {
+		o.metricsHook.Received(m.QoS, len(m.Payload))
+	}
+	hm := hooks.Message{Seq: m.Seq, Topic: m.Topic, Payload: m.Payload, QoS: m.QoS, Retain: m.Retain,
+		Client: m.Client, Device: m.Device, Time: m.Created}
+	o.history.Feed(&hm)
+	if o.ha != nil {
+		o.ha.Observe(&hm)
+	}
+}
+
+func (o *observer) Dropped(engine.DropReason, string, *engine.Message) {}
+
+func (o *observer) Sent(m *engine.Message, qos byte, live bool) {
+	latency := time.Duration(-1)
+	if live && m.Created > 0 {
+		latency = time.Since(time.Unix(0, m.Created))
+	}
+	o.metricsHook.Sent(qos, len(m.Payload), latency)
+}
+
+// committer joins the webhook outbox to the write that accepts a message.
+type committer Broker
+
+func (c *committer) Prepare(m *engine.Message) []storage.Op {
+	return c.webhooks.Prepare(c.hookMessage(m))
+}
+
+func (c *committer) Committed(m *engine.Message, err error) {
+	c.webhooks.Committed(c.hookMessage(m), err)
+}
+
+func (c *committer) hookMessage(m *engine.Message) *hooks.Message {
+	return &hooks.Message{Seq: m.Seq, Topic: m.Topic, Payload: m.Payload, QoS: m.QoS, Retain: m.Retain,
+		Client: m.Client, Device: m.Device, Time: m.Created}
 }

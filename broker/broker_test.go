@@ -14,7 +14,6 @@ import (
 
 	"github.com/beaconmq/beacon/broker"
 	bt "github.com/beaconmq/beacon/broker/brokertest"
-	"github.com/beaconmq/beacon/storage"
 )
 
 func u32(v uint32) *uint32 { return &v }
@@ -165,8 +164,8 @@ func TestWillDelayCancelledByReconnect(t *testing.T) {
 	// Reconnect only once the broker has seen the connection die (and
 	// scheduled the will); otherwise there is nothing to cancel.
 	bt.WaitFor(t, 5*time.Second, "the broker to notice the cut", func() bool {
-		cl, ok := b.Server().Clients.Get("wd-dev")
-		return ok && cl.Closed()
+		si, ok := b.Engine().Session("wd-dev")
+		return ok && !si.Connected
 	})
 	c2 := connect(1)
 	defer func() { _ = c2.Disconnect(&paho.Disconnect{}) }()
@@ -313,7 +312,7 @@ func TestSessionExpiry(t *testing.T) {
 	c.SubscribeT(t, paho.SubscribeOptions{Topic: "exp/#", QoS: 1})
 	_ = c.Disconnect(&paho.Disconnect{})
 	bt.WaitFor(t, 10*time.Second, "session to expire", func() bool {
-		_, ok := b.Server().Clients.Get("short")
+		_, ok := b.Engine().Session("short")
 		return !ok
 	})
 	c = bt.Dial(t, addr, &paho.Connect{ClientID: "short", CleanStart: false,
@@ -346,9 +345,9 @@ func TestMessageExpiry(t *testing.T) {
 	pub.PublishT(t, &paho.Publish{Topic: "me/long", QoS: 1, Payload: []byte("fresh"),
 		Properties: &paho.PublishProperties{MessageExpiry: u32(3600)}})
 	pub.Barrier(t) // both are queued before the wait below can hold
-	cl, _ := b.Server().Clients.Get("offline")
 	bt.WaitFor(t, 10*time.Second, "the expired message to leave the queue", func() bool {
-		return cl.State.Inflight.Len() == 1
+		si, _ := b.Engine().Session("offline")
+		return si.Queued+si.Inflight == 1
 	})
 	c = bt.Dial(t, addr, &paho.Connect{ClientID: "offline", CleanStart: false,
 		Properties: &paho.ConnectProperties{SessionExpiryInterval: u32(300)}})
@@ -623,66 +622,6 @@ func TestGracefulShutdownDisconnectsClients(t *testing.T) {
 	}
 }
 
-// TestRecoverIngress covers the crash window between the acknowledgement of
-// a QoS 1/2 message and the commit of its routed copies: the ingress record
-// written before the ack is routed again on the next start.
-func TestRecoverIngress(t *testing.T) {
-	cfg := bt.Config(t)
-	b1, err := broker.New(cfg, bt.Logger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b1.Start(); err != nil {
-		t.Fatal(err)
-	}
-	c, err := bt.TryDial(b1.MQTTAddr("tcp"), &paho.Connect{ClientID: "rec", CleanStart: true,
-		Properties: &paho.ConnectProperties{SessionExpiryInterval: u32(300)}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.SubscribeT(t, paho.SubscribeOptions{Topic: "rec/#", QoS: 2})
-	_ = c.Disconnect(&paho.Disconnect{})
-	bt.Stop(t, b1)
-
-	// What a crash right after the PUBACK leaves behind: the ingress record only.
-	db, err := storage.Open(storage.Options{Dir: cfg.Storage.Dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 2, Retain: true},
-		PacketID: 9, TopicName: "rec/a", Payload: []byte("acked, not routed"), ProtocolVersion: 5,
-		Created: time.Now().Unix(), Origin: "gone"}
-	if err := db.Write(storage.Set(storage.IngressKey(41), storage.AppendMessage(nil, &pk))); err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Shutdown(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-
-	b2 := bt.Start(t, cfg)
-	if got := b2.Stats().Store.Recovered; got != 1 {
-		t.Fatalf("recovered %d messages, want 1", got)
-	}
-	c = bt.Dial(t, b2.MQTTAddr("tcp"), &paho.Connect{ClientID: "rec", CleanStart: false,
-		Properties: &paho.ConnectProperties{SessionExpiryInterval: u32(300)}})
-	m := c.WaitMessages(t, 1, 5*time.Second)[0]
-	if string(m.Payload) != "acked, not routed" || m.QoS != 2 {
-		t.Fatalf("recovered message: %q qos %d", m.Payload, m.QoS)
-	}
-	// It was retained too, and the ingress record is gone: a second restart
-	// must not deliver it again.
-	r := bt.Dial(t, b2.MQTTAddr("tcp"), &paho.Connect{ClientID: "r", CleanStart: true})
-	r.SubscribeT(t, paho.SubscribeOptions{Topic: "rec/a", QoS: 1})
-	if m := r.WaitMessages(t, 1, 5*time.Second)[0]; !m.Retain {
-		t.Fatal("recovered retained message not retained")
-	}
-	bt.Stop(t, b2)
-	b3 := bt.Start(t, cfg)
-	if got := b3.Stats().Store.Recovered; got != 0 {
-		t.Fatalf("second restart recovered %d messages again", got)
-	}
-}
-
 // TestUnackedQueueSurvivesReconnectAndRestart: messages a client received
 // but did not acknowledge stay stored when it reconnects (mochi "drops"
 // them from the old client object when the session is taken over) and
@@ -715,8 +654,8 @@ func TestUnackedQueueSurvivesReconnectAndRestart(t *testing.T) {
 	}
 	_ = r.Conn.Close()
 	bt.WaitFor(t, 5*time.Second, "the session to go offline", func() bool {
-		cl, ok := b1.Server().Clients.Get("lazy")
-		return ok && cl.Closed()
+		si, ok := b1.Engine().Session("lazy")
+		return ok && !si.Connected
 	})
 	bt.Stop(t, b1)
 
@@ -739,7 +678,7 @@ func TestExpiredSessionLeavesNoSubscriptions(t *testing.T) {
 	c.SubscribeT(t, paho.SubscribeOptions{Topic: "exp/#", QoS: 1})
 	_ = c.Disconnect(&paho.Disconnect{})
 	bt.WaitFor(t, 10*time.Second, "the session to expire", func() bool {
-		_, ok := b.Server().Clients.Get("ghost")
+		_, ok := b.Engine().Session("ghost")
 		return !ok
 	})
 	c = bt.Dial(t, addr, &paho.Connect{ClientID: "ghost", CleanStart: true})

@@ -11,6 +11,7 @@ import (
 
 	"github.com/beaconmq/beacon/broker"
 	bt "github.com/beaconmq/beacon/broker/brokertest"
+	"github.com/beaconmq/beacon/broker/engine"
 	"github.com/beaconmq/beacon/devices/codec"
 )
 
@@ -46,7 +47,7 @@ func TestHomeAssistantDiscovery(t *testing.T) {
 	// Registering d1 (a thermostat) announced its declared reading; wait
 	// until that is retained, so the subscriber below gets it once.
 	bt.WaitFor(t, 10*time.Second, "the announcement", func() bool {
-		return len(e.b.Server().Topics.Messages("homeassistant/sensor/d1_setpoint/config")) == 1
+		return retainedCount(e.b, "homeassistant/sensor/d1_setpoint/config") == 1
 	})
 	ha := bt.Dial(t, e.addr, creds("home-assistant", "ha", token(t, "ha", "", time.Hour, nil,
 		[]string{"homeassistant/#", "beacon/state/#", "$beacon/presence/#"})))
@@ -176,4 +177,11 @@ func contains(list []string, s string) bool {
 		}
 	}
 	return false
+}
+
+// retainedCount is the number of retained messages matching filter.
+func retainedCount(b *broker.Broker, filter string) int {
+	n := 0
+	b.Engine().Retained(filter, func(*engine.Message) bool { n++; return true })
+	return n
 }

@@ -6,8 +6,6 @@ import (
 	"sync"
 	"time"
 
-	mqtt "github.com/mochi-mqtt/server/v2"
-
 	"github.com/beaconmq/beacon/devices"
 )
 
@@ -28,17 +26,19 @@ type PresenceEvent struct {
 // presence publishes the registry's changes in the order they happen,
 // from its own goroutine (the registry calls in with its lock held).
 type presence struct {
-	srv   *mqtt.Server
-	log   *slog.Logger
-	mu    sync.Mutex
-	queue []devices.Change
-	wake  chan struct{}
-	done  chan struct{}
-	wg    sync.WaitGroup
+	publish  func(topic string, payload []byte, retain bool, qos byte) error
+	retained func(topic string) ([]byte, bool)
+	log      *slog.Logger
+	mu       sync.Mutex
+	queue    []devices.Change
+	wake     chan struct{}
+	done     chan struct{}
+	wg       sync.WaitGroup
 }
 
-func newPresence(srv *mqtt.Server, log *slog.Logger) *presence {
-	return &presence{srv: srv, log: log, wake: make(chan struct{}, 1), done: make(chan struct{})}
+func newPresence(publish func(topic string, payload []byte, retain bool, qos byte) error,
+	retained func(topic string) ([]byte, bool), log *slog.Logger) *presence {
+	return &presence{publish: publish, retained: retained, log: log, wake: make(chan struct{}, 1), done: make(chan struct{})}
 }
 
 func (p *presence) push(c devices.Change) {
@@ -59,7 +59,7 @@ func (p *presence) start(reg *devices.Registry) {
 		if p.retainedOffline(d.ID) {
 			continue // already right: no write per device at every start
 		}
-		p.publish(devices.Change{Device: d})
+		p.send(devices.Change{Device: d})
 	}
 	p.wg.Add(1)
 	go func() {
@@ -75,13 +75,13 @@ func (p *presence) start(reg *devices.Registry) {
 			p.queue = nil
 			p.mu.Unlock()
 			for _, c := range batch {
-				p.publish(c)
+				p.send(c)
 			}
 		}
 	}()
 }
 
-func (p *presence) publish(c devices.Change) {
+func (p *presence) send(c devices.Change) {
 	topic := PresencePrefix + c.Device.ID
 	var payload []byte
 	if !c.Removed {
@@ -90,19 +90,19 @@ func (p *presence) publish(c devices.Change) {
 	}
 	// An empty retained payload clears the retained presence of a removed
 	// device.
-	if err := p.srv.Publish(topic, payload, true, 1); err != nil {
+	if err := p.publish(topic, payload, true, 1); err != nil {
 		p.log.Warn("presence publish", "device", c.Device.ID, "error", err)
 	}
 }
 
 // retainedOffline reports whether the retained presence of id says offline.
 func (p *presence) retainedOffline(id string) bool {
-	msgs := p.srv.Topics.Messages(PresencePrefix + id)
-	if len(msgs) != 1 {
+	payload, ok := p.retained(PresencePrefix + id)
+	if !ok {
 		return false
 	}
 	var e PresenceEvent
-	return json.Unmarshal(msgs[0].Payload, &e) == nil && e.Device == id && !e.Online
+	return json.Unmarshal(payload, &e) == nil && e.Device == id && !e.Online
 }
 
 func (p *presence) stop() {

@@ -21,6 +21,7 @@ import (
 
 	"github.com/beaconmq/beacon/broker"
 	bt "github.com/beaconmq/beacon/broker/brokertest"
+	"github.com/beaconmq/beacon/broker/engine"
 	"github.com/beaconmq/beacon/devices"
 	"github.com/beaconmq/beacon/devices/codec"
 )
@@ -680,7 +681,8 @@ func TestPresenceCorrectedAtStart(t *testing.T) {
 	bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "p1", CleanStart: true, Username: "p1", UsernameFlag: true,
 		Password: []byte(secret), PasswordFlag: true})
 	online := func(b *broker.Broker) (bool, bool) {
-		msgs := b.Server().Topics.Messages(broker.PresencePrefix + "p1")
+		var msgs []*engine.Message
+		b.Engine().Retained(broker.PresencePrefix+"p1", func(m *engine.Message) bool { msgs = append(msgs, m); return true })
 		if len(msgs) != 1 {
 			return false, false
 		}

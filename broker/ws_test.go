@@ -164,9 +164,9 @@ func TestWebSocketClientAddressAndLimits(t *testing.T) {
 		t.Fatal(err)
 	}
 	bt.DialPahoWS(t, ws, &paho.Connect{ClientID: "proxied", CleanStart: true, KeepAlive: 30})
-	cl, ok := b.Server().Clients.Get("proxied")
-	if !ok || !strings.HasPrefix(cl.Net.Remote, "203.0.113.7:") {
-		t.Fatalf("client address behind a trusted proxy: %q", cl.Net.Remote)
+	si, ok := b.Engine().Session("proxied")
+	if !ok || !strings.HasPrefix(si.Remote, "203.0.113.7:") {
+		t.Fatalf("client address behind a trusted proxy: %q", si.Remote)
 	}
 	// Limits count the real client address: two from 203.0.113.8 fit, a third does not.
 	h := http.Header{"X-Forwarded-For": {"203.0.113.8"}}

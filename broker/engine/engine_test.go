@@ -227,7 +227,7 @@ func TestProtocolErrors(t *testing.T) {
 			r.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish},
 				Properties: packets.Properties{TopicAlias: 2, TopicAliasFlag: true}})
 		}, discon: 0x82},
-		{name: "v5 wildcard topic", version: 5, after: func(r *raw) { r.publish("a/+", []byte("x"), 0, 0) }, discon: 0x90},
+		{name: "v5 wildcard topic", version: 5, after: func(r *raw) { r.publish("a/+", []byte("x"), 0, 0) }, discon: 0x82},
 		{name: "v5 second connect", version: 5, after: func(r *raw) {
 			r.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect},
 				Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), ClientIdentifier: "x", Clean: true}})

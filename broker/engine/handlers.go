@@ -135,8 +135,11 @@ func (c *conn) publish(pk *packets.Packet) error {
 	if topic == "" {
 		return protoErr(codeProtocolError, "PUBLISH without a topic name")
 	}
+	if strings.ContainsAny(topic, "+#") {
+		return protoErr(codeProtocolError, "wildcards in a topic name") // MQTT-3.3.2-2
+	}
 	if !topics.ValidTopicName(topic) {
-		return protoErr(codeTopicInvalid, "invalid topic name")
+		return protoErr(codeMalformed, "invalid topic name")
 	}
 	sess := c.sess
 	if fh.Qos == 2 {
@@ -446,7 +449,7 @@ func (c *conn) disconnect(pk *packets.Packet) error {
 
 // sendQoS0 queues a QoS 0 delivery if the connection has room for it.
 // Callers hold the session's lock.
-func (c *conn) sendQoS0(m *Message, retain bool, subIDs []uint32) bool {
+func (c *conn) sendQoS0(m *Message, retain bool, subIDs []uint32, live bool) bool {
 	d := delivery{retain: retain, subIDs: subIDs, expiry: remainingExpiry(m, c.srv.now().Unix())}
 	size, _, _ := publishSize(m, c.version, &d)
 	if c.maxOut > 0 && uint32(size) > c.maxOut {
@@ -459,7 +462,7 @@ func (c *conn) sendQoS0(m *Message, retain bool, subIDs []uint32) bool {
 	}
 	c.srv.stats.sent.Add(1)
 	if so := c.srv.sentObs; so != nil {
-		so.Sent(m, 0, false)
+		so.Sent(m, 0, live)
 	}
 	return true
 }

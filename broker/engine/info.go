@@ -34,10 +34,11 @@ func (s *Server) Session(id string) (SessionInfo, bool) {
 }
 
 // SendObserver is an Observer that also hears of every PUBLISH queued to a
-// connection (for delivery counters and latency). It is called on the hot
-// path with the session's lock held: count, never block.
+// connection (for delivery counters and latency): live is false for a
+// resend and for a retained message sent to a new subscription. It is
+// called on the hot path with the session's lock held: count, never block.
 type SendObserver interface {
-	Sent(m *Message, qos byte, resent bool)
+	Sent(m *Message, qos byte, live bool)
 }
 
 // sweepExpired drops queued messages whose expiry passed from the

@@ -243,6 +243,7 @@ func (s *Server) Load() (LoadStats, error) {
 	if ps == nil {
 		return st, nil
 	}
+	defer s.startLoops()
 	now := s.now()
 	var dels []storage.Op
 	sessions := map[string]*session{}

@@ -31,13 +31,14 @@ type Server struct {
 	listeners []net.Listener
 	closing   bool
 
-	wg       sync.WaitGroup // connection readers and accept loops
-	sharedRR atomic.Uint64
-	stats    counters
-	store    *store // nil: in memory only
-	sentObs  SendObserver
-	started  time.Time
-	done     chan struct{} // closed by Shutdown
+	wg        sync.WaitGroup // connection readers and accept loops
+	sharedRR  atomic.Uint64
+	stats     counters
+	store     *store // nil: in memory only
+	sentObs   SendObserver
+	started   time.Time
+	done      chan struct{} // closed by Shutdown
+	startOnce sync.Once
 }
 
 type counters struct {
@@ -74,16 +75,29 @@ func New(opts Options) *Server {
 		done:     make(chan struct{}),
 	}
 	s.sentObs, _ = opts.Observer.(SendObserver)
-	s.wg.Add(1)
-	go s.sweepExpired(time.Second, s.done)
-	if opts.SysInterval > 0 {
-		s.wg.Add(1)
-		go s.sysLoop(opts.SysInterval, s.done)
-	}
 	if p := opts.Persistence; p != nil {
 		s.store = &store{db: p.DB, log: p.Log, ids: p.Identities, nt: newNotifier(), gen: uint64(opts.Now().UnixNano())}
 	}
 	return s
+}
+
+// startLoops starts the background work (expiry sweeper, $SYS) once the
+// server is put to use: by Load or the first Serve or ServeConn, so that
+// nothing is routed while the embedder is still wiring its observers.
+func (s *Server) startLoops() {
+	s.startOnce.Do(func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.closing {
+			return
+		}
+		s.wg.Add(1)
+		go s.sweepExpired(time.Second, s.done)
+		if s.opts.SysInterval > 0 {
+			s.wg.Add(1)
+			go s.sysLoop(s.opts.SysInterval, s.done)
+		}
+	})
 }
 
 // ErrServerClosed is returned by Serve and ServeConn after Shutdown.
@@ -92,6 +106,7 @@ var ErrServerClosed = errors.New("engine: server closed")
 // Serve accepts connections from ln until ln is closed or the server shuts
 // down. listener names the listener in ClientInfo ("tcp", "tls", ...).
 func (s *Server) Serve(ln net.Listener, listener string) error {
+	s.startLoops()
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
@@ -125,6 +140,7 @@ func (s *Server) Serve(ln net.Listener, listener string) error {
 // ServeConn serves one connection. With wait it returns when the
 // connection ends; otherwise at once.
 func (s *Server) ServeConn(nc net.Conn, listener string, wait bool) error {
+	s.startLoops()
 	c := newConn(s, nc, listener)
 	s.mu.Lock()
 	if s.closing {

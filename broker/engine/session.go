@@ -62,6 +62,7 @@ type flight struct {
 	stored     bool   // a queue entry is stored for it
 	idPending  bool   // its id is being written; the PUBLISH waits for that
 	relPending bool   // its PUBREL state is being written; the PUBREL waits
+	snapshot   bool   // a retained message sent for a new subscription
 }
 
 func newSession(srv *Server, id string) *session {
@@ -116,7 +117,7 @@ func (s *session) deliver(m *Message, t *target) bool {
 		if c == nil {
 			return false
 		}
-		return c.sendQoS0(m, t.retain, t.ids)
+		return c.sendQoS0(m, t.retain, t.ids, true)
 	}
 	if !s.persistent && s.conn == nil {
 		return false
@@ -139,7 +140,7 @@ func (s *session) deliverRetained(m *Message, qos byte, ids []uint32) {
 	}
 	if qos == 0 {
 		if s.conn != nil {
-			s.conn.sendQoS0(m, true, ids)
+			s.conn.sendQoS0(m, true, ids, false)
 		}
 		return
 	}
@@ -147,7 +148,7 @@ func (s *session) deliverRetained(m *Message, qos byte, ids []uint32) {
 		s.srv.dropped(DropQueueLimit, s.id, m)
 		return
 	}
-	s.queue = append(s.queue, &flight{msg: m, qos: qos, retain: true, subIDs: ids})
+	s.queue = append(s.queue, &flight{msg: m, qos: qos, retain: true, subIDs: ids, snapshot: true})
 	if m.Expiry > 0 {
 		s.expiring++
 	}
@@ -218,7 +219,7 @@ func (s *session) sendLocked(c *conn, f *flight, dup bool) {
 	d := delivery{qos: f.qos, retain: f.retain, subIDs: f.subIDs, dup: dup, id: f.id, expiry: remainingExpiry(f.msg, s.srv.now().Unix())}
 	if c.queue(func(b []byte) []byte { return c.encodePublish(b, f.msg, &d) }) {
 		if so := s.srv.sentObs; so != nil {
-			so.Sent(f.msg, f.qos, f.sent)
+			so.Sent(f.msg, f.qos, !f.sent && !f.snapshot)
 		}
 		f.sent = true
 		s.srv.stats.sent.Add(1)

@@ -160,6 +160,7 @@ const shutdownTimeout = 15 * time.Second
 func serve(ctx context.Context, cfg broker.Config, logOut io.Writer) error {
 	log := newLogger(cfg.Log, logOut)
 	log.Info("starting beacon", "version", version, "data_dir", cfg.Storage.Dir, "sync", cfg.Storage.Sync)
+	broker.Version = version
 	b, err := broker.New(cfg, log)
 	if err != nil {
 		return err

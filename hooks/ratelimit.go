@@ -1,0 +1,78 @@
+package hooks
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"time"
+)
+
+// RateLimiter lets one event per key through per interval and counts the
+// ones it holds back.
+type RateLimiter struct {
+	every time.Duration
+	mu    sync.Mutex
+	last  map[string]time.Time
+	held  map[string]int64
+}
+
+// NewRateLimiter returns a limiter that allows one event per key per every.
+func NewRateLimiter(every time.Duration) *RateLimiter {
+	return &RateLimiter{every: every, last: map[string]time.Time{}, held: map[string]int64{}}
+}
+
+// Allow reports whether an event for key may be logged now and how many
+// were held back since the last one that was.
+func (r *RateLimiter) Allow(key string) (bool, int64) {
+	now := time.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if t, ok := r.last[key]; ok && now.Sub(t) < r.every {
+		r.held[key]++
+		return false, 0
+	}
+	r.last[key] = now
+	n := r.held[key]
+	delete(r.held, key)
+	return true, n
+}
+
+// RateLimitHandler wraps a slog.Handler so that each distinct warning or
+// error message is logged at most once per interval; the number held back
+// is added to the next one as "suppressed". mochi logs some conditions
+// (such as a full session queue) once per message; this keeps a flood out
+// of the log without hiding it.
+type RateLimitHandler struct {
+	slog.Handler
+	limiter *RateLimiter
+}
+
+// NewRateLimitHandler wraps h.
+func NewRateLimitHandler(h slog.Handler, every time.Duration) *RateLimitHandler {
+	return &RateLimitHandler{Handler: h, limiter: NewRateLimiter(every)}
+}
+
+// Handle implements slog.Handler.
+func (h *RateLimitHandler) Handle(ctx context.Context, r slog.Record) error {
+	if r.Level < slog.LevelWarn {
+		return h.Handler.Handle(ctx, r)
+	}
+	ok, suppressed := h.limiter.Allow(r.Message)
+	if !ok {
+		return nil
+	}
+	if suppressed > 0 {
+		r.AddAttrs(slog.Int64("suppressed", suppressed))
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+// WithAttrs implements slog.Handler.
+func (h *RateLimitHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return &RateLimitHandler{Handler: h.Handler.WithAttrs(attrs), limiter: h.limiter}
+}
+
+// WithGroup implements slog.Handler.
+func (h *RateLimitHandler) WithGroup(name string) slog.Handler {
+	return &RateLimitHandler{Handler: h.Handler.WithGroup(name), limiter: h.limiter}
+}
