@@ -69,3 +69,48 @@ func TestWebhookStateInAdminAPIAndMetrics(t *testing.T) {
 		t.Errorf("webhook metrics:\n%s", grepLines(metrics, "webhook"))
 	}
 }
+
+// A will goes through the same path as any publish: MQTT subscribers, the
+// SSE stream, the history and webhooks all see it (on mochi it reached
+// MQTT subscribers only).
+func TestWillReachesStreamsAndWebhooks(t *testing.T) {
+	var (
+		mu     sync.Mutex
+		bodies []string
+	)
+	recv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		bodies = append(bodies, string(b))
+		mu.Unlock()
+	}))
+	defer recv.Close()
+	cfg := bt.Config(t)
+	cfg.Webhooks = []broker.WebhookConfig{{Name: "status", URL: recv.URL, Topics: []string{"devices/+/status"}, Secret: "s",
+		Timeout: 5 * time.Second, MaxRetries: 3}}
+	b := bt.Start(t, cfg)
+	s, resp := bt.OpenSSE(t, "http://"+b.HTTPAddr()+"/events?topic=devices/%2B/status", nil)
+	if s == nil {
+		t.Fatalf("GET /events: %d", resp.StatusCode)
+	}
+	defer s.Close()
+	s.Until(t, "ready", 5*time.Second)
+
+	dev := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "dev-w", CleanStart: true,
+		WillMessage: &paho.WillMessage{Topic: "devices/dev-w/status", Payload: []byte("offline"), QoS: 1}})
+	dev.TerminateConnectionForTest() // vanish without DISCONNECT
+
+	ev := s.NextT(t, 10*time.Second)
+	var e envelope
+	ev.JSON(t, &e)
+	if e.Topic != "devices/dev-w/status" || string(e.Payload) != `"offline"` {
+		t.Fatalf("SSE event for the will: %+v (payload %s)", e, e.Payload)
+	}
+	bt.WaitFor(t, 10*time.Second, "the will's webhook delivery", func() bool { mu.Lock(); defer mu.Unlock(); return len(bodies) == 1 })
+	mu.Lock()
+	defer mu.Unlock()
+	var w envelope
+	if err := json.Unmarshal([]byte(bodies[0]), &w); err != nil || w.Topic != "devices/dev-w/status" {
+		t.Fatalf("webhook body %s: %v", bodies[0], err)
+	}
+}

@@ -183,7 +183,7 @@ func TestQoS2ExactlyOnceAcrossSIGKILL(t *testing.T) {
 	done := make(chan struct{})
 	go sub.receive(done)
 	completed := 0
-	const kills = 6
+	const kills = 10
 	for k := 0; k < kills; k++ {
 		for i := 0; i < 150; i++ {
 			if err := pub.publish(fmt.Sprintf("m%d", completed)); err != nil {
