@@ -88,7 +88,7 @@ func (s *logSink) String() string {
 type denyTopic struct{ topic string }
 
 func (d denyTopic) Authenticate(*ConnectRequest) (Principal, error) { return d, nil }
-func (d denyTopic) Allow(a Action, topic string) bool                { return topic != d.topic }
+func (d denyTopic) Allow(a Action, topic string) bool               { return topic != d.topic }
 
 // The engine's log, at debug level, never contains passwords or payloads:
 // not for a second CONNECT (mochi logged the whole packet), not for a
