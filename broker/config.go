@@ -164,7 +164,7 @@ type MQTTConfig struct {
 	MaxQueuedMessages uint16        `yaml:"max_queued_messages"` // QoS 1/2 messages kept per session (inflight + queued)
 	ReceiveMaximum    uint16        `yaml:"receive_maximum"`     // inbound QoS 1/2 messages unacknowledged per client
 	MaxTopicAlias     uint16        `yaml:"max_topic_alias"`     // topic aliases per v5 client; 0 disables them
-	OutboundQueue     int32         `yaml:"outbound_queue"`      // packets buffered per client before QoS 0 messages are dropped
+	OutboundQueue     int32         `yaml:"outbound_queue"`      // KiB queued per connection before QoS 0 messages are dropped (the outbound byte budget)
 	KeepaliveMin      time.Duration `yaml:"keepalive_min"`       // lowest keep-alive accepted; 0 = none
 	KeepaliveMax      time.Duration `yaml:"keepalive_max"`       // highest keep-alive accepted; 0 = none
 	MaxQoS            byte          `yaml:"max_qos"`             // 0, 1 or 2
