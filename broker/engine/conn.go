@@ -60,6 +60,8 @@ type conn struct {
 	needPump  bool   // the session waits for the budget to free
 	closeErr  error  // why the connection is closing
 	finalSent bool   // a DISCONNECT was queued
+	v5bye     bool   // a v5 session is attached: close sends a DISCONNECT
+	byeReason bool   // and it may carry a reason string
 	done      chan struct{}
 }
 
@@ -229,9 +231,12 @@ func (c *conn) close(cause error, code byte, reason string) {
 	if c.closeErr == nil {
 		c.closeErr = cause
 	}
-	if code != 0 && c.version == 5 && c.sess != nil && !c.finalSent {
+	if code != 0 && c.v5bye && !c.finalSent {
 		c.finalSent = true
-		c.out = appendDisconnect(c.out, code, c.reasonString(reason))
+		if !c.byeReason {
+			reason = ""
+		}
+		c.out = appendDisconnect(c.out, code, reason)
 	}
 	c.closing = true
 	if len(c.out) == 0 && c.writing == 0 {

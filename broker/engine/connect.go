@@ -385,10 +385,13 @@ func (s *Server) attach(c *conn, r attachReq) error {
 	sess.conn = c
 	s.sessions[id] = sess
 	c.sess = sess
-	s.mu.Unlock()
-
+	c.outMu.Lock()
+	c.v5bye, c.byeReason = c.version == 5, c.problem
+	c.outMu.Unlock()
 	c.sessionPresent = present
 	c.persistent = sess.persistent
+	s.mu.Unlock()
+
 	r.connack.SessionPresent = present
 	var buf bytes.Buffer
 	_ = r.connack.ConnackEncode(&buf)
