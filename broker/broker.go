@@ -587,6 +587,17 @@ func (b *Broker) Start() error {
 	if st.Missing > 0 || st.Damaged > 0 {
 		b.log.Warn("some stored records could not be restored", "missing_log_records", st.Missing, "damaged_records", st.Damaged)
 	}
+	up, err := b.upgradeOldStore()
+	if err != nil {
+		return fmt.Errorf("read the records of an earlier version: %w", err)
+	}
+	if up.Retained > 0 {
+		b.log.Info("retained messages carried over from an earlier version's store", "retained", up.Retained)
+	}
+	if up.Sessions > 0 {
+		b.log.Warn("sessions stored by an earlier version (before Beacon's own engine) are not restored: their clients start clean",
+			"sessions", up.Sessions)
+	}
 	b.presence.start(b.registry)
 	if b.ha != nil {
 		b.ha.Start()

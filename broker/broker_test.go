@@ -14,6 +14,7 @@ import (
 
 	"github.com/beaconmq/beacon/broker"
 	bt "github.com/beaconmq/beacon/broker/brokertest"
+	"github.com/beaconmq/beacon/storage"
 )
 
 func u32(v uint32) *uint32 { return &v }
@@ -761,5 +762,34 @@ func TestInboundPacketIDDoesNotEraseOutboundMessage(t *testing.T) {
 	again := dev.Expect(t, packets.Publish)
 	if string(again.Payload) != "reboot" || !again.FixedHeader.Dup {
 		t.Fatalf("after reconnect got %q dup=%v, want the unacknowledged command again", again.Payload, again.FixedHeader.Dup)
+	}
+}
+
+// A data directory written by the mochi-based versions: its retained
+// messages are carried over at the first start (once), not dropped in
+// silence.
+func TestUpgradeCarriesOverRetained(t *testing.T) {
+	cfg := bt.Config(t)
+	db, err := storage.Open(storage.Options{Dir: cfg.Storage.Dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1, Retain: true},
+		TopicName: "home/status", Payload: []byte("online"), ProtocolVersion: 4}
+	if err := db.Write(storage.Set(storage.RetainedKey("home/status"), storage.AppendMessage(nil, &pk))); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 { // the second start finds it in the new store only
+		b := bt.Start(t, cfg)
+		c := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "late", CleanStart: true})
+		c.SubscribeT(t, paho.SubscribeOptions{Topic: "home/#", QoS: 1})
+		if m := c.WaitMessages(t, 1, 5*time.Second)[0]; m.Topic != "home/status" || string(m.Payload) != "online" || !m.Retain {
+			t.Fatalf("carried-over retained message: %q %q retain=%v", m.Topic, m.Payload, m.Retain)
+		}
+		_ = c.Disconnect(&paho.Disconnect{})
+		bt.Stop(t, b)
 	}
 }
