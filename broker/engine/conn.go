@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -106,7 +107,7 @@ func (c *conn) encodePublish(b []byte, m *Message, d *delivery) []byte {
 				c.outAliases = map[string]uint16{}
 			}
 			a := uint16(len(c.outAliases) + 1)
-			c.outAliases[m.Topic] = a
+			c.outAliases[strings.Clone(m.Topic)] = a // m.Topic may point into a whole packet's buffer
 			d.alias = a
 		}
 	}

@@ -471,6 +471,13 @@ func (c *conn) sendQoS0(m *Message, retain bool, subIDs []uint32, live bool) boo
 // unless persistent), the will is published or scheduled, observers told.
 func (c *conn) end(cause error, graceful bool) {
 	c.close(cause, 0, "")
+	c.outMu.Lock()
+	if c.closeErr != nil {
+		// Closed by the server (shutdown, takeover, kick, slow consumer):
+		// that is why the read failed.
+		cause = c.closeErr
+	}
+	c.outMu.Unlock()
 	if c.stopTimer != nil {
 		c.stopTimer()
 	}

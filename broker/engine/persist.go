@@ -269,6 +269,7 @@ func (s *Server) Load() (LoadStats, error) {
 		sess.expiry = time.Duration(r.Expiry) * time.Second
 		sess.expireAt = expireAt
 		sess.recvMax = 65535
+		sess.recorded = true
 		if ps.ids != nil {
 			sess.principal = ps.ids.RestorePrincipal(r.ID, r.Principal)
 		} else {

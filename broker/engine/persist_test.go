@@ -409,3 +409,64 @@ func (c *qos2Client) publish(payload string) error {
 	}
 	return errors.New("publish did not complete")
 }
+
+// A session restored after a restart and then replaced by a clean
+// connection is gone from the store too: the next restart does not bring
+// back its subscriptions or inbound QoS 2 marks (a stale mark made the
+// client's next QoS 2 message with that id look like a duplicate).
+func TestCleanStartAfterRestartForgetsTheStoredSession(t *testing.T) {
+	dir := t.TempDir()
+	_, addr, stop := durableServer(t, dir)
+	c := dialRaw(t, addr, 4)
+	c.connect("x", false, nil)
+	c.subscribe(1, "a/#", 1)
+	c.publish("b", []byte("unreleased"), 2, 7) // PUBREC'd, never PUBREL'd
+	c.expect(packets.Pubrec)
+	_ = c.nc.Close()
+	stop()
+
+	_, addr, stop = durableServer(t, dir)
+	c = dialRaw(t, addr, 4)
+	if ack := c.connect("x", true, nil); ack.SessionPresent {
+		t.Fatal("clean connection got session present")
+	}
+	c.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}})
+	c.expectClosed()
+	stop()
+
+	srv, addr, _ := durableServer(t, dir)
+	if st := srv.Stats(); st.Sessions != 0 || st.Subscriptions != 0 {
+		t.Fatalf("after the clean session: %d sessions, %d subscriptions restored", st.Sessions, st.Subscriptions)
+	}
+	watch := dialRaw(t, addr, 4)
+	watch.connect("watch", true, nil)
+	watch.subscribe(1, "b", 2)
+	c = dialRaw(t, addr, 4)
+	c.connect("x", false, nil)
+	c.publish("b", []byte("new"), 2, 7)
+	c.expect(packets.Pubrec)
+	if got := watch.expect(packets.Publish); string(got.Payload) != "new" {
+		t.Fatalf("got %q", got.Payload)
+	}
+}
+
+// A broker that stops gracefully sends no wills: its clients did not fail.
+func TestNoWillsAtShutdown(t *testing.T) {
+	dir := t.TempDir()
+	_, addr, stop := durableServer(t, dir)
+	w := dialRaw(t, addr, 4)
+	w.connect("watcher", false, nil)
+	w.subscribe(1, "status/#", 1)
+	w.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}})
+	w.expectClosed()
+	d := dialRaw(t, addr, 5)
+	d.connect("dev", true, func(pk *packets.Packet) {
+		pk.Connect.WillFlag, pk.Connect.WillTopic, pk.Connect.WillPayload, pk.Connect.WillQos = true, "status/dev", []byte("offline"), 1
+	})
+	stop()
+	srv, addr, _ := durableServer(t, dir)
+	if si, _ := srv.Session("watcher"); si.Queued+si.Inflight != 0 {
+		t.Fatalf("the watcher has %d messages queued after a graceful stop", si.Queued+si.Inflight)
+	}
+	_ = addr
+}

@@ -181,10 +181,10 @@ func (s *session) pumpLocked() {
 		case s.maxOut > 0 && uint32(size) > s.maxOut:
 			drop = DropTooLarge
 		}
-		if f.msg.Expiry > 0 {
-			s.expiring--
-		}
 		if drop != "" {
+			if f.msg.Expiry > 0 {
+				s.expiring--
+			}
 			s.queue[0] = nil
 			s.queue = s.queue[1:]
 			s.srv.dropped(drop, s.id, f.msg)
@@ -197,6 +197,9 @@ func (s *session) pumpLocked() {
 			return // flush pumps again once the socket drains
 		}
 		f.id = s.allocIDLocked()
+		if f.msg.Expiry > 0 {
+			s.expiring--
+		}
 		s.queue[0] = nil
 		s.queue = s.queue[1:]
 		s.out = append(s.out, f)
