@@ -162,12 +162,13 @@ func (c *conn) flush() {
 		c.outMu.Lock()
 		if len(c.out) == 0 || c.closed {
 			c.flushing = false
-			if c.closing && !c.closed {
-				c.closeSocketLocked()
-			}
+			shut := c.closing && c.markClosedLocked()
 			// Idle: keep no buffers.
 			c.out, c.spare = nil, nil
 			c.outMu.Unlock()
+			if shut {
+				_ = c.nc.Close()
+			}
 			return
 		}
 		buf := c.out
@@ -200,8 +201,11 @@ func (c *conn) flush() {
 			}
 			c.closing = true
 			c.flushing = false
-			c.closeSocketLocked()
+			shut := c.markClosedLocked()
 			c.outMu.Unlock()
+			if shut {
+				_ = c.nc.Close()
+			}
 			return
 		}
 		c.outMu.Unlock()
@@ -211,23 +215,34 @@ func (c *conn) flush() {
 	}
 }
 
-// closeSocketLocked closes the socket; the reader then ends. Callers hold
-// outMu.
-func (c *conn) closeSocketLocked() {
-	if !c.closed {
-		c.closed = true
-		_ = c.nc.Close()
+// markClosedLocked marks the socket closed and reports whether the caller
+// is the one to close it, after releasing outMu: closing a TLS or
+// WebSocket connection writes (close_notify, a close frame), and no I/O
+// happens under the lock.
+func (c *conn) markClosedLocked() bool {
+	if c.closed {
+		return false
 	}
+	c.closed = true
+	return true
 }
 
 // close ends the connection: a v5 client that has connected is told why
 // with a DISCONNECT (code 0 = none sent), queued bytes are written first
 // (bounded by the write timeout), then the socket closes.
 func (c *conn) close(cause error, code byte, reason string) {
+	if c.closeLocked(cause, code, reason) {
+		_ = c.nc.Close()
+	}
+}
+
+// closeLocked does close's work under outMu and reports whether the
+// socket is to be closed now.
+func (c *conn) closeLocked(cause error, code byte, reason string) bool {
 	c.outMu.Lock()
 	defer c.outMu.Unlock()
 	if c.closing {
-		return
+		return false
 	}
 	if c.closeErr == nil {
 		c.closeErr = cause
@@ -241,13 +256,13 @@ func (c *conn) close(cause error, code byte, reason string) {
 	}
 	c.closing = true
 	if len(c.out) == 0 && c.writing == 0 {
-		c.closeSocketLocked()
-		return
+		return c.markClosedLocked()
 	}
 	c.kickLocked()
 	// A write in progress is bounded by its deadline; make sure the
 	// reader does not wait for more input meanwhile.
 	_ = c.nc.SetReadDeadline(time.Now())
+	return false
 }
 
 // reasonString is reason if the client accepts reason strings.

@@ -354,8 +354,9 @@ func (s *Server) attach(c *conn, r attachReq) error {
 			s.index.RemoveClient(id)
 			sess = nil
 		} else {
+			// Kept locked until c holds it: a message routed meanwhile
+			// waits for the lock, then finds c (with its CONNACK queued).
 			present = true
-			sess.mu.Unlock()
 		}
 	}
 	if sess == nil {
@@ -364,8 +365,8 @@ func (s *Server) attach(c *conn, r attachReq) error {
 			s.store.gen++
 			sess.gen = s.store.gen
 		}
+		sess.mu.Lock()
 	}
-	sess.mu.Lock()
 	sess.principal = c.principal
 	sess.version = c.version
 	sess.expiry = r.expiry
@@ -385,17 +386,18 @@ func (s *Server) attach(c *conn, r attachReq) error {
 	sess.conn = c
 	s.sessions[id] = sess
 	c.sess = sess
-	c.outMu.Lock()
-	c.v5bye, c.byeReason = c.version == 5, c.problem
-	c.outMu.Unlock()
 	c.sessionPresent = present
 	c.persistent = sess.persistent
-	s.mu.Unlock()
-
 	r.connack.SessionPresent = present
 	var buf bytes.Buffer
 	_ = r.connack.ConnackEncode(&buf)
 	c.queue(func(b []byte) []byte { return append(b, buf.Bytes()...) })
+	// From now on a close tells a v5 client why (after the CONNACK).
+	c.outMu.Lock()
+	c.v5bye, c.byeReason = c.version == 5, c.problem
+	c.outMu.Unlock()
+	s.mu.Unlock()
+
 	sess.resendLocked(c)
 	sess.pumpLocked()
 	sess.mu.Unlock()

@@ -31,6 +31,13 @@ func (c *conn) loop() (error, bool) {
 		}
 		pk, err := c.readPacket()
 		var reason byte
+		if err == nil && c.isClosing() {
+			// Closed by the server (a takeover, a kick): bytes still
+			// buffered belong to a connection that no longer holds the
+			// session.
+			putPacket(pk)
+			return errClosing, false
+		}
 		if err == nil {
 			err = c.handle(pk)
 			reason = pk.ReasonCode
@@ -55,7 +62,10 @@ func (c *conn) loop() (error, bool) {
 	}
 }
 
-var errKeepAlive = errors.New("keep-alive timeout")
+var (
+	errKeepAlive = errors.New("keep-alive timeout")
+	errClosing   = errors.New("connection closing")
+)
 
 func (c *conn) isClosing() bool {
 	c.outMu.Lock()
@@ -143,16 +153,25 @@ func (c *conn) publish(pk *packets.Packet) error {
 	}
 	sess := c.sess
 	if fh.Qos == 2 {
+		// Check and reserve the id in one step: a resend of the same
+		// message on a new connection (while this one is still being
+		// accepted) must find it.
 		sess.mu.Lock()
 		_, dup := sess.inQoS2[pk.PacketID]
 		n := len(sess.inQoS2)
+		gone := sess.discarded
+		if !dup && !gone && n < int(lim.ReceiveMaximum) {
+			sess.inQoS2[pk.PacketID] = struct{}{}
+		}
 		sess.mu.Unlock()
-		if dup {
+		switch {
+		case gone:
+			return errTakenOver
+		case dup:
 			// Received before and PUBREC'd: acknowledge again, do not route twice.
 			c.ackPublish(pk, 0, "")
 			return nil
-		}
-		if n >= int(lim.ReceiveMaximum) {
+		case n >= int(lim.ReceiveMaximum):
 			return protoErr(codeReceiveMaxExceeded, "receive maximum exceeded")
 		}
 	}
@@ -190,6 +209,7 @@ func (c *conn) publish(pk *packets.Packet) error {
 	}
 	if _, err := c.srv.accept(m, in); err != nil {
 		// Not stored, so not accepted: the client sends it again.
+		c.releaseInbound(pk)
 		c.srv.log.Error("publish not stored", "client", c.clientID, "error", err)
 		if c.version < 5 || fh.Qos == 0 {
 			return fmt.Errorf("store: %w", err)
@@ -197,13 +217,18 @@ func (c *conn) publish(pk *packets.Packet) error {
 		c.ackPublish(pk, codeUnspecified, "not stored")
 		return nil
 	}
-	if fh.Qos == 2 {
-		sess.mu.Lock()
-		sess.inQoS2[pk.PacketID] = struct{}{}
-		sess.mu.Unlock()
-	}
 	c.ackPublish(pk, 0, "")
 	return nil
+}
+
+// releaseInbound forgets the reserved id of an inbound QoS 2 message that
+// was not accepted.
+func (c *conn) releaseInbound(pk *packets.Packet) {
+	if pk.FixedHeader.Qos == 2 {
+		c.sess.mu.Lock()
+		delete(c.sess.inQoS2, pk.PacketID)
+		c.sess.mu.Unlock()
+	}
 }
 
 // messageExpiry is the expiry to apply to a message whose publisher asked
@@ -224,15 +249,13 @@ func (c *conn) refusePublish(pk *packets.Packet, code byte, reason string) {
 		return
 	}
 	if c.version < 5 {
-		if pk.FixedHeader.Qos == 2 {
-			c.sess.mu.Lock()
-			c.sess.inQoS2[pk.PacketID] = struct{}{}
-			c.sess.mu.Unlock()
-		}
+		// Acknowledged and dropped; a QoS 2 flow keeps its reserved id
+		// until the PUBREL.
 		c.ackPublish(pk, 0, "")
 		return
 	}
 	// A v5 PUBREC with a failure code ends the QoS 2 flow: no PUBREL follows.
+	c.releaseInbound(pk)
 	c.ackPublish(pk, code, reason)
 }
 
@@ -542,6 +565,10 @@ func (s *Server) sendDelayedWill(sess *session) {
 		w = nil
 	}
 	sess.will, sess.willTimer = nil, nil
+	if w != nil && s.store != nil && sess.recorded && !sess.discarded {
+		// Sent: the record keeps it no longer (a restart must not send it again).
+		s.store.async(nil, s.store.sessionOp(sess, sess.expireAt.Add(-sess.expiry).Unix(), nil, 0))
+	}
 	sess.mu.Unlock()
 	if w != nil {
 		s.publishWill(w)

@@ -246,6 +246,7 @@ func (s *Server) Load() (LoadStats, error) {
 	defer s.startLoops()
 	now := s.now()
 	var dels []storage.Op
+	var restarted []string // connected when the broker died: their clock starts now, once
 	sessions := map[string]*session{}
 	err := ps.db.Scan(storage.SessionPrefix(), func(k, v []byte) error {
 		r, err := storage.DecodeSession(v)
@@ -257,6 +258,7 @@ func (s *Server) Load() (LoadStats, error) {
 		disc := r.Disconnected
 		if disc == 0 {
 			disc = now.Unix() // connected when the broker stopped: the clock starts now
+			restarted = append(restarted, r.ID)
 		}
 		expireAt := time.Unix(disc, 0).Add(time.Duration(r.Expiry) * time.Second)
 		if !expireAt.After(now) {
@@ -397,14 +399,21 @@ func (s *Server) Load() (LoadStats, error) {
 		return st, fmt.Errorf("load retained: %w", err)
 	}
 
+	for _, id := range restarted {
+		if sess := sessions[id]; sess != nil {
+			dels = append(dels, ps.sessionOp(sess, now.Unix(), sess.will, max(sess.willAt.Sub(now), 0)))
+		}
+	}
 	s.mu.Lock()
 	for id, sess := range sessions {
 		s.sessions[id] = sess
+		sess.mu.Lock() // the timers may fire at once
 		sess.expireTimer = time.AfterFunc(sess.expireAt.Sub(now), func() { s.expire(sess) })
 		if sess.will != nil {
 			sess.willTimer = time.AfterFunc(max(sess.willAt.Sub(now), 0), func() { s.sendDelayedWill(sess) })
 			st.Wills++
 		}
+		sess.mu.Unlock()
 		st.Sessions++
 	}
 	s.mu.Unlock()

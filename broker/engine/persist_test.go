@@ -32,15 +32,20 @@ func openStore(t testing.TB, dir string, sync storage.SyncPolicy) (*storage.DB, 
 	return db, l
 }
 
+// lastLoad is what the last durableServer restored.
+var lastLoad LoadStats
+
 // durableServer runs a Server on dir; stop shuts it down as a graceful
 // broker stop does.
 func durableServer(t *testing.T, dir string) (s *Server, addr string, stop func()) {
 	t.Helper()
 	db, l := openStore(t, dir, storage.SyncBatch)
 	s = New(Options{Persistence: &Persistence{DB: db, Log: l}})
-	if _, err := s.Load(); err != nil {
+	st, err := s.Load()
+	if err != nil {
 		t.Fatal(err)
 	}
+	lastLoad = st
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -469,4 +474,60 @@ func TestNoWillsAtShutdown(t *testing.T) {
 		t.Fatalf("the watcher has %d messages queued after a graceful stop", si.Queued+si.Inflight)
 	}
 	_ = addr
+}
+
+// The will of a connection that died with the broker is sent once after
+// the restart, not again at the next one.
+func TestWillAfterCrashSentOnce(t *testing.T) {
+	dir := t.TempDir()
+	db, l := openStore(t, dir, storage.SyncBatch)
+	s := New(Options{Persistence: &Persistence{DB: db, Log: l}})
+	if _, err := s.Load(); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = s.Serve(ln, "tcp") }()
+	w := dialRaw(t, ln.Addr().String(), 4)
+	w.connect("watcher", false, nil)
+	w.subscribe(1, "status/#", 1)
+	w.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}})
+	w.expectClosed()
+	d := dialRaw(t, ln.Addr().String(), 4)
+	d.connect("dev", false, func(pk *packets.Packet) {
+		pk.Connect.WillFlag, pk.Connect.WillTopic, pk.Connect.WillPayload, pk.Connect.WillQos = true, "status/dev", []byte("offline"), 1
+	})
+	// A crash: the store is closed under the running engine, which is
+	// then abandoned (its listener closed).
+	waitFor(t, 5*time.Second, func() error {
+		if si, ok := s.Session("dev"); !ok || !si.Connected {
+			return errString("dev not connected")
+		}
+		return nil
+	})
+	_ = ln.Close()
+	_ = l.Shutdown(t.Context())
+	_ = db.Shutdown(t.Context())
+	_ = d.nc.Close()
+
+	for round := 1; round <= 2; round++ {
+		srv, _, stop := durableServer(t, dir)
+		waitFor(t, 5*time.Second, func() error {
+			si, _ := srv.Session("watcher")
+			if round == 1 && si.Queued+si.Inflight != 1 {
+				return errString("will not queued for the watcher yet")
+			}
+			return nil
+		})
+		if wills := lastLoad.Wills; wills != 2-round {
+			t.Fatalf("restart %d restored %d wills to send, want %d", round, wills, 2-round)
+		}
+		si, _ := srv.Session("watcher")
+		if want := 1; si.Queued+si.Inflight != want {
+			t.Fatalf("restart %d: watcher holds %d messages, want %d (the one will)", round, si.Queued+si.Inflight, want)
+		}
+		stop()
+	}
 }

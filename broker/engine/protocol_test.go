@@ -128,3 +128,15 @@ func TestLogsHoldNoSecretsOrPayloads(t *testing.T) {
 type errString string
 
 func (e errString) Error() string { return string(e) }
+
+func TestReceiveMaximumZeroIsAProtocolError(t *testing.T) {
+	_, addr := startServer(t, Options{})
+	r := dialRaw(t, addr, 5)
+	// CONNECT v5, client id "z", properties: Receive Maximum 0.
+	body := []byte{0, 4, 'M', 'Q', 'T', 'T', 5, 2, 0, 30, 3, 33, 0, 0, 0, 1, 'z'}
+	r.write(append([]byte{0x10, byte(len(body))}, body...))
+	pk, err := r.read(5 * time.Second)
+	if err != nil || pk.FixedHeader.Type != packets.Connack || pk.ReasonCode != 0x82 {
+		t.Fatalf("got %+v reason 0x%02x %v, want CONNACK 0x82", pk.FixedHeader, pk.ReasonCode, err)
+	}
+}

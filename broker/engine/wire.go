@@ -149,6 +149,9 @@ func appendAck(b []byte, hdr byte, version byte, id uint16, reason byte, reasonS
 // errDupProperty is a v5 property present twice where the spec allows one.
 var errDupProperty = errors.New("property included more than once")
 
+// errZeroProperty is a property whose value may not be 0.
+var errZeroProperty = errors.New("receive maximum or maximum packet size of 0")
+
 // errBadProperties is a properties section that does not parse.
 var errBadProperties = errors.New("malformed properties")
 
@@ -202,6 +205,12 @@ func checkProperties(b []byte) (int, error) {
 		}
 		if size > len(p) {
 			return 0, errBadProperties
+		}
+		// Receive Maximum and Maximum Packet Size of 0 are protocol errors
+		// (MQTT-3.1.2-21 and 3.1.2-24).
+		if (id == packets.PropReceiveMaximum && binary.BigEndian.Uint16(p) == 0) ||
+			(id == packets.PropMaximumPacketSize && binary.BigEndian.Uint32(p) == 0) {
+			return 0, errZeroProperty
 		}
 		p = p[size:]
 		if id != packets.PropUser && id != packets.PropSubscriptionIdentifier {
