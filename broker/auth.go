@@ -175,9 +175,6 @@ func (a *auth) Authenticate(req *engine.ConnectRequest) (engine.Principal, error
 		pr.p = p
 	}
 	pr.p.ClientID = req.ClientID
-	a.mu.Lock()
-	a.clients[req.ClientID] = pr
-	a.mu.Unlock()
 	return pr, nil
 }
 
@@ -218,13 +215,19 @@ func (a *auth) refused(req *engine.ConnectRequest, err error) {
 	}
 }
 
-// connected marks devices online.
+// connected remembers the principal of the client id's session (for
+// revoke) and marks devices online. Only admitted connections get here.
 func (a *auth) connected(ci *engine.ClientInfo) {
 	p, ok := ci.Principal.(*principal)
-	if !ok || p.Device() == "" {
+	if !ok {
 		return
 	}
 	a.mu.Lock()
+	a.clients[ci.ID] = p
+	if p.Device() == "" {
+		a.mu.Unlock()
+		return
+	}
 	a.online[p.p.Name]++
 	a.mu.Unlock()
 	a.registry.SetOnline(p.p.Name, true)

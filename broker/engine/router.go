@@ -52,11 +52,7 @@ func (s *Server) accept(m *Message, in *inbound) (int, error) {
 		return 0, err
 	}
 	if m.Retain {
-		if len(m.Payload) == 0 {
-			s.retained.Delete(m.Topic)
-		} else {
-			s.retained.Set(m.Topic, m)
-		}
+		s.setRetained(m)
 	}
 	n := 0
 	for i := range ts {
@@ -71,6 +67,22 @@ func (s *Server) accept(m *Message, in *inbound) (int, error) {
 		o.Routed(m, n)
 	}
 	return n, nil
+}
+
+// setRetained applies a retained update unless a newer one (a higher log
+// seq: the store writes them in seq order) already did, so memory and
+// the store agree when two publishers race on one topic.
+func (s *Server) setRetained(m *Message) {
+	s.retMu.Lock()
+	defer s.retMu.Unlock()
+	if cur, ok := s.retained.Get(m.Topic); ok && m.Seq != 0 && cur.Seq > m.Seq {
+		return
+	}
+	if len(m.Payload) == 0 {
+		s.retained.Delete(m.Topic)
+		return
+	}
+	s.retained.Set(m.Topic, m)
 }
 
 // plan lists the deliveries of m: one per matching client (one member

@@ -24,6 +24,7 @@ type Server struct {
 
 	index    *topics.Index
 	retained *topics.Retained[*Message]
+	retMu    sync.Mutex // orders retained updates (setRetained)
 
 	mu        sync.RWMutex
 	sessions  map[string]*session
@@ -39,6 +40,7 @@ type Server struct {
 	started   time.Time
 	done      chan struct{} // closed by Shutdown
 	startOnce sync.Once
+	stopOnce  sync.Once
 }
 
 type counters struct {
@@ -213,16 +215,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	for _, c := range conns {
 		c.close(errShutdown, codeServerShuttingDown, "server shutting down")
 	}
-	done := make(chan struct{})
-	go func() {
-		s.wg.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	// No will or expiry fires from here on: a stop is not a client failure.
 	s.mu.Lock()
 	for _, ss := range s.sessions {
 		ss.mu.Lock()
@@ -235,10 +228,21 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		ss.mu.Unlock()
 	}
 	s.mu.Unlock()
-	if s.store != nil && first {
-		s.store.nt.stop()
+	done := make(chan struct{})
+	go func() {
+		s.wg.Wait()
+		close(done)
+	}()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = ctx.Err()
 	}
-	return nil
+	if s.store != nil {
+		s.stopOnce.Do(s.store.nt.stop)
+	}
+	return err
 }
 
 var errShutdown = errors.New("server shutting down")
