@@ -158,7 +158,8 @@ func TestLogReferences(t *testing.T) {
 
 	// A referenced record outlives its rule's retention.
 	r1 := appendMsg(t, l, "r/1", "a")
-	if !l.TryRef(r1) || !l.TryRef(r1) { // two sessions
+	first := l.TryRef(r1)
+	if second := l.TryRef(r1); !first || !second { // two sessions
 		t.Fatal("ref of a stored record failed")
 	}
 	l.Release(r1)

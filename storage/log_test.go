@@ -422,16 +422,14 @@ func TestLogReopenWithoutShutdown(t *testing.T) {
 			t.Cleanup(func() { _ = l.Shutdown(context.Background()) })
 			epoch := l.Epoch()
 			var appended []uint64
-			var seen uint64
 			for i := 0; i < 30; i++ {
 				if i%3 == 0 {
-					seen = l.Number(&storage.LogMessage{Topic: "live"})
+					l.Number(&storage.LogMessage{Topic: "live"})
 					continue
 				}
-				seen = appendMsg(t, l, "kept", fmt.Sprint(i))
-				appended = append(appended, seen)
+				appended = append(appended, appendMsg(t, l, "kept", fmt.Sprint(i)))
 			}
-			seen = l.Number(&storage.LogMessage{Topic: "live"}) // the last seq is a numbered one
+			seen := l.Number(&storage.LogMessage{Topic: "live"}) // the last seq is a numbered one
 			if err := db.Shutdown(context.Background()); err != nil {
 				t.Fatal(err)
 			}

@@ -42,7 +42,6 @@ type conn struct {
 	// Maximum): assigned in wire order, under outMu.
 	outAliasMax    uint16
 	outAliases     map[string]uint16
-	inQoS          int  // inbound QoS 1/2 flows awaiting our acknowledgement (QoS 2 until PUBREL)
 	problem        bool // the client accepts reason strings (v5 Request Problem Information)
 	will           *Message
 	willDelay      time.Duration

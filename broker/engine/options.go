@@ -81,7 +81,9 @@ var (
 )
 
 // Observer is told what happens, for metrics, presence and logs. Its
-// methods are called without engine locks held and must not block.
+// methods must not block nor call back into the engine: Connected,
+// Disconnected and Routed are called without engine locks held; Dropped
+// may be called with a session's lock held (count, nothing more).
 type Observer interface {
 	// Connected: a connection was admitted and its session attached.
 	Connected(c *ClientInfo)

@@ -23,7 +23,7 @@ func validString(s string) bool {
 // ValidTopicName reports whether name may be the topic of a PUBLISH: a
 // valid MQTT string without the wildcards '+' and '#'.
 func ValidTopicName(name string) bool {
-	return validString(name) && strings.IndexAny(name, "+#") < 0
+	return validString(name) && !strings.ContainsAny(name, "+#")
 }
 
 // ValidFilter reports whether filter is a syntactically valid topic filter:
@@ -65,7 +65,7 @@ func ParseShared(filter string) (group, inner string, shared, ok bool) {
 		return "", filter, false, ValidFilter(filter)
 	}
 	group, inner, found = strings.Cut(rest, "/")
-	ok = found && group != "" && strings.IndexAny(group, "+#") < 0 &&
+	ok = found && group != "" && !strings.ContainsAny(group, "+#") &&
 		validString(filter) && ValidFilter(inner)
 	return group, inner, true, ok
 }
