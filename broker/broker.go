@@ -170,6 +170,8 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 			NoRetain:         !m.RetainAvailable,
 			NoSharedSubs:     !m.SharedSubs,
 			TopicAliasMax:    m.MaxTopicAlias,
+			MaxTopicLength:   m.MaxTopicLength,
+			MaxTopicLevels:   m.MaxTopicLevels,
 			KeepaliveMin:     m.KeepaliveMin,
 			KeepaliveMax:     m.KeepaliveMax,
 			MaxSessionExpiry: m.MaxSessionExpiry,
@@ -317,8 +319,8 @@ func (b *Broker) registerMetrics() {
 	counter("beacon_slow_consumers_total", "Connections closed because a write to them did not finish within the write timeout.", nil,
 		es(func(s engine.Stats) float64 { return float64(s.SlowConsumers) }))
 	const dropped = "beacon_messages_dropped_total"
-	const droppedHelp = "Messages not delivered, by reason: queue_full (connection buffer, QoS 0), queue_limit (mqtt.max_queued_messages), expired, denied (ACL at delivery), policy, too_large (the client's maximum packet size)."
-	for _, r := range []engine.DropReason{engine.DropQueueFull, engine.DropQueueLimit, engine.DropExpired, engine.DropTooLarge} {
+	const droppedHelp = "Messages not delivered, by reason: queue_full (connection buffer, QoS 0), queue_limit (mqtt.max_queued_messages), expired, denied (ACL at delivery), policy, too_large (the client's maximum packet size), topic_limit (mqtt.max_topic_length or max_topic_levels)."
+	for _, r := range []engine.DropReason{engine.DropQueueFull, engine.DropQueueLimit, engine.DropExpired, engine.DropTooLarge, engine.DropTopicLimit} {
 		counter(dropped, droppedHelp, prometheus.Labels{"reason": string(r)}, es(func(s engine.Stats) float64 { return float64(s.Dropped[r]) }))
 	}
 	counter(dropped, droppedHelp, prometheus.Labels{"reason": "denied"}, func() float64 { return float64(b.auth.stats().DeniedDelivery) })

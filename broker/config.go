@@ -164,6 +164,8 @@ type MQTTConfig struct {
 	MaxQueuedMessages uint16        `yaml:"max_queued_messages"` // QoS 1/2 messages kept per session (inflight + queued)
 	ReceiveMaximum    uint16        `yaml:"receive_maximum"`     // inbound QoS 1/2 messages unacknowledged per client
 	MaxTopicAlias     uint16        `yaml:"max_topic_alias"`     // topic aliases per v5 client; 0 disables them
+	MaxTopicLength    int           `yaml:"max_topic_length"`    // bytes in a topic name or filter (the spec's cap is 65535)
+	MaxTopicLevels    int           `yaml:"max_topic_levels"`    // levels in a topic name or filter; 0 = no limit
 	OutboundQueue     int32         `yaml:"outbound_queue"`      // KiB queued per connection before QoS 0 messages are dropped (the outbound byte budget)
 	KeepaliveMin      time.Duration `yaml:"keepalive_min"`       // lowest keep-alive accepted; 0 = none
 	KeepaliveMax      time.Duration `yaml:"keepalive_max"`       // highest keep-alive accepted; 0 = none
@@ -232,6 +234,8 @@ func Default() Config {
 			MaxQueuedMessages: 1000,
 			ReceiveMaximum:    100,
 			MaxTopicAlias:     1024,
+			MaxTopicLength:    1024,
+			MaxTopicLevels:    128,
 			OutboundQueue:     1024,
 			MaxQoS:            2,
 			RetainAvailable:   true,
@@ -614,6 +618,12 @@ func (c *Config) Validate() error {
 	}
 	if m.OutboundQueue < 1 {
 		return bad("mqtt.outbound_queue", "must be at least 1")
+	}
+	if m.MaxTopicLength < 1 || m.MaxTopicLength > 65535 {
+		return bad("mqtt.max_topic_length", "%d is outside 1..65535", m.MaxTopicLength)
+	}
+	if m.MaxTopicLevels < 0 {
+		return bad("mqtt.max_topic_levels", "must not be negative")
 	}
 	for key, d := range map[string]time.Duration{"mqtt.keepalive_min": m.KeepaliveMin, "mqtt.keepalive_max": m.KeepaliveMax} {
 		if d < 0 || d > 65535*time.Second || d%time.Second != 0 {

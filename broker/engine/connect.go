@@ -168,8 +168,8 @@ func (c *conn) connect(pk *packets.Packet) error {
 	var will *Message
 	var willDelay time.Duration
 	if cn.WillFlag {
-		if !topics.ValidTopicName(cn.WillTopic) {
-			return refuse(codeTopicInvalid, "the will topic is not a valid topic name")
+		if !topics.ValidTopicName(cn.WillTopic) || c.srv.topicOverLimit(cn.WillTopic) {
+			return refuse(codeTopicInvalid, "the will topic is not a valid topic name here")
 		}
 		if cn.WillQos > c.srv.lim.MaxQoS {
 			return refuse(codeQoSNotSupported, "will QoS not supported")

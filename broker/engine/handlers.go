@@ -119,6 +119,12 @@ func (c *conn) publish(pk *packets.Packet) error {
 	}
 	topic := pk.TopicName
 	props := &pk.Properties
+	if c.srv.topicOverLimit(topic) {
+		// Refused before anything keeps it (an alias, a retained entry).
+		c.srv.dropped(DropTopicLimit, c.clientID, nil)
+		c.refusePublish(pk, codeTopicInvalid, "topic name longer or deeper than this server accepts")
+		return nil
+	}
 	if v5 {
 		switch {
 		case len(props.SubscriptionIdentifier) > 0:
@@ -229,6 +235,12 @@ func (c *conn) releaseInbound(pk *packets.Packet) {
 		delete(c.sess.inQoS2, pk.PacketID)
 		c.sess.mu.Unlock()
 	}
+}
+
+// topicOverLimit reports whether a topic name or filter is longer or has
+// more levels than Limits.MaxTopicLength and MaxTopicLevels allow.
+func (s *Server) topicOverLimit(t string) bool {
+	return len(t) > s.lim.MaxTopicLength || (s.lim.MaxTopicLevels > 0 && strings.Count(t, "/") >= s.lim.MaxTopicLevels)
 }
 
 // messageExpiry is the expiry to apply to a message whose publisher asked
@@ -358,6 +370,11 @@ func (c *conn) subscribe(pk *packets.Packet) error {
 			}
 			filter, group = inner, g
 		} else if !topics.ValidFilter(filter) {
+			fail(i, codeFilterInvalid)
+			continue
+		}
+		if c.srv.topicOverLimit(filter) {
+			c.srv.dropped(DropTopicLimit, c.clientID, nil)
 			fail(i, codeFilterInvalid)
 			continue
 		}

@@ -115,6 +115,7 @@ const (
 	DropExpired    DropReason = "expired"     // message expiry passed before delivery
 	DropDenied     DropReason = "denied"      // the subscriber may not read the topic
 	DropTooLarge   DropReason = "too_large"   // larger than the client's Maximum Packet Size
+	DropTopicLimit DropReason = "topic_limit" // a topic longer or deeper than Limits.MaxTopicLength / MaxTopicLevels
 	DropPolicy     DropReason = "policy"      // a PublishChecker refused the payload
 )
 
@@ -140,6 +141,8 @@ type Limits struct {
 	NoRetain         bool          // retained messages not available
 	NoSharedSubs     bool          // shared subscriptions not available
 	TopicAliasMax    uint16        // inbound aliases per v5 connection; 0 disables
+	MaxTopicLength   int           // bytes in a topic name or filter; default (0) 65535, MQTT's cap
+	MaxTopicLevels   int           // levels in a topic name or filter; 0 = no limit
 	KeepaliveMin     time.Duration // lowest keep-alive accepted (raised to this via Server Keep Alive)
 	KeepaliveMax     time.Duration // highest keep-alive accepted (lowered via Server Keep Alive)
 	MaxSessionExpiry time.Duration // cap for v5 session expiry; lifetime of 3.1.1 persistent sessions; default 7 days
@@ -154,6 +157,9 @@ type Limits struct {
 func (l *Limits) defaults() {
 	if l.MaxPacketSize == 0 {
 		l.MaxPacketSize = 1 << 20
+	}
+	if l.MaxTopicLength <= 0 || l.MaxTopicLength > 65535 {
+		l.MaxTopicLength = 65535
 	}
 	if l.ReceiveMaximum == 0 {
 		l.ReceiveMaximum = 100

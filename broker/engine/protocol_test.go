@@ -2,6 +2,7 @@ package engine
 
 import (
 	"bytes"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -138,5 +139,38 @@ func TestReceiveMaximumZeroIsAProtocolError(t *testing.T) {
 	pk, err := r.read(5 * time.Second)
 	if err != nil || pk.FixedHeader.Type != packets.Connack || pk.ReasonCode != 0x82 {
 		t.Fatalf("got %+v reason 0x%02x %v, want CONNACK 0x82", pk.FixedHeader, pk.ReasonCode, err)
+	}
+}
+
+// Topics longer or deeper than the limits are refused before anything
+// keeps them: v5 gets 0x90 (PUBACK) or 0x8F (SUBACK); a 3.1.1 publish is
+// acknowledged and dropped (3.1.1 cannot say no); nothing is delivered.
+func TestTopicLimits(t *testing.T) {
+	srv, addr := startServer(t, Options{Limits: Limits{MaxTopicLength: 1024, MaxTopicLevels: 8}})
+	long := strings.Repeat("x", 60<<10)
+	deep := strings.Repeat("a/", 8) + "a" // 9 levels
+	sub := dialRaw(t, addr, 5)
+	sub.connect("limits-sub", true, nil)
+	sub.subscribe(1, "#", 1)
+	for _, v := range []byte{4, 5} {
+		r := dialRaw(t, addr, v)
+		r.connect(fmt.Sprintf("limits-%d", v), true, nil)
+		for i, topic := range []string{long, deep} {
+			r.publish(topic, []byte("x"), 1, uint16(i+1))
+			ack := r.expect(packets.Puback)
+			if want := map[byte]byte{4: 0, 5: 0x90}[v]; ack.ReasonCode != want {
+				t.Errorf("v%d publish to a %d-byte topic: PUBACK 0x%02x, want 0x%02x", v, len(topic), ack.ReasonCode, want)
+			}
+			want := map[byte]byte{4: 0x80, 5: 0x8F}[v]
+			if s := r.subscribe(uint16(10+i), topic, 1); s.ReasonCodes[0] != want {
+				t.Errorf("v%d subscribe to a %d-byte filter: SUBACK 0x%02x, want 0x%02x", v, len(topic), s.ReasonCodes[0], want)
+			}
+		}
+	}
+	if pk, err := sub.read(200 * time.Millisecond); err == nil {
+		t.Fatalf("a refused topic was delivered: %d bytes", len(pk.TopicName))
+	}
+	if d := srv.Stats().Dropped[DropTopicLimit]; d != 8 {
+		t.Fatalf("topic_limit drops %d, want 8", d)
 	}
 }
