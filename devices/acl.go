@@ -8,9 +8,10 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-	"unicode/utf8"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/beaconmq/beacon/broker/topics"
 )
 
 // Kind is what a principal is.
@@ -333,24 +334,10 @@ func parseRule(n *yaml.Node) (Rule, error) {
 // U+0000, wildcards as whole levels, '#' last, no shared-subscription
 // prefix.
 func ValidFilter(f string) error {
-	switch {
-	case f == "":
-		return errors.New("empty topic filter")
-	case strings.IndexByte(f, 0) >= 0 || !utf8.ValidString(f):
-		return fmt.Errorf("topic %q: not valid UTF-8 without U+0000", f)
-	case strings.HasPrefix(f, "$share/"):
+	if strings.HasPrefix(f, "$share/") {
 		return fmt.Errorf("topic %q: a shared subscription, not a filter", f)
 	}
-	levels := strings.Split(f, "/")
-	for i, l := range levels {
-		switch {
-		case l == "#" && i != len(levels)-1:
-			return fmt.Errorf("topic %q: '#' must be the last level", f)
-		case l != "#" && l != "+" && strings.ContainsAny(l, "#+"):
-			return fmt.Errorf("topic %q: wildcards must stand as whole levels", f)
-		}
-	}
-	return nil
+	return topics.CheckFilter(f)
 }
 
 // validRuleFilter checks an MQTT topic filter in which %u and %c may stand
@@ -521,54 +508,12 @@ func Matches(filter, topic []string) bool {
 }
 
 // Covers reports whether every topic that sub matches is also matched by
-// filter.
-func Covers(filter, sub []string) bool {
-	if len(sub) > 0 && len(filter) > 0 && (filter[0] == "#" || filter[0] == "+") && strings.HasPrefix(sub[0], "$") {
-		return false
-	}
-	for i, f := range filter {
-		if f == "#" {
-			return true
-		}
-		if i >= len(sub) {
-			return false
-		}
-		switch s := sub[i]; {
-		case s == "#":
-			return false // sub reaches deeper than a non-# level can
-		case s == "+":
-			if f != "+" {
-				return false
-			}
-		default:
-			if f != "+" && f != s {
-				return false
-			}
-		}
-	}
-	return len(sub) == len(filter)
-}
+// filter (both split in levels); see topics.Covers.
+func Covers(filter, sub []string) bool { return topics.Covers(filter, sub) }
 
-// Overlaps reports whether some topic name is matched by both filters.
-func Overlaps(a, b []string) bool {
-	wild := func(l string) bool { return l == "+" || l == "#" }
-	if len(a) > 0 && len(b) > 0 &&
-		(wild(a[0]) && strings.HasPrefix(b[0], "$") || wild(b[0]) && strings.HasPrefix(a[0], "$")) {
-		return false
-	}
-	for i := 0; ; i++ {
-		aEnd, bEnd := i >= len(a), i >= len(b)
-		if !aEnd && a[i] == "#" || !bEnd && b[i] == "#" {
-			return true // "x/#" also matches "x"
-		}
-		if aEnd || bEnd {
-			return aEnd && bEnd
-		}
-		if a[i] != "+" && b[i] != "+" && a[i] != b[i] {
-			return false
-		}
-	}
-}
+// Overlaps reports whether some topic name is matched by both filters;
+// see topics.Overlaps.
+func Overlaps(a, b []string) bool { return topics.Overlaps(a, b) }
 
 // MatchesTopic is Matches for a topic name that is not split: it does not
 // allocate.

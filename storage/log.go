@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/beaconmq/beacon/broker/topics"
 )
 
 // Errors of the message log.
@@ -227,7 +229,10 @@ func OpenLog(db *DB, opts LogOptions) (*Log, error) {
 	}
 	l.res.ch = make(chan struct{})
 	for i, r := range opts.Rules {
-		if err := validLogFilter(r.Filter); err != nil {
+		if strings.HasPrefix(r.Filter, "$share/") {
+			return nil, fmt.Errorf("log rule %d: topic %q: a shared subscription, not a filter", i, r.Filter)
+		}
+		if err := topics.CheckFilter(r.Filter); err != nil {
 			return nil, fmt.Errorf("log rule %d: %w", i, err)
 		}
 		if r.MaxMessages < 0 || r.MaxAge < 0 || r.MaxBytes < 0 {
@@ -349,18 +354,11 @@ func metaOp(name string, v uint64) Op {
 }
 
 // ruleFor is the index of the first rule matching topic, or -1.
-func (l *Log) ruleFor(topic []byte) int {
-	for i, r := range l.rules {
-		if matchTopic(r.levels, topic) {
-			return i
-		}
-	}
-	return -1
-}
+func (l *Log) ruleFor(topic []byte) int { return l.ruleForString(string(topic)) }
 
 func (l *Log) ruleForString(topic string) int {
 	for i, r := range l.rules {
-		if matchTopic(r.levels, topic) {
+		if topics.Match(r.Filter, topic) {
 			return i
 		}
 	}

@@ -4,6 +4,8 @@ import (
 	"math"
 	"strings"
 	"time"
+
+	"github.com/beaconmq/beacon/broker/topics"
 )
 
 // Ref takes a reference on seq: the record is not deleted before the
@@ -269,7 +271,7 @@ func (l *Log) OldestFor(filters ...string) uint64 {
 			continue
 		}
 		for _, f := range split {
-			if filterOverlaps(r.levels, f) {
+			if topics.Overlaps(r.levels, f) {
 				mark = r.trimmed
 				break
 			}
@@ -284,7 +286,7 @@ func (l *Log) OldestFor(filters ...string) uint64 {
 func (l *Log) Retains(filter string) bool {
 	levels := strings.Split(filter, "/")
 	for _, r := range l.rules {
-		if filterCovers(r.levels, levels) {
+		if topics.Covers(r.levels, levels) {
 			return true
 		}
 	}

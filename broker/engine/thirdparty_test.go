@@ -136,7 +136,9 @@ func TestPahoReceiveMaximum(t *testing.T) {
 // A persistent subscriber that reconnects every few hundred milliseconds
 // while QoS 1 and QoS 2 publishers run loses nothing acknowledged.
 func TestReconnectChurnLosesNothing(t *testing.T) {
-	_, addr := serve(t, engine.Options{})
+	// Queues large enough for the offline moments: the queue limit is not
+	// what is tested.
+	_, addr := serve(t, engine.Options{Limits: engine.Limits{MaxQueued: 1 << 16}})
 	var mu sync.Mutex
 	seen := map[string]int{}
 	fresh := map[string]int{} // copies sent without DUP: the broker must send each QoS 2 message once

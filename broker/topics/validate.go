@@ -1,6 +1,8 @@
 package topics
 
 import (
+	"errors"
+	"fmt"
 	"strings"
 	"unicode/utf8"
 )
@@ -51,6 +53,29 @@ func ValidFilter(filter string) bool {
 		}
 	}
 	return true
+}
+
+// CheckFilter is ValidFilter with the reason, for configuration and rule
+// files that name what is wrong.
+func CheckFilter(filter string) error {
+	switch {
+	case filter == "":
+		return errors.New("empty topic filter")
+	case len(filter) > MaxLen:
+		return fmt.Errorf("topic filter longer than %d bytes", MaxLen)
+	case strings.IndexByte(filter, 0) >= 0 || !utf8.ValidString(filter):
+		return fmt.Errorf("topic %q: not valid UTF-8 without U+0000", filter)
+	}
+	levels := strings.Split(filter, "/")
+	for i, l := range levels {
+		switch {
+		case l == "#" && i != len(levels)-1:
+			return fmt.Errorf("topic %q: '#' must be the last level", filter)
+		case l != "#" && l != "+" && strings.ContainsAny(l, "#+"):
+			return fmt.Errorf("topic %q: wildcards must stand as whole levels", filter)
+		}
+	}
+	return nil
 }
 
 // ParseShared splits a SUBSCRIBE filter. For "$share/{group}/{inner}" it

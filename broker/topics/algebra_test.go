@@ -1,11 +1,11 @@
-package storage
+package topics
 
 import (
 	"strings"
 	"testing"
 )
 
-func TestLogMatchTopic(t *testing.T) {
+func TestMatchLevelCases(t *testing.T) {
 	tests := []struct {
 		filter, topic string
 		want          bool
@@ -32,20 +32,13 @@ func TestLogMatchTopic(t *testing.T) {
 		{"", "", true},
 	}
 	for _, tc := range tests {
-		levels := strings.Split(tc.filter, "/")
-		if got := matchTopic(levels, tc.topic); got != tc.want {
-			t.Errorf("match(%q, %q) = %v, want %v", tc.filter, tc.topic, got, tc.want)
+		if got := Match(tc.filter, tc.topic); got != tc.want {
+			t.Errorf("Match(%q, %q) = %v, want %v", tc.filter, tc.topic, got, tc.want)
 		}
-		if got := matchTopic(levels, []byte(tc.topic)); got != tc.want {
-			t.Errorf("match(%q, []byte %q) = %v, want %v", tc.filter, tc.topic, got, tc.want)
-		}
-	}
-	if n := testing.AllocsPerRun(100, func() { matchTopic([]string{"a", "+", "#"}, []byte("a/b/c")) }); n != 0 {
-		t.Fatalf("match allocates %v times", n)
 	}
 }
 
-func TestLogFilterCoversOverlaps(t *testing.T) {
+func TestCoversOverlaps(t *testing.T) {
 	tests := []struct {
 		a, b             string
 		covers, overlaps bool // covers: a covers b
@@ -66,14 +59,24 @@ func TestLogFilterCoversOverlaps(t *testing.T) {
 	}
 	for _, tc := range tests {
 		a, b := strings.Split(tc.a, "/"), strings.Split(tc.b, "/")
-		if got := filterCovers(a, b); got != tc.covers {
+		if got := Covers(a, b); got != tc.covers {
 			t.Errorf("covers(%q, %q) = %v", tc.a, tc.b, got)
 		}
-		if got := filterOverlaps(a, b); got != tc.overlaps {
+		if got := Overlaps(a, b); got != tc.overlaps {
 			t.Errorf("overlaps(%q, %q) = %v", tc.a, tc.b, got)
 		}
-		if got := filterOverlaps(b, a); got != tc.overlaps {
+		if got := Overlaps(b, a); got != tc.overlaps {
 			t.Errorf("overlaps(%q, %q) = %v", tc.b, tc.a, got)
+		}
+	}
+}
+
+// CheckFilter says why exactly when ValidFilter says no.
+func TestCheckFilterAgreesWithValidFilter(t *testing.T) {
+	for _, f := range []string{"", "a", "a/b", "#", "+", "a/+/b", "a/#", "/", "//", "a+", "+a", "a/#/b", "#a", "a#",
+		"a\x00b", "\xff", "$share/g/a", "$SYS/#", strings.Repeat("a", MaxLen), strings.Repeat("a", MaxLen+1)} {
+		if err := CheckFilter(f); (err == nil) != ValidFilter(f) {
+			t.Errorf("%q: CheckFilter %v, ValidFilter %v", f, err, ValidFilter(f))
 		}
 	}
 }
