@@ -183,7 +183,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		},
 		Auth:        b.auth,
 		Observer:    (*observer)(b),
-		Committer:   (*committer)(b),
+		Committer:   b.committer(),
 		Log:         slog.New(hooks.NewRateLimitHandler(log.Handler(), 10*time.Second)).With("component", "mqtt"),
 		Version:     Version,
 		SysInterval: m.SysInterval,
@@ -828,6 +828,15 @@ func (o *observer) Sent(m *engine.Message, qos byte, live bool) {
 
 // committer joins the webhook outbox to the write that accepts a message.
 type committer Broker
+
+// committer is the engine's Committer: none without webhooks, so a
+// broker without them does no per-message work for them.
+func (b *Broker) committer() engine.Committer {
+	if len(b.cfg.Webhooks) == 0 {
+		return nil
+	}
+	return (*committer)(b)
+}
 
 func (c *committer) Prepare(m *engine.Message) []storage.Op {
 	return c.webhooks.Prepare(c.hookMessage(m))

@@ -165,15 +165,15 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (err error) {
 	if in != nil && in.sess.isPersistent() {
 		fixed = append(fixed, storage.Set(storage.InboundKey(in.sess.id, in.id), nil))
 	}
-	lm := logMessage(m)
 	if !keep {
-		m.Seq = st.log.Number(lm)
+		// Numbered only: nothing of the message is encoded or written.
+		m.Seq = st.log.Number(&storage.LogMessage{Time: m.Created})
 		if len(fixed) > 0 {
 			return st.db.Write(fixed...)
 		}
 		return nil
 	}
-	seq, err := st.log.AppendWith(lm, func(seq uint64) []storage.Op {
+	seq, err := st.log.AppendWith(logMessage(m), func(seq uint64) []storage.Op {
 		ops := fixed
 		for i := range ts {
 			t := &ts[i]
