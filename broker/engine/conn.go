@@ -1,11 +1,11 @@
 package engine
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -24,8 +24,18 @@ type conn struct {
 	nc       net.Conn
 	listener string
 	remote   string
-	br       *bufio.Reader // only while input is buffered; nil when idle
-	first    [1]byte       // the byte an idle connection waits for
+	in       input // the read side; the reader goroutine owns it
+
+	// An idle connection's reader returns and the idle poller resumes it
+	// (Limits.IdleAfter). parked is set by the reader under outMu and
+	// cleared by whoever resumes it; stopRead (set once closing) makes the
+	// reader stop waiting for input; kaExpired is set by the poller when
+	// an idle connection's keep-alive (kaDeadline, unix nanos) ran out.
+	parked     atomic.Bool
+	stopRead   atomic.Bool
+	kaExpired  atomic.Bool
+	kaDeadline atomic.Int64
+	noPark     bool // never parks (ServeConn with wait, or the poller failed)
 
 	// Set by CONNECT, read-only afterwards (the reader goroutine owns them).
 	version   byte
@@ -66,13 +76,15 @@ type conn struct {
 }
 
 func newConn(srv *Server, nc net.Conn, listener string) *conn {
-	return &conn{
+	c := &conn{
 		srv:      srv,
 		nc:       nc,
 		listener: listener,
 		remote:   nc.RemoteAddr().String(),
 		done:     make(chan struct{}),
 	}
+	c.in.init(nc)
+	return c
 }
 
 // errSlowConsumer closes a connection whose socket did not take a write
@@ -199,6 +211,7 @@ func (c *conn) flush() {
 				c.closeErr = err
 			}
 			c.closing = true
+			c.stopReadingLocked()
 			c.flushing = false
 			shut := c.markClosedLocked()
 			c.outMu.Unlock()
@@ -254,6 +267,7 @@ func (c *conn) closeLocked(cause error, code byte, reason string) bool {
 		c.out = appendDisconnect(c.out, code, reason)
 	}
 	c.closing = true
+	c.stopReadingLocked()
 	if len(c.out) == 0 && c.writing == 0 {
 		return c.markClosedLocked()
 	}
@@ -363,7 +377,7 @@ func (c *conn) readInto(pk *packets.Packet) (err error) {
 	if err := pk.FixedHeader.Decode(hb); err != nil {
 		return protoErr(codeMalformed, "malformed fixed header")
 	}
-	n, _, err := packets.DecodeLength(c.br)
+	n, _, err := packets.DecodeLength(&c.in)
 	if err != nil {
 		if errors.Is(err, io.EOF) || isTimeout(err) {
 			return err
@@ -376,7 +390,7 @@ func (c *conn) readInto(pk *packets.Packet) (err error) {
 	}
 	pk.FixedHeader.Remaining = n
 	body := make([]byte, n)
-	if _, err := io.ReadFull(c.br, body); err != nil {
+	if err := c.in.readFull(body); err != nil {
 		return err
 	}
 	c.srv.stats.bytesIn.Add(int64(1 + varintLen(n) + n))
@@ -413,36 +427,98 @@ func (c *conn) readInto(pk *packets.Packet) (err error) {
 	return nil
 }
 
-var readerPool = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4096) }}
-
 // nextByte reads the first byte of a packet. A connection with nothing
-// buffered gives its read buffer back and waits for one byte in place, so
-// an idle connection holds no read buffer.
+// buffered waits holding no read buffer (see input).
 func (c *conn) nextByte() (byte, error) {
-	if c.br != nil && c.br.Buffered() > 0 {
-		return c.br.ReadByte()
+	if c.in.buffered() > 0 {
+		return c.in.ReadByte()
 	}
-	c.releaseReader()
-	for {
-		n, err := c.nc.Read(c.first[:])
-		if n == 1 {
-			break
-		}
-		if err != nil {
-			return 0, err
-		}
+	if c.in.rc == nil {
+		c.in.release()
 	}
-	c.br = readerPool.Get().(*bufio.Reader)
-	c.br.Reset(c.nc)
-	return c.first[0], nil
+	c.in.atStart = true
+	b, err := c.in.ReadByte()
+	c.in.atStart = false
+	return b, err
 }
 
-func (c *conn) releaseReader() {
-	if c.br != nil {
-		c.br.Reset(nil)
-		readerPool.Put(c.br)
-		c.br = nil
+func (c *conn) releaseReader() { c.in.release() }
+
+// armRead runs before the reader waits for bytes once the connection is
+// up: the read deadline is the keep-alive (1.5 times the client's, from
+// now), or, at a packet boundary of a plain socket that may idle, the
+// moment to hand the connection to the idle poller.
+func (c *conn) armRead(atStart bool) error {
+	if c.stopRead.Load() {
+		return errClosing
 	}
+	if c.kaExpired.Load() {
+		return os.ErrDeadlineExceeded
+	}
+	now := time.Now()
+	var ka, d time.Time
+	if c.keepalive > 0 {
+		ka = now.Add(c.keepalive * 3 / 2)
+		d = ka
+	}
+	c.in.parkArmed = false
+	if atStart && !c.noPark && c.in.rc != nil && c.srv.lim.IdleAfter > 0 {
+		if p := now.Add(c.srv.lim.IdleAfter); ka.IsZero() || p.Before(ka) {
+			d, c.in.parkArmed = p, true
+			var kaNanos int64
+			if !ka.IsZero() {
+				kaNanos = ka.UnixNano()
+			}
+			c.kaDeadline.Store(kaNanos)
+		}
+	}
+	c.in.setDeadline(d)
+	if c.stopRead.Load() { // closing raced the deadline: do not wait
+		return errClosing
+	}
+	return nil
+}
+
+// park hands an idle connection to the idle poller; the reader goroutine
+// returns at once if it reports true, and must not touch c afterwards.
+func (c *conn) park() bool {
+	p := c.srv.idlePoller()
+	if p == nil {
+		c.noPark = true
+		return false
+	}
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.closing {
+		return false
+	}
+	c.parked.Store(true)
+	if err := p.add(c); err != nil {
+		c.parked.Store(false)
+		c.noPark = true
+		c.srv.log.Warn("idle connection stays with its reader", "remote", c.remote, "error", err)
+		return false
+	}
+	return true
+}
+
+// unpark resumes a parked connection's reader (on input, on an expired
+// keep-alive, or because it is closing); a connection not parked is left
+// alone.
+func (c *conn) unpark(expired bool) {
+	if c.parked.CompareAndSwap(true, false) {
+		if expired {
+			c.kaExpired.Store(true)
+		}
+		go c.resume()
+	}
+}
+
+// stopReadingLocked makes the reader stop waiting for input, resuming it
+// if it is parked. Callers hold outMu and set closing.
+func (c *conn) stopReadingLocked() {
+	c.stopRead.Store(true)
+	c.unpark(false)
 }
 
 // decode runs mochi's decoder for the packet type; a decoder that panics

@@ -50,8 +50,9 @@ var (
 	errExpired    = errors.New("credentials expired")
 )
 
-// serve reads the CONNECT, then every packet until the connection ends.
-func (c *conn) serve() {
+// serve reads the CONNECT, then every packet until the connection ends
+// (false) or idles (true: the idle poller resumes it).
+func (c *conn) serve() bool {
 	_ = c.nc.SetReadDeadline(time.Now().Add(c.srv.lim.ConnectTimeout))
 	pk, err := c.readPacket()
 	if err == nil {
@@ -70,11 +71,28 @@ func (c *conn) serve() {
 		c.close(err, 0, "")
 		c.releaseReader()
 		c.srv.log.Debug("connection refused", "remote", c.remote, "listener", c.listener, "error", err)
-		return
+		return false
 	}
+	return c.serveLoop()
+}
+
+// serveLoop reads packets until the connection ends or idles. It reports
+// true if the connection was handed to the idle poller.
+func (c *conn) serveLoop() bool {
 	cause, graceful := c.loop()
+	if cause == errParked {
+		return true
+	}
 	c.releaseReader()
 	c.end(cause, graceful)
+	return false
+}
+
+// resume continues an idle connection's reader.
+func (c *conn) resume() {
+	if !c.serveLoop() {
+		c.srv.finish(c)
+	}
 }
 
 // refuse sends the CONNACK of a refused CONNECT.

@@ -23,13 +23,18 @@ const (
 // loop reads and handles packets until the connection ends. It returns
 // why, and whether the client ended it with a normal DISCONNECT (no will).
 func (c *conn) loop() (error, bool) {
+	c.in.arm = c.armRead
 	for {
-		if c.keepalive > 0 {
-			_ = c.nc.SetReadDeadline(time.Now().Add(c.keepalive * 3 / 2))
-		} else {
-			_ = c.nc.SetReadDeadline(time.Time{})
-		}
 		pk, err := c.readPacket()
+		if errors.Is(err, errIdle) {
+			if c.park() {
+				return errParked, false
+			}
+			if !c.isClosing() {
+				continue // waits with its reader from now on
+			}
+			err = errClosing
+		}
 		var reason byte
 		if err == nil && c.isClosing() {
 			// Closed by the server (a takeover, a kick): bytes still

@@ -64,6 +64,11 @@ func measureIdle(b *testing.B, n int) {
 	for s.Stats().Subscriptions < n%10000 && s.Stats().Subscriptions < n && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
+	// Wait for the connections to idle: their readers return (IdleAfter).
+	for idleCount(s) < n && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	b.ReportMetric(float64(idleCount(s)), "idle")
 	after := memInUse()
 	b.ReportMetric(float64(after-before)/float64(n)/1024, "KiB/conn")
 	var m runtime.MemStats

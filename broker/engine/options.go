@@ -152,6 +152,10 @@ type Limits struct {
 	WriteTimeout     time.Duration // a write that takes longer closes the connection (slow consumer); default 10s
 	ConnectTimeout   time.Duration // time to send CONNECT after the socket opens; default 10s
 	MaxClients       int           // concurrent connections; 0 = unlimited
+	// IdleAfter is how long a plain TCP connection waits for its next
+	// packet with a reader goroutine; then the goroutine returns and the
+	// idle poller watches the socket (Linux). Default 1s; negative: never.
+	IdleAfter time.Duration
 }
 
 func (l *Limits) defaults() {
@@ -181,6 +185,9 @@ func (l *Limits) defaults() {
 	}
 	if l.ConnectTimeout == 0 {
 		l.ConnectTimeout = 10 * time.Second
+	}
+	if l.IdleAfter == 0 {
+		l.IdleAfter = time.Second
 	}
 }
 

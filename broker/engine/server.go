@@ -41,6 +41,9 @@ type Server struct {
 	done      chan struct{} // closed by Shutdown
 	startOnce sync.Once
 	stopOnce  sync.Once
+	idleOnce  sync.Once
+	idleStop  sync.Once
+	idle      atomic.Pointer[idlePoller] // nil until a connection idles
 }
 
 type counters struct {
@@ -168,6 +171,8 @@ func (s *Server) ServeConn(nc net.Conn, listener string, wait bool) error {
 		s.stats.maxConns.Store(n)
 	}
 	if wait {
+		// The caller owns nc until ServeConn returns: never idle away.
+		c.noPark = true
 		s.run(c)
 		return nil
 	}
@@ -176,14 +181,40 @@ func (s *Server) ServeConn(nc net.Conn, listener string, wait bool) error {
 }
 
 func (s *Server) run(c *conn) {
-	defer s.wg.Done()
-	defer func() {
+	if !c.serve() {
+		s.finish(c)
+	}
+}
+
+// finish forgets an ended connection.
+func (s *Server) finish(c *conn) {
+	if p := s.idle.Load(); p != nil && c.in.watched {
+		p.forget(c)
+	}
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+	s.stats.connections.Add(-1)
+	s.wg.Done()
+}
+
+// idlePoller returns the poller of idle connections, started on first
+// use; nil if the system has none or the server is shutting down.
+func (s *Server) idlePoller() *idlePoller {
+	s.idleOnce.Do(func() {
 		s.mu.Lock()
-		delete(s.conns, c)
-		s.mu.Unlock()
-		s.stats.connections.Add(-1)
-	}()
-	c.serve()
+		defer s.mu.Unlock()
+		if s.closing {
+			return
+		}
+		p, err := newIdlePoller()
+		if err != nil {
+			s.log.Warn("idle connections keep their reader goroutine", "error", err)
+			return
+		}
+		s.idle.Store(p)
+	})
+	return s.idle.Load()
 }
 
 func (s *Server) isClosing() bool {
@@ -241,6 +272,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	if s.store != nil {
 		s.stopOnce.Do(s.store.nt.stop)
+	}
+	s.idleOnce.Do(func() {}) // none starts from now on
+	if p := s.idle.Load(); p != nil {
+		s.idleStop.Do(p.stop)
 	}
 	return err
 }

@@ -1,0 +1,148 @@
+package engine
+
+import (
+	"sync"
+	"syscall"
+	"time"
+)
+
+// idlePoller holds the connections that have been idle for
+// Limits.IdleAfter: their reader goroutine has returned, and the socket
+// waits in an epoll set of the poller's own (one-shot, so one readiness
+// resumes a connection once). An idle connection costs its structures,
+// not a goroutine and its stack. One goroutine waits on the set and
+// checks the keep-alive deadlines of the idle connections once a second.
+type idlePoller struct {
+	epfd int
+	wake [2]int // a byte on the pipe stops the loop
+
+	mu    sync.Mutex
+	conns map[int]*conn // by descriptor: idle, or resumed and not yet ended
+	done  chan struct{}
+}
+
+func newIdlePoller() (*idlePoller, error) {
+	epfd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, err
+	}
+	p := &idlePoller{epfd: epfd, conns: map[int]*conn{}, done: make(chan struct{})}
+	if err := syscall.Pipe2(p.wake[:], syscall.O_CLOEXEC|syscall.O_NONBLOCK); err != nil {
+		syscall.Close(epfd)
+		return nil, err
+	}
+	ev := syscall.EpollEvent{Events: syscall.EPOLLIN, Fd: int32(p.wake[0])}
+	if err := syscall.EpollCtl(epfd, syscall.EPOLL_CTL_ADD, p.wake[0], &ev); err != nil {
+		p.closeFDs()
+		return nil, err
+	}
+	go p.run()
+	return p, nil
+}
+
+func (p *idlePoller) closeFDs() {
+	syscall.Close(p.epfd)
+	syscall.Close(p.wake[0])
+	syscall.Close(p.wake[1])
+}
+
+// add watches c's socket for its next byte (or its end).
+func (p *idlePoller) add(c *conn) error {
+	fd := c.in.fd
+	p.mu.Lock()
+	p.conns[fd] = c
+	p.mu.Unlock()
+	ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLONESHOT, Fd: int32(fd)}
+	op := syscall.EPOLL_CTL_ADD
+	if c.in.watched {
+		op = syscall.EPOLL_CTL_MOD
+	}
+	err := syscall.EpollCtl(p.epfd, op, fd, &ev)
+	switch {
+	case err == syscall.EEXIST:
+		err = syscall.EpollCtl(p.epfd, syscall.EPOLL_CTL_MOD, fd, &ev)
+	case err == syscall.ENOENT:
+		err = syscall.EpollCtl(p.epfd, syscall.EPOLL_CTL_ADD, fd, &ev)
+	}
+	if err != nil {
+		p.forget(c)
+		return err
+	}
+	c.in.watched = true
+	return nil
+}
+
+// forget drops an ended connection. Its descriptor leaves the epoll set
+// when the socket closes.
+func (p *idlePoller) forget(c *conn) {
+	p.mu.Lock()
+	if p.conns[c.in.fd] == c {
+		delete(p.conns, c.in.fd)
+	}
+	p.mu.Unlock()
+}
+
+func (p *idlePoller) run() {
+	defer close(p.done)
+	events := make([]syscall.EpollEvent, 256)
+	lastSweep := time.Now()
+	for {
+		n, err := syscall.EpollWait(p.epfd, events, 1000)
+		if err != nil && err != syscall.EINTR {
+			return
+		}
+		for _, ev := range events[:max(n, 0)] {
+			fd := int(ev.Fd)
+			if fd == p.wake[0] {
+				return
+			}
+			p.mu.Lock()
+			c := p.conns[fd]
+			p.mu.Unlock()
+			if c != nil {
+				c.unpark(false)
+			}
+		}
+		if now := time.Now(); now.Sub(lastSweep) >= time.Second {
+			lastSweep = now
+			p.sweep(now)
+		}
+	}
+}
+
+// sweep resumes the idle connections whose keep-alive has run out; their
+// reader closes them (0x8D for v5 clients).
+func (p *idlePoller) sweep(now time.Time) {
+	var expired []*conn
+	p.mu.Lock()
+	for _, c := range p.conns {
+		if d := c.kaDeadline.Load(); d != 0 && d <= now.UnixNano() && c.parked.Load() {
+			expired = append(expired, c)
+		}
+	}
+	p.mu.Unlock()
+	for _, c := range expired {
+		c.unpark(true)
+	}
+}
+
+// idle is how many connections wait in the poller now.
+func (p *idlePoller) idle() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, c := range p.conns {
+		if c.parked.Load() {
+			n++
+		}
+	}
+	return n
+}
+
+// stop ends the loop and closes the set. The connections must have been
+// resumed (Shutdown closes them all first).
+func (p *idlePoller) stop() {
+	_, _ = syscall.Write(p.wake[1], []byte{1})
+	<-p.done
+	p.closeFDs()
+}

@@ -1,0 +1,16 @@
+//go:build !linux
+
+package engine
+
+import "errors"
+
+// idlePoller exists on Linux only; elsewhere an idle connection keeps its
+// reader goroutine waiting on the socket.
+type idlePoller struct{}
+
+func newIdlePoller() (*idlePoller, error) { return nil, errors.New("no idle poller on this system") }
+
+func (p *idlePoller) add(*conn) error { return errors.New("no idle poller on this system") }
+func (p *idlePoller) forget(*conn)    {}
+func (p *idlePoller) idle() int       { return 0 }
+func (p *idlePoller) stop()           {}
