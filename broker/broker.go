@@ -318,6 +318,12 @@ func (b *Broker) registerMetrics() {
 	gauge("beacon_subscriptions", "Subscriptions.", es(func(s engine.Stats) float64 { return float64(s.Subscriptions) }))
 	counter("beacon_slow_consumers_total", "Connections closed because a write to them did not finish within the write timeout.", nil,
 		es(func(s engine.Stats) float64 { return float64(s.SlowConsumers) }))
+	counter("beacon_publisher_stalls_total", "QoS 0 deliveries for which a publisher was held back because the subscriber's outbound budget was full.", nil,
+		es(func(s engine.Stats) float64 { return float64(s.Stalls) }))
+	counter("beacon_publisher_stall_timeouts_total", "Publisher stalls that ran out before the subscriber's socket drained (the message was dropped as queue_full).", nil,
+		es(func(s engine.Stats) float64 { return float64(s.StallTimeouts) }))
+	gauge("beacon_idle_connections", "Connections idle for a second or more, waiting without a reader goroutine.",
+		es(func(s engine.Stats) float64 { return float64(s.Idle) }))
 	const dropped = "beacon_messages_dropped_total"
 	const droppedHelp = "Messages not delivered, by reason: queue_full (connection buffer, QoS 0), queue_limit (mqtt.max_queued_messages), expired, denied (ACL at delivery), policy, too_large (the client's maximum packet size), topic_limit (mqtt.max_topic_length or max_topic_levels)."
 	for _, r := range []engine.DropReason{engine.DropQueueFull, engine.DropQueueLimit, engine.DropExpired, engine.DropTooLarge, engine.DropTopicLimit} {

@@ -61,17 +61,19 @@ type conn struct {
 	takenOver      atomic.Bool
 
 	outMu     sync.Mutex
-	out       []byte // bytes queued for the socket
-	spare     []byte // the buffer of the previous write, reused
-	writing   int    // bytes handed to the socket and not yet written
-	flushing  bool   // a flusher goroutine runs
-	closing   bool   // no more writes accepted; the socket closes once out is written
-	closed    bool   // the socket is closed
-	needPump  bool   // the session waits for the budget to free
-	closeErr  error  // why the connection is closing
-	finalSent bool   // a DISCONNECT was queued
-	v5bye     bool   // a v5 session is attached: close sends a DISCONNECT
-	byeReason bool   // and it may carry a reason string
+	out       []byte        // bytes queued for the socket
+	spare     []byte        // the buffer of the previous write, reused
+	writing   int           // bytes handed to the socket and not yet written
+	flushing  bool          // a flusher goroutine runs
+	closing   bool          // no more writes accepted; the socket closes once out is written
+	closed    bool          // the socket is closed
+	needPump  bool          // the session waits for the budget to free
+	drained   chan struct{} // closed when a write completes; made by a publisher waiting for room
+	stalled   bool          // a publisher waited PublisherStall for room in vain; cleared by the next write
+	closeErr  error         // why the connection is closing
+	finalSent bool          // a DISCONNECT was queued
+	v5bye     bool          // a v5 session is attached: close sends a DISCONNECT
+	byeReason bool          // and it may carry a reason string
 	done      chan struct{}
 }
 
@@ -188,12 +190,28 @@ func (c *conn) flush() {
 		c.writing = len(buf)
 		c.outMu.Unlock()
 
-		_ = c.nc.SetWriteDeadline(time.Now().Add(c.srv.lim.WriteTimeout))
-		n, err := c.nc.Write(buf)
-		c.srv.stats.bytesOut.Add(int64(n))
+		// In chunks, so publishers waiting for room (awaitRoom) see the
+		// socket drain, and the write timeout bounds a chunk: a slow
+		// consumer is one that takes no chunk in WriteTimeout.
+		var err error
+		for off := 0; off < len(buf) && err == nil; {
+			end := min(off+writeChunk, len(buf))
+			_ = c.nc.SetWriteDeadline(time.Now().Add(c.srv.lim.WriteTimeout))
+			var n int
+			n, err = c.nc.Write(buf[off:end])
+			off += n
+			c.srv.stats.bytesOut.Add(int64(n))
+			if off < len(buf) && err == nil {
+				c.outMu.Lock()
+				c.writing = len(buf) - off
+				c.progressLocked()
+				c.outMu.Unlock()
+			}
+		}
 
 		c.outMu.Lock()
 		c.writing = 0
+		c.progressLocked()
 		if cap(buf) <= 64<<10 {
 			c.spare = buf[:0]
 		}
@@ -225,6 +243,68 @@ func (c *conn) flush() {
 			c.sess.pump(c)
 		}
 	}
+}
+
+// writeChunk is the most the flusher hands the socket in one write.
+const writeChunk = 64 << 10
+
+// progressLocked tells publishers waiting for room that the socket took
+// bytes. Callers hold outMu.
+func (c *conn) progressLocked() {
+	c.stalled = false
+	if c.drained != nil {
+		close(c.drained)
+		c.drained = nil
+	}
+}
+
+// awaitRoom holds a publisher back until a QoS 0 delivery of n bytes fits
+// the outbound budget, for at most Limits.PublisherStall. It reports
+// whether it fits, and whether the publisher waited: it does not wait if
+// an earlier wait ran out and the socket has taken nothing since (a stuck
+// consumer costs its publishers one stall, not one per message). Callers
+// hold no lock.
+func (c *conn) awaitRoom(n int) (fits, waited bool) {
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for {
+		c.outMu.Lock()
+		p := c.pendingLocked()
+		if c.closing || p == 0 || p+n <= c.srv.lim.OutboundBudget {
+			c.outMu.Unlock()
+			return true, waited
+		}
+		if c.stalled {
+			c.outMu.Unlock()
+			return false, waited
+		}
+		if c.drained == nil {
+			c.drained = make(chan struct{})
+		}
+		ch := c.drained
+		c.outMu.Unlock()
+		if timer == nil {
+			timer = time.NewTimer(c.srv.lim.PublisherStall)
+			waited = true
+		}
+		select {
+		case <-ch:
+		case <-timer.C:
+			c.noteStalled()
+			return false, true
+		}
+	}
+}
+
+// noteStalled marks that a publisher waited for room in vain.
+func (c *conn) noteStalled() {
+	c.outMu.Lock()
+	c.stalled = true
+	c.outMu.Unlock()
 }
 
 // markClosedLocked marks the socket closed and reports whether the caller
@@ -493,8 +573,12 @@ func (c *conn) park() bool {
 		return false
 	}
 	c.parked.Store(true)
+	c.srv.stats.idle.Add(1)
 	if err := p.add(c); err != nil {
-		c.parked.Store(false)
+		if !c.parked.CompareAndSwap(true, false) {
+			return true // the poller's sweep resumed it meanwhile: that reader goes on
+		}
+		c.srv.stats.idle.Add(-1)
 		c.noPark = true
 		c.srv.log.Warn("idle connection stays with its reader", "remote", c.remote, "error", err)
 		return false
@@ -507,6 +591,7 @@ func (c *conn) park() bool {
 // alone.
 func (c *conn) unpark(expired bool) {
 	if c.parked.CompareAndSwap(true, false) {
+		c.srv.stats.idle.Add(-1)
 		if expired {
 			c.kaExpired.Store(true)
 		}

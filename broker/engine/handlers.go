@@ -493,8 +493,10 @@ func (c *conn) disconnect(pk *packets.Packet) error {
 }
 
 // sendQoS0 queues a QoS 0 delivery if the connection has room for it.
-// Callers hold the session's lock.
-func (c *conn) sendQoS0(m *Message, retain bool, subIDs []uint32, live bool) bool {
+// Without room it is dropped and counted, unless full is given: then
+// nothing is counted, *full is set to the size, and the caller may wait
+// for room (awaitRoom) and try again. Callers hold the session's lock.
+func (c *conn) sendQoS0(m *Message, retain bool, subIDs []uint32, live bool, full *int) bool {
 	d := delivery{retain: retain, subIDs: subIDs, expiry: remainingExpiry(m, c.srv.now().Unix())}
 	size, _, _ := publishSize(m, c.version, &d)
 	if c.maxOut > 0 && uint32(size) > c.maxOut {
@@ -502,6 +504,10 @@ func (c *conn) sendQoS0(m *Message, retain bool, subIDs []uint32, live bool) boo
 		return false
 	}
 	if !c.queueIfRoom(size, func(b []byte) []byte { return c.encodePublish(b, m, &d) }) {
+		if full != nil {
+			*full = size
+			return false
+		}
 		c.srv.dropped(DropQueueFull, c.clientID, m)
 		return false
 	}

@@ -126,19 +126,6 @@ func (p *idlePoller) sweep(now time.Time) {
 	}
 }
 
-// idle is how many connections wait in the poller now.
-func (p *idlePoller) idle() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	n := 0
-	for _, c := range p.conns {
-		if c.parked.Load() {
-			n++
-		}
-	}
-	return n
-}
-
 // stop ends the loop and closes the set. The connections must have been
 // resumed (Shutdown closes them all first).
 func (p *idlePoller) stop() {

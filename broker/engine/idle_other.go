@@ -12,5 +12,4 @@ func newIdlePoller() (*idlePoller, error) { return nil, errors.New("no idle poll
 
 func (p *idlePoller) add(*conn) error { return errors.New("no idle poller on this system") }
 func (p *idlePoller) forget(*conn)    {}
-func (p *idlePoller) idle() int       { return 0 }
 func (p *idlePoller) stop()           {}

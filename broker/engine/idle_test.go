@@ -11,11 +11,7 @@ import (
 
 // idleCount is how many connections wait in the idle poller.
 func idleCount(s *Server) int {
-	p := s.idle.Load()
-	if p == nil {
-		return 0
-	}
-	return p.idle()
+	return s.Stats().Idle
 }
 
 func waitIdle(t *testing.T, s *Server, n int) {

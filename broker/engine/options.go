@@ -156,6 +156,11 @@ type Limits struct {
 	// packet with a reader goroutine; then the goroutine returns and the
 	// idle poller watches the socket (Linux). Default 1s; negative: never.
 	IdleAfter time.Duration
+	// PublisherStall is how long a publisher is held back, per delivery,
+	// while a subscriber's socket drains a full outbound budget, before a
+	// QoS 0 message to it is dropped (queue_full). Default 100ms;
+	// negative: drop at once.
+	PublisherStall time.Duration
 }
 
 func (l *Limits) defaults() {
@@ -188,6 +193,9 @@ func (l *Limits) defaults() {
 	}
 	if l.IdleAfter == 0 {
 		l.IdleAfter = time.Second
+	}
+	if l.PublisherStall == 0 {
+		l.PublisherStall = 100 * time.Millisecond
 	}
 }
 

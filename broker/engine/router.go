@@ -18,6 +18,12 @@ type target struct {
 	retain bool
 	ids    []uint32
 	stored bool // a queue entry is written with the message
+
+	// A QoS 0 delivery that did not fit the connection's outbound budget
+	// (mayWait): full is its size, fullConn the connection to wait for.
+	mayWait  bool
+	full     int
+	fullConn *conn
 }
 
 var targetsPool = sync.Pool{New: func() any { s := make([]target, 0, 16); return &s }}
@@ -55,8 +61,28 @@ func (s *Server) accept(m *Message, in *inbound) (int, error) {
 		s.setRetained(m)
 	}
 	n := 0
+	stall := s.lim.PublisherStall > 0
 	for i := range ts {
-		if ts[i].sess.deliver(m, &ts[i]) {
+		t := &ts[i]
+		t.mayWait = stall && t.qos == 0
+		if t.sess.deliver(m, t) {
+			n++
+			continue
+		}
+		if t.fullConn == nil {
+			continue
+		}
+		// A subscriber's socket is behind: hold the publisher back while
+		// it drains (bounded), rather than drop.
+		c := t.fullConn
+		t.mayWait, t.fullConn = false, nil
+		if fits, waited := c.awaitRoom(t.full); waited {
+			s.stats.stalls.Add(1)
+			if !fits {
+				s.stats.stallTimeouts.Add(1)
+			}
+		}
+		if t.sess.deliver(m, t) {
 			n++
 		}
 	}

@@ -55,7 +55,10 @@ type counters struct {
 	received      atomic.Int64 // PUBLISH packets received
 	sent          atomic.Int64 // PUBLISH packets queued to connections
 	slowConsumers atomic.Int64
-	dropped       sync.Map // DropReason -> *atomic.Int64
+	stalls        atomic.Int64 // publishers held back for a subscriber's socket
+	stallTimeouts atomic.Int64 // of which ran out (the QoS 0 message was dropped)
+	idle          atomic.Int64 // connections parked in the idle poller
+	dropped       sync.Map     // DropReason -> *atomic.Int64
 }
 
 // New returns a Server with opts.
@@ -310,6 +313,9 @@ type Stats struct {
 	Received      int64 // PUBLISH packets received from clients
 	Sent          int64 // PUBLISH packets sent to clients
 	SlowConsumers int64 // connections closed because a write timed out
+	Stalls        int64 // QoS 0 deliveries a publisher waited for (a subscriber's outbound budget was full)
+	StallTimeouts int64 // of which waited Limits.PublisherStall in vain (and were dropped as queue_full)
+	Idle          int   // connections idle in the idle poller (no reader goroutine)
 	Inflight      int   // outbound QoS 1/2 messages in flight or queued, all sessions
 	Dropped       map[DropReason]int64
 }
@@ -322,6 +328,9 @@ func (s *Server) Stats() Stats {
 		Received:      s.stats.received.Load(),
 		Sent:          s.stats.sent.Load(),
 		SlowConsumers: s.stats.slowConsumers.Load(),
+		Stalls:        s.stats.stalls.Load(),
+		StallTimeouts: s.stats.stallTimeouts.Load(),
+		Idle:          int(s.stats.idle.Load()),
 		Subscriptions: s.index.Len(),
 		Retained:      s.retained.Len(),
 		Dropped:       map[DropReason]int64{},

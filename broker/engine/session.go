@@ -117,7 +117,17 @@ func (s *session) deliver(m *Message, t *target) bool {
 		if c == nil {
 			return false
 		}
-		return c.sendQoS0(m, t.retain, t.ids, true)
+		var full *int
+		if t.mayWait {
+			full = &t.full
+		}
+		if c.sendQoS0(m, t.retain, t.ids, true, full) {
+			return true
+		}
+		if t.full > 0 {
+			t.fullConn = c
+		}
+		return false
 	}
 	if !s.persistent && s.conn == nil {
 		return false
@@ -140,7 +150,7 @@ func (s *session) deliverRetained(m *Message, qos byte, ids []uint32) {
 	}
 	if qos == 0 {
 		if s.conn != nil {
-			s.conn.sendQoS0(m, true, ids, false)
+			s.conn.sendQoS0(m, true, ids, false, nil)
 		}
 		return
 	}
