@@ -36,6 +36,7 @@ type conn struct {
 	kaExpired  atomic.Bool
 	kaDeadline atomic.Int64
 	noPark     bool // never parks (ServeConn with wait, or the poller failed)
+	replyHeld  bool // reply queued bytes without starting the flusher (reader only)
 
 	// Set by CONNECT, read-only afterwards (the reader goroutine owns them).
 	version   byte
@@ -105,6 +106,37 @@ func (c *conn) queue(fn func([]byte) []byte) bool {
 	c.kickLocked()
 	c.outMu.Unlock()
 	return true
+}
+
+// reply queues a packet that answers one the reader handled (an ack, a
+// PINGRESP). While more input is buffered, the write waits for the rest
+// of the batch: a client that sent many packets in one write gets their
+// acks in one write. The reader flushes held replies before it waits for
+// more input (armRead). Only the reader calls it.
+func (c *conn) reply(fn func([]byte) []byte) {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.closing {
+		return
+	}
+	c.out = fn(c.out)
+	if c.in.buffered() > 0 {
+		c.replyHeld = true
+		return
+	}
+	c.replyHeld = false
+	c.kickLocked()
+}
+
+// flushReplies writes the replies reply held back.
+func (c *conn) flushReplies() {
+	if !c.replyHeld {
+		return
+	}
+	c.replyHeld = false
+	c.outMu.Lock()
+	c.kickLocked()
+	c.outMu.Unlock()
 }
 
 // encodePublish appends a PUBLISH of m, with a topic alias where the
@@ -529,6 +561,7 @@ func (c *conn) releaseReader() { c.in.release() }
 // now), or, at a packet boundary of a plain socket that may idle, the
 // moment to hand the connection to the idle poller.
 func (c *conn) armRead(atStart bool) error {
+	c.flushReplies() // what answers the bytes read so far leaves before any wait
 	if c.stopRead.Load() {
 		return errClosing
 	}

@@ -95,7 +95,7 @@ func (c *conn) handle(pk *packets.Packet) error {
 	case packets.Unsubscribe:
 		return c.unsubscribe(pk)
 	case packets.Pingreq:
-		c.queue(func(b []byte) []byte { return append(b, hdrPingresp, 0) })
+		c.reply(func(b []byte) []byte { return append(b, hdrPingresp, 0) })
 		return nil
 	case packets.Disconnect:
 		return c.disconnect(pk)
@@ -286,7 +286,7 @@ func (c *conn) ackPublish(pk *packets.Packet, code byte, reason string) {
 	}
 	id := pk.PacketID
 	reason = c.reasonString(reason)
-	c.queue(func(b []byte) []byte { return appendAck(b, hdr, c.version, id, code, reason) })
+	c.reply(func(b []byte) []byte { return appendAck(b, hdr, c.version, id, code, reason) })
 }
 
 // pubrec handles the client's PUBREC of an outbound QoS 2 message.
@@ -322,7 +322,7 @@ func (c *conn) pubrel(pk *packets.Packet) error {
 	if !ok {
 		code = codeIDNotFound
 	}
-	c.queue(func(b []byte) []byte { return appendAck(b, hdrPubcomp, c.version, id, code, "") })
+	c.reply(func(b []byte) []byte { return appendAck(b, hdrPubcomp, c.version, id, code, "") })
 	return nil
 }
 
