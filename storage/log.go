@@ -404,7 +404,19 @@ func (l *Log) Append(m *LogMessage) (uint64, error) { return l.AppendWith(m, nil
 // badger transaction (about 2.4 MB and some 20,000 ops).
 func (l *Log) AppendWith(m *LogMessage, extra func(seq uint64) []Op) (uint64, error) {
 	ms := [1]*LogMessage{m}
-	if err := l.appendMessages(ms[:], extra); err != nil {
+	if err := l.appendMessages(ms[:], extra, true); err != nil {
+		return 0, err
+	}
+	return m.Seq, nil
+}
+
+// AppendQueued is AppendWith that returns once the write is queued, in
+// seq order, without waiting for it to be durable: for a message nobody
+// was promised anything about (QoS 0). Readers (Read, Get) still see it
+// only once committed; a failed write is counted in LogStats.Failed.
+func (l *Log) AppendQueued(m *LogMessage, extra func(seq uint64) []Op) (uint64, error) {
+	ms := [1]*LogMessage{m}
+	if err := l.appendMessages(ms[:], extra, false); err != nil {
 		return 0, err
 	}
 	return m.Seq, nil
@@ -413,7 +425,7 @@ func (l *Log) AppendWith(m *LogMessage, extra func(seq uint64) []Op) (uint64, er
 // AppendBatch appends several messages with consecutive seqs and one
 // wait. A batch larger than a transaction holds is written in several
 // atomic parts, in order; an error means some of it may be stored.
-func (l *Log) AppendBatch(ms []*LogMessage) error { return l.appendMessages(ms, nil) }
+func (l *Log) AppendBatch(ms []*LogMessage) error { return l.appendMessages(ms, nil, true) }
 
 // Keeps reports whether a retention rule keeps messages to topic: storing
 // one is worthwhile even when no session queues it.
@@ -451,8 +463,9 @@ type logWrite struct {
 }
 
 // appendMessages appends ms; extra, if set, adds ops for the seq of a
-// single message to its write.
-func (l *Log) appendMessages(ms []*LogMessage, extra func(seq uint64) []Op) error {
+// single message to its write. With wait it returns once the writes are
+// durable (under the sync policy), else once they are queued.
+func (l *Log) appendMessages(ms []*LogMessage, extra func(seq uint64) []Op, wait bool) error {
 	if len(ms) == 0 {
 		return nil
 	}
@@ -494,12 +507,12 @@ func (l *Log) appendMessages(ms []*LogMessage, extra func(seq uint64) []Op) erro
 		size += len(buf) - start
 		rules[i] = l.ruleForString(m.Topic)
 	}
-	return l.commitAppend(ms, rules, writes, now, extra)
+	return l.commitAppend(ms, rules, writes, now, extra, wait)
 }
 
 // commitAppend numbers the encoded records, indexes them and queues their
 // writes in seq order, then waits for them outside the lock.
-func (l *Log) commitAppend(ms []*LogMessage, rules []int, writes []*logWrite, now int64, with func(uint64) []Op) error {
+func (l *Log) commitAppend(ms []*LogMessage, rules []int, writes []*logWrite, now int64, with func(uint64) []Op, wait bool) error {
 	l.appendMu.Lock()
 	if l.closed {
 		l.appendMu.Unlock()
@@ -535,7 +548,7 @@ func (l *Log) commitAppend(ms []*LogMessage, rules []int, writes []*logWrite, no
 		w.req.ops = append(w.req.ops, extra...)
 	}
 
-	sync := l.db.opts.Sync != SyncNone
+	sync := wait && l.db.opts.Sync != SyncNone
 	queued, records := 0, 0
 	for _, w := range writes {
 		w.req.then = l.written(w.last, w.n)

@@ -26,6 +26,9 @@ type Log interface {
 	// AppendWith stores m with the ops extra returns for its seq, in one
 	// atomic write, and returns once durable.
 	AppendWith(m *storage.LogMessage, extra func(seq uint64) []storage.Op) (uint64, error)
+	// AppendQueued is AppendWith that returns once the write is queued in
+	// seq order, not once it is durable.
+	AppendQueued(m *storage.LogMessage, extra func(seq uint64) []storage.Op) (uint64, error)
 	Number(m *storage.LogMessage) uint64
 	Keeps(topic string) bool // a retention rule records messages to topic
 	Get(seq uint64) (storage.LogMessage, error)

@@ -177,6 +177,7 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (err error) {
 		fixed = cm.Prepare(m)
 		defer func() { cm.Committed(m, err) }()
 	}
+	committerOps := len(fixed)
 	keep := m.Retain || len(fixed) > 0 || st.log.Keeps(m.Topic)
 	for i := range ts {
 		keep = keep || ts[i].stored
@@ -199,7 +200,19 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (err error) {
 		}
 		return nil
 	}
-	seq, err := st.log.AppendWith(logMessage(m), func(seq uint64) []storage.Op {
+	// A QoS 0 message is promised nothing: its record (for history) is
+	// queued in order and the publisher goes on. What a session queues, a
+	// webhook outbox or a QoS 2 mark waits for the write.
+	appendFn := st.log.AppendQueued
+	if m.QoS > 0 || committerOps > 0 {
+		appendFn = st.log.AppendWith
+	}
+	for i := range ts {
+		if ts[i].stored {
+			appendFn = st.log.AppendWith
+		}
+	}
+	seq, err := appendFn(logMessage(m), func(seq uint64) []storage.Op {
 		ops := fixed
 		for i := range ts {
 			t := &ts[i]
