@@ -7,7 +7,7 @@ FUZZTIME    ?= 30s
 
 # Debian packages the tests drive as real third-party parts: command -> package.
 TEST_TOOLS := mosquitto_sub:mosquitto-clients mosquitto_pub:mosquitto-clients stdbuf:coreutils \
-	chromium:chromium npm:npm
+	chromium:chromium npm:npm mosquitto:mosquitto
 # MQTT.js for the browser test, from the npm registry (cmd/beacon/testdata/node/package.json).
 MQTTJS := cmd/beacon/testdata/node/node_modules/mqtt/dist/mqtt.min.js
 
@@ -15,8 +15,10 @@ MQTTJS := cmd/beacon/testdata/node/node_modules/mqtt/dist/mqtt.min.js
 
 all: build
 
+# The broker, and the load generator (its own binary: the broker links none of it).
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/beacon ./cmd/beacon
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o bin/beacon-bench ./cmd/beacon-bench
 
 # Installs whatever test tool is missing: apt-get update once, then the packages.
 test-deps:
@@ -49,7 +51,7 @@ bench:
 bench-compare: build
 	@command -v mosquitto >/dev/null 2>&1 || { sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
 		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends mosquitto; }
-	bin/beacon bench compare --reps 3
+	bin/beacon-bench compare --reps 3 --beacon bin/beacon
 
 fuzz:
 	$(GO) test ./storage -run '^$$' -fuzz FuzzDecodeMessage -fuzztime $(FUZZTIME)
