@@ -28,7 +28,6 @@ Usage:
   beacon config print [flags]   print the effective configuration as YAML
   beacon devices ...            manage devices (beacon devices help)
   beacon token --sub NAME ...   mint an HS256 JWT with auth.jwt_secret
-  beacon bench SCENARIO ...     load generator: fanin, fanout, pairs, connections, compare
   beacon healthcheck [flags]    exit 0 if the broker's /healthz answers (for HEALTHCHECK)
   beacon version                print the version
 
@@ -85,8 +84,6 @@ func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) 
 		return runDevices(args, environ, stdout, stderr)
 	case "token":
 		return runToken(args, environ, stdout, stderr)
-	case "bench":
-		return runBench(args, stdout, stderr)
 	case "help":
 		fmt.Fprint(stdout, usage)
 		newFlags("serve", stdout).PrintDefaults()
