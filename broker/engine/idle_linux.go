@@ -1,7 +1,9 @@
 package engine
 
 import (
+	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -19,6 +21,9 @@ type idlePoller struct {
 	mu    sync.Mutex
 	conns map[int]*conn // by descriptor: idle, or resumed and not yet ended
 	done  chan struct{}
+
+	parks    atomic.Int64 // connections parked since the last releaseMemory
+	released time.Time    // loop goroutine only
 }
 
 func newIdlePoller() (*idlePoller, error) {
@@ -69,6 +74,7 @@ func (p *idlePoller) add(c *conn) error {
 		return err
 	}
 	c.in.watched = true
+	p.parks.Add(1)
 	return nil
 }
 
@@ -106,6 +112,7 @@ func (p *idlePoller) run() {
 		if now := time.Now(); now.Sub(lastSweep) >= time.Second {
 			lastSweep = now
 			p.sweep(now)
+			p.releaseMemory(now)
 		}
 	}
 }
@@ -125,6 +132,26 @@ func (p *idlePoller) sweep(now time.Time) {
 		c.unpark(true)
 	}
 }
+
+// releaseMemory gives the stacks of readers that returned back to the
+// system after many connections went idle (a connect storm): the runtime
+// keeps freed stacks as idle heap and returns them only slowly, so
+// without this an idle connection would cost its reader's stack in RSS
+// long after the reader has gone. At most once per releaseEvery, in the
+// background (it runs a garbage collection).
+func (p *idlePoller) releaseMemory(now time.Time) {
+	if p.parks.Load() < releaseAfterParks || now.Sub(p.released) < releaseEvery {
+		return
+	}
+	p.parks.Store(0)
+	p.released = now
+	go debug.FreeOSMemory()
+}
+
+const (
+	releaseAfterParks = 1000
+	releaseEvery      = 10 * time.Second
+)
 
 // stop ends the loop and closes the set. The connections must have been
 // resumed (Shutdown closes them all first).
