@@ -38,8 +38,78 @@ type Index struct {
 type client struct {
 	id     string
 	seq    uint64 // order of creation: the merge sorts by it, cheaper than ids
-	subs   map[subKey]*entry
+	subs   entrySet
 	direct int // non-shared subscriptions; with one, no merge is needed
+}
+
+// entrySet is a client's subscriptions by filter and group: a slice while
+// there are few (most clients have one or a handful; a map costs some 300
+// bytes for one entry), a map beyond smallSet.
+type entrySet struct {
+	list []*entry
+	m    map[subKey]*entry
+}
+
+const smallSet = 16
+
+func (s *entrySet) len() int {
+	if s.m != nil {
+		return len(s.m)
+	}
+	return len(s.list)
+}
+
+func (s *entrySet) get(k subKey) *entry {
+	if s.m != nil {
+		return s.m[k]
+	}
+	for _, e := range s.list {
+		if e.sub.Filter == k.filter && e.sub.Group == k.group {
+			return e
+		}
+	}
+	return nil
+}
+
+// put adds e, which is not in the set.
+func (s *entrySet) put(k subKey, e *entry) {
+	if s.m == nil && len(s.list) < smallSet {
+		s.list = append(s.list, e)
+		return
+	}
+	if s.m == nil {
+		s.m = make(map[subKey]*entry, 2*smallSet)
+		for _, o := range s.list {
+			s.m[subKey{o.sub.Filter, o.sub.Group}] = o
+		}
+		s.list = nil
+	}
+	s.m[k] = e
+}
+
+func (s *entrySet) del(k subKey) {
+	if s.m != nil {
+		delete(s.m, k)
+		return
+	}
+	for i, e := range s.list {
+		if e.sub.Filter == k.filter && e.sub.Group == k.group {
+			s.list = slices.Delete(s.list, i, i+1)
+			return
+		}
+	}
+}
+
+// all returns the entries in a new slice.
+func (s *entrySet) all() []*entry {
+	if s.m == nil {
+		return slices.Clone(s.list)
+	}
+	out := make([]*entry, 0, len(s.m))
+	for _, e := range s.m {
+		out = append(out, e)
+	}
+	return out
 }
 
 // subKey identifies one of a client's subscriptions.
@@ -93,7 +163,7 @@ func (x *Index) Subscribe(s Subscription) (replaced bool) {
 	defer x.mu.Unlock()
 	c := x.clients[s.Client]
 	if c != nil {
-		if e := c.subs[key]; e != nil {
+		if e := c.subs.get(key); e != nil {
 			s.Client, s.Filter, s.Group = e.sub.Client, e.sub.Filter, e.sub.Group
 			e.sub = s
 			if s.Group != "" {
@@ -105,7 +175,7 @@ func (x *Index) Subscribe(s Subscription) (replaced bool) {
 			return true
 		}
 	} else {
-		c = &client{id: strings.Clone(s.Client), seq: x.seq, subs: make(map[subKey]*entry)}
+		c = &client{id: strings.Clone(s.Client), seq: x.seq}
 		x.seq++
 		if x.clients == nil {
 			x.clients = make(map[string]*client)
@@ -127,7 +197,7 @@ func (x *Index) Subscribe(s Subscription) (replaced bool) {
 		}
 		g.members = append(g.members, s) // in place only past every len handed out
 	}
-	c.subs[subKey{s.Filter, s.Group}] = e
+	c.subs.put(subKey{s.Filter, s.Group}, e)
 	x.subs++
 	return false
 }
@@ -141,7 +211,7 @@ func (x *Index) Unsubscribe(client, filter, group string) bool {
 	if c == nil {
 		return false
 	}
-	e := c.subs[subKey{filter, group}]
+	e := c.subs.get(subKey{filter, group})
 	if e == nil {
 		return false
 	}
@@ -158,10 +228,11 @@ func (x *Index) RemoveClient(client string) int {
 	if c == nil {
 		return 0
 	}
-	n := len(c.subs)
-	for _, e := range c.subs {
+	all := c.subs.all()
+	for _, e := range all {
 		x.remove(e)
 	}
+	n := len(all)
 	return n
 }
 
@@ -174,8 +245,8 @@ func (x *Index) Subscriptions(client string) []Subscription {
 		x.mu.RUnlock()
 		return nil
 	}
-	subs := make([]Subscription, 0, len(c.subs))
-	for _, e := range c.subs {
+	subs := make([]Subscription, 0, c.subs.len())
+	for _, e := range c.subs.all() {
 		subs = append(subs, e.sub)
 	}
 	x.mu.RUnlock()
@@ -257,8 +328,8 @@ func (x *Index) remove(e *entry) {
 			g.members = slices.Delete(slices.Clone(g.members), i, i+1)
 		}
 	}
-	delete(c.subs, subKey{e.sub.Filter, e.sub.Group})
-	if len(c.subs) == 0 {
+	c.subs.del(subKey{e.sub.Filter, e.sub.Group})
+	if c.subs.len() == 0 {
 		delete(x.clients, c.id)
 	}
 	x.subs--

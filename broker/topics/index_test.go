@@ -479,3 +479,40 @@ func TestIndexZeroValue(t *testing.T) {
 		t.Fatalf("Match = %+v", m.Direct)
 	}
 }
+
+// A client's subscriptions move from the small list to a map past
+// smallSet and stay findable, replaceable and removable either way.
+func TestIndexManySubscriptionsPerClient(t *testing.T) {
+	var x Index
+	const n = 3 * smallSet
+	for i := range n {
+		if x.Subscribe(Subscription{Client: "c", Filter: fmt.Sprintf("t/%d", i), QoS: 0}) {
+			t.Fatalf("subscription %d replaced one", i)
+		}
+		if i%5 == 0 && !x.Subscribe(Subscription{Client: "c", Filter: fmt.Sprintf("t/%d", i), QoS: 1}) {
+			t.Fatalf("subscription %d not replaced", i)
+		}
+	}
+	if got := len(x.Subscriptions("c")); got != n {
+		t.Fatalf("%d subscriptions, want %d", got, n)
+	}
+	var ms Matches
+	x.Match("t/10", "", &ms)
+	if len(ms.Direct) != 1 || ms.Direct[0].QoS != 1 {
+		t.Fatalf("match t/10: %+v", ms.Direct)
+	}
+	for i := 0; i < n; i += 2 {
+		if !x.Unsubscribe("c", fmt.Sprintf("t/%d", i), "") {
+			t.Fatalf("unsubscribe %d", i)
+		}
+	}
+	if got := len(x.Subscriptions("c")); got != n/2 {
+		t.Fatalf("%d subscriptions after removing half, want %d", got, n/2)
+	}
+	if got := x.RemoveClient("c"); got != n/2 {
+		t.Fatalf("RemoveClient removed %d, want %d", got, n/2)
+	}
+	if x.Len() != 0 || len(x.Subscriptions("c")) != 0 {
+		t.Fatalf("left %d subscriptions", x.Len())
+	}
+}
