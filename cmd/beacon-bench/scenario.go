@@ -16,12 +16,13 @@ const (
 	// maxDrain bounds the drain however slowly deliveries trickle in: at
 	// QoS 1/2 every acknowledged message should arrive, so it is generous;
 	// at QoS 0 what is still in socket buffers after as long again as the
-	// publishing took, or maxDrainQoS0, counts as lost.
+	// publishing took (at least 2 s), or maxDrainQoS0, counts as lost.
 	maxDrain     = 15 * time.Second
-	maxDrainQoS0 = 5 * time.Second
-	// graceTime is how long after the end of the schedule publishers may
-	// still catch up or wait for their last acknowledgements.
-	graceTime = 10 * time.Second
+	maxDrainQoS0 = 3 * time.Second
+	// maxGrace is how long after the end of the schedule publishers may
+	// still catch up or wait for their last acknowledgements: as long again
+	// as the run (at least 2 s), at most this.
+	maxGrace = 10 * time.Second
 	// dialers is how many connections are set up at once.
 	dialers = 16
 )
@@ -180,7 +181,8 @@ func connectSinks(ctx context.Context, cfg config, pl plan, id string, sinks []s
 // publish runs the publishers from began for the duration (and the grace
 // that follows) and returns when all are done.
 func publish(ctx context.Context, cfg config, began time.Time, pubs []*publisher) {
-	s := schedule{start: began, deadline: began.Add(cfg.Duration), giveUp: began.Add(cfg.Duration + graceTime)}
+	grace := min(max(cfg.Duration, 2*time.Second), maxGrace)
+	s := schedule{start: began, deadline: began.Add(cfg.Duration), giveUp: began.Add(cfg.Duration + grace)}
 	if cfg.Rate > 0 {
 		s.interval = time.Duration(float64(time.Second) * float64(len(pubs)) / float64(cfg.Rate))
 	}
