@@ -526,9 +526,26 @@ func (s *Streams) writeRecord(sw *sseWriter, c *Caller, rec *hooks.Record) {
 	if !c.Allowed(s.Authorizer, devices.Read, rec.Topic) {
 		return // a wildcard never leaks a denied topic
 	}
-	e := s.recordEnvelope(rec)
-	_ = sw.event(e.ID, "message", e)
+	if rec.Frame != nil {
+		sw.buf.Write(rec.Frame) // encoded once for every stream (MessageFrame)
+	} else {
+		e := s.recordEnvelope(rec)
+		_ = sw.event(e.ID, "message", e)
+	}
 	s.delivered.Add(1)
+}
+
+// MessageFrame is the SSE message event of a live record, the same bytes
+// for every stream that may read it: the history makes it once per
+// record (hooks.History.SetFrame), so a thousand streams cost one
+// envelope, one codec decode and one JSON encoding per message.
+func (s *Streams) MessageFrame(rec *hooks.Record) []byte {
+	e := s.recordEnvelope(rec)
+	var sw sseWriter
+	if sw.event(e.ID, "message", e) != nil {
+		return nil
+	}
+	return sw.buf.Bytes()
 }
 
 // pollResponse is the body of a long-poll.

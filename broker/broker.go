@@ -479,6 +479,7 @@ func (b *Broker) setupHTTP() error {
 		Decode:          b.decode,
 		Log:             b.log.With("component", "streams"),
 	}
+	b.history.SetFrame(b.streams.MessageFrame)
 	return nil
 }
 

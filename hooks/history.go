@@ -95,6 +95,8 @@ type History struct {
 
 	last lastIndex
 
+	frame func(*Record) []byte // encodes Record.Frame; nil: none
+
 	overflows atomic.Int64
 	skips     atomic.Int64
 	late      atomic.Int64

@@ -10,8 +10,17 @@ import (
 // The live side of the history: Feed puts the engine's messages back in
 // seq order and fans them out to the watches.
 
+// SetFrame makes live records carry f's encoding in Record.Frame, made
+// once per record before any watch gets it (the SSE event, shared by
+// every stream). Call it before the first Feed.
+func (h *History) SetFrame(f func(*Record) []byte) {
+	h.mu.Lock()
+	h.frame = f
+	h.mu.Unlock()
+}
+
 // Feed hands the history a message the engine accepted and routed, after
-// its log write committed; m.Seq is its seq in the log (0: not numbered,
+// its log write committed (QoS 0: was queued); m.Seq is its seq in the log (0: not numbered,
 // ignored). The broker calls it for every numbered message, stored or
 // not, whether or not anyone watches: a seq never fed holds live delivery
 // back for GapWait. Calls may come from many goroutines in any order.
@@ -223,6 +232,10 @@ func (h *History) send(w *Watch, rec *Record) {
 		return
 	}
 	w.stamp = h.stamp
+	if rec.Frame == nil && h.frame != nil {
+		// Once for every watch this record goes to, not once per watch.
+		rec.Frame = h.frame(rec)
+	}
 	select {
 	case w.ch <- rec:
 	default:

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -198,6 +199,37 @@ func TestWatchGetsFeedInSeqOrder(t *testing.T) {
 	none(t, w)
 	if s := e.h.Stats(); s.Held != 0 || s.Skipped != 0 || s.Watchers != 1 {
 		t.Fatalf("stats %+v", s)
+	}
+}
+
+// A record that goes to many watches is framed once, and every watch
+// gets the same frame; records nobody watches are not framed.
+func TestHistoryFramesARecordOnce(t *testing.T) {
+	e := openHistEnv(t, t.TempDir(), HistoryOptions{}, storage.LogRule{Filter: "#"})
+	var framed atomic.Int64
+	e.h.SetFrame(func(r *Record) []byte {
+		framed.Add(1)
+		return []byte("frame " + string(r.Payload))
+	})
+	var ws []*Watch
+	for _, f := range []string{"t/a", "t/#", "#", "t/+"} {
+		w := e.h.Watch([]string{f}, 16)
+		defer w.Stop()
+		ws = append(ws, w)
+	}
+	e.h.Feed(e.accept(t, "t/a", "one"))
+	e.h.Feed(e.accept(t, "u/b", "two")) // only "#" watches it
+	for i, w := range ws {
+		recs := receive(t, w, 1)
+		if string(recs[0].Frame) != "frame one" {
+			t.Fatalf("watch %d: frame %q", i, recs[0].Frame)
+		}
+	}
+	if got := receive(t, ws[2], 1); string(got[0].Frame) != "frame two" {
+		t.Fatalf("frame %q", got[0].Frame)
+	}
+	if n := framed.Load(); n != 2 {
+		t.Fatalf("framed %d times for 2 records", n)
 	}
 }
 

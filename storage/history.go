@@ -44,6 +44,11 @@ type HistoryRecord struct {
 	Retain  bool
 	TS      int64  // unix milliseconds the broker routed it
 	Device  string // id of the registered device that published it, or ""
+
+	// Frame is an encoding of the record that every live reader shares
+	// (Beacon's SSE event), made once before the record is handed to
+	// them; nil for records read back from the store. Not stored.
+	Frame []byte
 }
 
 const historyVersion = 2 // 1: without Device
