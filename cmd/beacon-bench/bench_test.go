@@ -29,6 +29,7 @@ var shared struct {
 	mu        sync.Mutex
 	beacon    *brokerProc
 	mosquitto *brokerProc
+	dirs      []string // their data, removed by TestMain
 }
 
 func TestMain(m *testing.M) {
@@ -50,7 +51,9 @@ func TestMain(m *testing.M) {
 			b.stop()
 		}
 	}
-	_ = os.RemoveAll(dir)
+	for _, d := range append(shared.dirs, dir) {
+		_ = os.RemoveAll(d)
+	}
 	os.Exit(code)
 }
 
@@ -74,6 +77,7 @@ func sharedBroker(t *testing.T, name string) *brokerProc {
 		if err != nil {
 			t.Fatal(err)
 		}
+		shared.dirs = append(shared.dirs, dir)
 		var b *brokerProc
 		if name == "mosquitto" {
 			b, err = startMosquitto(mosq, dir, brokerOptions{})
