@@ -431,6 +431,6 @@ func (s *Server) attach(c *conn, r attachReq) error {
 // dropped. Callers hold mu and remove its subscriptions.
 func (s *session) discardLocked() {
 	s.discarded = true
-	s.out, s.queue, s.expiring = nil, nil, 0
+	s.out, s.byID, s.queue, s.expiring = nil, nil, nil, 0
 	s.inQoS2 = map[uint16]struct{}{}
 }

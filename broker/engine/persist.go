@@ -356,7 +356,7 @@ func (s *Server) Load() (LoadStats, error) {
 		f := &flight{msg: m, qos: q.QoS, retain: q.Retain, subIDs: q.SubIDs, id: q.PacketID, pubrel: q.Pubrel, stored: true}
 		if f.id != 0 {
 			f.sent = true
-			sess.out = append(sess.out, f)
+			sess.addOutLocked(f)
 			st.Inflight++
 		} else {
 			sess.queue = append(sess.queue, f)

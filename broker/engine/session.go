@@ -42,6 +42,7 @@ type session struct {
 	maxOut  uint32 // the client's Maximum Packet Size; 0 = none
 	nextID  uint16
 	out     []*flight           // outbound QoS 1/2 in flight, in the order sent
+	byID    map[uint16]*flight  // out by packet id; nil while out is empty
 	queue   []*flight           // outbound QoS 1/2 waiting for room, in order
 	inQoS2  map[uint16]struct{} // client ids of inbound QoS 2 messages PUBREC'd, awaiting PUBREL
 
@@ -83,19 +84,49 @@ func (s *session) allocIDLocked() uint16 {
 		if s.nextID == 0 {
 			s.nextID = 1
 		}
-		if !s.inUseLocked(s.nextID) {
+		if s.byID[s.nextID] == nil {
 			return s.nextID
 		}
 	}
 }
 
-func (s *session) inUseLocked(id uint16) bool {
-	for _, f := range s.out {
-		if f.id == id {
-			return true
+// addOutLocked puts a flight with its id in flight.
+func (s *session) addOutLocked(f *flight) {
+	s.out = append(s.out, f)
+	if s.byID == nil {
+		s.byID = make(map[uint16]*flight)
+	}
+	s.byID[f.id] = f
+}
+
+// removeOutLocked ends the flight at out[i]. Flights mostly end in the
+// order they were sent: the first one leaves without moving the others.
+func (s *session) removeOutLocked(i int) {
+	f := s.out[i]
+	if s.byID[f.id] == f {
+		delete(s.byID, f.id)
+	}
+	if i == 0 {
+		s.out[0] = nil
+		s.out = s.out[1:]
+	} else {
+		copy(s.out[i:], s.out[i+1:])
+		s.out[len(s.out)-1] = nil
+		s.out = s.out[:len(s.out)-1]
+	}
+	if len(s.out) == 0 {
+		s.out, s.byID = nil, nil // an idle session keeps neither
+	}
+}
+
+// indexOutLocked is the position of f in out, or -1.
+func (s *session) indexOutLocked(f *flight) int {
+	for i, g := range s.out {
+		if g == f {
+			return i
 		}
 	}
-	return false
+	return -1
 }
 
 // deliver hands a planned delivery to the session. QoS 0 goes to the
@@ -212,7 +243,7 @@ func (s *session) pumpLocked() {
 		}
 		s.queue[0] = nil
 		s.queue = s.queue[1:]
-		s.out = append(s.out, f)
+		s.addOutLocked(f)
 		if f.stored && f.qos == 2 {
 			// The id must be durable before the PUBLISH: a restart then
 			// resends this flow with the same id, which the client knows.
@@ -267,14 +298,7 @@ func (s *session) sendPubrel(f *flight) {
 	}
 }
 
-func (s *session) holdsLocked(f *flight) bool {
-	for _, g := range s.out {
-		if g == f {
-			return true
-		}
-	}
-	return false
-}
+func (s *session) holdsLocked(f *flight) bool { return f.id != 0 && s.byID[f.id] == f }
 
 // resendLocked sends the flows in flight again on a new connection, in
 // their order: PUBLISH with DUP, or PUBREL for those PUBREC'd (MQTT-4.4.0-1).
@@ -291,6 +315,7 @@ func (s *session) resendLocked(c *conn) {
 			}
 			keep = append(keep, f)
 		case f.qos == 1 && len(keep) >= int(s.recvMax):
+			delete(s.byID, f.id)
 			f.id = 0
 			back = append(back, f)
 			if f.msg.Expiry > 0 {
@@ -304,6 +329,9 @@ func (s *session) resendLocked(c *conn) {
 		}
 	}
 	s.out = keep
+	if len(keep) == 0 {
+		s.byID = nil
+	}
 	if len(back) > 0 {
 		s.queue = append(back, s.queue...)
 	}
@@ -315,28 +343,24 @@ func (s *session) resendLocked(c *conn) {
 func (s *session) ack(c *conn, typ byte, id uint16, refused bool) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for i, f := range s.out {
-		if f.id != id || f.idPending {
-			continue
-		}
-		done := typ == pubackType && f.qos == 1 ||
-			typ == pubcompType && f.qos == 2 && f.pubrel ||
-			typ == pubrecType && f.qos == 2 && !f.pubrel && refused
-		if !done {
-			return false
-		}
-		copy(s.out[i:], s.out[i+1:])
-		s.out[len(s.out)-1] = nil
-		s.out = s.out[:len(s.out)-1]
-		if f.stored {
-			s.srv.store.unstore(s.id, s.gen, f.msg.Seq)
-		}
-		if s.conn == c {
-			s.pumpLocked()
-		}
-		return true
+	f := s.byID[id]
+	if f == nil || f.idPending {
+		return false
 	}
-	return false
+	done := typ == pubackType && f.qos == 1 ||
+		typ == pubcompType && f.qos == 2 && f.pubrel ||
+		typ == pubrecType && f.qos == 2 && !f.pubrel && refused
+	if !done {
+		return false
+	}
+	s.removeOutLocked(s.indexOutLocked(f))
+	if f.stored {
+		s.srv.store.unstore(s.id, s.gen, f.msg.Seq)
+	}
+	if s.conn == c {
+		s.pumpLocked()
+	}
+	return true
 }
 
 // released moves an outbound QoS 2 flow to the PUBREL state (the
@@ -346,26 +370,24 @@ func (s *session) ack(c *conn, typ byte, id uint16, refused bool) bool {
 func (s *session) released(c *conn, id uint16) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, f := range s.out {
-		if f.id != id || f.qos != 2 || f.idPending {
-			continue
+	f := s.byID[id]
+	if f == nil || f.qos != 2 || f.idPending {
+		return false
+	}
+	if f.pubrel {
+		if !f.relPending {
+			c.queue(func(b []byte) []byte { return appendAck(b, hdrPubrel, c.version, id, 0, "") })
 		}
-		if f.pubrel {
-			if !f.relPending {
-				c.queue(func(b []byte) []byte { return appendAck(b, hdrPubrel, c.version, id, 0, "") })
-			}
-			return true
-		}
-		f.pubrel = true
-		if f.stored {
-			f.relPending = true
-			s.srv.store.async(func(error) { s.sendPubrel(f) }, queueOp(s.id, s.gen, f))
-			return true
-		}
-		c.queue(func(b []byte) []byte { return appendAck(b, hdrPubrel, c.version, id, 0, "") })
 		return true
 	}
-	return false
+	f.pubrel = true
+	if f.stored {
+		f.relPending = true
+		s.srv.store.async(func(error) { s.sendPubrel(f) }, queueOp(s.id, s.gen, f))
+		return true
+	}
+	c.queue(func(b []byte) []byte { return appendAck(b, hdrPubrel, c.version, id, 0, "") })
+	return true
 }
 
 // unstore removes a delivered or dropped queue entry and its reference.

@@ -129,3 +129,55 @@ func TestQoS0StuckSubscriberDoesNotHoldPublishers(t *testing.T) {
 		t.Fatalf("%d stalls timed out for %d messages", st.StallTimeouts, n)
 	}
 }
+
+// Thousands of flows in flight to one subscriber, acknowledged out of
+// order, free their packet ids; the ids in flight are always distinct.
+func TestManyFlightsOutOfOrder(t *testing.T) {
+	s, addr := startServer(t, Options{Limits: Limits{MaxQueued: 10000}})
+	sub := dialRaw(t, addr, 5)
+	sub.connect("many", true, func(pk *packets.Packet) { pk.Properties.ReceiveMaximum = 5000 })
+	sub.subscribe(1, "m/#", 2)
+	pub := dialRaw(t, addr, 5)
+	pub.connect("pub", true, nil)
+	for round := range 2 {
+		const n = 3000
+		for i := range n {
+			pub.publish("m/t", []byte{byte(i)}, byte(1+i%2), uint16(1+i%60000))
+			pk := pub.expect(packets.Puback + byte(i%2)) // PUBACK for QoS 1, PUBREC for QoS 2
+			if i%2 == 1 {
+				pub.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrel, Qos: 1}, PacketID: pk.PacketID})
+				pub.expect(packets.Pubcomp)
+			}
+		}
+		ids := map[uint16]byte{}
+		var order []uint16
+		for range n {
+			pk := sub.expect(packets.Publish)
+			if _, dup := ids[pk.PacketID]; dup {
+				t.Fatalf("round %d: packet id %d in flight twice", round, pk.PacketID)
+			}
+			ids[pk.PacketID] = pk.FixedHeader.Qos
+			order = append(order, pk.PacketID)
+		}
+		// Acknowledge newest first.
+		for i := len(order) - 1; i >= 0; i-- {
+			id := order[i]
+			if ids[id] == 1 {
+				sub.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: id})
+				continue
+			}
+			sub.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: id})
+			rel := sub.expect(packets.Pubrel)
+			if rel.PacketID != id {
+				t.Fatalf("PUBREL %d for PUBREC %d", rel.PacketID, id)
+			}
+			sub.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubcomp}, PacketID: id})
+		}
+		waitFor(t, 10*time.Second, func() error {
+			if n := s.Stats().Inflight; n != 0 {
+				return fmt.Errorf("round %d: %d in flight", round, n)
+			}
+			return nil
+		})
+	}
+}
