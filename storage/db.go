@@ -166,15 +166,21 @@ func Open(opts Options) (*DB, error) {
 // Write queues ops as one atomic unit and returns once they are durable
 // under the policy: committed (SyncBatch), committed and fsynced
 // (SyncAlways), or merely queued (SyncNone).
-func (d *DB) Write(ops ...Op) error {
+func (d *DB) Write(ops ...Op) error { return d.WriteStart(ops...)() }
+
+// WriteStart queues ops as one atomic unit and returns a function that
+// waits until they are durable under the sync policy (or failed), so a
+// writer can queue several writes and then wait for them in order.
+func (d *DB) WriteStart(ops ...Op) (wait func() error) {
 	if d.opts.Sync == SyncNone {
-		return d.enqueue(&request{ops: ops})
+		err := d.enqueue(&request{ops: ops})
+		return func() error { return err }
 	}
 	r := &request{ops: ops, done: make(chan error, 1)}
 	if err := d.enqueue(r); err != nil {
-		return err
+		return func() error { return err }
 	}
-	return <-r.done
+	return func() error { return <-r.done }
 }
 
 // WriteAsync queues ops as one atomic unit without waiting. They commit

@@ -403,11 +403,28 @@ func (l *Log) Append(m *LogMessage) (uint64, error) { return l.AppendWith(m, nil
 // must be quick and must not call the Log. All of it must fit in one
 // badger transaction (about 2.4 MB and some 20,000 ops).
 func (l *Log) AppendWith(m *LogMessage, extra func(seq uint64) []Op) (uint64, error) {
-	ms := [1]*LogMessage{m}
-	if err := l.appendMessages(ms[:], extra, true); err != nil {
+	seq, wait, err := l.AppendStart(m, extra)
+	if err != nil {
 		return 0, err
 	}
-	return m.Seq, nil
+	if err := wait(); err != nil {
+		return 0, err
+	}
+	return seq, nil
+}
+
+// AppendStart is AppendWith in two steps: it numbers and queues the write
+// and returns its seq and a function that waits until the write is
+// durable. Writes are durable in the order they were started, so a
+// publisher can start several and wait for them in order. The seq is
+// Released as after AppendWith, also if the wait fails.
+func (l *Log) AppendStart(m *LogMessage, extra func(seq uint64) []Op) (uint64, func() error, error) {
+	ms := [1]*LogMessage{m}
+	wait, err := l.appendMessages(ms[:], extra, true)
+	if err != nil {
+		return 0, nil, err
+	}
+	return m.Seq, wait, nil
 }
 
 // AppendQueued is AppendWith that returns once the write is queued, in
@@ -416,7 +433,7 @@ func (l *Log) AppendWith(m *LogMessage, extra func(seq uint64) []Op) (uint64, er
 // only once committed; a failed write is counted in LogStats.Failed.
 func (l *Log) AppendQueued(m *LogMessage, extra func(seq uint64) []Op) (uint64, error) {
 	ms := [1]*LogMessage{m}
-	if err := l.appendMessages(ms[:], extra, false); err != nil {
+	if _, err := l.appendMessages(ms[:], extra, false); err != nil {
 		return 0, err
 	}
 	return m.Seq, nil
@@ -425,7 +442,13 @@ func (l *Log) AppendQueued(m *LogMessage, extra func(seq uint64) []Op) (uint64, 
 // AppendBatch appends several messages with consecutive seqs and one
 // wait. A batch larger than a transaction holds is written in several
 // atomic parts, in order; an error means some of it may be stored.
-func (l *Log) AppendBatch(ms []*LogMessage) error { return l.appendMessages(ms, nil, true) }
+func (l *Log) AppendBatch(ms []*LogMessage) error {
+	wait, err := l.appendMessages(ms, nil, true)
+	if err != nil {
+		return err
+	}
+	return wait()
+}
 
 // Keeps reports whether a retention rule keeps messages to topic: storing
 // one is worthwhile even when no session queues it.
@@ -463,17 +486,18 @@ type logWrite struct {
 }
 
 // appendMessages appends ms; extra, if set, adds ops for the seq of a
-// single message to its write. With wait it returns once the writes are
-// durable (under the sync policy), else once they are queued.
-func (l *Log) appendMessages(ms []*LogMessage, extra func(seq uint64) []Op, wait bool) error {
+// single message to its write. It returns once the writes are queued;
+// with durable, the function it returns waits until they are durable
+// under the sync policy (without, it returns nil at once).
+func (l *Log) appendMessages(ms []*LogMessage, extra func(seq uint64) []Op, durable bool) (func() error, error) {
 	if len(ms) == 0 {
-		return nil
+		return noWait, nil
 	}
 	now := l.now().UnixNano()
 	total := 0
 	for _, m := range ms {
 		if m.QoS > 2 {
-			return fmt.Errorf("log: append %q: QoS %d", m.Topic, m.QoS)
+			return nil, fmt.Errorf("log: append %q: QoS %d", m.Topic, m.QoS)
 		}
 		if m.Time == 0 {
 			m.Time = now
@@ -507,21 +531,23 @@ func (l *Log) appendMessages(ms []*LogMessage, extra func(seq uint64) []Op, wait
 		size += len(buf) - start
 		rules[i] = l.ruleForString(m.Topic)
 	}
-	return l.commitAppend(ms, rules, writes, now, extra, wait)
+	return l.commitAppend(ms, rules, writes, now, extra, durable)
 }
+
+func noWait() error { return nil }
 
 // commitAppend numbers the encoded records, indexes them and queues their
 // writes in seq order, then waits for them outside the lock.
-func (l *Log) commitAppend(ms []*LogMessage, rules []int, writes []*logWrite, now int64, with func(uint64) []Op, wait bool) error {
+func (l *Log) commitAppend(ms []*LogMessage, rules []int, writes []*logWrite, now int64, with func(uint64) []Op, durable bool) (func() error, error) {
 	l.appendMu.Lock()
 	if l.closed {
 		l.appendMu.Unlock()
-		return ErrClosed
+		return nil, ErrClosed
 	}
 	first, err := l.take(uint64(len(ms)))
 	if err != nil {
 		l.appendMu.Unlock()
-		return fmt.Errorf("log: reserve sequence numbers: %w", err)
+		return nil, fmt.Errorf("log: reserve sequence numbers: %w", err)
 	}
 	i := 0
 	for _, w := range writes {
@@ -548,7 +574,7 @@ func (l *Log) commitAppend(ms []*LogMessage, rules []int, writes []*logWrite, no
 		w.req.ops = append(w.req.ops, extra...)
 	}
 
-	sync := wait && l.db.opts.Sync != SyncNone
+	sync := durable && l.db.opts.Sync != SyncNone
 	queued, records := 0, 0
 	for _, w := range writes {
 		w.req.then = l.written(w.last, w.n)
@@ -570,20 +596,23 @@ func (l *Log) commitAppend(ms []*LogMessage, rules []int, writes []*logWrite, no
 	if err != nil {
 		// The DB is closed: the seqs are spent, the records not stored.
 		l.failed.Add(int64(len(ms) - records))
-		return fmt.Errorf("log: append: %w", err)
+		return nil, fmt.Errorf("log: append: %w", err)
 	}
 	if !sync {
-		return nil
+		return noWait, nil
 	}
-	for _, w := range writes[:queued] {
-		if werr := <-w.req.done; werr != nil {
-			err = werr
+	return func() error {
+		var err error
+		for _, w := range writes[:queued] {
+			if werr := <-w.req.done; werr != nil {
+				err = werr
+			}
 		}
-	}
-	if err != nil {
-		return fmt.Errorf("log: append: %w", err)
-	}
-	return nil
+		if err != nil {
+			return fmt.Errorf("log: append: %w", err)
+		}
+		return nil
+	}, nil
 }
 
 // trimOnAppend applies the count and byte limits (and age, with the same

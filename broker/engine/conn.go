@@ -35,8 +35,9 @@ type conn struct {
 	stopRead   atomic.Bool
 	kaExpired  atomic.Bool
 	kaDeadline atomic.Int64
-	noPark     bool // never parks (ServeConn with wait, or the poller failed)
-	replyHeld  bool // reply queued bytes without starting the flusher (reader only)
+	noPark     bool             // never parks (ServeConn with wait, or the poller failed)
+	replyHeld  bool             // reply queued bytes without starting the flusher (reader only)
+	pending    []pendingPublish // PUBLISHes written and not yet delivered (reader only)
 
 	// Set by CONNECT, read-only afterwards (the reader goroutine owns them).
 	version   byte
@@ -561,6 +562,12 @@ func (c *conn) releaseReader() { c.in.release() }
 // now), or, at a packet boundary of a plain socket that may idle, the
 // moment to hand the connection to the idle poller.
 func (c *conn) armRead(atStart bool) error {
+	if len(c.pending) > 0 {
+		// Deliver and acknowledge what was read before waiting for more.
+		if err := c.finishPending(); err != nil {
+			return err
+		}
+	}
 	c.flushReplies() // what answers the bytes read so far leaves before any wait
 	if c.stopRead.Load() {
 		return errClosing

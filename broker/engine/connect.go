@@ -83,6 +83,9 @@ func (c *conn) serveLoop() bool {
 	if cause == errParked {
 		return true
 	}
+	// Accepted messages are delivered even if the connection ends before
+	// their acks can go out.
+	_ = c.finishPending()
 	c.releaseReader()
 	c.end(cause, graceful)
 	return false

@@ -80,6 +80,11 @@ func (c *conn) isClosing() bool {
 
 // handle dispatches one packet after CONNECT.
 func (c *conn) handle(pk *packets.Packet) error {
+	if len(c.pending) > 0 && (pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Qos == 0) {
+		if err := c.finishPending(); err != nil {
+			return err
+		}
+	}
 	switch pk.FixedHeader.Type {
 	case packets.Publish:
 		return c.publish(pk)
@@ -218,26 +223,73 @@ func (c *conn) publish(pk *packets.Packet) error {
 	if fh.Qos == 2 {
 		in = &inbound{sess: sess, id: pk.PacketID}
 	}
-	if _, err := c.srv.accept(m, in); err != nil {
-		// Not stored, so not accepted: the client sends it again.
-		c.releaseInbound(pk)
-		c.srv.log.Error("publish not stored", "client", c.clientID, "error", err)
-		if c.version < 5 || fh.Qos == 0 {
-			return fmt.Errorf("store: %w", err)
-		}
-		c.ackPublish(pk, codeUnspecified, "not stored")
-		return nil
+	if fh.Qos == 0 || c.srv.store == nil {
+		c.pending = append(c.pending, pendingPublish{a: c.srv.beginAccept(m, in), qos: fh.Qos, id: pk.PacketID})
+		return c.finishPending()
 	}
-	c.ackPublish(pk, 0, "")
+	// Durable before the ack: the write is queued now and waited for
+	// with those of the PUBLISHes after it in the same read (finishPending),
+	// so one publisher's messages share a group commit.
+	c.pending = append(c.pending, pendingPublish{a: c.srv.beginAccept(m, in), qos: fh.Qos, id: pk.PacketID})
+	if len(c.pending) >= maxPending {
+		return c.finishPending()
+	}
 	return nil
+}
+
+// pendingPublish is an inbound PUBLISH whose write is queued: it is
+// delivered and acknowledged by finishPending, in order.
+type pendingPublish struct {
+	a   *acceptance
+	qos byte
+	id  uint16
+}
+
+// maxPending bounds the PUBLISHes of one connection between their write
+// and their delivery.
+const maxPending = 64
+
+// finishPending waits for the writes of the pending PUBLISHes, delivers
+// them and acknowledges them, in the order they arrived. The reader calls
+// it before it waits for input, before handling any other packet (acks
+// leave in order; a SUBSCRIBE sees the retained message just published),
+// and when the connection ends.
+func (c *conn) finishPending() error {
+	var failed error
+	for i := range c.pending {
+		p := c.pending[i]
+		c.pending[i] = pendingPublish{}
+		if _, err := c.srv.finishAccept(p.a); err != nil {
+			// Not stored, so not accepted: the client sends it again.
+			c.releaseInboundID(p.qos, p.id)
+			c.srv.log.Error("publish not stored", "client", c.clientID, "error", err)
+			if c.version < 5 || p.qos == 0 {
+				if failed == nil {
+					failed = fmt.Errorf("store: %w", err)
+				}
+				continue
+			}
+			c.ackID(p.qos, p.id, codeUnspecified, "not stored")
+			continue
+		}
+		if failed == nil {
+			c.ackID(p.qos, p.id, 0, "")
+		}
+	}
+	c.pending = c.pending[:0]
+	return failed
 }
 
 // releaseInbound forgets the reserved id of an inbound QoS 2 message that
 // was not accepted.
 func (c *conn) releaseInbound(pk *packets.Packet) {
-	if pk.FixedHeader.Qos == 2 {
+	c.releaseInboundID(pk.FixedHeader.Qos, pk.PacketID)
+}
+
+func (c *conn) releaseInboundID(qos byte, id uint16) {
+	if qos == 2 {
 		c.sess.mu.Lock()
-		delete(c.sess.inQoS2, pk.PacketID)
+		delete(c.sess.inQoS2, id)
 		c.sess.mu.Unlock()
 	}
 }
@@ -276,15 +328,26 @@ func (c *conn) refusePublish(pk *packets.Packet, code byte, reason string) {
 	c.ackPublish(pk, code, reason)
 }
 
+// ackPublish acknowledges a PUBLISH that is not pending, after the
+// pending ones (acks leave in the order the PUBLISHes came).
 func (c *conn) ackPublish(pk *packets.Packet, code byte, reason string) {
+	if pk.FixedHeader.Qos == 0 {
+		return
+	}
+	if len(c.pending) > 0 {
+		_ = c.finishPending() // a store failure is met again by the next write
+	}
+	c.ackID(pk.FixedHeader.Qos, pk.PacketID, code, reason)
+}
+
+func (c *conn) ackID(qos byte, id uint16, code byte, reason string) {
 	hdr := byte(hdrPuback)
-	switch pk.FixedHeader.Qos {
+	switch qos {
 	case 0:
 		return
 	case 2:
 		hdr = hdrPubrec
 	}
-	id := pk.PacketID
 	reason = c.reasonString(reason)
 	c.reply(func(b []byte) []byte { return appendAck(b, hdr, c.version, id, code, reason) })
 }

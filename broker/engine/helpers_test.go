@@ -72,6 +72,12 @@ func dialRaw(t *testing.T, addr string, version byte) *raw {
 
 func (r *raw) send(pk packets.Packet) {
 	r.t.Helper()
+	r.write(r.encode(pk))
+}
+
+// encode encodes a packet as send would send it.
+func (r *raw) encode(pk packets.Packet) []byte {
+	r.t.Helper()
 	pk.ProtocolVersion = r.version
 	var buf bytes.Buffer
 	var err error
@@ -105,7 +111,7 @@ func (r *raw) send(pk packets.Packet) {
 	if err != nil {
 		r.t.Fatal(err)
 	}
-	r.write(buf.Bytes())
+	return buf.Bytes()
 }
 
 func (r *raw) write(b []byte) {

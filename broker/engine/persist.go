@@ -17,6 +17,9 @@ import (
 // writes, synchronous or not, and scans at start.
 type DB interface {
 	Write(ops ...storage.Op) error
+	// WriteStart queues ops and returns a function that waits (once) for
+	// them to be durable.
+	WriteStart(ops ...storage.Op) func() error
 	WriteAsyncThen(then func(error), ops ...storage.Op)
 	Scan(prefix []byte, fn func(key, value []byte) error) error
 }
@@ -29,6 +32,9 @@ type Log interface {
 	// AppendQueued is AppendWith that returns once the write is queued in
 	// seq order, not once it is durable.
 	AppendQueued(m *storage.LogMessage, extra func(seq uint64) []storage.Op) (uint64, error)
+	// AppendStart is AppendWith that returns once the write is queued,
+	// with a function that waits (once) for it to be durable.
+	AppendStart(m *storage.LogMessage, extra func(seq uint64) []storage.Op) (uint64, func() error, error)
 	Number(m *storage.LogMessage) uint64
 	Keeps(topic string) bool // a retention rule records messages to topic
 	Get(seq uint64) (storage.LogMessage, error)

@@ -40,21 +40,47 @@ type inbound struct {
 // entries of the persistent sessions it goes to (and the retained update
 // and the publisher's QoS 2 mark) in one atomic write, and only then
 // hand it to the sessions. It returns how many sessions took it. A
-// publisher never waits for a subscriber; it waits for the write.
+// publisher waits for the write, and for a subscriber's socket only
+// while it drains (awaitRoom, bounded).
 func (s *Server) accept(m *Message, in *inbound) (int, error) {
-	ms := matchesPool.Get().(*topics.Matches)
-	defer matchesPool.Put(ms)
-	tp := targetsPool.Get().(*[]target)
-	defer func() {
-		clear(*tp)
-		*tp = (*tp)[:0]
-		targetsPool.Put(tp)
-	}()
-	s.index.Match(m.Topic, m.Client, ms)
-	ts := s.plan(m, ms, (*tp)[:0])
-	*tp = ts
+	return s.finishAccept(s.beginAccept(m, in))
+}
 
-	if err := s.commit(m, ts, in); err != nil {
+// acceptance is a message between beginAccept, which matched it, planned
+// its deliveries and queued its write, and finishAccept, which waits for
+// the write and delivers it. A publisher may begin several before it
+// finishes them, in the same order: the writes share a group commit.
+type acceptance struct {
+	m    *Message
+	ms   *topics.Matches // from matchesPool: the targets' ids point into it
+	tp   *[]target       // from targetsPool
+	wait func() error    // waits for the write (once); nil: none
+	err  error           // the write could not be queued
+}
+
+func (s *Server) beginAccept(m *Message, in *inbound) *acceptance {
+	a := &acceptance{m: m, ms: matchesPool.Get().(*topics.Matches), tp: targetsPool.Get().(*[]target)}
+	s.index.Match(m.Topic, m.Client, a.ms)
+	*a.tp = s.plan(m, a.ms, (*a.tp)[:0])
+	a.wait, a.err = s.commit(m, *a.tp, in)
+	return a
+}
+
+// finishAccept waits for a's write, then delivers its message. It returns
+// how many sessions took it.
+func (s *Server) finishAccept(a *acceptance) (int, error) {
+	defer func() {
+		matchesPool.Put(a.ms)
+		clear(*a.tp)
+		*a.tp = (*a.tp)[:0]
+		targetsPool.Put(a.tp)
+	}()
+	m, ts := a.m, *a.tp
+	err := a.err
+	if err == nil && a.wait != nil {
+		err = a.wait()
+	}
+	if err != nil {
 		return 0, err
 	}
 	if m.Retain {
@@ -165,17 +191,32 @@ func (s *Server) planOne(ts []target, client string, m *Message, subQoS byte, ra
 		stored: s.store != nil && persistent && qos > 0})
 }
 
-// commit writes what must be durable before m is delivered and
-// acknowledged, and numbers m in the log.
-func (s *Server) commit(m *Message, ts []target, in *inbound) (err error) {
+// commit queues what must be durable before m is delivered and
+// acknowledged, and numbers m in the log. It returns a function that
+// waits (once) for the write, or nil if there is nothing to wait for.
+func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error, err error) {
 	st := s.store
 	if st == nil || m.volatile {
-		return nil
+		return nil, nil
 	}
 	var fixed []storage.Op
-	if cm := s.opts.Committer; cm != nil {
+	cm := s.opts.Committer
+	if cm != nil {
 		fixed = cm.Prepare(m)
-		defer func() { cm.Committed(m, err) }()
+	}
+	// done reports the outcome to the Committer once it is known.
+	done := func(w func() error) func() error {
+		if cm == nil {
+			return w
+		}
+		return func() error {
+			var err error
+			if w != nil {
+				err = w()
+			}
+			cm.Committed(m, err)
+			return err
+		}
 	}
 	committerOps := len(fixed)
 	keep := m.Retain || len(fixed) > 0 || st.log.Keeps(m.Topic)
@@ -196,23 +237,11 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (err error) {
 		// Numbered only: nothing of the message is encoded or written.
 		m.Seq = st.log.Number(&storage.LogMessage{Time: m.Created})
 		if len(fixed) > 0 {
-			return st.db.Write(fixed...)
+			return done(st.db.WriteStart(fixed...)), nil
 		}
-		return nil
+		return done(nil), nil
 	}
-	// A QoS 0 message is promised nothing: its record (for history) is
-	// queued in order and the publisher goes on. What a session queues, a
-	// webhook outbox or a QoS 2 mark waits for the write.
-	appendFn := st.log.AppendQueued
-	if m.QoS > 0 || committerOps > 0 {
-		appendFn = st.log.AppendWith
-	}
-	for i := range ts {
-		if ts[i].stored {
-			appendFn = st.log.AppendWith
-		}
-	}
-	seq, err := appendFn(logMessage(m), func(seq uint64) []storage.Op {
+	extra := func(seq uint64) []storage.Op {
 		ops := fixed
 		for i := range ts {
 			t := &ts[i]
@@ -222,9 +251,25 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (err error) {
 			}
 		}
 		return ops
-	})
+	}
+	// A QoS 0 message is promised nothing: its record (for history) is
+	// queued in order and the publisher goes on. What a session queues, a
+	// webhook outbox or a QoS 2 mark waits for the write.
+	durable := m.QoS > 0 || committerOps > 0
+	for i := range ts {
+		durable = durable || ts[i].stored
+	}
+	var seq uint64
+	if durable {
+		seq, wait, err = st.log.AppendStart(logMessage(m), extra)
+	} else {
+		seq, err = st.log.AppendQueued(logMessage(m), extra)
+	}
 	if err != nil {
-		return err
+		if cm != nil {
+			cm.Committed(m, err)
+		}
+		return nil, err
 	}
 	m.Seq, m.stored = seq, true
 	for i := range ts {
@@ -232,7 +277,7 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (err error) {
 			st.log.Ref(seq)
 		}
 	}
-	return nil
+	return done(wait), nil
 }
 
 // online reports whether a client id has a connection attached.
