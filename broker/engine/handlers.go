@@ -277,6 +277,9 @@ func (c *conn) finishPending() error {
 		}
 	}
 	c.pending = c.pending[:0]
+	if cap(c.pending) > 8 {
+		c.pending = nil // an idle connection keeps no large slice
+	}
 	return failed
 }
 
@@ -560,7 +563,7 @@ func (c *conn) disconnect(pk *packets.Packet) error {
 // nothing is counted, *full is set to the size, and the caller may wait
 // for room (awaitRoom) and try again. Callers hold the session's lock.
 func (c *conn) sendQoS0(m *Message, retain bool, subIDs []uint32, live bool, full *int) bool {
-	d := delivery{retain: retain, subIDs: subIDs, expiry: remainingExpiry(m, c.srv.now().Unix())}
+	d := delivery{retain: retain, subIDs: subIDs, expiry: c.srv.remainingExpiry(m)}
 	size, _, _ := publishSize(m, c.version, &d)
 	if c.maxOut > 0 && uint32(size) > c.maxOut {
 		c.srv.dropped(DropTooLarge, c.clientID, m)

@@ -260,7 +260,7 @@ func (s *session) pumpLocked() {
 
 // sendLocked queues the PUBLISH of a flight in flight.
 func (s *session) sendLocked(c *conn, f *flight, dup bool) {
-	d := delivery{qos: f.qos, retain: f.retain, subIDs: f.subIDs, dup: dup, id: f.id, expiry: remainingExpiry(f.msg, s.srv.now().Unix())}
+	d := delivery{qos: f.qos, retain: f.retain, subIDs: f.subIDs, dup: dup, id: f.id, expiry: s.srv.remainingExpiry(f.msg)}
 	if c.queue(func(b []byte) []byte { return c.encodePublish(b, f.msg, &d) }) {
 		if so := s.srv.sentObs; so != nil {
 			so.Sent(f.msg, f.qos, !f.sent && !f.snapshot)
@@ -417,6 +417,15 @@ func (s *session) dropStoredLocked() {
 			}
 		}
 	}
+}
+
+// remainingExpiry is remainingExpiry now; a message without expiry
+// (most) costs no clock read.
+func (s *Server) remainingExpiry(m *Message) uint32 {
+	if m.Expiry == 0 {
+		return 0
+	}
+	return remainingExpiry(m, s.now().Unix())
 }
 
 // remainingExpiry is the Message Expiry Interval to send: what is left of
