@@ -211,6 +211,10 @@ func (h *History) wanted(topic string, seq uint64) bool {
 // filter, once. Called with h.mu held.
 func (h *History) deliver(rec *Record) {
 	h.stamp++
+	if h.frame != nil && rec.Frame == nil {
+		// Once, before any watch can read it, for every watch it goes to.
+		rec.Frame = h.frame(rec)
+	}
 	for w := range h.exact[rec.Topic] {
 		h.send(w, rec)
 	}
@@ -232,10 +236,6 @@ func (h *History) send(w *Watch, rec *Record) {
 		return
 	}
 	w.stamp = h.stamp
-	if rec.Frame == nil && h.frame != nil {
-		// Once for every watch this record goes to, not once per watch.
-		rec.Frame = h.frame(rec)
-	}
 	select {
 	case w.ch <- rec:
 	default:

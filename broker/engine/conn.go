@@ -38,6 +38,7 @@ type conn struct {
 	noPark     bool             // never parks (ServeConn with wait, or the poller failed)
 	replyHeld  bool             // reply queued bytes without starting the flusher (reader only)
 	pending    []pendingPublish // PUBLISHes written and not yet delivered (reader only)
+	pendingErr error            // a store failure finishPending met inside a handler (reader only)
 
 	// Set by CONNECT, read-only afterwards (the reader goroutine owns them).
 	version   byte
@@ -292,12 +293,12 @@ func (c *conn) progressLocked() {
 }
 
 // awaitRoom holds a publisher back until a QoS 0 delivery of n bytes fits
-// the outbound budget, for at most Limits.PublisherStall. It reports
-// whether it fits, and whether the publisher waited: it does not wait if
-// an earlier wait ran out and the socket has taken nothing since (a stuck
-// consumer costs its publishers one stall, not one per message). Callers
-// hold no lock.
-func (c *conn) awaitRoom(n int) (fits, waited bool) {
+// the outbound budget, at most until deadline. It reports whether it
+// fits, and whether the publisher waited: it does not wait if an earlier
+// wait ran out and the socket has taken nothing since (a stuck consumer
+// costs its publishers one stall, not one per message). Callers hold no
+// lock.
+func (c *conn) awaitRoom(n int, deadline time.Time) (fits, waited bool) {
 	var timer *time.Timer
 	defer func() {
 		if timer != nil {
@@ -319,9 +320,15 @@ func (c *conn) awaitRoom(n int) (fits, waited bool) {
 			c.drained = make(chan struct{})
 		}
 		ch := c.drained
+		c.kickLocked() // bytes held by reply (this may be the publisher's own connection)
 		c.outMu.Unlock()
 		if timer == nil {
-			timer = time.NewTimer(c.srv.lim.PublisherStall)
+			d := time.Until(deadline)
+			if d <= 0 {
+				c.noteStalled()
+				return false, true
+			}
+			timer = time.NewTimer(d)
 			waited = true
 		}
 		select {
@@ -562,6 +569,7 @@ func (c *conn) releaseReader() { c.in.release() }
 // now), or, at a packet boundary of a plain socket that may idle, the
 // moment to hand the connection to the idle poller.
 func (c *conn) armRead(atStart bool) error {
+	c.flushReplies()
 	if len(c.pending) > 0 {
 		// Deliver and acknowledge what was read before waiting for more.
 		if err := c.finishPending(); err != nil {

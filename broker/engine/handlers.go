@@ -45,6 +45,10 @@ func (c *conn) loop() (error, bool) {
 		}
 		if err == nil {
 			err = c.handle(pk)
+			if err == nil && c.pendingErr != nil {
+				// A pending PUBLISH finished on the way failed to store.
+				err, c.pendingErr = c.pendingErr, nil
+			}
 			reason = pk.ReasonCode
 			putPacket(pk)
 		}
@@ -338,7 +342,12 @@ func (c *conn) ackPublish(pk *packets.Packet, code byte, reason string) {
 		return
 	}
 	if len(c.pending) > 0 {
-		_ = c.finishPending() // a store failure is met again by the next write
+		if err := c.finishPending(); err != nil {
+			// The connection closes (loop) and this ack does not go out:
+			// the client resends from the message that failed.
+			c.pendingErr = err
+			return
+		}
 	}
 	c.ackID(pk.FixedHeader.Qos, pk.PacketID, code, reason)
 }

@@ -1,6 +1,8 @@
 package engine
 
 import (
+	"errors"
+	"log/slog"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -24,14 +26,16 @@ type idlePoller struct {
 
 	parks    atomic.Int64 // connections parked since the last releaseMemory
 	released time.Time    // loop goroutine only
+	failed   atomic.Bool  // the loop ended on an error: nothing parks any more
+	log      *slog.Logger
 }
 
-func newIdlePoller() (*idlePoller, error) {
+func newIdlePoller(log *slog.Logger) (*idlePoller, error) {
 	epfd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, err
 	}
-	p := &idlePoller{epfd: epfd, conns: map[int]*conn{}, done: make(chan struct{})}
+	p := &idlePoller{epfd: epfd, conns: map[int]*conn{}, done: make(chan struct{}), log: log}
 	if err := syscall.Pipe2(p.wake[:], syscall.O_CLOEXEC|syscall.O_NONBLOCK); err != nil {
 		syscall.Close(epfd)
 		return nil, err
@@ -53,6 +57,9 @@ func (p *idlePoller) closeFDs() {
 
 // add watches c's socket for its next byte (or its end).
 func (p *idlePoller) add(c *conn) error {
+	if p.failed.Load() {
+		return errPollerFailed
+	}
 	fd := c.in.fd
 	p.mu.Lock()
 	p.conns[fd] = c
@@ -95,6 +102,7 @@ func (p *idlePoller) run() {
 	for {
 		n, err := syscall.EpollWait(p.epfd, events, 1000)
 		if err != nil && err != syscall.EINTR {
+			p.fail(err)
 			return
 		}
 		for _, ev := range events[:max(n, 0)] {
@@ -114,6 +122,24 @@ func (p *idlePoller) run() {
 			p.sweep(now)
 			p.releaseMemory(now)
 		}
+	}
+}
+
+var errPollerFailed = errors.New("idle poller failed")
+
+// fail gives every idle connection back to a reader of its own: with the
+// loop gone nothing would resume them.
+func (p *idlePoller) fail(err error) {
+	p.failed.Store(true)
+	p.log.Error("idle poller stopped: idle connections keep their reader from now on", "error", err)
+	p.mu.Lock()
+	conns := make([]*conn, 0, len(p.conns))
+	for _, c := range p.conns {
+		conns = append(conns, c)
+	}
+	p.mu.Unlock()
+	for _, c := range conns {
+		c.unpark(false)
 	}
 }
 

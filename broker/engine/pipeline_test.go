@@ -1,11 +1,15 @@
 package engine
 
 import (
+	"context"
 	"fmt"
+	"net"
 	"testing"
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/beaconmq/beacon/storage"
 )
 
 // PUBLISHes that arrive in one read share a group commit; what follows
@@ -86,5 +90,44 @@ func TestPipelinedPublishesKeepOrder(t *testing.T) {
 			pinged = true // anything more (a second q2) would come before the PINGRESP
 			watch.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pingreq}})
 		}
+	}
+}
+
+// A 3.1.1 client whose pending PUBLISH fails to store is disconnected
+// (it has no other way to learn it), even when the failure is found while
+// answering a later PUBLISH of the same read: that one is not
+// acknowledged either, and nothing after it is.
+func TestPipelinedStoreFailureClosesV3(t *testing.T) {
+	db, l := openStore(t, t.TempDir(), storage.SyncBatch)
+	s := New(Options{Persistence: &Persistence{DB: db, Log: l},
+		Limits: Limits{MaxTopicLength: 16}})
+	if _, err := s.Load(); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = s.Serve(ln, "tcp") }()
+	t.Cleanup(func() { _ = s.Shutdown(context.Background()) })
+
+	c := dialRaw(t, ln.Addr().String(), 4)
+	c.connect("v3", true, nil)
+	// The store fails from here on (a real failure: the log is closed).
+	if err := l.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	batch := c.encode(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1, Retain: true},
+		TopicName: "lost", PacketID: 1, Payload: []byte("not stored")})
+	batch = append(batch, c.encode(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+		TopicName: "a/topic/longer/than/sixteen", PacketID: 2, Payload: []byte("refused")})...)
+	batch = append(batch, c.encode(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+		TopicName: "ok", PacketID: 3, Payload: []byte("after")})...)
+	c.write(batch)
+	if got := c.expectClosed(); len(got) != 0 {
+		t.Fatalf("got %d packets (first type %d id %d) before the close, want none", len(got), got[0].FixedHeader.Type, got[0].PacketID)
+	}
+	if _, ok := s.retained.Get("lost"); ok {
+		t.Fatal("the message that failed to store is retained")
 	}
 }

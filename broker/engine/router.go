@@ -3,6 +3,7 @@ package engine
 import (
 	"errors"
 	"sync"
+	"time"
 
 	"github.com/beaconmq/beacon/broker/topics"
 	"github.com/beaconmq/beacon/storage"
@@ -81,6 +82,15 @@ func (s *Server) finishAccept(a *acceptance) (int, error) {
 		err = a.wait()
 	}
 	if err != nil {
+		if st := s.store; st != nil && m.stored {
+			// Appended but not durable: give back what commit took.
+			for i := range ts {
+				if ts[i].stored {
+					st.log.Unref(m.Seq)
+				}
+			}
+			st.log.Release(m.Seq)
+		}
 		return 0, err
 	}
 	if m.Retain {
@@ -88,6 +98,7 @@ func (s *Server) finishAccept(a *acceptance) (int, error) {
 	}
 	n := 0
 	stall := s.lim.PublisherStall > 0
+	var stallUntil time.Time // one bound for the message, however many subscribers are behind
 	for i := range ts {
 		t := &ts[i]
 		t.mayWait = stall && t.qos == 0
@@ -102,7 +113,10 @@ func (s *Server) finishAccept(a *acceptance) (int, error) {
 		// it drains (bounded), rather than drop.
 		c := t.fullConn
 		t.mayWait, t.fullConn = false, nil
-		if fits, waited := c.awaitRoom(t.full); waited {
+		if stallUntil.IsZero() {
+			stallUntil = time.Now().Add(s.lim.PublisherStall)
+		}
+		if fits, waited := c.awaitRoom(t.full, stallUntil); waited {
 			s.stats.stalls.Add(1)
 			if !fits {
 				s.stats.stallTimeouts.Add(1)

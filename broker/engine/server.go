@@ -210,7 +210,7 @@ func (s *Server) idlePoller() *idlePoller {
 		if s.closing {
 			return
 		}
-		p, err := newIdlePoller()
+		p, err := newIdlePoller(s.log)
 		if err != nil {
 			s.log.Warn("idle connections keep their reader goroutine", "error", err)
 			return
