@@ -66,9 +66,12 @@ func (p *idlePoller) add(c *conn) error {
 	p.mu.Unlock()
 	ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLONESHOT, Fd: int32(fd)}
 	op := syscall.EPOLL_CTL_ADD
-	if c.in.watched {
+	if c.in.watched.Load() {
 		op = syscall.EPOLL_CTL_MOD
 	}
+	// Set before the registration: once it is made, an event may resume
+	// the connection on another goroutine, and c is not ours to touch.
+	c.in.watched.Store(true)
 	err := syscall.EpollCtl(p.epfd, op, fd, &ev)
 	switch {
 	case err == syscall.EEXIST:
@@ -80,7 +83,6 @@ func (p *idlePoller) add(c *conn) error {
 		p.forget(c)
 		return err
 	}
-	c.in.watched = true
 	p.parks.Add(1)
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -40,7 +41,7 @@ type input struct {
 	arm       func(atStart bool) error
 	atStart   bool
 	parkArmed bool
-	watched   bool // fd is in the idle poller's epoll set
+	watched   atomic.Bool // fd is in the idle poller's epoll set (set by a reader, read by the next)
 
 	// Results of the RawConn callbacks (method values made once, so a
 	// read allocates nothing).

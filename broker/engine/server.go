@@ -191,7 +191,7 @@ func (s *Server) run(c *conn) {
 
 // finish forgets an ended connection.
 func (s *Server) finish(c *conn) {
-	if p := s.idle.Load(); p != nil && c.in.watched {
+	if p := s.idle.Load(); p != nil && c.in.watched.Load() {
 		p.forget(c)
 	}
 	s.mu.Lock()
