@@ -227,15 +227,12 @@ func (c *conn) publish(pk *packets.Packet) error {
 	if fh.Qos == 2 {
 		in = &inbound{sess: sess, id: pk.PacketID}
 	}
-	if fh.Qos == 0 || c.srv.store == nil {
-		c.pending = append(c.pending, pendingPublish{a: c.srv.beginAccept(m, in), qos: fh.Qos, id: pk.PacketID})
-		return c.finishPending()
-	}
-	// Durable before the ack: the write is queued now and waited for
-	// with those of the PUBLISHes after it in the same read (finishPending),
-	// so one publisher's messages share a group commit.
+	// A durable PUBLISH is acknowledged once its write is: the write is
+	// queued now and waited for with those of the PUBLISHes after it in
+	// the same read (finishPending), so one publisher's messages share a
+	// group commit. QoS 0, and anything without a store, finishes at once.
 	c.pending = append(c.pending, pendingPublish{a: c.srv.beginAccept(m, in), qos: fh.Qos, id: pk.PacketID})
-	if len(c.pending) >= maxPending {
+	if fh.Qos == 0 || c.srv.store == nil || len(c.pending) >= maxPending {
 		return c.finishPending()
 	}
 	return nil

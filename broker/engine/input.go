@@ -97,8 +97,11 @@ func (in *input) ReadByte() (byte, error) {
 // readFull fills dst, from the buffer first; a large remainder is read
 // into dst directly.
 func (in *input) readFull(dst []byte) error {
-	n := copy(dst, (*in.bufOrNil())[in.r:in.w])
-	in.r += n
+	n := 0
+	if in.buf != nil {
+		n = copy(dst, (*in.buf)[in.r:in.w])
+		in.r += n
+	}
 	for n < len(dst) {
 		if len(dst)-n >= inputSize/2 {
 			m, err := in.direct(dst[n:])
@@ -116,15 +119,6 @@ func (in *input) readFull(dst []byte) error {
 		n += m
 	}
 	return nil
-}
-
-var noBytes []byte
-
-func (in *input) bufOrNil() *[]byte {
-	if in.buf == nil {
-		return &noBytes
-	}
-	return in.buf
 }
 
 // unexpected turns an EOF inside a packet into io.ErrUnexpectedEOF.
