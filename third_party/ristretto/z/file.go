@@ -33,9 +33,11 @@ func OpenMmapFileUsing(fd *os.File, sz int, writable bool) (*MmapFile, error) {
 	var rerr error
 	fileSize := fi.Size()
 	if sz > 0 && fileSize == 0 {
-		// If file is empty, truncate it to sz.
-		if err := fd.Truncate(int64(sz)); err != nil {
-			return nil, errors.Join(err, errors.New("error while truncation"))
+		// If file is empty, grow it to sz with its blocks allocated
+		// (Beacon: a page first written through the mapping on a full
+		// volume is a SIGBUS; an allocation that does not fit is ENOSPC).
+		if err := allocate(fd, 0, int64(sz)); err != nil {
+			return nil, errors.Join(err, errors.New("error while allocating"))
 		}
 		fileSize = int64(sz)
 		rerr = NewFile

@@ -16,7 +16,12 @@ func (m *MmapFile) Truncate(maxSz int64) error {
 	if err := m.Sync(); err != nil {
 		return fmt.Errorf("while sync file: %s, error: %v\n", m.Fd.Name(), err)
 	}
-	if err := m.Fd.Truncate(maxSz); err != nil {
+	if cur := int64(len(m.Data)); maxSz > cur {
+		// Beacon: allocate the blocks of the grown part (see allocate).
+		if err := allocate(m.Fd, cur, maxSz-cur); err != nil {
+			return fmt.Errorf("while growing file: %s, error: %w", m.Fd.Name(), err)
+		}
+	} else if err := m.Fd.Truncate(maxSz); err != nil {
 		return fmt.Errorf("while truncate file: %s, error: %v\n", m.Fd.Name(), err)
 	}
 
