@@ -105,8 +105,13 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		}
 	}()
 
+	minFree, err := storage.ParseReserve(cfg.Storage.MinFree)
+	if err != nil {
+		return nil, &ConfigError{Key: "storage.min_free", Msg: err.Error()}
+	}
 	b.db, err = storage.Open(storage.Options{
 		Dir:          cfg.Storage.Dir,
+		MinFree:      minFree,
 		Sync:         cfg.Storage.Sync,
 		SyncInterval: cfg.Storage.SyncInterval,
 		GCInterval:   cfg.Storage.GCInterval,
@@ -325,8 +330,8 @@ func (b *Broker) registerMetrics() {
 	gauge("beacon_idle_connections", "Connections idle for a second or more, waiting without a reader goroutine.",
 		es(func(s engine.Stats) float64 { return float64(s.Idle) }))
 	const dropped = "beacon_messages_dropped_total"
-	const droppedHelp = "Messages not delivered, by reason: queue_full (connection buffer, QoS 0), queue_limit (mqtt.max_queued_messages), expired, denied (ACL at delivery), policy, too_large (the client's maximum packet size), topic_limit (mqtt.max_topic_length or max_topic_levels)."
-	for _, r := range []engine.DropReason{engine.DropQueueFull, engine.DropQueueLimit, engine.DropExpired, engine.DropTooLarge, engine.DropTopicLimit} {
+	const droppedHelp = "Messages not delivered, by reason: queue_full (connection buffer, QoS 0), queue_limit (mqtt.max_queued_messages), expired, denied (ACL at delivery), policy, too_large (the client's maximum packet size), topic_limit (mqtt.max_topic_length or max_topic_levels), no_space (refused while the disk is below storage.min_free)."
+	for _, r := range []engine.DropReason{engine.DropQueueFull, engine.DropQueueLimit, engine.DropExpired, engine.DropTooLarge, engine.DropTopicLimit, engine.DropNoSpace} {
 		counter(dropped, droppedHelp, prometheus.Labels{"reason": string(r)}, es(func(s engine.Stats) float64 { return float64(s.Dropped[r]) }))
 	}
 	counter(dropped, droppedHelp, prometheus.Labels{"reason": "denied"}, func() float64 { return float64(b.auth.stats().DeniedDelivery) })
@@ -339,6 +344,17 @@ func (b *Broker) registerMetrics() {
 	counter("beacon_storage_commits_total", "Storage group commits.", nil, func() float64 { return float64(b.db.Stats().Commits) })
 	counter("beacon_storage_commit_errors_total", "Failed storage group commits.", nil, func() float64 { return float64(b.db.Stats().CommitErrors) })
 	counter("beacon_storage_writes_total", "Storage writes (sets and deletes) committed.", nil, func() float64 { return float64(b.db.Stats().Ops) })
+	gauge("beacon_storage_free_bytes", "Free space on the data directory's volume, as last seen.", func() float64 { return float64(b.db.Space().Free) })
+	gauge("beacon_storage_reserve_bytes", "Free space the store keeps (storage.min_free); below it new messages and sessions are refused.",
+		func() float64 { return float64(b.db.Space().Reserve) })
+	gauge("beacon_storage_space_low", "1 while free space is below the reserve.", func() float64 {
+		if b.db.Space().Low {
+			return 1
+		}
+		return 0
+	})
+	counter("beacon_storage_space_refusals_total", "Writes of new data (messages, sessions) refused because free space was below the reserve.", nil,
+		func() float64 { return float64(b.db.Space().Refused) })
 	gauge("beacon_history_records", "Messages stored in the history.", func() float64 { return float64(b.history.Stats().Stored) })
 	counter("beacon_history_recorded_total", "Messages recorded in the history.", nil, func() float64 { return float64(b.history.Stats().Recorded) })
 	counter("beacon_history_trimmed_total", "History records removed by retention (history.rules).", nil,
@@ -673,6 +689,13 @@ func (b *Broker) httpHandler() http.Handler {
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !b.ready.Load() {
 			bridge.WriteJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready"})
+			return
+		}
+		if sp := b.db.Space(); sp.Low {
+			// Serving, but refusing new messages: a balancer sends new
+			// clients elsewhere.
+			bridge.WriteJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready",
+				"reason": (&storage.SpaceError{Free: sp.Free, Reserve: sp.Reserve}).Error() + " (storage.min_free)"})
 			return
 		}
 		bridge.WriteJSON(w, http.StatusOK, map[string]string{"status": "ready"})

@@ -14,8 +14,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -59,6 +61,13 @@ type Options struct {
 	Logger       *slog.Logger  // default slog.Default()
 	// ObserveCommit, when set, is told how long each group commit took.
 	ObserveCommit func(time.Duration)
+	// MinFree is the free space kept on the volume (zero: DefaultReserve);
+	// below it Room refuses new data. It is never less than what the
+	// store needs to flush and compact what it holds (12 memtables: 192
+	// MiB, less on a volume under 1 GiB, whose memtables are smaller).
+	MinFree Reserve
+	// SpaceInterval is how often free space is looked at; default 250ms.
+	SpaceInterval time.Duration
 }
 
 // DB is the opened database. It is safe for concurrent use.
@@ -67,6 +76,7 @@ type DB struct {
 	opts   Options
 	log    *slog.Logger
 	queue  chan *request
+	space  *space
 	mu     sync.RWMutex // guards closed against sends on queue
 	closed bool
 	done   chan struct{} // closed by Shutdown: stops the tickers
@@ -133,17 +143,40 @@ func Open(opts Options) (*DB, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	if opts.SpaceInterval <= 0 {
+		opts.SpaceInterval = 250 * time.Millisecond
+	}
 	log := opts.Logger.With("component", "storage")
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create data directory: %w", err)
+	}
+	total, _, err := statfs(opts.Dir)
+	if err != nil {
+		return nil, err
+	}
+	// Badger writes its memtables through memory-mapped files: a page it
+	// cannot get on a full volume kills the process (SIGBUS). The reserve
+	// keeps room for every memtable to be flushed and compacted, and on a
+	// small volume the memtables are smaller so the reserve stays small.
+	memtable := int64(min(max(total/64, 1<<20), 16<<20))
+	sp, err := newSpace(opts.Dir, opts.MinFree, uint64(memtablesReserved*memtable))
+	if err != nil {
+		return nil, err
+	}
 
 	bo := badger.DefaultOptions(opts.Dir).
 		WithLogger(badgerLogger{log}).
 		WithSyncWrites(opts.Sync == SyncAlways).
 		WithDetectConflicts(false). // one committer: there is nothing to conflict with
-		WithMemTableSize(16 << 20).
+		WithMemTableSize(memtable).
+		WithBaseTableSize(min(2<<20, memtable)).
+		// Values above this go to the value log; a transaction holds at
+		// most 15% of a memtable (badger's batch size).
+		WithValueThreshold(min(1<<20, memtable*15/100/2)).
 		WithNumMemtables(3).
 		WithBlockCacheSize(32 << 20).
 		WithIndexCacheSize(16 << 20).
-		WithValueLogFileSize(64 << 20).
+		WithValueLogFileSize(min(max(int64(total/8), 4<<20), 64<<20)).
 		WithNumCompactors(2)
 	bdb, err := badger.Open(bo)
 	if err != nil {
@@ -154,12 +187,14 @@ func Open(opts Options) (*DB, error) {
 		db:    bdb,
 		opts:  opts,
 		log:   log,
+		space: sp,
 		queue: make(chan *request, 4096),
 		done:  make(chan struct{}),
 	}
-	d.wg.Add(2)
+	d.wg.Add(3)
 	go d.commitLoop()
 	go d.maintenance()
+	go d.watchSpace(opts.SpaceInterval)
 	return d, nil
 }
 
@@ -261,7 +296,7 @@ func (d *DB) commitLoop() {
 // own, and a request that does not fit alone fails by itself.
 func (d *DB) commitGroup(group []*request) []error {
 	errs := make([]error, len(group))
-	err := d.commitTxn(group)
+	err := d.noSpace(d.commitTxn(group))
 	if err == nil {
 		return errs
 	}
@@ -272,7 +307,7 @@ func (d *DB) commitGroup(group []*request) []error {
 		return errs
 	}
 	for i, r := range group {
-		errs[i] = d.commitTxn([]*request{r})
+		errs[i] = d.noSpace(d.commitTxn([]*request{r}))
 	}
 	return errs
 }
@@ -282,12 +317,14 @@ func (d *DB) commitGroup(group []*request) []error {
 func (d *DB) commitTxn(reqs []*request) error {
 	txn := d.db.NewTransaction(true)
 	defer txn.Discard()
+	written := 0
 	for _, r := range reqs {
 		for _, op := range r.ops {
 			var err error
 			switch op.kind {
 			case opSet:
 				err = txn.Set(op.key, op.value)
+				written += op.Size()
 			case opDelete:
 				err = txn.Delete(op.key)
 			case opDeletePrefix:
@@ -304,7 +341,24 @@ func (d *DB) commitTxn(reqs []*request) error {
 			}
 		}
 	}
-	return txn.Commit()
+	err := txn.Commit()
+	if err == nil {
+		d.space.written.Add(int64(written))
+	}
+	return err
+}
+
+// noSpace makes a write that failed for a full volume (ENOSPC, from
+// badger allocating a file) a *SpaceError, and has the watcher look.
+func (d *DB) noSpace(err error) error {
+	if err == nil || !errors.Is(err, syscall.ENOSPC) {
+		return err
+	}
+	select {
+	case d.space.kick <- struct{}{}:
+	default:
+	}
+	return fmt.Errorf("%w: %w", &SpaceError{Free: d.space.free.Load(), Reserve: d.space.reserve}, err)
 }
 
 func prefixKeys(txn *badger.Txn, prefix []byte) ([][]byte, error) {
@@ -387,7 +441,9 @@ func (d *DB) maintenance() {
 				d.log.Error("periodic sync failed", "error", err)
 			}
 		case <-gc.C:
-			d.runGC()
+			if !d.space.low.Load() { // a rewrite needs room before it frees any
+				d.runGC()
+			}
 		}
 	}
 }

@@ -263,7 +263,22 @@ func (c *conn) finishPending() error {
 		if _, err := c.srv.finishAccept(p.a); err != nil {
 			// Not stored, so not accepted: the client sends it again.
 			c.releaseInboundID(p.qos, p.id)
-			c.srv.log.Error("publish not stored", "client", c.clientID, "error", err)
+			var se *storage.SpaceError
+			if errors.As(err, &se) {
+				// The disk is short of space: refused before anything
+				// was written. QoS 0 is dropped (counted); v5 is told
+				// with 0x97; a 3.1.1 client, which cannot be told, is
+				// closed below and sends it again later.
+				if p.qos == 0 {
+					continue
+				}
+				if c.version == 5 && failed == nil {
+					c.ackID(p.qos, p.id, codeQuotaExceeded, se.Error())
+					continue
+				}
+			} else {
+				c.srv.log.Error("publish not stored", "client", c.clientID, "error", err)
+			}
 			if c.version < 5 || p.qos == 0 {
 				if failed == nil {
 					failed = fmt.Errorf("store: %w", err)
