@@ -222,6 +222,7 @@ func (d *DB) watchSpace(interval time.Duration) {
 	defer t.Stop()
 	var lastWarn time.Time
 	var lastRefused int64
+	var lastReopen time.Time
 	wasLow := false
 	if s.low.Load() {
 		s.kick <- struct{}{} // log at once that it starts low
@@ -235,6 +236,15 @@ func (d *DB) watchSpace(interval time.Duration) {
 		}
 		if err := s.update(); err != nil {
 			d.log.Error("watching free disk space", "error", err)
+		}
+		if d.readOnly.Load() {
+			if !s.low.Load() && time.Since(lastReopen) >= 5*time.Second {
+				lastReopen = time.Now()
+				d.reopen()
+			}
+			if d.readOnly.Load() {
+				s.low.Store(true) // read-only refuses every write whatever the volume says
+			}
 		}
 		sp := d.Space()
 		changed := sp.Low != wasLow
@@ -264,7 +274,13 @@ func (d *DB) watchSpace(interval time.Duration) {
 // a *SpaceError (wrapping ErrNoSpace) while the volume's free space is
 // below the reserve. Writers of new data (messages, sessions) ask before
 // writing; deletes and acknowledgements never need to.
-func (d *DB) Room(n int) error { return d.space.room(n) }
+func (d *DB) Room(n int) error {
+	if d.readOnly.Load() {
+		d.space.refused.Add(1)
+		return &SpaceError{Free: d.space.free.Load(), Reserve: d.space.reserve}
+	}
+	return d.space.room(n)
+}
 
 // Space returns the volume's size, free space and reserve as last seen.
 func (d *DB) Space() Space {

@@ -248,3 +248,60 @@ func publish1(t *testing.T, c *bt.Client, topic string, payload []byte) *paho.Pu
 	}
 	return r
 }
+
+// TestStartOnFullDisk kills the broker, fills its volume to the last
+// byte and starts it again: it starts read-only (serving what is stored,
+// refusing new messages with 0x97), and opens for writing by itself once
+// space is freed.
+func TestStartOnFullDisk(t *testing.T) {
+	vol := mountTmpfs(t, 128<<20)
+	data := filepath.Join(vol, "data")
+	p := startBeacon(t, data)
+	keeper := bt.Dial(t, p.mqtt, persistentConnect("keeper"))
+	keeper.SubscribeT(t, paho.SubscribeOptions{Topic: "full/#", QoS: 1})
+	_ = keeper.Disconnect(&paho.Disconnect{})
+	pub := bt.Dial(t, p.mqtt, &paho.Connect{ClientID: "pub", CleanStart: true})
+	pub.PublishT(t, &paho.Publish{Topic: "full/retained", QoS: 1, Retain: true, Payload: []byte("kept")})
+	pub.PublishT(t, &paho.Publish{Topic: "full/queued", QoS: 1, Payload: []byte("queued")})
+	p.kill(t)
+	fill(t, filepath.Join(vol, "filler"), -1)
+
+	p = startBeacon(t, data)
+	if !strings.Contains(p.Logs(), "opening the store read-only") {
+		t.Fatalf("no warning that the store opened read-only:\n%s", p.Logs())
+	}
+	if code, body := readyz(t, p.http); code != http.StatusServiceUnavailable || !strings.Contains(body, "disk space low") {
+		t.Fatalf("/readyz on a full disk: %d %s", code, body)
+	}
+	reader := bt.Dial(t, p.mqtt, &paho.Connect{ClientID: "reader", CleanStart: true})
+	reader.SubscribeT(t, paho.SubscribeOptions{Topic: "full/retained", QoS: 1})
+	if m := reader.WaitMessages(t, 1, 10*time.Second)[0]; string(m.Payload) != "kept" {
+		t.Fatalf("retained on a full disk: %q", m.Payload)
+	}
+	pub = bt.Dial(t, p.mqtt, &paho.Connect{ClientID: "pub", CleanStart: true})
+	if r := publish1(t, pub, "full/new", []byte("new")); r.ReasonCode != 0x97 {
+		t.Fatalf("QoS 1 on a full disk: 0x%02X, want 0x97", r.ReasonCode)
+	}
+
+	if err := os.Remove(filepath.Join(vol, "filler")); err != nil {
+		t.Fatal(err)
+	}
+	bt.WaitFor(t, 30*time.Second, "the store opens for writing once space is freed", func() bool {
+		if publish1(t, pub, "full/new", []byte("new")).ReasonCode < 0x80 {
+			return true
+		}
+		time.Sleep(100 * time.Millisecond)
+		return false
+	})
+	if code, body := readyz(t, p.http); code != http.StatusOK {
+		t.Fatalf("/readyz after space returned: %d %s", code, body)
+	}
+	k := bt.Dial(t, p.mqtt, persistentConnect("keeper"))
+	got := map[string]bool{}
+	for _, m := range k.WaitMessages(t, 2, 20*time.Second) {
+		got[string(m.Payload)] = true
+	}
+	if !got["queued"] || !got["new"] {
+		t.Fatalf("after the full disk the persistent session got %v, want queued and new", got)
+	}
+}
