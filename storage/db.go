@@ -187,6 +187,13 @@ func Open(opts Options) (*DB, error) {
 		WithIndexCacheSize(16 << 20).
 		WithValueLogFileSize(min(max(int64(total/8), 4<<20), 64<<20)).
 		WithNumCompactors(2)
+	began := time.Now()
+	files, err := checkStore(opts.Dir)
+	if err != nil {
+		return nil, err
+	}
+	log.Debug("store checked", "tables", len(files.tables), "took", time.Since(began).Round(time.Millisecond))
+	reportWALDamage(opts.Dir, files, log)
 	bdb, err := badger.Open(bo)
 	readOnly := false
 	if isNoSpace(err) {
@@ -201,6 +208,15 @@ func Open(opts Options) (*DB, error) {
 	}
 	if err != nil {
 		return nil, fmt.Errorf("open store %q: %w", opts.Dir, err)
+	}
+	if !files.marker {
+		if !files.manifest {
+			log.Info("created a new store", "dir", opts.Dir)
+		}
+		if err := writeMarker(opts.Dir); err != nil && !readOnly {
+			_ = bdb.Close()
+			return nil, fmt.Errorf("open store %q: %w", opts.Dir, err)
+		}
 	}
 
 	d := &DB{

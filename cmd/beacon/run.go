@@ -29,6 +29,7 @@ Usage:
   beacon devices ...            manage devices (beacon devices help)
   beacon token --sub NAME ...   mint an HS256 JWT with auth.jwt_secret
   beacon healthcheck [flags]    exit 0 if the broker's /healthz answers (for HEALTHCHECK)
+  beacon storage verify [flags] check a stopped broker's data directory for damage
   beacon version                print the version
 
 Flags (serve, config print):
@@ -84,6 +85,8 @@ func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) 
 		return runDevices(args, environ, stdout, stderr)
 	case "token":
 		return runToken(args, environ, stdout, stderr)
+	case "storage":
+		return runStorage(args, environ, stdout, stderr)
 	case "help":
 		fmt.Fprint(stdout, usage)
 		newFlags("serve", stdout).PrintDefaults()
