@@ -260,9 +260,10 @@ func walEntry(b []byte) (meta byte, key []byte, n int) {
 }
 
 // reportWALDamage audits the logs badger replays at open (memtable logs,
-// and the value log being written) and says what it will drop: a crash
+// and the value log being written) and says what is dropped: a crash
 // leaves at most a torn last write; more is damage. A copy of a damaged
-// log goes to the directory's damaged/ folder first, for recovery by hand.
+// log goes to the directory's damaged/ folder, for recovery by hand,
+// before its unreadable tail is cleared.
 func reportWALDamage(dir string, f storeFiles, log *slog.Logger) {
 	for _, name := range f.logs {
 		path := filepath.Join(dir, name)
@@ -280,9 +281,17 @@ func reportWALDamage(dir string, f storeFiles, log *slog.Logger) {
 		}
 		saved := filepath.Join(dir, "damaged", fmt.Sprintf("%s.%s", name, time.Now().UTC().Format("20060102T150405Z")))
 		if err := copyFile(path, saved); err != nil {
-			saved = "not saved: " + err.Error()
+			log.Error("store log damaged, and it cannot be copied aside: not opening it", "file", name, "error", err)
+			continue // badger replays it as it is, or refuses it
 		}
-		log.Error("store log damaged: what follows the damage is dropped at replay",
+		// Badger replays up to the damage and drops the rest; some damage
+		// makes it refuse the whole log instead (an entry header that does
+		// not parse). With the copy kept, the tail is cleared here, so the
+		// replay ends at the damage either way.
+		if err := zeroFrom(path, d.ValidEnd, d.ValidEnd+d.Dropped); err != nil {
+			log.Error("clearing a damaged log's tail", "file", name, "error", err)
+		}
+		log.Error("store log damaged: what follows the damage is dropped",
 			"file", name, "readable_bytes", d.ValidEnd, "dropped_bytes", d.Dropped,
 			"dropped_writes", d.LostWrites, "copy", saved)
 	}
@@ -291,6 +300,19 @@ func reportWALDamage(dir string, f storeFiles, log *slog.Logger) {
 // maxTornWrite is the most a crash can leave half-written at a log's end
 // without it counting as damage: one group commit's entries.
 const maxTornWrite = 4 << 20
+
+// zeroFrom overwrites [from, to) of a file with zeros and syncs it.
+func zeroFrom(path string, from, to int) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(make([]byte, to-from), int64(from)); err != nil {
+		return err
+	}
+	return f.Sync()
+}
 
 func copyFile(src, dst string) error {
 	b, err := os.ReadFile(src)

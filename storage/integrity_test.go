@@ -80,6 +80,14 @@ func memLog(t *testing.T, dir string) string {
 }
 
 func TestWALDamageReported(t *testing.T) {
+	// 0xA5 in a value fails its entry's CRC; 0xFF from an entry's start
+	// overflows its length varint, which makes badger refuse the log.
+	for _, g := range []byte{0xA5, 0xFF} {
+		t.Run(fmt.Sprintf("%#x", g), func(t *testing.T) { testWALDamage(t, g) })
+	}
+}
+
+func testWALDamage(t *testing.T, garbage byte) {
 	src := t.TempDir()
 	d, err := Open(Options{Dir: src})
 	if err != nil {
@@ -105,7 +113,18 @@ func TestWALDamageReported(t *testing.T) {
 	}
 	end := bytes.LastIndex(b, []byte(walTxnKey)) + 64
 	at := walHeaderSize + (end-walHeaderSize)/3
-	copy(b[at:], bytes.Repeat([]byte{0xA5}, 21))
+	if garbage == 0xFF {
+		// The start of an entry near there.
+		for off := walHeaderSize; ; {
+			_, _, n := walEntry(b[off:])
+			if off+n > at {
+				at = off
+				break
+			}
+			off += n
+		}
+	}
+	copy(b[at:], bytes.Repeat([]byte{garbage}, 21))
 	if err := os.WriteFile(mem, b, 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -14,6 +14,9 @@ import (
 	"github.com/dgraph-io/badger/v4/options"
 )
 
+// ErrInUse says a running broker holds a data directory.
+var ErrInUse = errors.New("in use by a running broker (stop it, or work on a copy)")
+
 // VerifyReport is what Verify found in a data directory.
 type VerifyReport struct {
 	Dir      string
@@ -114,7 +117,7 @@ func Verify(dir string) (*VerifyReport, error) {
 				"the next start drops them, with %d complete writes", name, d.Dropped, d.ValidEnd, d.LostWrites))
 		}
 	}
-	if err := notInUse(dir); err != nil {
+	if err := InUse(dir); err != nil {
 		return nil, err
 	}
 	// Badger replays the memtable logs only opened for writing, so the
@@ -168,9 +171,9 @@ func Verify(dir string) (*VerifyReport, error) {
 	return r, nil
 }
 
-// notInUse fails when a broker holds dir's lock.
-func notInUse(dir string) error {
-	f, err := os.Open(filepath.Join(dir, "LOCK"))
+// InUse fails (with ErrInUse) when a running broker holds dir's lock.
+func InUse(dir string) error {
+	f, err := os.Open(dir) // badger locks the directory itself
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
@@ -179,7 +182,7 @@ func notInUse(dir string) error {
 	}
 	defer f.Close()
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err != nil {
-		return fmt.Errorf("%s is in use by a running broker: stop it, or verify a copy", dir)
+		return fmt.Errorf("%s: %w", dir, ErrInUse)
 	}
 	return syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
 }
