@@ -82,7 +82,7 @@ func fill(t *testing.T, path string, n int64) {
 	}
 }
 
-// metric reads one unlabelled value from /metrics.
+// metric reads one value from /metrics: name with its labels as printed.
 func metric(t *testing.T, httpAddr, name string) float64 {
 	t.Helper()
 	resp, err := http.Get("http://" + httpAddr + "/metrics")
@@ -179,6 +179,12 @@ func TestDiskFull(t *testing.T) {
 	}
 	if r := publish1(t, pub, "fill/a", payload); r.ReasonCode != 0x97 {
 		t.Fatalf("second QoS 1 while low: 0x%02X", r.ReasonCode)
+	}
+	if n := metric(t, p.http, `beacon_messages_dropped_total{reason="no_space"}`); n < 3 {
+		t.Fatalf("beacon_messages_dropped_total{reason=\"no_space\"} = %v after two QoS 1 refusals and a QoS 0 drop", n)
+	}
+	if n := metric(t, p.http, "beacon_storage_space_refusals_total"); n < 3 {
+		t.Fatalf("beacon_storage_space_refusals_total = %v", n)
 	}
 
 	// A new persistent session is refused; a clean one may still connect.
