@@ -258,6 +258,7 @@ func (c *conn) connect(pk *packets.Packet) error {
 	}
 	c.aliasMax = c.srv.lim.TopicAliasMax
 	c.will, c.willDelay = will, willDelay
+	c.cleanStart, c.connectedAt = cn.Clean, c.srv.now()
 
 	// Session.
 	expiry := time.Duration(0)

@@ -120,6 +120,7 @@ func (c *conn) handle(pk *packets.Packet) error {
 // then acknowledge.
 func (c *conn) publish(pk *packets.Packet) error {
 	c.srv.stats.received.Add(1)
+	c.traffic.msgsIn.Add(1)
 	fh := &pk.FixedHeader
 	v5 := c.version == 5
 	lim := &c.srv.lim
@@ -599,6 +600,7 @@ func (c *conn) sendQoS0(m *Message, retain bool, subIDs []uint32, live bool, ful
 		return false
 	}
 	c.srv.stats.sent.Add(1)
+	c.traffic.msgsOut.Add(1)
 	if so := c.srv.sentObs; so != nil {
 		so.Sent(m, 0, live)
 	}
@@ -669,6 +671,7 @@ func (c *conn) end(cause error, graceful bool) {
 	if o := s.opts.Observer; o != nil {
 		o.Disconnected(c.info(), cause)
 	}
+	close(c.done) // Kick waits for it
 }
 
 // sendDelayedWill publishes a will whose delay passed while its session
