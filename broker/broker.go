@@ -67,6 +67,8 @@ type Broker struct {
 
 	metrics   *prometheus.Registry
 	commitDur prometheus.Histogram
+	stats     *sampler  // rates for /api/v1/stats, from metrics
+	started   time.Time // when New ran
 
 	ready        atomic.Bool
 	shutdownOnce sync.Once
@@ -85,13 +87,16 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	b := &Broker{cfg: cfg, log: log, metrics: prometheus.NewRegistry()}
+	b := &Broker{cfg: cfg, log: log, metrics: prometheus.NewRegistry(), started: time.Now()}
 	b.commitDur = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "beacon_storage_commit_seconds",
 		Help:    "Duration of one storage group commit (and its fsync under storage.sync always).",
 		Buckets: prometheus.ExponentialBuckets(0.0001, 2.5, 12)})
 	b.metrics.MustRegister(b.commitDur, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	defer func() {
 		if err != nil {
+			if b.stats != nil {
+				b.stats.close()
+			}
 			b.closeListeners()
 			if b.engine != nil {
 				_ = b.engine.Shutdown(context.Background())
@@ -222,6 +227,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	b.registry.OnChange(b.presence.push)
 
 	b.registerMetrics()
+	b.stats = newSampler(b.metrics)
 
 	if m.Addr != "" {
 		if err := b.listen("tcp", "mqtt.addr", m.Addr, nil); err != nil {
@@ -704,6 +710,7 @@ func (b *Broker) httpHandler() http.Handler {
 	mux.HandleFunc("GET /api/v1/devices", b.admin.Devices(b.access))
 	mux.Handle("GET /api/v1/webhooks", b.admin.Require(b.webhooks.Handler()))
 	mux.Handle("GET /api/v1/backup", b.admin.Require(http.HandlerFunc(b.serveBackup)))
+	b.registerConsole(mux)
 	b.rest.Register(mux)
 	b.streams.Register(mux)
 	mux.Handle("GET /metrics", b.admin.Protect(promhttp.HandlerFor(b.metrics, promhttp.HandlerOpts{})))
@@ -823,6 +830,7 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 		if err := b.msgLog.Shutdown(ctx); err != nil {
 			errs = append(errs, err)
 		}
+		b.stats.close()
 		if err := b.db.Shutdown(ctx); err != nil {
 			errs = append(errs, err)
 		}

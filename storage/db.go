@@ -510,6 +510,13 @@ func (d *DB) reopen() bool {
 	return true
 }
 
+// Size returns the bytes of the store's tables and value log files.
+func (d *DB) Size() (lsm, vlog int64) {
+	d.dbMu.RLock()
+	defer d.dbMu.RUnlock()
+	return d.db.Size()
+}
+
 // ErrNotFound is returned by Get for a missing key.
 var ErrNotFound = errors.New("storage: key not found")
 
