@@ -26,6 +26,7 @@ func (b *Broker) registerConsole(mux *http.ServeMux) {
 	mux.Handle("GET /api/v1/clients/{id}", req(b.showClient))
 	mux.Handle("DELETE /api/v1/clients/{id}", req(b.kickClient))
 	mux.Handle("GET /api/v1/subscriptions", req(b.listSubscriptions))
+	mux.Handle("GET /api/v1/retained/{filter...}", req(b.browseRetained))
 	mux.Handle("DELETE /api/v1/retained/{topic...}", req(b.deleteRetained))
 	mux.Handle("GET /api/v1/stats", req(b.serveStats))
 }
@@ -200,6 +201,29 @@ func (b *Broker) listSubscriptions(w http.ResponseWriter, r *http.Request) {
 		out = append(out, toSubscriptionJSON(s))
 	}
 	bridge.WriteJSON(w, http.StatusOK, map[string]any{"total": len(out), "offset": offset, "subscriptions": window(out, limit, offset)})
+}
+
+// browseRetained: GET /api/v1/retained/{filter...} lists the retained
+// messages under a topic filter (a topic lists its own; + and # are
+// escaped in a URL as %2B and %23), every one, whatever an ACL would let
+// a reader see: it is the administrator's view.
+func (b *Broker) browseRetained(w http.ResponseWriter, r *http.Request) {
+	limit, offset, ok := page(w, r)
+	if !ok {
+		return
+	}
+	filter := r.PathValue("filter")
+	if _, _, _, ok := topics.ParseShared(filter); !ok || strings.HasPrefix(filter, "$share/") {
+		bridge.WriteJSON(w, http.StatusBadRequest, map[string]string{"error": "not a topic filter (escape + and # as %2B and %23)"})
+		return
+	}
+	out := []bridge.Envelope{}
+	b.engine.Retained(filter, func(m *engine.Message) bool {
+		out = append(out, bridge.NewEnvelope(m.Topic, m.Payload, m.QoS, true, m.Created/int64(time.Millisecond)))
+		return true
+	})
+	sort.Slice(out, func(i, j int) bool { return out[i].Topic < out[j].Topic })
+	bridge.WriteJSON(w, http.StatusOK, map[string]any{"total": len(out), "offset": offset, "messages": window(out, limit, offset)})
 }
 
 // deleteRetained: DELETE /api/v1/retained/{topic...} clears a retained

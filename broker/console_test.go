@@ -146,7 +146,20 @@ func TestConsoleAPI(t *testing.T) {
 		t.Fatalf("discarded session still listed: %d", code)
 	}
 
-	// Clearing a retained message.
+	// Browsing and clearing retained messages.
+	var ret struct {
+		Total    int `json:"total"`
+		Messages []struct {
+			Topic   string          `json:"topic"`
+			Payload json.RawMessage `json:"payload"`
+		} `json:"messages"`
+	}
+	if code := adminAPI(t, "GET", base+"/retained/ops/%23", tok, &ret); code != 200 || ret.Total != 1 || ret.Messages[0].Topic != "ops/retained" {
+		t.Fatalf("browse ops/#: %d %+v", code, ret)
+	}
+	if code := adminAPI(t, "GET", base+"/retained/a/%23/b", tok, nil); code != http.StatusBadRequest {
+		t.Fatalf("browse a bad filter: %d", code)
+	}
 	if code := adminAPI(t, "DELETE", base+"/retained/ops/retained", tok, nil); code != http.StatusNoContent {
 		t.Fatalf("delete retained: %d", code)
 	}
