@@ -80,6 +80,7 @@ func (s *Streams) Register(mux *http.ServeMux) {
 	mux.HandleFunc("GET /poll", s.poll)
 	mux.HandleFunc("OPTIONS /poll", s.preflight)
 	mux.HandleFunc("GET /api/v1/topics/last", s.last)
+	mux.HandleFunc("GET /api/v1/history", s.history)
 }
 
 // Close ends every open stream and poll (before the HTTP server shuts
