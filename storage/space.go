@@ -168,21 +168,18 @@ func newSpace(dir string, r Reserve, floor uint64) (*space, error) {
 // room reports whether n more bytes fit above the reserve, by the last
 // statfs less what was written since.
 func (s *space) room(n int) error {
-	est := s.estimate(n)
-	if est >= s.reserve {
-		return nil
-	}
 	if !s.low.Load() {
+		if s.estimate(n) >= s.reserve {
+			return nil
+		}
 		// The estimate crossed the line: look at the volume now rather
 		// than refuse on a guess, and let the watcher log any change.
-		if s.update() == nil {
-			est = s.estimate(n)
-		}
+		err := s.update()
 		select {
 		case s.kick <- struct{}{}:
 		default:
 		}
-		if est >= s.reserve {
+		if err == nil && !s.low.Load() && s.estimate(n) >= s.reserve {
 			return nil
 		}
 	}
@@ -208,7 +205,14 @@ func (s *space) update() error {
 	}
 	s.written.Store(0)
 	s.free.Store(free)
-	s.low.Store(free < s.reserve)
+	// Resume only with a margin above the reserve, so a volume hovering
+	// at the line (compaction giving back a little, writes taking it)
+	// does not flap between refusing and accepting.
+	line := s.reserve
+	if s.low.Load() {
+		line += s.reserve / 10
+	}
+	s.low.Store(free < line)
 	return nil
 }
 
