@@ -479,6 +479,7 @@ func (b *Broker) setupHTTP() error {
 		Guard:          b.guard,
 		Open:           func() bool { return !b.auth.configured() },
 		AllowAnonymous: b.cfg.Auth.AllowAnonymous,
+		AdminToken:     b.admin.AdminToken,
 	}
 	b.rest = &bridge.REST{
 		Access:  b.access,

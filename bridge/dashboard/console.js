@@ -4,6 +4,7 @@
 // a second click within a few seconds (no native dialogs).
 
 import { ChartBoard } from './chart.js';
+import { DeviceConsole } from './console_devices.js';
 import { ago, dateTime, payloadText, truncate, validFilter } from './format.js';
 
 const TOKEN_KEY = 'beacon.admin-token';
@@ -78,21 +79,24 @@ class APIError extends Error {
   }
 }
 
-async function api(method, path) {
+async function api(method, path, body) {
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
   const resp = await fetch(`api/v1/${path}`, {
     method,
-    headers: token ? { Authorization: `Bearer ${token}` } : {},
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
     cache: 'no-store',
   });
   if (resp.status === 204) return null;
-  let body = null;
+  let out = null;
   try {
-    body = await resp.json();
+    out = await resp.json();
   } catch {
     // not JSON
   }
-  if (!resp.ok) throw new APIError(resp.status, (body && body.error) || resp.statusText);
-  return body;
+  if (!resp.ok) throw new APIError(resp.status, (out && out.error) || resp.statusText);
+  return out;
 }
 
 function failed(err) {
@@ -172,6 +176,8 @@ function armed(label, confirmLabel, key, action) {
   });
   return b;
 }
+
+const devices = new DeviceConsole(api, armed, failed);
 
 function showStats(st) {
   ui.version.textContent = String(st.version || '');
@@ -346,6 +352,8 @@ async function poll() {
     showStats(await api('GET', 'stats'));
     await refreshClients();
     if (selected) await openDetail(selected);
+    await devices.refresh();
+    await devices.poll();
     setState('live', 'live');
     notice('');
   } catch (err) {
