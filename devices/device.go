@@ -395,6 +395,22 @@ func (r *Registry) Authenticate(id, secret string) (Device, error) {
 	return dev, nil
 }
 
+// Identified returns the device id when its identity was proven by other
+// means (a TLS client certificate): ErrBadCredentials when no such device
+// is registered, ErrDisabled when it is disabled.
+func (r *Registry) Identified(id string) (Device, error) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	d, ok := r.byID[id]
+	switch {
+	case !ok:
+		return Device{}, ErrBadCredentials
+	case !d.Enabled:
+		return d.public(), ErrDisabled
+	}
+	return d.public(), nil
+}
+
 // SetOnline records a device connecting or disconnecting. The last-seen
 // time is persisted; the online flag lives in memory.
 func (r *Registry) SetOnline(id string, online bool) {
