@@ -81,7 +81,9 @@ func TestMigratingFromMosquittoDoc(t *testing.T) {
 		ports[p] = freePort(t)
 	}
 	portRE := regexp.MustCompile(`\b(1883|8883|8080)\b`)
-	localize := func(s string) string { return portRE.ReplaceAllStringFunc(s, func(p string) string { return ports[p] }) }
+	localize := func(s string) string {
+		return portRE.ReplaceAllStringFunc(s, func(p string) string { return ports[p] })
+	}
 	env := append(cleanEnv(), "PATH="+filepath.Dir(beaconBin)+string(os.PathListSeparator)+os.Getenv("PATH"))
 	runCmd := func(b docBlock, cmdline string) {
 		t.Helper()
