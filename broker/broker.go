@@ -203,7 +203,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	if ha := cfg.HomeAssistant; ha.Discovery {
 		b.ha = hooks.NewHomeAssistant(hooks.HomeAssistantOptions{Publish: b.publishInline, Retained: b.retainedMatching,
 			Registry: b.registry, Codecs: b.codecs, Prefix: ha.Prefix, StatePrefix: ha.StatePrefix, StatusTopic: ha.StatusTopic,
-			Log: log.With("component", "homeassistant")})
+			Version: Version, Log: log.With("component", "homeassistant")})
 		b.registry.OnChange(func(c devices.Change) {
 			switch {
 			case c.Removed:

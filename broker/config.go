@@ -67,6 +67,9 @@ type CodecRuleConfig struct {
 	Format     string        `yaml:"format"` // json, cbor, packed, raw
 	Endian     string        `yaml:"endian"` // packed: big (default) or little
 	Fields     []codec.Field `yaml:"fields"`
+	// Commands a device of device_type can be told: Home Assistant
+	// controls publishing to devices/<id>/cmd/<name>.
+	Commands []codec.Command `yaml:"commands"`
 }
 
 // CodecRules converts the codecs section for codec.NewRules.
@@ -74,7 +77,7 @@ func (c *Config) CodecRules() []codec.Rule {
 	var out []codec.Rule
 	for _, r := range c.Codecs {
 		out = append(out, codec.Rule{Filter: r.Filter, DeviceType: r.DeviceType,
-			Config: codec.Config{Format: r.Format, Endian: r.Endian, Fields: r.Fields}})
+			Config: codec.Config{Format: r.Format, Endian: r.Endian, Fields: r.Fields}, Commands: r.Commands})
 	}
 	return out
 }
