@@ -80,7 +80,8 @@ func ConvertMosquittoACL(name string, r io.Reader) (*MosquittoACL, error) {
 	out := &MosquittoACL{}
 	var b strings.Builder
 	fmt.Fprintf(&b, "# Beacon rules converted from the Mosquitto ACL file %s (beacon acl import).\n", name)
-	b.WriteString("# Mosquitto decides by the first matching line; in Beacon any matching deny wins.\n")
+	b.WriteString("# Mosquitto checks a user's own lines before the patterns, a deny winning within each;\n")
+	b.WriteString("# in Beacon any matching deny wins (warnings below name where that differs).\n")
 	b.WriteString("# Mosquitto's \"user NAME\" is the device NAME; lines before any user line are for\n")
 	b.WriteString("# anonymous clients; patterns are for every client. Review before use.\n")
 	b.WriteString("rules:\n")

@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 	"unicode"
 
 	"github.com/beaconmq/beacon/devices"
@@ -66,7 +67,14 @@ type HomeAssistant struct {
 	done   chan struct{}
 	wg     sync.WaitGroup
 	closed bool
+
+	lastReannounce time.Time // Home Assistant's birth message is honoured once per reannounceEvery
 }
+
+// reannounceEvery bounds how often an "online" on <prefix>/status
+// republishes everything: any client allowed to publish there could
+// otherwise make the broker flood every subscriber of the discovery prefix.
+const reannounceEvery = 5 * time.Second
 
 type haPublish struct {
 	topic   string
@@ -574,6 +582,15 @@ func configDevice(payload []byte) (string, bool) {
 // came online (its birth message on <prefix>/status) and may have lost
 // what it had.
 func (h *HomeAssistant) reannounce() {
+	now := time.Now()
+	h.mu.Lock()
+	if !h.lastReannounce.IsZero() && now.Sub(h.lastReannounce) < reannounceEvery {
+		h.mu.Unlock()
+		h.opts.Log.Info("home assistant: online again within seconds; not announcing again yet")
+		return
+	}
+	h.lastReannounce = now
+	h.mu.Unlock()
 	list := h.opts.Registry.List(nil)
 	var out []haPublish
 	h.mu.Lock()
