@@ -112,7 +112,7 @@ func TestImportMosquittoPasswd(t *testing.T) {
 	}
 	p := startBeacon(t, data, "--config", conf)
 
-	sub := startMosqSub(t, p.mqtt, "-u", "alice", "-P", "alice-old-pass", "-q", "1", "-t", "devices/#", "-C", "4", "-F", "%t %p")
+	sub := startMosqSub(t, p.mqtt, "-u", "alice", "-P", "alice-old-pass", "-q", "1", "-t", "devices/#", "-C", "5", "-F", "%t %p")
 	mosqPub(t, p.mqtt, "-u", "alice", "-P", "alice-old-pass", "-q", "1", "-t", "devices/alice/temp", "-m", "21.5")
 	mosqPub(t, p.mqtt, "-u", "bob", "-P", "bob-old-pass", "-q", "1", "-t", "devices/bob/temp", "-m", "19")
 	mosqPub(t, p.mqtt, "-u", "carol", "-P", chosen, "-q", "1", "-t", "devices/carol/temp", "-m", "7")
@@ -133,13 +133,24 @@ func TestImportMosquittoPasswd(t *testing.T) {
 		t.Fatalf("add --secret-stdin via the API: exit %d\n%s", code, out)
 	}
 	mosqPub(t, p.mqtt, "-u", "dave", "-P", dave, "-q", "1", "-t", "devices/dave/temp", "-m", "8")
+	// An import through the running broker: the hashes go through the admin API.
+	more := filepath.Join(dir, "passwd2")
+	makePasswd(t, more, [3]string{"erin", "sha512-pbkdf2", "erin-old-pass"}, [3]string{"alice", "sha512-pbkdf2", "another"})
+	code, out = runBin(t, "", "devices", "import", "--mosquitto-passwd", more, "--server", "http://"+p.http, "--token", adminToken)
+	if code != 0 || !strings.Contains(out, "imported erin") || !strings.Contains(out, "1 imported, 1 skipped, 0 failed") {
+		t.Fatalf("import via the API: exit %d\n%s", code, out)
+	}
+	mosqPub(t, p.mqtt, "-u", "erin", "-P", "erin-old-pass", "-q", "1", "-t", "devices/erin/temp", "-m", "9")
+	if out, err := mosqPubResult(t, p.mqtt, "-u", "alice", "-P", "another", "-t", "devices/alice/x", "-m", "0"); err == nil {
+		t.Fatalf("a skipped user's new password was admitted: %s", out)
+	}
 
 	got := sub.wait(t, 20*time.Second)
-	want := "devices/alice/temp 21.5|devices/bob/temp 19|devices/carol/temp 7|devices/dave/temp 8"
+	want := "devices/alice/temp 21.5|devices/bob/temp 19|devices/carol/temp 7|devices/dave/temp 8|devices/erin/temp 9"
 	if strings.Join(got, "|") != want {
 		t.Fatalf("subscriber got %q, want %q", got, want)
 	}
-	for _, secret := range []string{"alice-old-pass", "bob-old-pass", chosen, dave} {
+	for _, secret := range []string{"alice-old-pass", "bob-old-pass", chosen, dave, "erin-old-pass"} {
 		if strings.Contains(p.Logs(), secret) {
 			t.Fatalf("the broker logged a password")
 		}
