@@ -172,6 +172,7 @@ func ParsePasswdFile(name string, r io.Reader) ([]PasswdEntry, error) {
 			continue
 		}
 		user, hash, ok := strings.Cut(line, ":")
+		user, hash = strings.TrimSpace(user), strings.TrimSpace(hash) // as Mosquitto reads them
 		switch {
 		case !ok || user == "":
 			return nil, fmt.Errorf("%s:%d: expected username:hash", name, n)
