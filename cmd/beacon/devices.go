@@ -137,7 +137,10 @@ func runDevices(args, environ []string, stdout, stderr io.Writer) int {
 			n.Tags[k] = v
 		}
 		if *secretStdin {
-			if n.Secret, err = readSecretLine(stdin); err != nil {
+			restore := noEcho(stdin, stderr)
+			n.Secret, err = readSecretLine(stdin)
+			restore()
+			if err != nil {
 				return fail(err)
 			}
 			if err := devices.CheckChosenSecret(n.Secret); err != nil {
