@@ -334,10 +334,20 @@ func haSlug(s string) string {
 	}, s)
 }
 
+// haAcronyms are words written in capitals in entity names.
+var haAcronyms = map[string]bool{"rssi": true, "snr": true, "lqi": true, "ok": true, "co2": true, "pm25": true,
+	"pm10": true, "voc": true, "uv": true, "id": true, "ip": true}
+
 // haTitle turns a field name into an entity name: "battery_level" is
-// "Battery level".
+// "Battery level", "rssi" is "RSSI", "co2_level" is "CO2 level".
 func haTitle(s string) string {
-	s = strings.ReplaceAll(s, "_", " ")
+	words := strings.Split(s, "_")
+	for i, w := range words {
+		if haAcronyms[strings.ToLower(w)] {
+			words[i] = strings.ToUpper(w)
+		}
+	}
+	s = strings.Join(words, " ")
 	if s == "" {
 		return s
 	}

@@ -345,3 +345,12 @@ func TestHomeAssistantBoundsEntities(t *testing.T) {
 		t.Errorf("%d entities announced for one reading of %d keys, want %d", n, len(fields), maxEntitiesPerDevice-1)
 	}
 }
+
+func TestHATitle(t *testing.T) {
+	for in, want := range map[string]string{"battery_level": "Battery level", "rssi": "RSSI", "ok": "OK", "co2_level": "CO2 level",
+		"temperature": "Temperature", "okay": "Okay", "": ""} {
+		if got := haTitle(in); got != want {
+			t.Errorf("haTitle(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
