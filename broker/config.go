@@ -225,6 +225,10 @@ type StorageConfig struct {
 	Sync         storage.SyncPolicy `yaml:"sync"`
 	SyncInterval time.Duration      `yaml:"sync_interval"`
 	GCInterval   time.Duration      `yaml:"gc_interval"`
+	// MinFree is the free space kept on the data directory's volume:
+	// "512MiB", "5%", or "5%,512MiB" (whichever is smaller); "" is 5% or
+	// 512 MiB, whichever is smaller.
+	MinFree string `yaml:"min_free"`
 }
 
 // LogConfig configures logging.
@@ -776,6 +780,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Storage.SyncInterval < time.Millisecond {
 		return bad("storage.sync_interval", "must be at least 1ms")
+	}
+	if _, err := storage.ParseReserve(c.Storage.MinFree); err != nil {
+		return bad("storage.min_free", "%v", err)
 	}
 	if c.Storage.GCInterval < time.Second {
 		return bad("storage.gc_interval", "must be at least 1s")
