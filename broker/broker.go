@@ -213,7 +213,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	if ha := cfg.HomeAssistant; ha.Discovery {
 		b.ha = hooks.NewHomeAssistant(hooks.HomeAssistantOptions{Publish: b.publishInline, Retained: b.retainedMatching,
 			Registry: b.registry, Codecs: b.codecs, Prefix: ha.Prefix, StatePrefix: ha.StatePrefix, StatusTopic: ha.StatusTopic,
-			Log: log.With("component", "homeassistant")})
+			Version: Version, Log: log.With("component", "homeassistant")})
 		b.registry.OnChange(func(c devices.Change) {
 			switch {
 			case c.Removed:
@@ -240,6 +240,9 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 			return nil, &ConfigError{Key: "mqtt.tls_cert", Msg: fmt.Sprintf("load key pair: %v", err)}
 		}
 		tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		if err := clientCertConfig(tc, m); err != nil {
+			return nil, err
+		}
 		if err := b.listen("tls", "mqtt.tls_addr", m.TLSAddr, tc); err != nil {
 			return nil, err
 		}
@@ -544,7 +547,7 @@ func (b *Broker) setupAuth() error {
 	b.auth = &auth{registry: b.registry, authz: b.authz, tokens: b.tokens, policy: devices.MaxPayload{Authorizer: b.authz},
 		rulesFile: a.ACLFile != "", allowAnonymous: a.AllowAnonymous, failDelay: a.FailDelay,
 		log: b.log.With("component", "auth"), limiter: hooks.NewRateLimiter(10 * time.Second),
-		clients: map[string]*principal{}, online: map[string]int{}}
+		clients: map[string]*principal{}, online: map[string]int{}, certIdentity: b.cfg.MQTT.TLSIdentity}
 
 	configured := b.tokens != nil || a.ACLFile != "" || b.registry.Len() > 0
 	for _, key := range []struct{ name, addr string }{
