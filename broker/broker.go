@@ -433,6 +433,20 @@ func (b *Broker) decode(topic, device string, payload []byte) map[string]any {
 	return v
 }
 
+// units are the units the codec of a topic declares, by field.
+func (b *Broker) units(topic, device string) map[string]string {
+	var out map[string]string
+	for _, f := range b.codecs.Fields(topic, b.registry.TypeOf(device)) {
+		if f.Unit != "" {
+			if out == nil {
+				out = map[string]string{}
+			}
+			out[f.Name] = f.Unit
+		}
+	}
+	return out
+}
+
 // setupHTTP binds the HTTP server and builds the browser bridges.
 func (b *Broker) setupHTTP() error {
 	h := b.cfg.HTTP
@@ -503,6 +517,7 @@ func (b *Broker) setupHTTP() error {
 		PollMaxWait:     h.PollMaxWait,
 		Track:           b.metricsHook.Stream,
 		Decode:          b.decode,
+		Units:           b.units,
 		Log:             b.log.With("component", "streams"),
 	}
 	b.history.SetFrame(b.streams.MessageFrame)

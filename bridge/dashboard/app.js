@@ -160,8 +160,15 @@ function onMessage(env, id) {
   pending.push({ env, id, ts });
   if (pending.length > MAX_ROWS) pending.splice(0, pending.length - MAX_ROWS);
   schedule(flushRows);
-  const fields = env.topic.startsWith(PRESENCE_PREFIX) ? [] : numericFields(env);
+  const fields = env.topic.startsWith(PRESENCE_PREFIX) ? [] : withUnits(env, numericFields(env));
   if (fields.length && !(id && charted.has(id))) charts.add(env.topic, ts, fields);
+}
+
+/** Chart names with the unit the codec declares, e.g. "temperature (°C)". */
+function withUnits(env, fields) {
+  const u = env.units && typeof env.units === 'object' ? env.units : null;
+  if (!u) return fields;
+  return fields.map(([f, v]) => (typeof u[f] === 'string' && u[f] ? [`${f} (${u[f]})`, v] : [f, v]));
 }
 
 const HISTORY_LIMIT = 5000;
@@ -186,7 +193,7 @@ async function backfillCharts(token) {
     const body = await resp.json();
     for (const env of Array.isArray(body.messages) ? body.messages : []) {
       if (!env || typeof env.topic !== 'string' || env.topic.startsWith(PRESENCE_PREFIX)) continue;
-      const fields = numericFields(env);
+      const fields = withUnits(env, numericFields(env));
       if (!fields.length || !Number.isFinite(env.ts)) continue;
       if (env.id) {
         charted.add(env.id);
