@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
+	"github.com/eclipse/paho.golang/paho"
 
 	bt "github.com/beaconmq/beacon/broker/brokertest"
 )
@@ -56,5 +57,52 @@ func TestDashboardChartsStartFromHistory(t *testing.T) {
 	time.Sleep(500 * time.Millisecond) // a duplicate would show up now
 	if v, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`String(`+points+`)`)); v != "6" {
 		t.Fatalf("%s points after one live message, want 6", v)
+	}
+}
+
+// TestDashboardFleetChart: more topics than a chart draws lines for (40
+// sensors) turn the chart into min, mean and max across all of them, with
+// one topic to pick; nothing is left out with a "not charted" note.
+func TestDashboardFleetChart(t *testing.T) {
+	chromium := bt.RequireTool(t, "chromium", "chromium")
+	dir := t.TempDir()
+	p := startBeacon(t, filepath.Join(dir, "data"))
+	pub := bt.Dial(t, p.mqtt, &paho.Connect{ClientID: "fleet-pub", CleanStart: true})
+	for i := range 40 {
+		pub.PublishT(t, &paho.Publish{Topic: "fleet/s" + strconv.Itoa(i) + "/telemetry", QoS: 1, Payload: []byte(`{"temp": ` + strconv.Itoa(10+i) + `}`)})
+	}
+	ctx := startChromium(t, chromium, dir)
+	eval := func(js string) string {
+		v, _ := chromedp.Run(ctx, chromedp.Evaluate[string](js))
+		return v
+	}
+	poll := func(what, cond string) {
+		t.Helper()
+		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		if _, err := chromedp.Run(sctx, chromedp.Poll[chromedp.Void](cond)); err != nil {
+			t.Fatalf("%s: %v (canvas %s)", what, err, eval(`JSON.stringify(document.querySelector('canvas.chart[data-field="temp"]')?.dataset || {})`))
+		}
+	}
+	q := url.Values{"topic": {"fleet/#"}, "autoconnect": {"1"}}
+	if _, err := chromedp.Run(ctx, chromedp.Navigate("http://"+p.http+"/?"+q.Encode())); err != nil {
+		t.Fatal(err)
+	}
+	chart := `document.querySelector('canvas.chart[data-field="temp"]')`
+	poll("a fleet chart of all 40", chart+`?.dataset.mode === 'fleet' && `+chart+`.dataset.topics === '40'`)
+	if note := eval(`document.getElementById('charts-note').hidden ? '' : document.getElementById('charts-note').textContent`); note != "" {
+		t.Fatalf("series left out: %q", note)
+	}
+	legend := eval(`[...document.querySelectorAll('.chart-card .legend-topic')].map(e => e.textContent).join(',')`)
+	if legend != "min,mean,max" {
+		t.Fatalf("fleet legend %q, want min,mean,max", legend)
+	}
+	before := eval(chart + `.dataset.points`)
+	eval(`(() => { const s = document.querySelector('.chart-card select.pick'); s.value = 'fleet/s7/telemetry'; s.dispatchEvent(new Event('change')); return 'ok'; })()`)
+	poll("the picked topic drawn", `Number(`+chart+`.dataset.points) === `+before+` + 1`)
+	pub.PublishT(t, &paho.Publish{Topic: "fleet/s40/telemetry", QoS: 1, Payload: []byte(`{"temp": 99}`)})
+	poll("a live 41st topic", chart+`.dataset.topics === '41'`)
+	if max := eval(`document.querySelectorAll('.chart-card .legend-value')[2].textContent`); max != "99" {
+		t.Fatalf("max after 99 arrived: %q", max)
 	}
 }
