@@ -219,7 +219,11 @@ func (b *Broker) browseRetained(w http.ResponseWriter, r *http.Request) {
 	}
 	out := []bridge.Envelope{}
 	b.engine.Retained(filter, func(m *engine.Message) bool {
-		out = append(out, bridge.NewEnvelope(m.Topic, m.Payload, m.QoS, true, m.Created/int64(time.Millisecond)))
+		e := bridge.NewEnvelope(m.Topic, m.Payload, m.QoS, true, m.Created/int64(time.Millisecond))
+		if e.Decoded = b.decode(m.Topic, m.Device, m.Payload); e.Decoded != nil {
+			e.Units = b.units(m.Topic, m.Device)
+		}
+		out = append(out, e)
 		return true
 	})
 	sort.Slice(out, func(i, j int) bool { return out[i].Topic < out[j].Topic })

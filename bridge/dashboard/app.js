@@ -258,8 +258,9 @@ function connect() {
       devices.refresh(token);
     },
     onReset,
-    onPresenceDenied() {
-      devices.setNote('presence', 'no live presence (not permitted for this token)');
+    onPresenceDenied(why) {
+      devices.setNote('presence', `no live presence: this token may not subscribe to ${PRESENCE_PREFIX}# (${why}); ` +
+        `a rule allowing subscribe on "${PRESENCE_PREFIX}#" for its subject or role shows the devices (docs/security.md)`);
     },
   });
   stream.start();

@@ -332,8 +332,15 @@ async function refreshRetained() {
     tr.dataset.topic = m.topic;
     cell(tr, m.topic, 'topic');
     const text = payloadText(m);
-    const td = cell(tr, truncate(text, MAX_PAYLOAD), 'payload');
+    const decoded = m.decoded && typeof m.decoded === 'object' ? JSON.stringify(m.decoded) : '';
+    const td = cell(tr, truncate(decoded || text, MAX_PAYLOAD), 'payload');
     td.dataset.encoding = String(m.encoding || '');
+    if (decoded) {
+      const raw = document.createElement('span');
+      raw.className = 'raw';
+      raw.textContent = truncate(text, MAX_PAYLOAD);
+      td.append(raw);
+    }
     cell(tr, String(m.qos), 'num');
     cell(tr, Number.isFinite(m.ts) && m.ts > 0 ? dateTime(m.ts) : '', 'time');
     cell(tr, '', 'actions').append(armed('Delete', 'Confirm delete', `delete:${m.topic}`, async () => {
