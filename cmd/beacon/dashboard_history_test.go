@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -104,5 +105,35 @@ func TestDashboardFleetChart(t *testing.T) {
 	poll("a live 41st topic", chart+`.dataset.topics === '41'`)
 	if max := eval(`document.querySelectorAll('.chart-card .legend-value')[2].textContent`); max != "99" {
 		t.Fatalf("max after 99 arrived: %q", max)
+	}
+}
+
+// TestDashboardPresenceNote: a token that may read the data but not the
+// presence topics gets the stream, and the device list says which
+// subscription is missing.
+func TestDashboardPresenceNote(t *testing.T) {
+	chromium := bt.RequireTool(t, "chromium", "chromium")
+	dir := t.TempDir()
+	data := filepath.Join(dir, "data")
+	acl := filepath.Join(dir, "acl.yaml")
+	writeFile(t, acl, "rules:\n  - subjects: [\"role:viewer\"]\n    actions: [subscribe]\n    topics: [\"lab/#\"]\n    effect: allow\n")
+	conf := filepath.Join(dir, "beacon.yaml")
+	writeFile(t, conf, "storage:\n  dir: "+data+"\nauth:\n  acl_file: "+acl+"\n  jwt_secret: jwt-secret-0123456789-0123456789-xx\n")
+	code, tok, errOut := runCLI(t, nil, "token", "--config", conf, "--sub", "wall", "--role", "viewer", "--ttl", "1h")
+	if code != 0 {
+		t.Fatalf("token: %d %s", code, errOut)
+	}
+	p := startBeacon(t, data, "--config", conf)
+	ctx := startChromium(t, chromium, dir)
+	q := url.Values{"topic": {"lab/#"}, "token": {strings.TrimSpace(tok)}, "autoconnect": {"1"}}
+	if _, err := chromedp.Run(ctx, chromedp.Navigate("http://"+p.http+"/?"+q.Encode())); err != nil {
+		t.Fatal(err)
+	}
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if _, err := chromedp.Run(sctx, chromedp.Poll[chromedp.Void](`document.getElementById('state').textContent === 'live' && `+
+		`document.getElementById('devices-note').textContent.includes('$beacon/presence/#')`)); err != nil {
+		v, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`document.getElementById('state').textContent + ' | ' + document.getElementById('devices-note').textContent`))
+		t.Fatalf("presence note: %v (%s)", err, v)
 	}
 }
