@@ -213,3 +213,26 @@ func TestConsoleAPI(t *testing.T) {
 		t.Fatalf("/metrics says %v received, /api/v1/stats %v", sum, st.Totals["messages_in"])
 	}
 }
+
+// TestConsoleAPIAuthorization: only the admin token or an admin-role JWT
+// may use the console's API; a viewer may not list clients nor kick.
+func TestConsoleAPIAuthorization(t *testing.T) {
+	e := startAuth(t, nil)
+	base := "http://" + e.b.HTTPAddr() + "/api/v1"
+	viewer := token(t, "wall", "viewer", time.Hour, nil, []string{"#"})
+	adminJWT := token(t, "ops", "admin", time.Hour, nil, nil)
+	for _, c := range []struct{ method, path string }{
+		{"GET", "/clients"}, {"GET", "/clients/d1"}, {"DELETE", "/clients/d1"}, {"GET", "/subscriptions"},
+		{"GET", "/retained/%23"}, {"DELETE", "/retained/a"}, {"GET", "/stats"}, {"GET", "/backup"},
+	} {
+		if code := adminAPI(t, c.method, base+c.path, viewer, nil); code != http.StatusForbidden {
+			t.Errorf("%s %s with a viewer token: %d, want 403", c.method, c.path, code)
+		}
+		if code := adminAPI(t, c.method, base+c.path, "", nil); code != http.StatusUnauthorized {
+			t.Errorf("%s %s without a token: %d, want 401", c.method, c.path, code)
+		}
+	}
+	if code := adminAPI(t, "GET", base+"/clients", adminJWT, nil); code != http.StatusOK {
+		t.Fatalf("clients with an admin JWT: %d", code)
+	}
+}

@@ -178,7 +178,8 @@ export class DeviceConsole {
       if (env.id) this.charted.add(env.id);
       if (Number.isFinite(env.ts)) this.lastTS = Math.max(this.lastTS, env.ts);
       this.latest.set(env.topic, env);
-      const fields = numericFields(env);
+      const units = env.units && typeof env.units === 'object' ? env.units : {};
+      const fields = numericFields(env).map(([f, v]) => (typeof units[f] === 'string' && units[f] ? [`${f} (${units[f]})`, v] : [f, v]));
       if (fields.length && Number.isFinite(env.ts)) this.charts.add(env.topic.slice(`devices/${id}/`.length) || env.topic, env.ts, fields);
     }
     this.values();

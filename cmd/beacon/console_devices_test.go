@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net"
+	"net/http"
 	"net/url"
 	"os/exec"
 	"path/filepath"
@@ -99,4 +100,45 @@ func TestConsoleDevices(t *testing.T) {
 	click(`#device-actions button[data-action="remove"]`)
 	click(`#device-actions button[data-action="remove"]`)
 	step("removed", `document.querySelector(`+jsString(row)+`) === null`)
+}
+
+// TestConsoleThousandDevices: with 1,000 registered devices the console's
+// device list renders them all and a device page still opens.
+func TestConsoleThousandDevices(t *testing.T) {
+	chromium := bt.RequireTool(t, "chromium", "chromium")
+	dir := t.TempDir()
+	const admin = "console-admin-token-0123456789"
+	conf := filepath.Join(dir, "beacon.yaml")
+	writeFile(t, conf, "auth:\n  admin_token: "+admin+"\n")
+	p := startBeacon(t, filepath.Join(dir, "data"), "--config", conf)
+	client := &http.Client{}
+	for i := range 1000 {
+		req, _ := http.NewRequest("POST", "http://"+p.http+"/api/v1/devices",
+			strings.NewReader(`{"id": "sensor-`+strconv.Itoa(i)+`", "type": "thermo", "tags": {"floor": "`+strconv.Itoa(i%7)+`"}}`))
+		req.Header.Set("Authorization", "Bearer "+admin)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusCreated {
+			t.Fatalf("add device %d: %s", i, resp.Status)
+		}
+	}
+	ctx := startChromium(t, chromium, dir)
+	if _, err := chromedp.Run(ctx, chromedp.Navigate("http://"+p.http+"/console.html?"+url.Values{"token": {admin}}.Encode())); err != nil {
+		t.Fatal(err)
+	}
+	sctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	if _, err := chromedp.Run(sctx, chromedp.Poll[chromedp.Void](`document.querySelectorAll('#device-list tr.device').length === 1000`)); err != nil {
+		t.Fatalf("1,000 devices listed: %v", err)
+	}
+	if _, err := chromedp.Run(sctx, chromedp.Evaluate[string](`(() => { document.querySelector('#device-list tr.device[data-id="sensor-999"]').click(); return 'ok'; })()`)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := chromedp.Run(sctx, chromedp.Poll[chromedp.Void](`document.getElementById('device-title').textContent === 'sensor-999'`)); err != nil {
+		t.Fatalf("the page of device 999: %v", err)
+	}
 }
