@@ -137,3 +137,34 @@ func TestDashboardPresenceNote(t *testing.T) {
 		t.Fatalf("presence note: %v (%s)", err, v)
 	}
 }
+
+// TestDashboardDecodedValues: packed telemetry with a codec is shown
+// decoded beside the raw payload, and charted under the field's unit.
+func TestDashboardDecodedValues(t *testing.T) {
+	chromium := bt.RequireTool(t, "chromium", "chromium")
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "beacon.yaml")
+	writeFile(t, conf, "codecs:\n  - filter: \"lab/+/packed\"\n    format: packed\n    endian: little\n    fields:\n"+
+		"      - {name: temperature, type: int16, scale: 0.01, unit: \"°C\"}\n      - {name: humidity, type: uint8, scale: 0.5}\n")
+	p := startBeacon(t, filepath.Join(dir, "data"), "--config", conf)
+	ctx := startChromium(t, chromium, dir)
+	q := url.Values{"topic": {"lab/#"}, "autoconnect": {"1"}}
+	if _, err := chromedp.Run(ctx, chromedp.Navigate("http://"+p.http+"/?"+q.Encode())); err != nil {
+		t.Fatal(err)
+	}
+	poll := func(what, cond string) {
+		t.Helper()
+		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		if _, err := chromedp.Run(sctx, chromedp.Poll[chromedp.Void](cond)); err != nil {
+			v, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`document.querySelector('#messages tbody')?.textContent || ''`))
+			t.Fatalf("%s: %v (table %q)", what, err, v)
+		}
+	}
+	poll("live", `document.getElementById('state').textContent === 'live'`)
+	pub := bt.Dial(t, p.mqtt, &paho.Connect{ClientID: "packed-pub", CleanStart: true})
+	pub.PublishT(t, &paho.Publish{Topic: "lab/t1/packed", QoS: 1, Payload: []byte{0x6d, 0x08, 0x5b}}) // 21.57 °C, 45.5
+	poll("the decoded row", `document.querySelector('#messages td.payload[data-decoded="true"]')?.firstChild?.textContent === '{"humidity":45.5,"temperature":21.57}'`)
+	poll("the raw payload beside it", `document.querySelector('#messages td.payload .raw')?.textContent.startsWith('base64: bQhb')`)
+	poll("the chart with its unit", `document.querySelector('canvas.chart[data-field="temperature (°C)"]') !== null && document.querySelector('canvas.chart[data-field="humidity"]') !== null`)
+}
