@@ -323,7 +323,18 @@ async function refreshRetained() {
     return;
   }
   ui.retainedFilter.removeAttribute('aria-invalid');
-  const body = await api('GET', `retained/${pathTopic(filter)}?limit=1000`);
+  const last = document.getElementById('topic-source').value === 'last';
+  let body;
+  if (last) {
+    // The newest recorded message of each topic under the filter.
+    const h = await api('GET', `history?topic=${encodeURIComponent(filter)}&since=24h&limit=10000`);
+    const newest = new Map();
+    for (const m of Array.isArray(h.messages) ? h.messages : []) newest.set(m.topic, m);
+    const messages = [...newest.values()].sort((a, b) => (a.topic < b.topic ? -1 : 1));
+    body = { total: messages.length, messages };
+  } else {
+    body = await api('GET', `retained/${pathTopic(filter)}?limit=1000`);
+  }
   const list = Array.isArray(body.messages) ? body.messages : [];
   const frag = document.createDocumentFragment();
   for (const m of list) {
@@ -343,7 +354,8 @@ async function refreshRetained() {
     }
     cell(tr, String(m.qos), 'num');
     cell(tr, Number.isFinite(m.ts) && m.ts > 0 ? dateTime(m.ts) : '', 'time');
-    cell(tr, '', 'actions').append(armed('Delete', 'Confirm delete', `delete:${m.topic}`, async () => {
+    const actions = cell(tr, '', 'actions');
+    if (!last) actions.append(armed('Delete', 'Confirm delete', `delete:${m.topic}`, async () => {
       await api('DELETE', `retained/${pathTopic(m.topic)}`);
       await refreshRetained();
     }));
@@ -392,6 +404,7 @@ ui.form.addEventListener('submit', (e) => {
   e.preventDefault();
   open();
 });
+document.getElementById('topic-source').addEventListener('change', () => refreshRetained().catch(failed));
 ui.retainedForm.addEventListener('submit', (e) => {
   e.preventDefault();
   refreshRetained().catch(failed);

@@ -75,6 +75,7 @@ func TestConsoleDevices(t *testing.T) {
 	click(row)
 	step("its latest value", `document.querySelector('#device-values tr[data-topic="devices/sensor-7/telemetry"]')?.textContent.includes('22')`)
 	step("its chart from the history", `Number(document.querySelector('#device-charts canvas.chart[data-field="temp"]')?.dataset.points || 0) === 3`)
+	saveScreenshot(t, ctx, "console-device.png")
 
 	click(`#device-actions button[data-action="disable"]`)
 	step("disabled", `document.querySelector(`+jsString(row+` .badge`)+`)?.textContent === 'disabled'`)

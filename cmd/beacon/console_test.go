@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"net/url"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -68,6 +69,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	step(20*time.Second, "the sessions card", `document.querySelector('[data-card="sessions"] dd').textContent === '2'`)
 	step(30*time.Second, "the rate chart", `Number(document.querySelector('canvas.chart[data-field="messages per second"]')?.dataset.points || 0) >= 2`)
 
+	saveScreenshot(t, ctx, "console-overview.png")
 	click(`#clients tr.client[data-id="console-dev"]`)
 	step(20*time.Second, "the client's subscriptions", `document.querySelector('#subscriptions tr[data-filter="cons/#"]') !== null`)
 
@@ -103,6 +105,10 @@ func TestConsoleInBrowser(t *testing.T) {
 		}
 	}
 
+	// The last values of the topics, from the history.
+	eval(`(() => { const s = document.getElementById('topic-source'); s.value = 'last'; s.dispatchEvent(new Event('change')); return 'ok'; })()`)
+	step(20*time.Second, "the last value of cons/t", `document.querySelector('#retained tr.retained[data-topic="cons/t"]') !== null`)
+
 	if _, err := chromedp.Run(ctx, chromedp.Navigate("http://"+p.http+"/console.html?token=wrong-token")); err != nil {
 		t.Fatal(err)
 	}
@@ -115,4 +121,24 @@ func TestConsoleInBrowser(t *testing.T) {
 // jsString quotes s for JavaScript.
 func jsString(s string) string {
 	return "'" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(s) + "'"
+}
+
+// saveScreenshot writes the page as a PNG into $BEACON_SCREENSHOTS, when
+// set (docs/operations.md: the console's screenshots come from the tests).
+func saveScreenshot(t *testing.T, ctx context.Context, name string) {
+	t.Helper()
+	dir := os.Getenv("BEACON_SCREENSHOTS")
+	if dir == "" {
+		return
+	}
+	png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
+	if err != nil {
+		t.Fatalf("screenshot: %v", err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, name), png, 0o644); err != nil {
+		t.Fatal(err)
+	}
 }
