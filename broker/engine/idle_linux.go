@@ -26,6 +26,8 @@ type idlePoller struct {
 
 	parks    atomic.Int64 // connections parked since the last releaseMemory
 	released time.Time    // loop goroutine only
+	seen     int64        // parks at the previous sweep (loop goroutine only)
+	midStorm bool         // the last release came while connections still parked (loop goroutine only)
 	failed   atomic.Bool  // the loop ended on an error: nothing parks any more
 	log      *slog.Logger
 }
@@ -167,11 +169,27 @@ func (p *idlePoller) sweep(now time.Time) {
 // without this an idle connection would cost its reader's stack in RSS
 // long after the reader has gone. At most once per releaseEvery, in the
 // background (it runs a garbage collection).
+//
+// It waits for the storm to end (a second without new parks), so the
+// garbage of its last connections goes too, or for releaseEvery during a
+// storm that goes on.
 func (p *idlePoller) releaseMemory(now time.Time) {
-	if p.parks.Load() < releaseAfterParks || now.Sub(p.released) < releaseEvery {
+	n := p.parks.Load()
+	quiet := n == p.seen // no connection parked since the last sweep
+	p.seen = n
+	switch {
+	case now.Sub(p.released) < time.Second:
+		return
+	case quiet && (n >= releaseAfterParks || (p.midStorm && n > 0)):
+		// A storm ended (or the end of one released before).
+		p.midStorm = false
+	case !quiet && n >= releaseAfterParks && now.Sub(p.released) >= releaseEvery:
+		p.midStorm = true
+	default:
 		return
 	}
 	p.parks.Store(0)
+	p.seen = 0
 	p.released = now
 	go debug.FreeOSMemory()
 }

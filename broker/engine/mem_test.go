@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"testing"
 	"time"
@@ -70,6 +71,18 @@ func measureIdle(b *testing.B, n int) {
 	}
 	b.ReportMetric(float64(idleCount(s)), "idle")
 	after := memInUse()
+	if path := os.Getenv("BEACON_IDLE_HEAPPROFILE"); path != "" {
+		// What the idle connections hold, by allocation site (with
+		// -memprofilerate=1 for every allocation).
+		f, err := os.Create(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := pprof.Lookup("heap").WriteTo(f, 0); err != nil {
+			b.Fatal(err)
+		}
+		f.Close()
+	}
 	b.ReportMetric(float64(after-before)/float64(n)/1024, "KiB/conn")
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
