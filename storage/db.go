@@ -81,6 +81,14 @@ type DB struct {
 	db       *badger.DB
 	bopts    badger.Options
 	readOnly atomic.Bool // opened read-only: every write fails with a *SpaceError
+	memtable int64       // badger's memtable size
+	spareMu  sync.Mutex  // guards the emergency file (spare.go)
+	spareOK  atomic.Bool // the emergency file is there
+	// suspended: the emergency file was given up (the volume filled
+	// behind the store's back); every write fails with a *SpaceError, acks
+	// and deletes too, so badger never needs another file before space
+	// returns and a new spare is made.
+	suspended atomic.Bool
 
 	opts   Options
 	log    *slog.Logger
@@ -187,13 +195,21 @@ func Open(opts Options) (*DB, error) {
 		WithIndexCacheSize(16 << 20).
 		WithValueLogFileSize(min(max(int64(total/8), 4<<20), 64<<20)).
 		WithNumCompactors(2)
+	// The checks read (and may repair) the files: not while another
+	// process has the store open. The lock is let go for badger's own.
+	unlock, err := lockDir(opts.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("open store %q: %w", opts.Dir, err)
+	}
 	began := time.Now()
 	files, err := checkStore(opts.Dir)
 	if err != nil {
+		unlock()
 		return nil, err
 	}
 	log.Debug("store checked", "tables", len(files.tables), "took", time.Since(began).Round(time.Millisecond))
 	reportWALDamage(opts.Dir, files, log)
+	unlock()
 	bdb, err := badger.Open(bo)
 	readOnly := false
 	if isNoSpace(err) {
@@ -220,18 +236,21 @@ func Open(opts Options) (*DB, error) {
 	}
 
 	d := &DB{
-		db:    bdb,
-		bopts: bo,
-		opts:  opts,
-		log:   log,
-		space: sp,
-		queue: make(chan *request, 4096),
-		done:  make(chan struct{}),
+		db:       bdb,
+		memtable: memtable,
+		bopts:    bo,
+		opts:     opts,
+		log:      log,
+		space:    sp,
+		queue:    make(chan *request, 4096),
+		done:     make(chan struct{}),
 	}
 	if readOnly {
 		d.readOnly.Store(true)
 		d.space.low.Store(true)
 	}
+	registerSpare(d)
+	d.ensureSpare()
 	d.wg.Add(3)
 	go d.commitLoop()
 	go d.maintenance()
@@ -360,7 +379,7 @@ func (d *DB) commitGroup(group []*request) []error {
 func (d *DB) commitTxn(reqs []*request) error {
 	// Read-only, a write fails without waiting for dbMu, so a reader
 	// that waits for a write while reopen waits for it cannot deadlock.
-	if d.readOnly.Load() {
+	if d.readOnly.Load() || d.suspended.Load() {
 		return &SpaceError{Free: d.space.free.Load(), Reserve: d.space.reserve}
 	}
 	d.dbMu.RLock()
@@ -495,6 +514,7 @@ func (d *DB) reopen() bool {
 	bdb, err := badger.Open(d.bopts)
 	if err != nil {
 		d.log.Warn("the store is still read-only: opening it for writing failed", "error", err)
+		removeEmptyMemtables(d.opts.Dir, d.log)
 		if bdb, err = badger.Open(d.bopts.WithReadOnly(true)); err != nil {
 			// Nothing to read from either: every use fails from now on,
 			// with badger's ErrDBClosed.
@@ -602,6 +622,7 @@ func (d *DB) Shutdown(ctx context.Context) error {
 	if err := d.sync(); err != nil {
 		d.log.Warn("final sync", "error", err)
 	}
+	unregisterSpare(d)
 	d.dbMu.Lock()
 	defer d.dbMu.Unlock()
 	return d.db.Close()

@@ -199,11 +199,12 @@ func (s *space) estimate(n int) uint64 {
 
 // update takes a statfs.
 func (s *space) update() error {
+	written := s.written.Load()
 	_, free, err := statfs(s.dir)
 	if err != nil {
 		return err
 	}
-	s.written.Store(0)
+	s.written.Add(-written) // what was written during the statfs counts on
 	s.free.Store(free)
 	// Resume only with a margin above the reserve, so a volume hovering
 	// at the line (compaction giving back a little, writes taking it)
@@ -229,7 +230,10 @@ func (d *DB) watchSpace(interval time.Duration) {
 	var lastReopen time.Time
 	wasLow := false
 	if s.low.Load() {
-		s.kick <- struct{}{} // log at once that it starts low
+		select { // log at once that it starts low
+		case s.kick <- struct{}{}:
+		default:
+		}
 	}
 	for {
 		select {
@@ -240,6 +244,16 @@ func (d *DB) watchSpace(interval time.Duration) {
 		}
 		if err := s.update(); err != nil {
 			d.log.Error("watching free disk space", "error", err)
+		}
+		if !d.readOnly.Load() && !d.spareOK.Load() {
+			// The emergency space was given up (or never made): make it
+			// again once there is room, and refuse new data until then.
+			if !s.low.Load() {
+				d.ensureSpare()
+			}
+			if !d.spareOK.Load() {
+				s.low.Store(true)
+			}
 		}
 		if d.readOnly.Load() {
 			if !s.low.Load() && time.Since(lastReopen) >= 5*time.Second {

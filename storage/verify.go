@@ -92,6 +92,9 @@ func queueRest(k []byte) []byte {
 // use by a running broker.
 func Verify(dir string) (*VerifyReport, error) {
 	r := &VerifyReport{Dir: dir, Records: map[string]int{}, Damaged: map[string]int{}}
+	if err := InUse(dir); err != nil {
+		return nil, err
+	}
 	if _, err := os.Stat(filepath.Join(dir, "MANIFEST")); errors.Is(err, os.ErrNotExist) {
 		if f, _ := listStore(dir); !f.marker && len(f.data) == 0 {
 			return nil, fmt.Errorf("%s holds no store", dir)
@@ -116,9 +119,6 @@ func Verify(dir string) (*VerifyReport, error) {
 			r.Problems = append(r.Problems, fmt.Sprintf("%s: %d bytes after offset %d do not read back; "+
 				"the next start drops them, with %d complete writes", name, d.Dropped, d.ValidEnd, d.LostWrites))
 		}
-	}
-	if err := InUse(dir); err != nil {
-		return nil, err
 	}
 	// Badger replays the memtable logs only opened for writing, so the
 	// records are read from a scratch copy beside the directory: tables
@@ -181,7 +181,9 @@ func InUse(dir string) error {
 		return err
 	}
 	defer f.Close()
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err != nil {
+	// Exclusive: a broker that opened its store read-only (a full disk)
+	// holds the lock shared.
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		return fmt.Errorf("%s: %w", dir, ErrInUse)
 	}
 	return syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
@@ -204,7 +206,7 @@ func scratchCopy(dir string) (string, error) {
 	}
 	for _, e := range entries {
 		name := e.Name()
-		if e.IsDir() || name == "LOCK" {
+		if e.IsDir() || name == "LOCK" || name == spareFile {
 			continue
 		}
 		src, dst := filepath.Join(dir, name), filepath.Join(scratch, name)
@@ -217,4 +219,21 @@ func scratchCopy(dir string) (string, error) {
 		}
 	}
 	return scratch, nil
+}
+
+// lockDir takes the data directory's lock (badger's: a flock on the
+// directory) for the checks before badger opens it; unlock lets it go.
+func lockDir(dir string) (unlock func(), err error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return nil, ErrInUse
+	}
+	return func() {
+		_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+		f.Close()
+	}, nil
 }

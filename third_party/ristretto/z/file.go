@@ -37,6 +37,11 @@ func OpenMmapFileUsing(fd *os.File, sz int, writable bool) (*MmapFile, error) {
 		// (Beacon: a page first written through the mapping on a full
 		// volume is a SIGBUS; an allocation that does not fit is ENOSPC).
 		if err := allocate(fd, 0, int64(sz)); err != nil {
+			// Nothing is in the file: close it and take it away, so a
+			// caller that retries (badger's flush, every second on a
+			// full disk) leaks neither descriptors nor empty files.
+			_ = fd.Close()
+			_ = os.Remove(filename)
 			return nil, errors.Join(err, errors.New("error while allocating"))
 		}
 		fileSize = int64(sz)
