@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/dgraph-io/badger/v4"
 	"github.com/dgraph-io/badger/v4/options"
 	"github.com/dgraph-io/badger/v4/table"
 	"github.com/dgraph-io/ristretto/v2/z"
@@ -104,12 +105,48 @@ func checkStore(dir string) (storeFiles, error) {
 		return f, &DamageError{Dir: dir, File: "MANIFEST", Problem: "missing, but " + held +
 			"; opened without it the store would start empty"}
 	}
+	if !f.manifest {
+		return f, nil
+	}
+	// The tables the MANIFEST lists; another .sst is a table a crash
+	// left half-made before it was recorded, which badger removes.
+	listed, err := manifestTables(dir)
+	if err != nil {
+		return f, &DamageError{Dir: dir, File: "MANIFEST", Problem: "does not read back: " + err.Error()}
+	}
+	have := map[string]bool{}
 	for _, name := range f.tables {
+		have[name] = true
+	}
+	for _, name := range listed {
+		if !have[name] {
+			return f, &DamageError{Dir: dir, File: name, Problem: "missing (the MANIFEST lists it)"}
+		}
 		if err := verifyTable(filepath.Join(dir, name)); err != nil {
 			return f, &DamageError{Dir: dir, File: name, Problem: err.Error()}
 		}
 	}
+	f.tables = listed
 	return f, nil
+}
+
+// manifestTables reads the MANIFEST: the table files it lists, sorted.
+func manifestTables(dir string) ([]string, error) {
+	fp, err := os.Open(filepath.Join(dir, "MANIFEST"))
+	if err != nil {
+		return nil, err
+	}
+	defer fp.Close()
+	m, _, err := badger.ReplayManifestFile(fp, 0, badger.DefaultOptions(dir).WithLogger(nil))
+	if err != nil {
+		return nil, err
+	}
+	out := make([]string, 0, len(m.Tables))
+	for id := range m.Tables {
+		out = append(out, table.IDToFilename(id))
+	}
+	sort.Strings(out)
+	return out, nil
 }
 
 func firstN(s []string, n int) []string {

@@ -227,3 +227,31 @@ func TestDamagedStoreRefused(t *testing.T) {
 		}
 	})
 }
+
+// TestStrayTableIgnored: a table file the MANIFEST does not list (a crash
+// while a compaction wrote it, or an empty file a failed allocation left)
+// is not damage: badger removes it.
+func TestStrayTableIgnored(t *testing.T) {
+	dir := t.TempDir()
+	d, err := Open(Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeN(t, d, 50)
+	if err := d.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for name, body := range map[string][]byte{"009998.sst": nil, "009999.sst": []byte("half a table")} {
+		if err := os.WriteFile(filepath.Join(dir, name), body, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d, err = Open(Options{Dir: dir})
+	if err != nil {
+		t.Fatalf("a stray table refused the store: %v", err)
+	}
+	defer d.Shutdown(context.Background())
+	if v, err := d.Get([]byte("k00049")); err != nil || len(v) != 100 {
+		t.Fatalf("after stray tables: %v", err)
+	}
+}

@@ -267,7 +267,7 @@ func openDeviceAdmin(cfg broker.Config, server, token string) (deviceAdmin, func
 			}
 			return localAdmin{reg}, func() { _ = db.Shutdown(context.Background()) }, nil
 		}
-		if !strings.Contains(err.Error(), "Cannot acquire directory lock") {
+		if !errors.Is(err, storage.ErrInUse) && !strings.Contains(err.Error(), "Cannot acquire directory lock") {
 			return nil, nil, err
 		}
 		if cfg.HTTP.Addr == "" {
