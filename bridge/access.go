@@ -65,7 +65,7 @@ func (a *Access) Caller(w http.ResponseWriter, r *http.Request, queryToken bool)
 			fail(w, http.StatusForbidden, "cookie authentication needs a same-origin request (Origin or Sec-Fetch-Site)")
 			return nil, false
 		}
-		if a.AdminToken != "" && subtle.ConstantTimeCompare([]byte(tok), []byte(a.AdminToken)) == 1 {
+		if !fromQuery && a.AdminToken != "" && subtle.ConstantTimeCompare([]byte(tok), []byte(a.AdminToken)) == 1 {
 			return &Caller{Open: true}, true // the administrator reads everything
 		}
 		if a.Tokens == nil {

@@ -752,7 +752,7 @@ func (b *Broker) serveBackup(w http.ResponseWriter, r *http.Request) {
 	n, err := b.db.Backup(w, Version)
 	if err != nil {
 		b.log.Error("backup failed", "remote", r.RemoteAddr, "bytes", n, "error", err)
-		return
+		panic(http.ErrAbortHandler) // the client sees a broken stream, not a short backup that ended cleanly
 	}
 	b.log.Info("backup served", "remote", r.RemoteAddr, "bytes", n, "took", time.Since(began).Round(time.Millisecond))
 }
@@ -823,6 +823,7 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 		if b.httpSrv != nil {
 			if err := b.httpSrv.Shutdown(ctx); err != nil {
 				errs = append(errs, fmt.Errorf("http: %w", err))
+				_ = b.httpSrv.Close() // a request still running (a slow backup download) ends now
 			}
 		} else if b.httpLn != nil {
 			_ = b.httpLn.Close()

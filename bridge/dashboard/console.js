@@ -313,8 +313,10 @@ async function openDetail(id) {
   ui.detail.hidden = false;
 }
 
-/** A topic or filter in a URL path: / kept, + and # escaped. */
-const pathTopic = (t) => t.split('/').map(encodeURIComponent).join('/');
+/** A topic or filter in a URL path, escaped whole (a / too): left as
+ *  path segments, an empty level or ".." would be cleaned by the server's
+ *  redirect into another topic. */
+const pathTopic = (t) => encodeURIComponent(t);
 
 async function refreshRetained() {
   const filter = ui.retainedFilter.value.trim() || '#';

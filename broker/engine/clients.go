@@ -157,8 +157,12 @@ func (s *Server) discardSession(ss *session) {
 	if ss.willTimer != nil {
 		ss.willTimer.Stop()
 	}
+	w := ss.will
 	ss.will, ss.willTimer = nil, nil
 	ss.mu.Unlock()
 	s.index.RemoveClient(ss.id)
 	s.mu.Unlock()
+	if w != nil {
+		s.publishWill(w) // the session ended: a will waiting for its delay goes now, as at expiry
+	}
 }
