@@ -32,6 +32,7 @@ const WSListener = "ws"
 type WSOptions struct {
 	Guard          *Guard
 	Tokens         *devices.TokenVerifier // nil: no JWT
+	Throttle       *devices.Throttle      // failed authentications by client address, shared with MQTT; nil: none
 	MaxMessageSize int64                  // read limit per WebSocket message: the max packet size
 	PingInterval   time.Duration          // WebSocket pings; default 30s
 	// WriteTimeout bounds a WebSocket ping and, once the engine is done
@@ -196,12 +197,18 @@ func (w *WS) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 			httpError(rw, http.StatusUnauthorized, "tokens are not configured on this broker")
 			return
 		}
+		at, ok := admitAuth(w.opts.Throttle, client.Addr(), rw, func(code int, msg string) { httpError(rw, code, msg) })
+		if !ok {
+			return
+		}
 		p, err := w.opts.Tokens.Verify(tok, time.Now())
 		if err != nil {
+			at.Failed()
 			rw.Header().Set("WWW-Authenticate", `Bearer realm="beacon", error="invalid_token"`)
 			httpError(rw, http.StatusUnauthorized, err.Error())
 			return
 		}
+		at.Succeeded()
 		principal = &p
 	}
 

@@ -333,6 +333,17 @@ func (b *Broker) registerMetrics() {
 	counter(dropped, droppedHelp, prometheus.Labels{"reason": "policy"}, func() float64 { return float64(b.auth.stats().PolicyDenied) })
 	counter("beacon_auth_failures_total", "Refused CONNECTs (bad credentials, disabled devices, anonymous not allowed).", nil,
 		func() float64 { return float64(b.auth.stats().Failures) })
+	const throttled = "beacon_auth_throttled_total"
+	const throttledHelp = "Authentications refused before their credential was checked, by reason: address (auth.fail_rate_per_ip), global (auth.fail_rate_global), banned (auth.ban_after); every transport."
+	thr := func(f func(devices.ThrottleStats) int64) func() float64 {
+		return func() float64 { return float64(f(b.auth.stats().Throttle)) }
+	}
+	counter(throttled, throttledHelp, prometheus.Labels{"reason": "address"}, thr(func(s devices.ThrottleStats) int64 { return s.Throttled }))
+	counter(throttled, throttledHelp, prometheus.Labels{"reason": "global"}, thr(func(s devices.ThrottleStats) int64 { return s.ThrottledGlobal }))
+	counter(throttled, throttledHelp, prometheus.Labels{"reason": "banned"}, thr(func(s devices.ThrottleStats) int64 { return s.BannedRefused }))
+	counter("beacon_auth_bans_total", "Source addresses banned after auth.ban_after failed authentications in a row.", nil,
+		thr(func(s devices.ThrottleStats) int64 { return s.Bans }))
+	gauge("beacon_auth_banned_addresses", "Source addresses banned now.", func() float64 { return float64(b.auth.stats().Throttle.Banned) })
 	const denied = "beacon_acl_denied_total"
 	counter(denied, "Actions the ACL refused, by action.", prometheus.Labels{"action": "publish"}, func() float64 { return float64(b.auth.stats().DeniedPublish) })
 	counter(denied, "Actions the ACL refused, by action.", prometheus.Labels{"action": "subscribe"}, func() float64 { return float64(b.auth.stats().DeniedSubscribe) })
@@ -431,6 +442,7 @@ func (b *Broker) setupHTTP() error {
 		b.ws = bridge.NewWS(bridge.WSOptions{
 			Guard:          b.guard,
 			Tokens:         b.tokens,
+			Throttle:       b.auth.throttle,
 			MaxMessageSize: int64(b.cfg.MQTT.MaxPacketSize),
 			Log:            b.log.With("component", "ws"),
 		})
@@ -457,6 +469,7 @@ func (b *Broker) setupHTTP() error {
 		Guard:          b.guard,
 		Open:           func() bool { return !b.auth.configured() },
 		AllowAnonymous: b.cfg.Auth.AllowAnonymous,
+		Throttle:       b.auth.throttle,
 	}
 	b.rest = &bridge.REST{
 		Access:  b.access,
@@ -521,7 +534,9 @@ func (b *Broker) setupAuth() error {
 	b.auth = &auth{registry: b.registry, authz: b.authz, tokens: b.tokens, policy: devices.MaxPayload{Authorizer: b.authz},
 		rulesFile: a.ACLFile != "", allowAnonymous: a.AllowAnonymous, failDelay: a.FailDelay,
 		log: b.log.With("component", "auth"), limiter: hooks.NewRateLimiter(10 * time.Second),
-		clients: map[string]*principal{}, online: map[string]int{}}
+		clients: map[string]*principal{}, online: map[string]int{},
+		throttle: devices.NewThrottle(devices.ThrottleOptions{RatePerAddr: a.FailRatePerIP, Burst: a.FailBurst,
+			RateGlobal: a.FailRateGlobal, BurstGlobal: a.FailBurstGlobal, BanAfter: a.BanAfter, BanDuration: a.BanDuration})}
 
 	configured := b.tokens != nil || a.ACLFile != "" || b.registry.Len() > 0
 	for _, key := range []struct{ name, addr string }{

@@ -117,6 +117,13 @@ type AuthConfig struct {
 	JWTIssuer      string        `yaml:"jwt_issuer"`       // required "iss" when set
 	JWTAudience    string        `yaml:"jwt_audience"`     // required "aud" when set
 	FailDelay      time.Duration `yaml:"fail_delay"`       // delay before refusing bad credentials
+	// Failed authentication throttling (docs/operations.md, Limits).
+	FailRatePerIP   float64       `yaml:"fail_rate_per_ip"`  // failed authentications per second a source address regains; 0 = no per-address limit
+	FailBurst       int           `yaml:"fail_burst"`        // failed authentications a source address may make at once
+	FailRateGlobal  float64       `yaml:"fail_rate_global"`  // failures per second, broker-wide, of addresses that failed before; 0 = none
+	FailBurstGlobal int           `yaml:"fail_burst_global"` // of those, at once
+	BanAfter        int           `yaml:"ban_after"`         // consecutive failures that ban a source address; 0 = never
+	BanDuration     time.Duration `yaml:"ban_duration"`      // how long a ban lasts
 }
 
 // secretKeys are printed redacted by config print.
@@ -248,7 +255,8 @@ func Default() Config {
 		HomeAssistant: HomeAssistantConfig{Prefix: "homeassistant", StatePrefix: "beacon/state", StatusTopic: "devices/%u/status"},
 		History: HistoryConfig{Rules: []HistoryRuleConfig{{Filter: "#", MaxMessages: 10000, MaxAge: 24 * time.Hour},
 			{Filter: "$beacon/presence/#", MaxMessages: 10000, MaxAge: 24 * time.Hour}}},
-		Auth:    AuthConfig{FailDelay: time.Second},
+		Auth: AuthConfig{FailDelay: time.Second, FailRatePerIP: 0.2, FailBurst: 5, FailRateGlobal: 20, FailBurstGlobal: 100,
+			BanAfter: 10, BanDuration: 5 * time.Minute},
 		Storage: StorageConfig{Dir: "beacon-data", Sync: storage.SyncBatch, SyncInterval: time.Second, GCInterval: 5 * time.Minute},
 		Log:     LogConfig{Level: "info", Format: "text"},
 	}
@@ -820,6 +828,20 @@ func (a AuthConfig) validate() error {
 	}
 	if a.FailDelay < 0 || a.FailDelay > 10*time.Second {
 		return bad("auth.fail_delay", "%s is outside 0s..10s", a.FailDelay)
+	}
+	switch {
+	case a.FailRatePerIP < 0:
+		return bad("auth.fail_rate_per_ip", "must not be negative (0 turns the per-address limit off)")
+	case a.FailRatePerIP > 0 && a.FailBurst < 1:
+		return bad("auth.fail_burst", "must be at least 1 while auth.fail_rate_per_ip is set")
+	case a.FailRateGlobal < 0:
+		return bad("auth.fail_rate_global", "must not be negative (0 turns the global limit off)")
+	case a.FailRateGlobal > 0 && a.FailBurstGlobal < 1:
+		return bad("auth.fail_burst_global", "must be at least 1 while auth.fail_rate_global is set")
+	case a.BanAfter < 0:
+		return bad("auth.ban_after", "must not be negative (0 turns bans off)")
+	case a.BanAfter > 0 && (a.BanDuration <= 0 || a.BanDuration > 24*time.Hour):
+		return bad("auth.ban_duration", "%s is outside 1s..24h", a.BanDuration)
 	}
 	return nil
 }
