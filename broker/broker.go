@@ -47,6 +47,7 @@ type Broker struct {
 	ha          *hooks.HomeAssistant
 	webhooks    *hooks.Webhooks
 	metricsHook *hooks.Metrics
+	engineLog   *hooks.RateLimitHandler
 	presence    *presence
 	loaded      engine.LoadStats
 
@@ -161,6 +162,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	}
 
 	m := cfg.MQTT
+	b.engineLog = hooks.NewRateLimitHandler(log.Handler(), 10*time.Second)
 	b.engine = engine.New(engine.Options{
 		Limits: engine.Limits{
 			MaxPacketSize:    m.MaxPacketSize,
@@ -184,7 +186,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		Auth:        b.auth,
 		Observer:    (*observer)(b),
 		Committer:   b.committer(),
-		Log:         slog.New(hooks.NewRateLimitHandler(log.Handler(), 10*time.Second)).With("component", "mqtt"),
+		Log:         slog.New(b.engineLog).With("component", "mqtt"),
 		Version:     Version,
 		SysInterval: m.SysInterval,
 		Persistence: &engine.Persistence{DB: b.db, Log: b.msgLog, Identities: b.auth},
@@ -368,8 +370,23 @@ func (b *Broker) registerMetrics() {
 		streams(func(s bridge.StreamStats) int64 { return s.Slow }))
 	counter("beacon_stream_resets_total", "Resumes from an unknown, expired or foreign event id, answered with a reset.", nil,
 		streams(func(s bridge.StreamStats) int64 { return s.Resets }))
-	counter("beacon_stream_refused_total", "SSE streams and polls refused by the per-principal or per-address limits.", nil,
-		streams(func(s bridge.StreamStats) int64 { return s.Refused }))
+	for _, r := range []string{"principal", "address", "handshake_rate", "connections_per_address"} {
+		counter("beacon_stream_refused_total", "SSE streams and polls refused by a limit, by reason: principal (http.sse_max_streams_per_principal), address (http.sse_max_streams_per_ip), handshake_rate (http.handshakes_per_second), connections_per_address (http.max_conns_per_ip).",
+			prometheus.Labels{"reason": r}, streams(func(s bridge.StreamStats) int64 { return s.RefusedBy[r] }))
+	}
+	for _, r := range []string{"handshake_rate", "connections_per_address"} {
+		counter("beacon_ws_refused_total", "MQTT-over-WebSocket handshakes refused by a limit, by reason: handshake_rate (http.handshakes_per_second), connections_per_address (http.max_conns_per_ip).",
+			prometheus.Labels{"reason": r}, func() float64 {
+				if b.ws == nil {
+					return 0
+				}
+				return float64(b.ws.Refused()[r])
+			})
+	}
+	counter("beacon_connections_refused_total", "MQTT connections refused by a limit, by reason: max_clients (mqtt.max_clients; failed-authentication limits are beacon_auth_throttled_total).",
+		prometheus.Labels{"reason": "max_clients"}, es(func(s engine.Stats) float64 { return float64(s.RefusedMaxClients) }))
+	counter("beacon_log_suppressed_total", "Warnings and errors held back by the rate-limited loggers (each distinct message at most once per 10 s; the next one says how many).", nil,
+		func() float64 { return float64(b.engineLog.Suppressed() + b.auth.limiter.Suppressed()) })
 	counter("beacon_stream_messages_total", "Messages written to SSE streams and polls.", nil,
 		streams(func(s bridge.StreamStats) int64 { return s.Delivered }))
 	counter("beacon_codec_decoded_total", "Payloads decoded by the codecs.", nil, func() float64 { d, _ := b.codecs.Stats(); return float64(d) })
