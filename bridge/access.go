@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/beaconmq/beacon/broker/topics"
 	"github.com/beaconmq/beacon/devices"
 )
 
@@ -26,6 +27,9 @@ type Access struct {
 	// Throttle limits failed authentications by client address, shared
 	// with MQTT; nil: none.
 	Throttle *devices.Throttle
+	// Topics are mqtt.max_topic_length and max_topic_levels, for the topic
+	// names and filters of requests (400 beyond them).
+	Topics topics.Limits
 }
 
 // admitAuth asks the throttle whether a request from addr may have its

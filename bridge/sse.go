@@ -185,6 +185,10 @@ func (s *Streams) filters(w http.ResponseWriter, r *http.Request, c *Caller) ([]
 			WriteJSON(w, http.StatusBadRequest, apiError{Error: "not a topic filter: " + strconv.Quote(f), Field: "topic"})
 			return nil, false
 		}
+		if err := s.Topics.Check(f); err != nil {
+			WriteJSON(w, http.StatusBadRequest, apiError{Error: err.Error(), Field: "topic"})
+			return nil, false
+		}
 		if !c.Allowed(s.Authorizer, devices.Subscribe, f) {
 			WriteJSON(w, http.StatusForbidden, apiError{Error: "not authorized to subscribe to " + strconv.Quote(f), Field: "topic"})
 			return nil, false
@@ -738,6 +742,10 @@ func (s *Streams) last(w http.ResponseWriter, r *http.Request) {
 	topic := r.URL.Query().Get("topic")
 	if !topics.ValidTopicName(topic) {
 		WriteJSON(w, http.StatusBadRequest, apiError{Error: "topic must be a topic name (no wildcards)", Field: "topic"})
+		return
+	}
+	if err := s.Topics.Check(topic); err != nil {
+		WriteJSON(w, http.StatusBadRequest, apiError{Error: err.Error(), Field: "topic"})
 		return
 	}
 	if !c.Allowed(s.Authorizer, devices.Read, topic) {

@@ -25,6 +25,7 @@ import (
 
 	"github.com/beaconmq/beacon/bridge"
 	"github.com/beaconmq/beacon/broker/engine"
+	"github.com/beaconmq/beacon/broker/topics"
 	"github.com/beaconmq/beacon/devices"
 	"github.com/beaconmq/beacon/devices/codec"
 	"github.com/beaconmq/beacon/hooks"
@@ -487,6 +488,7 @@ func (b *Broker) setupHTTP() error {
 		Open:           func() bool { return !b.auth.configured() },
 		AllowAnonymous: b.cfg.Auth.AllowAnonymous,
 		Throttle:       b.auth.throttle,
+		Topics:         topics.Limits{MaxLength: b.cfg.MQTT.MaxTopicLength, MaxLevels: b.cfg.MQTT.MaxTopicLevels},
 	}
 	b.rest = &bridge.REST{
 		Access:  b.access,
