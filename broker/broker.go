@@ -126,7 +126,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	for _, r := range cfg.History.Rules {
 		rules = append(rules, storage.LogRule{Filter: r.Filter, MaxMessages: r.MaxMessages, MaxAge: r.MaxAge})
 	}
-	b.msgLog, err = storage.OpenLog(b.db, storage.LogOptions{Rules: rules})
+	b.msgLog, err = storage.OpenLog(b.db, storage.LogOptions{Rules: rules, MaxIndexBytes: cfg.History.MaxIndexBytes})
 	if err != nil {
 		return nil, err
 	}
@@ -355,6 +355,10 @@ func (b *Broker) registerMetrics() {
 	counter("beacon_storage_writes_total", "Storage writes (sets and deletes) committed.", nil, func() float64 { return float64(b.db.Stats().Ops) })
 	gauge("beacon_history_records", "Messages stored in the history.", func() float64 { return float64(b.history.Stats().Stored) })
 	counter("beacon_history_recorded_total", "Messages recorded in the history.", nil, func() float64 { return float64(b.history.Stats().Recorded) })
+	gauge("beacon_history_index_bytes", "Memory the history's in-memory index holds (retention entries, references, the newest record of each topic); history.max_index_bytes bounds its retention entries.",
+		func() float64 { return float64(b.history.Stats().IndexBytes) })
+	counter("beacon_history_index_evicted_total", "Records that left retention early because the index reached history.max_index_bytes.", nil,
+		func() float64 { return float64(b.history.Stats().IndexEvicted) })
 	counter("beacon_history_trimmed_total", "History records removed by retention (history.rules).", nil,
 		func() float64 { return float64(b.history.Stats().Trimmed) })
 	counter("beacon_history_failed_total", "History records the store failed to commit (delivered live, missing from replays).", nil,

@@ -86,6 +86,9 @@ type HistoryConfig struct {
 	// matches it; a message no rule matches is not recorded. An empty list
 	// records nothing.
 	Rules []HistoryRuleConfig `yaml:"rules"`
+	// MaxIndexBytes bounds the in-memory retention index (16 bytes per
+	// recorded message): beyond it the oldest records leave retention.
+	MaxIndexBytes int64 `yaml:"max_index_bytes"`
 }
 
 // HistoryRuleConfig keeps the newest max_messages messages matching
@@ -254,7 +257,7 @@ func Default() Config {
 			SSEMaxStreamsPerIP: 64, PollMaxWait: 60 * time.Second},
 		HomeAssistant: HomeAssistantConfig{Prefix: "homeassistant", StatePrefix: "beacon/state", StatusTopic: "devices/%u/status"},
 		History: HistoryConfig{Rules: []HistoryRuleConfig{{Filter: "#", MaxMessages: 10000, MaxAge: 24 * time.Hour},
-			{Filter: "$beacon/presence/#", MaxMessages: 10000, MaxAge: 24 * time.Hour}}},
+			{Filter: "$beacon/presence/#", MaxMessages: 10000, MaxAge: 24 * time.Hour}}, MaxIndexBytes: 64 << 20},
 		Auth: AuthConfig{FailDelay: time.Second, FailRatePerIP: 0.2, FailBurst: 5, FailRateGlobal: 20, FailBurstGlobal: 100,
 			BanAfter: 10, BanDuration: 5 * time.Minute},
 		Storage: StorageConfig{Dir: "beacon-data", Sync: storage.SyncBatch, SyncInterval: time.Second, GCInterval: 5 * time.Minute},
@@ -695,6 +698,9 @@ func (c *Config) Validate() error {
 	}
 	if h.PollMaxWait < time.Second || h.PollMaxWait > 10*time.Minute {
 		return bad("http.poll_max_wait", "%s is outside 1s..10m", h.PollMaxWait)
+	}
+	if m := c.History.MaxIndexBytes; m < 0 || m > 0 && m < 64<<10 {
+		return bad("history.max_index_bytes", "%d is below 65536 (0 turns the bound off)", m)
 	}
 	for i, r := range c.History.Rules {
 		key := fmt.Sprintf("history.rules[%d]", i)
