@@ -328,19 +328,19 @@ type Stats struct {
 // Stats returns the counters.
 func (s *Server) Stats() Stats {
 	st := Stats{
-		Connections:       s.stats.connections.Load(),
-		Accepted:          s.stats.accepted.Load(),
-		Received:          s.stats.received.Load(),
-		Sent:              s.stats.sent.Load(),
-		SlowConsumers:     s.stats.slowConsumers.Load(),
-		Stalls:            s.stats.stalls.Load(),
-		StallTimeouts:     s.stats.stallTimeouts.Load(),
-		RefusedMaxClients: s.stats.refusedBusy.Load(),
-		Idle:              int(s.stats.idle.Load()),
-		Subscriptions:     s.index.Len(),
-		Retained:          s.retained.Len(),
-		Dropped:           map[DropReason]int64{},
+		Connections:   s.stats.connections.Load(),
+		Accepted:      s.stats.accepted.Load(),
+		Received:      s.stats.received.Load(),
+		Sent:          s.stats.sent.Load(),
+		SlowConsumers: s.stats.slowConsumers.Load(),
+		Stalls:        s.stats.stalls.Load(),
+		StallTimeouts: s.stats.stallTimeouts.Load(),
+		Idle:          int(s.stats.idle.Load()),
+		Subscriptions: s.index.Len(),
+		Retained:      s.retained.Len(),
+		Dropped:       map[DropReason]int64{},
 	}
+	st.RefusedMaxClients = s.stats.refusedBusy.Load()
 	s.mu.RLock()
 	st.Sessions = len(s.sessions)
 	sess := make([]*session, 0, len(s.sessions))
