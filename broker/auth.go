@@ -36,7 +36,10 @@ type auth struct {
 	failDelay      time.Duration
 	log            *slog.Logger
 	limiter        *hooks.RateLimiter
-	throttle       *devices.Throttle // failed authentication by source address; shared with the HTTP bridges
+	certIdentity   string // mqtt.tls_identity: cn or san
+	// throttle limits failed authentication by source address; shared
+	// with the HTTP bridges.
+	throttle *devices.Throttle
 
 	mu      sync.Mutex
 	clients map[string]*principal // by client id: the principal of its session
@@ -186,7 +189,7 @@ func (a *auth) Authenticate(req *engine.ConnectRequest) (engine.Principal, error
 			}
 			a.refused(req, err)
 			switch {
-			case errors.Is(err, devices.ErrDisabled), errors.Is(err, ErrAnonymousRefused):
+			case errors.Is(err, devices.ErrDisabled), errors.Is(err, ErrAnonymousRefused), errors.Is(err, ErrCertUsername):
 				return nil, engine.ErrNotAuthorized
 			}
 			return nil, engine.ErrBadCredentials
@@ -199,14 +202,17 @@ func (a *auth) Authenticate(req *engine.ConnectRequest) (engine.Principal, error
 }
 
 // guessed reports whether a refusal is a wrong credential, which spends
-// the address's budget: a disabled device's right secret and a client
-// that sent none are not.
+// the address's budget: a disabled device's right secret, a client that
+// sent none and a valid client certificate with another username are not.
 func guessed(err error) bool {
-	return !errors.Is(err, devices.ErrDisabled) && !errors.Is(err, ErrAnonymousRefused)
+	return !errors.Is(err, devices.ErrDisabled) && !errors.Is(err, ErrAnonymousRefused) && !errors.Is(err, ErrCertUsername)
 }
 
 func (a *auth) authenticate(req *engine.ConnectRequest) (devices.Principal, error) {
 	user, pw := req.Username, req.Password
+	if p, ok, err := a.certPrincipal(req.Conn, user); ok {
+		return p, err
+	}
 	if hs, ok := req.Conn.(handshaker); ok && user == "" && len(pw) == 0 {
 		if p, ok := hs.HandshakePrincipal(); ok {
 			return p, nil

@@ -1,6 +1,7 @@
 // Hand-drawn line charts on <canvas>: one chart per field name, one line
-// per topic, time on the x axis, an auto-scaled y axis. Colours come from
-// the --series-N, --chart-* custom properties of style.css.
+// per topic (beyond MAX_SERIES topics: min, mean and max across them and a
+// picked topic), time on the x axis, an auto-scaled y axis. Colours come
+// from the --series-N, --chart-* custom properties of style.css.
 
 import { schedule } from './frame.js';
 
@@ -88,11 +89,21 @@ class Series {
   }
 }
 
+// Beyond MAX_SERIES topics a chart turns into a fleet chart: the minimum,
+// mean and maximum across every topic per time bucket, and one topic a
+// reader picks drawn over them; no topic is left out.
+const MAX_FLEET_TOPICS = 2000; // topics whose own line can be picked; all are aggregated
+const FLEET_BUCKETS = MAX_POINTS; // buckets kept; their width doubles to cover the span
+
 class LineChart {
   constructor(field) {
     this.field = field;
     this.series = new Map();
     this.full = false;
+    this.fleet = false;
+    this.buckets = new Map(); // bucket start (ms) -> {min, max, sum, n}
+    this.bucketMs = SECOND;
+    this.picked = '';
 
     this.el = document.createElement('figure');
     this.el.className = 'chart-card';
@@ -109,35 +120,146 @@ class LineChart {
     this.el.append(cap, this.canvas, this.legend);
   }
 
-  /** Adds a point; false when the chart has no room for another topic. */
+  legendItem(label, index, title) {
+    const li = document.createElement('li');
+    const sw = document.createElement('span');
+    sw.className = `swatch s${index % PALETTE}${index >= PALETTE ? ' dashed' : ''}`;
+    const name = document.createElement('span');
+    name.className = 'legend-topic';
+    name.textContent = label;
+    if (title) name.title = title;
+    const value = document.createElement('span');
+    value.className = 'legend-value';
+    li.append(sw, name, value);
+    this.legend.append(li);
+    return value;
+  }
+
+  /** Adds a point; false only when a fleet chart holds MAX_FLEET_TOPICS
+   *  pickable topics already (the point still counts in the aggregate). */
   add(topic, t, v) {
     let s = this.series.get(topic);
     if (!s) {
-      if (this.series.size >= MAX_SERIES) {
-        this.full = true;
-        return false;
+      if (!this.fleet && this.series.size >= MAX_SERIES) this.toFleet();
+      if (this.fleet && this.series.size >= MAX_FLEET_TOPICS) {
+        this.bucket(t, v);
+        return true;
       }
       s = new Series(topic, this.series.size);
       this.series.set(topic, s);
-      const li = document.createElement('li');
-      const sw = document.createElement('span');
-      sw.className = `swatch s${s.index % PALETTE}${s.index >= PALETTE ? ' dashed' : ''}`;
-      const name = document.createElement('span');
-      name.className = 'legend-topic';
-      name.textContent = topic;
-      s.valueEl = document.createElement('span');
-      s.valueEl.className = 'legend-value';
-      li.append(sw, name, s.valueEl);
-      this.legend.append(li);
+      if (this.fleet) this.addOption(topic);
+      else s.valueEl = this.legendItem(topic, s.index);
     }
     s.add(t, v);
+    if (this.fleet) this.bucket(t, v);
     return true;
   }
 
+  bucket(t, v) {
+    let k = Math.floor(t / this.bucketMs) * this.bucketMs;
+    let b = this.buckets.get(k);
+    if (!b) {
+      b = { min: v, max: v, sum: 0, n: 0 };
+      this.buckets.set(k, b);
+      if (this.buckets.size > FLEET_BUCKETS) this.coarsen();
+      k = Math.floor(t / this.bucketMs) * this.bucketMs;
+      b = this.buckets.get(k);
+    }
+    b.min = Math.min(b.min, v);
+    b.max = Math.max(b.max, v);
+    b.sum += v;
+    b.n++;
+  }
+
+  /** Doubles the bucket width, merging pairs, so the buckets cover the span. */
+  coarsen() {
+    const old = this.buckets;
+    this.bucketMs *= 2;
+    this.buckets = new Map();
+    for (const [k, b] of old) {
+      const nk = Math.floor(k / this.bucketMs) * this.bucketMs;
+      const m = this.buckets.get(nk);
+      if (!m) this.buckets.set(nk, { ...b });
+      else {
+        m.min = Math.min(m.min, b.min);
+        m.max = Math.max(m.max, b.max);
+        m.sum += b.sum;
+        m.n += b.n;
+      }
+    }
+  }
+
+  toFleet() {
+    this.fleet = true;
+    this.canvas.dataset.mode = 'fleet';
+    this.legend.replaceChildren();
+    this.aggregate = [new Series('min', 2), new Series('mean', 0), new Series('max', 1)];
+    for (const a of this.aggregate) a.valueEl = this.legendItem(a.topic, a.index, `${a.topic} across all topics`);
+    const li = document.createElement('li');
+    this.count = document.createElement('span');
+    this.count.className = 'muted';
+    this.pick = document.createElement('select');
+    this.pick.className = 'pick';
+    this.pick.setAttribute('aria-label', `${this.field}: a topic to draw over the aggregate`);
+    const none = document.createElement('option');
+    none.value = '';
+    none.textContent = 'show one topic\u2026';
+    this.pick.append(none);
+    this.pick.addEventListener('change', () => {
+      this.picked = this.pick.value;
+      this.onPick?.();
+    });
+    this.pickValue = document.createElement('span');
+    this.pickValue.className = 'legend-value';
+    li.append(this.count, this.pick, this.pickValue);
+    this.legend.append(li);
+    for (const s of this.series.values()) {
+      this.addOption(s.topic);
+      for (let i = 0; i < s.t.length; i++) this.bucket(s.t[i], s.v[i]);
+    }
+  }
+
+  addOption(topic) {
+    const o = document.createElement('option');
+    o.value = topic;
+    o.textContent = topic;
+    this.pick.append(o);
+  }
+
+  /** The lines to draw: the topics, or the aggregate and the picked one. */
+  lines() {
+    if (!this.fleet) return [...this.series.values()];
+    const [min, mean, max] = this.aggregate;
+    for (const a of this.aggregate) {
+      a.t = [];
+      a.v = [];
+    }
+    for (const k of [...this.buckets.keys()].sort((a, b) => a - b)) {
+      const b = this.buckets.get(k);
+      const t = k + this.bucketMs / 2;
+      min.t.push(t);
+      min.v.push(b.min);
+      mean.t.push(t);
+      mean.v.push(b.sum / b.n);
+      max.t.push(t);
+      max.v.push(b.max);
+    }
+    this.count.textContent = `${this.series.size} topics`;
+    this.canvas.dataset.topics = String(this.series.size);
+    const out = [...this.aggregate];
+    const p = this.picked && this.series.get(this.picked);
+    if (p) {
+      const line = { topic: p.topic, index: 3, t: p.t, v: p.v, valueEl: this.pickValue };
+      out.push(line);
+    } else this.pickValue.textContent = '';
+    return out;
+  }
+
   draw(theme, windowMs) {
+    const lines = this.lines();
     let tMin = Infinity;
     let tMax = -Infinity;
-    for (const s of this.series.values()) {
+    for (const s of lines) {
       if (!s.t.length) continue;
       tMin = Math.min(tMin, s.t[0]);
       tMax = Math.max(tMax, s.t[s.t.length - 1]);
@@ -158,7 +280,7 @@ class LineChart {
     let lo = Infinity;
     let hi = -Infinity;
     const spans = [];
-    for (const s of this.series.values()) {
+    for (const s of lines) {
       const from = lowerBound(s.t, tMin);
       spans.push([s, from]);
       points += s.t.length - from;
@@ -345,6 +467,10 @@ export class ChartBoard {
           continue;
         }
         chart = new LineChart(field);
+        chart.onPick = () => {
+          this.dirty.add(chart);
+          schedule(this.flush);
+        };
         this.charts.set(field, chart);
         this.container.append(chart.el);
         this.empty.hidden = true;
@@ -361,7 +487,7 @@ export class ChartBoard {
   drop(what) {
     if (this.dropped.has(what) || this.dropped.size > 1000) return;
     this.dropped.add(what);
-    this.note.textContent = `Not charted (limit of ${MAX_CHARTS} charts, ${MAX_SERIES} topics each): ${this.dropped.size} series, e.g. ${[...this.dropped].slice(0, 3).join(', ')}`;
+    this.note.textContent = `Not charted (limit of ${MAX_CHARTS} charts): ${this.dropped.size} fields, e.g. ${[...this.dropped].slice(0, 3).join(', ')}`;
     this.note.hidden = false;
   }
 
