@@ -177,6 +177,21 @@ func (g *Guard) ClientAddr(r *http.Request) netip.AddrPort {
 	return peer
 }
 
+// The reasons Admit refuses with, and their metric labels (RefusalLabel).
+const (
+	RefusedHandshakeRate = "too many handshakes from this address"  // http.handshakes_per_second
+	RefusedConnsPerAddr  = "too many connections from this address" // http.max_conns_per_ip
+)
+
+// RefusalLabel is the metric label of a reason Admit refused with:
+// "handshake_rate" or "connections_per_address".
+func RefusalLabel(reason string) string {
+	if reason == RefusedHandshakeRate {
+		return "handshake_rate"
+	}
+	return "connections_per_address"
+}
+
 // Admit counts a new connection from addr, or refuses it with the HTTP
 // status to answer: 429 when the address has too many connections or
 // handshakes. The returned release must be called when the connection ends.
@@ -193,7 +208,7 @@ func (g *Guard) Admit(addr netip.Addr) (release func(), status int, reason strin
 		b.tokens = min(g.burst, b.tokens+now.Sub(b.last).Seconds()*g.rate)
 		b.last = now
 		if b.tokens < 1 {
-			return nil, http.StatusTooManyRequests, "too many handshakes from this address"
+			return nil, http.StatusTooManyRequests, RefusedHandshakeRate
 		}
 		b.tokens--
 		if now.Sub(g.lastBucketScan) > time.Minute { // forget idle addresses
@@ -206,7 +221,7 @@ func (g *Guard) Admit(addr netip.Addr) (release func(), status int, reason strin
 		}
 	}
 	if g.maxConnsPerIP > 0 && g.conns[addr] >= g.maxConnsPerIP {
-		return nil, http.StatusTooManyRequests, "too many connections from this address"
+		return nil, http.StatusTooManyRequests, RefusedConnsPerAddr
 	}
 	g.conns[addr]++
 	var once sync.Once

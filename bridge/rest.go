@@ -113,6 +113,10 @@ func (h *REST) publish(w http.ResponseWriter, r *http.Request) {
 		WriteJSON(w, http.StatusBadRequest, apiError{Error: err.Error(), Field: "topic"})
 		return
 	}
+	if err := h.Topics.Check(req.Topic); err != nil {
+		WriteJSON(w, http.StatusBadRequest, apiError{Error: err.Error(), Field: "topic"})
+		return
+	}
 	if req.QoS > 2 {
 		WriteJSON(w, http.StatusBadRequest, apiError{Error: "qos must be 0, 1 or 2", Field: "qos"})
 		return
@@ -155,6 +159,10 @@ func (h *REST) retained(w http.ResponseWriter, r *http.Request) {
 	// a valid shared filter is listed as the literal filter it also is.
 	if _, _, _, ok := topics.ParseShared(filter); !ok {
 		WriteJSON(w, http.StatusBadRequest, apiError{Error: "topic must be a topic filter, e.g. home/#", Field: "topic"})
+		return
+	}
+	if err := h.Topics.Check(filter); err != nil {
+		WriteJSON(w, http.StatusBadRequest, apiError{Error: err.Error(), Field: "topic"})
 		return
 	}
 	out := []Envelope{}

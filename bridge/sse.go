@@ -64,6 +64,9 @@ type Streams struct {
 	resets    atomic.Int64
 	refused   atomic.Int64
 	delivered atomic.Int64
+	// refusals by reason: the per-principal and per-address stream limits,
+	// and the Guard's handshake rate and connections per address.
+	refusedPrincipal, refusedAddr, refusedRate, refusedConns atomic.Int64
 }
 
 // Register adds the routes to mux.
@@ -117,14 +120,22 @@ type StreamStats struct {
 	Opened    int64 // feeds opened since start
 	Slow      int64 // feeds ended because the reader fell behind
 	Resets    int64 // resumes refused with a reset (unknown, expired or foreign id)
-	Refused   int64 // feeds refused by the per-principal or per-address limits
+	Refused   int64 // feeds refused by any limit (the sum of RefusedBy)
 	Delivered int64 // messages written to feeds
+	// RefusedBy counts refusals by reason: "principal"
+	// (http.sse_max_streams_per_principal), "address"
+	// (http.sse_max_streams_per_ip), "handshake_rate"
+	// (http.handshakes_per_second), "connections_per_address"
+	// (http.max_conns_per_ip).
+	RefusedBy map[string]int64
 }
 
 // Stats returns the counters.
 func (s *Streams) Stats() StreamStats {
 	return StreamStats{SSE: s.sseOpen.Load(), Polls: s.pollOpen.Load(), Opened: s.opened.Load(), Slow: s.slow.Load(),
-		Resets: s.resets.Load(), Refused: s.refused.Load(), Delivered: s.delivered.Load()}
+		Resets: s.resets.Load(), Refused: s.refused.Load(), Delivered: s.delivered.Load(),
+		RefusedBy: map[string]int64{"principal": s.refusedPrincipal.Load(), "address": s.refusedAddr.Load(),
+			"handshake_rate": s.refusedRate.Load(), "connections_per_address": s.refusedConns.Load()}}
 }
 
 func (s *Streams) track(transport string, delta int) {
@@ -178,6 +189,10 @@ func (s *Streams) filters(w http.ResponseWriter, r *http.Request, c *Caller) ([]
 			WriteJSON(w, http.StatusBadRequest, apiError{Error: "not a topic filter: " + strconv.Quote(f), Field: "topic"})
 			return nil, false
 		}
+		if err := s.Topics.Check(f); err != nil {
+			WriteJSON(w, http.StatusBadRequest, apiError{Error: err.Error(), Field: "topic"})
+			return nil, false
+		}
 		if !c.Allowed(s.Authorizer, devices.Subscribe, f) {
 			WriteJSON(w, http.StatusForbidden, apiError{Error: "not authorized to subscribe to " + strconv.Quote(f), Field: "topic"})
 			return nil, false
@@ -205,10 +220,12 @@ func (s *Streams) acquire(w http.ResponseWriter, r *http.Request, c *Caller, tra
 	switch {
 	case key != "" && s.MaxPerPrincipal > 0 && s.byKey[key] >= s.MaxPerPrincipal:
 		s.refused.Add(1)
+		s.refusedPrincipal.Add(1)
 		fail(w, http.StatusTooManyRequests, "too many open streams for this principal (http.sse_max_streams_per_principal)")
 		return nil, nil, false
 	case s.MaxPerIP > 0 && s.byIP[addr] >= s.MaxPerIP:
 		s.refused.Add(1)
+		s.refusedAddr.Add(1)
 		fail(w, http.StatusTooManyRequests, "too many open streams from this address (http.sse_max_streams_per_ip)")
 		return nil, nil, false
 	}
@@ -380,6 +397,12 @@ func (s *Streams) events(w http.ResponseWriter, r *http.Request) {
 	}
 	admitted, code, reason := s.Guard.Admit(s.Guard.ClientAddr(r).Addr())
 	if admitted == nil {
+		s.refused.Add(1)
+		if RefusalLabel(reason) == "handshake_rate" {
+			s.refusedRate.Add(1)
+		} else {
+			s.refusedConns.Add(1)
+		}
 		fail(w, code, reason)
 		return
 	}
@@ -726,6 +749,10 @@ func (s *Streams) last(w http.ResponseWriter, r *http.Request) {
 	topic := r.URL.Query().Get("topic")
 	if !topics.ValidTopicName(topic) {
 		WriteJSON(w, http.StatusBadRequest, apiError{Error: "topic must be a topic name (no wildcards)", Field: "topic"})
+		return
+	}
+	if err := s.Topics.Check(topic); err != nil {
+		WriteJSON(w, http.StatusBadRequest, apiError{Error: err.Error(), Field: "topic"})
 		return
 	}
 	if !c.Allowed(s.Authorizer, devices.Read, topic) {

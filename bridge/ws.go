@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -32,6 +33,7 @@ const WSListener = "ws"
 type WSOptions struct {
 	Guard          *Guard
 	Tokens         *devices.TokenVerifier // nil: no JWT
+	Throttle       *devices.Throttle      // failed authentications by client address, shared with MQTT; nil: none
 	MaxMessageSize int64                  // read limit per WebSocket message: the max packet size
 	PingInterval   time.Duration          // WebSocket pings; default 30s
 	// WriteTimeout bounds a WebSocket ping and, once the engine is done
@@ -52,6 +54,15 @@ type WS struct {
 	closed bool
 	conns  map[*wsConn]struct{} // every upgraded connection still open
 	active sync.WaitGroup       // handlers running; Add only under mu while !closed
+
+	refusedRate, refusedConns atomic.Int64 // handshakes the Guard refused, by reason
+}
+
+// Refused counts the handshakes the Guard refused, by reason:
+// "handshake_rate" (http.handshakes_per_second) and
+// "connections_per_address" (http.max_conns_per_ip).
+func (w *WS) Refused() map[string]int64 {
+	return map[string]int64{"handshake_rate": w.refusedRate.Load(), "connections_per_address": w.refusedConns.Load()}
 }
 
 // NewWS returns the bridge. It answers handshakes with 503 until Serve.
@@ -185,6 +196,11 @@ func (w *WS) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	client := w.opts.Guard.ClientAddr(r)
 	release, status, reason := w.opts.Guard.Admit(client.Addr())
 	if release == nil {
+		if RefusalLabel(reason) == "handshake_rate" {
+			w.refusedRate.Add(1)
+		} else {
+			w.refusedConns.Add(1)
+		}
 		httpError(rw, status, reason)
 		return
 	}
@@ -196,12 +212,18 @@ func (w *WS) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 			httpError(rw, http.StatusUnauthorized, "tokens are not configured on this broker")
 			return
 		}
+		at, ok := admitAuth(w.opts.Throttle, client.Addr(), rw, func(code int, msg string) { httpError(rw, code, msg) })
+		if !ok {
+			return
+		}
 		p, err := w.opts.Tokens.Verify(tok, time.Now())
 		if err != nil {
+			at.Failed()
 			rw.Header().Set("WWW-Authenticate", `Bearer realm="beacon", error="invalid_token"`)
 			httpError(rw, http.StatusUnauthorized, err.Error())
 			return
 		}
+		at.Succeeded()
 		principal = &p
 	}
 

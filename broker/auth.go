@@ -37,12 +37,15 @@ type auth struct {
 	log            *slog.Logger
 	limiter        *hooks.RateLimiter
 	certIdentity   string // mqtt.tls_identity: cn or san
+	// throttle limits failed authentication by source address; shared
+	// with the HTTP bridges.
+	throttle *devices.Throttle
 
 	mu      sync.Mutex
 	clients map[string]*principal // by client id: the principal of its session
 	online  map[string]int        // device id -> live connections
 
-	failures, deniedPub, deniedSub, deniedRead, policyDenied atomic.Int64
+	failures, checked, deniedPub, deniedSub, deniedRead, policyDenied atomic.Int64
 }
 
 var (
@@ -164,8 +167,26 @@ func (a *auth) Authenticate(req *engine.ConnectRequest) (engine.Principal, error
 	if !a.configured() {
 		pr.open = true
 	} else {
+		at, _, err := a.throttle.Admit(devices.AddrOf(req.Remote))
+		if err != nil {
+			// Refused without looking at the credential.
+			if ok, held := a.limiter.Allow("throttled"); ok {
+				a.log.Warn("connection refused: failed authentication limit", "remote", req.Remote.String(), "client", req.ClientID,
+					"reason", err.Error(), "refused_since_last", held)
+			}
+			if errors.Is(err, devices.ErrAddrBanned) {
+				return nil, engine.ErrBanned
+			}
+			return nil, engine.ErrRateExceeded
+		}
+		a.checked.Add(1)
 		p, err := a.authenticate(req)
 		if err != nil {
+			if guessed(err) {
+				at.Failed()
+			} else {
+				at.Succeeded()
+			}
 			a.refused(req, err)
 			switch {
 			case errors.Is(err, devices.ErrDisabled), errors.Is(err, ErrAnonymousRefused), errors.Is(err, ErrCertUsername):
@@ -173,10 +194,18 @@ func (a *auth) Authenticate(req *engine.ConnectRequest) (engine.Principal, error
 			}
 			return nil, engine.ErrBadCredentials
 		}
+		at.Succeeded()
 		pr.p = p
 	}
 	pr.p.ClientID = req.ClientID
 	return pr, nil
+}
+
+// guessed reports whether a refusal is a wrong credential, which spends
+// the address's budget: a disabled device's right secret, a client that
+// sent none and a valid client certificate with another username are not.
+func guessed(err error) bool {
+	return !errors.Is(err, devices.ErrDisabled) && !errors.Is(err, ErrAnonymousRefused) && !errors.Is(err, ErrCertUsername)
 }
 
 func (a *auth) authenticate(req *engine.ConnectRequest) (devices.Principal, error) {
@@ -308,9 +337,16 @@ func (a *auth) RestorePrincipal(client string, data []byte) engine.Principal {
 // AuthStats are the authentication and authorization counters.
 type AuthStats struct {
 	Failures, DeniedPublish, DeniedSubscribe, DeniedDelivery, PolicyDenied int64
+	// Checked counts MQTT CONNECTs whose credentials were checked (the
+	// throttle let them through).
+	Checked int64
+	// Throttle counts refusals by the failed-authentication limits, of
+	// every transport (MQTT, WebSocket, REST, SSE).
+	Throttle devices.ThrottleStats
 }
 
 func (a *auth) stats() AuthStats {
 	return AuthStats{Failures: a.failures.Load(), DeniedPublish: a.deniedPub.Load(), DeniedSubscribe: a.deniedSub.Load(),
-		DeniedDelivery: a.deniedRead.Load(), PolicyDenied: a.policyDenied.Load()}
+		DeniedDelivery: a.deniedRead.Load(), PolicyDenied: a.policyDenied.Load(), Checked: a.checked.Load(),
+		Throttle: a.throttle.Stats()}
 }

@@ -73,6 +73,7 @@ func startAuth(t *testing.T, mutate func(*broker.Config)) *authEnv {
 	cfg.Auth.JWTSecret = jwtSecret
 	cfg.Auth.AdminToken = adminToken
 	cfg.Auth.FailDelay = 0
+	cfg.Auth.FailBurst = 1000 // these tests count refusals, not the failed-authentication limit (throttle_test.go)
 	if mutate != nil {
 		mutate(&cfg)
 	}

@@ -25,6 +25,7 @@ import (
 
 	"github.com/beaconmq/beacon/bridge"
 	"github.com/beaconmq/beacon/broker/engine"
+	"github.com/beaconmq/beacon/broker/topics"
 	"github.com/beaconmq/beacon/devices"
 	"github.com/beaconmq/beacon/devices/codec"
 	"github.com/beaconmq/beacon/hooks"
@@ -47,6 +48,7 @@ type Broker struct {
 	ha          *hooks.HomeAssistant
 	webhooks    *hooks.Webhooks
 	metricsHook *hooks.Metrics
+	engineLog   *hooks.RateLimitHandler
 	presence    *presence
 	loaded      engine.LoadStats
 
@@ -134,7 +136,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	for _, r := range cfg.History.Rules {
 		rules = append(rules, storage.LogRule{Filter: r.Filter, MaxMessages: r.MaxMessages, MaxAge: r.MaxAge})
 	}
-	b.msgLog, err = storage.OpenLog(b.db, storage.LogOptions{Rules: rules})
+	b.msgLog, err = storage.OpenLog(b.db, storage.LogOptions{Rules: rules, MaxIndexBytes: cfg.History.MaxIndexBytes})
 	if err != nil {
 		return nil, err
 	}
@@ -171,6 +173,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	}
 
 	m := cfg.MQTT
+	b.engineLog = hooks.NewRateLimitHandler(log.Handler(), 10*time.Second)
 	b.engine = engine.New(engine.Options{
 		Limits: engine.Limits{
 			MaxPacketSize:    m.MaxPacketSize,
@@ -194,7 +197,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		Auth:        b.auth,
 		Observer:    (*observer)(b),
 		Committer:   b.committer(),
-		Log:         slog.New(hooks.NewRateLimitHandler(log.Handler(), 10*time.Second)).With("component", "mqtt"),
+		Log:         slog.New(b.engineLog).With("component", "mqtt"),
 		Version:     Version,
 		SysInterval: m.SysInterval,
 		Persistence: &engine.Persistence{DB: b.db, Log: b.msgLog, Identities: b.auth},
@@ -347,6 +350,17 @@ func (b *Broker) registerMetrics() {
 	counter(dropped, droppedHelp, prometheus.Labels{"reason": "policy"}, func() float64 { return float64(b.auth.stats().PolicyDenied) })
 	counter("beacon_auth_failures_total", "Refused CONNECTs (bad credentials, disabled devices, anonymous not allowed).", nil,
 		func() float64 { return float64(b.auth.stats().Failures) })
+	const throttled = "beacon_auth_throttled_total"
+	const throttledHelp = "Authentications refused before their credential was checked, by reason: address (auth.fail_rate_per_ip), global (auth.fail_rate_global), banned (auth.ban_after); every transport."
+	thr := func(f func(devices.ThrottleStats) int64) func() float64 {
+		return func() float64 { return float64(f(b.auth.stats().Throttle)) }
+	}
+	counter(throttled, throttledHelp, prometheus.Labels{"reason": "address"}, thr(func(s devices.ThrottleStats) int64 { return s.Throttled }))
+	counter(throttled, throttledHelp, prometheus.Labels{"reason": "global"}, thr(func(s devices.ThrottleStats) int64 { return s.ThrottledGlobal }))
+	counter(throttled, throttledHelp, prometheus.Labels{"reason": "banned"}, thr(func(s devices.ThrottleStats) int64 { return s.BannedRefused }))
+	counter("beacon_auth_bans_total", "Source addresses banned after auth.ban_after failed authentications in a row.", nil,
+		thr(func(s devices.ThrottleStats) int64 { return s.Bans }))
+	gauge("beacon_auth_banned_addresses", "Source addresses banned now.", func() float64 { return float64(b.auth.stats().Throttle.Banned) })
 	const denied = "beacon_acl_denied_total"
 	counter(denied, "Actions the ACL refused, by action.", prometheus.Labels{"action": "publish"}, func() float64 { return float64(b.auth.stats().DeniedPublish) })
 	counter(denied, "Actions the ACL refused, by action.", prometheus.Labels{"action": "subscribe"}, func() float64 { return float64(b.auth.stats().DeniedSubscribe) })
@@ -366,6 +380,10 @@ func (b *Broker) registerMetrics() {
 		func() float64 { return float64(b.db.Space().Refused) })
 	gauge("beacon_history_records", "Messages stored in the history.", func() float64 { return float64(b.history.Stats().Stored) })
 	counter("beacon_history_recorded_total", "Messages recorded in the history.", nil, func() float64 { return float64(b.history.Stats().Recorded) })
+	gauge("beacon_history_index_bytes", "Memory the history's in-memory index holds (retention entries, references, the newest record of each topic); history.max_index_bytes bounds its retention entries.",
+		func() float64 { return float64(b.history.Stats().IndexBytes) })
+	counter("beacon_history_index_evicted_total", "Records that left retention early because the index reached history.max_index_bytes.", nil,
+		func() float64 { return float64(b.history.Stats().IndexEvicted) })
 	counter("beacon_history_trimmed_total", "History records removed by retention (history.rules).", nil,
 		func() float64 { return float64(b.history.Stats().Trimmed) })
 	counter("beacon_history_failed_total", "History records the store failed to commit (delivered live, missing from replays).", nil,
@@ -382,8 +400,23 @@ func (b *Broker) registerMetrics() {
 		streams(func(s bridge.StreamStats) int64 { return s.Slow }))
 	counter("beacon_stream_resets_total", "Resumes from an unknown, expired or foreign event id, answered with a reset.", nil,
 		streams(func(s bridge.StreamStats) int64 { return s.Resets }))
-	counter("beacon_stream_refused_total", "SSE streams and polls refused by the per-principal or per-address limits.", nil,
-		streams(func(s bridge.StreamStats) int64 { return s.Refused }))
+	for _, r := range []string{"principal", "address", "handshake_rate", "connections_per_address"} {
+		counter("beacon_stream_refused_total", "SSE streams and polls refused by a limit, by reason: principal (http.sse_max_streams_per_principal), address (http.sse_max_streams_per_ip), handshake_rate (http.handshakes_per_second), connections_per_address (http.max_conns_per_ip).",
+			prometheus.Labels{"reason": r}, streams(func(s bridge.StreamStats) int64 { return s.RefusedBy[r] }))
+	}
+	for _, r := range []string{"handshake_rate", "connections_per_address"} {
+		counter("beacon_ws_refused_total", "MQTT-over-WebSocket handshakes refused by a limit, by reason: handshake_rate (http.handshakes_per_second), connections_per_address (http.max_conns_per_ip).",
+			prometheus.Labels{"reason": r}, func() float64 {
+				if b.ws == nil {
+					return 0
+				}
+				return float64(b.ws.Refused()[r])
+			})
+	}
+	counter("beacon_connections_refused_total", "MQTT connections refused by a limit, by reason: max_clients (mqtt.max_clients; failed-authentication limits are beacon_auth_throttled_total).",
+		prometheus.Labels{"reason": "max_clients"}, es(func(s engine.Stats) float64 { return float64(s.RefusedMaxClients) }))
+	counter("beacon_log_suppressed_total", "Warnings and errors held back by the rate-limited loggers (each distinct message at most once per 10 s; the next one says how many).", nil,
+		func() float64 { return float64(b.engineLog.Suppressed() + b.auth.limiter.Suppressed()) })
 	counter("beacon_stream_messages_total", "Messages written to SSE streams and polls.", nil,
 		streams(func(s bridge.StreamStats) int64 { return s.Delivered }))
 	counter("beacon_codec_decoded_total", "Payloads decoded by the codecs.", nil, func() float64 { d, _ := b.codecs.Stats(); return float64(d) })
@@ -470,6 +503,7 @@ func (b *Broker) setupHTTP() error {
 		b.ws = bridge.NewWS(bridge.WSOptions{
 			Guard:          b.guard,
 			Tokens:         b.tokens,
+			Throttle:       b.auth.throttle,
 			MaxMessageSize: int64(b.cfg.MQTT.MaxPacketSize),
 			Log:            b.log.With("component", "ws"),
 		})
@@ -496,6 +530,8 @@ func (b *Broker) setupHTTP() error {
 		Guard:          b.guard,
 		Open:           func() bool { return !b.auth.configured() },
 		AllowAnonymous: b.cfg.Auth.AllowAnonymous,
+		Throttle:       b.auth.throttle,
+		Topics:         topics.Limits{MaxLength: b.cfg.MQTT.MaxTopicLength, MaxLevels: b.cfg.MQTT.MaxTopicLevels},
 		AdminToken:     b.admin.AdminToken,
 	}
 	b.rest = &bridge.REST{
@@ -562,7 +598,9 @@ func (b *Broker) setupAuth() error {
 	b.auth = &auth{registry: b.registry, authz: b.authz, tokens: b.tokens, policy: devices.MaxPayload{Authorizer: b.authz},
 		rulesFile: a.ACLFile != "", allowAnonymous: a.AllowAnonymous, failDelay: a.FailDelay,
 		log: b.log.With("component", "auth"), limiter: hooks.NewRateLimiter(10 * time.Second),
-		clients: map[string]*principal{}, online: map[string]int{}, certIdentity: b.cfg.MQTT.TLSIdentity}
+		clients: map[string]*principal{}, online: map[string]int{}, certIdentity: b.cfg.MQTT.TLSIdentity,
+		throttle: devices.NewThrottle(devices.ThrottleOptions{RatePerAddr: a.FailRatePerIP, Burst: a.FailBurst,
+			RateGlobal: a.FailRateGlobal, BurstGlobal: a.FailBurstGlobal, BanAfter: a.BanAfter, BanDuration: a.BanDuration})}
 
 	configured := b.tokens != nil || a.ACLFile != "" || b.registry.Len() > 0
 	for _, key := range []struct{ name, addr string }{

@@ -89,6 +89,9 @@ type HistoryConfig struct {
 	// matches it; a message no rule matches is not recorded. An empty list
 	// records nothing.
 	Rules []HistoryRuleConfig `yaml:"rules"`
+	// MaxIndexBytes bounds the in-memory retention index (16 bytes per
+	// recorded message): beyond it the oldest records leave retention.
+	MaxIndexBytes int64 `yaml:"max_index_bytes"`
 }
 
 // HistoryRuleConfig keeps the newest max_messages messages matching
@@ -120,6 +123,13 @@ type AuthConfig struct {
 	JWTIssuer      string        `yaml:"jwt_issuer"`       // required "iss" when set
 	JWTAudience    string        `yaml:"jwt_audience"`     // required "aud" when set
 	FailDelay      time.Duration `yaml:"fail_delay"`       // delay before refusing bad credentials
+	// Failed authentication throttling (docs/operations.md, Limits).
+	FailRatePerIP   float64       `yaml:"fail_rate_per_ip"`  // failed authentications per second a source address regains; 0 = no per-address limit
+	FailBurst       int           `yaml:"fail_burst"`        // failed authentications a source address may make at once
+	FailRateGlobal  float64       `yaml:"fail_rate_global"`  // failures per second, broker-wide, of addresses that failed before; 0 = none
+	FailBurstGlobal int           `yaml:"fail_burst_global"` // of those, at once
+	BanAfter        int           `yaml:"ban_after"`         // consecutive failures that ban a source address; 0 = never
+	BanDuration     time.Duration `yaml:"ban_duration"`      // how long a ban lasts
 }
 
 // secretKeys are printed redacted by config print.
@@ -261,8 +271,9 @@ func Default() Config {
 			SSEMaxStreamsPerIP: 64, PollMaxWait: 60 * time.Second},
 		HomeAssistant: HomeAssistantConfig{Prefix: "homeassistant", StatePrefix: "beacon/state", StatusTopic: "devices/%u/status"},
 		History: HistoryConfig{Rules: []HistoryRuleConfig{{Filter: "#", MaxMessages: 10000, MaxAge: 24 * time.Hour},
-			{Filter: "$beacon/presence/#", MaxMessages: 10000, MaxAge: 24 * time.Hour}}},
-		Auth:    AuthConfig{FailDelay: time.Second},
+			{Filter: "$beacon/presence/#", MaxMessages: 10000, MaxAge: 24 * time.Hour}}, MaxIndexBytes: 64 << 20},
+		Auth: AuthConfig{FailDelay: time.Second, FailRatePerIP: 0.2, FailBurst: 5, FailRateGlobal: 20, FailBurstGlobal: 100,
+			BanAfter: 10, BanDuration: 5 * time.Minute},
 		Storage: StorageConfig{Dir: "beacon-data", Sync: storage.SyncBatch, SyncInterval: time.Second, GCInterval: 5 * time.Minute},
 		Log:     LogConfig{Level: "info", Format: "text"},
 	}
@@ -705,6 +716,9 @@ func (c *Config) Validate() error {
 	if h.PollMaxWait < time.Second || h.PollMaxWait > 10*time.Minute {
 		return bad("http.poll_max_wait", "%s is outside 1s..10m", h.PollMaxWait)
 	}
+	if m := c.History.MaxIndexBytes; m < 0 || m > 0 && m < 64<<10 {
+		return bad("history.max_index_bytes", "%d is below 65536 (0 turns the bound off)", m)
+	}
 	for i, r := range c.History.Rules {
 		key := fmt.Sprintf("history.rules[%d]", i)
 		if r.Filter == "" || !validFilter(r.Filter) {
@@ -840,6 +854,20 @@ func (a AuthConfig) validate() error {
 	}
 	if a.FailDelay < 0 || a.FailDelay > 10*time.Second {
 		return bad("auth.fail_delay", "%s is outside 0s..10s", a.FailDelay)
+	}
+	switch {
+	case a.FailRatePerIP < 0:
+		return bad("auth.fail_rate_per_ip", "must not be negative (0 turns the per-address limit off)")
+	case a.FailRatePerIP > 0 && a.FailBurst < 1:
+		return bad("auth.fail_burst", "must be at least 1 while auth.fail_rate_per_ip is set")
+	case a.FailRateGlobal < 0:
+		return bad("auth.fail_rate_global", "must not be negative (0 turns the global limit off)")
+	case a.FailRateGlobal > 0 && a.FailBurstGlobal < 1:
+		return bad("auth.fail_burst_global", "must be at least 1 while auth.fail_rate_global is set")
+	case a.BanAfter < 0:
+		return bad("auth.ban_after", "must not be negative (0 turns bans off)")
+	case a.BanAfter > 0 && (a.BanDuration <= 0 || a.BanDuration > 24*time.Hour):
+		return bad("auth.ban_duration", "%s is outside 1s..24h", a.BanDuration)
 	}
 	return nil
 }

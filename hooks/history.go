@@ -254,13 +254,19 @@ type HistoryStats struct {
 	Held      int   // fed messages waiting for a lower seq to be fed
 	Skipped   int64 // seqs given up on: not fed within GapWait
 	Late      int64 // messages fed after their seq was given up on
+	// IndexBytes is the memory of the in-memory index: the log's
+	// (storage.LogStats.IndexBytes) and the newest-record-per-topic index
+	// of Last (estimated at lastEntryBytes a topic). IndexEvicted counts
+	// records that left retention by the log's MaxIndexBytes.
+	IndexBytes, IndexEvicted int64
 }
 
 // Stats returns the counters.
 func (h *History) Stats() HistoryStats {
 	ls := h.log.Stats()
 	s := HistoryStats{Seq: ls.Head, Recorded: ls.Appended, Trimmed: ls.Trimmed, Failed: ls.Failed,
-		Overflows: h.overflows.Load(), Skipped: h.skips.Load(), Late: h.late.Load()}
+		Overflows: h.overflows.Load(), Skipped: h.skips.Load(), Late: h.late.Load(),
+		IndexBytes: ls.IndexBytes + h.last.bytes(), IndexEvicted: ls.IndexEvicted}
 	for _, r := range ls.Rules {
 		s.Stored += r.Stored
 	}

@@ -52,6 +52,17 @@ func (x *lastIndex) init(gen int, opened uint64) {
 	x.done = make(chan struct{})
 }
 
+// lastEntryBytes estimates the memory of one topic in the index: a
+// 16-byte map entry and the map's overhead.
+const lastEntryBytes = 40
+
+// bytes estimates the index's memory.
+func (x *lastIndex) bytes() int64 {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return int64(len(x.cur)+len(x.prev)) * lastEntryBytes
+}
+
 func (x *lastIndex) key(topic string) uint64 { return maphash.String(x.seed, topic) }
 
 // put records seq as the newest record of topic unless a newer one is.

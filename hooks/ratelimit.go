@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -14,7 +15,11 @@ type RateLimiter struct {
 	mu    sync.Mutex
 	last  map[string]time.Time
 	held  map[string]int64
+	total atomic.Int64 // events held back since start
 }
+
+// Suppressed counts the events held back since the limiter was made.
+func (r *RateLimiter) Suppressed() int64 { return r.total.Load() }
 
 // NewRateLimiter returns a limiter that allows one event per key per every.
 func NewRateLimiter(every time.Duration) *RateLimiter {
@@ -29,6 +34,7 @@ func (r *RateLimiter) Allow(key string) (bool, int64) {
 	defer r.mu.Unlock()
 	if t, ok := r.last[key]; ok && now.Sub(t) < r.every {
 		r.held[key]++
+		r.total.Add(1)
 		return false, 0
 	}
 	r.last[key] = now
@@ -66,6 +72,9 @@ func (h *RateLimitHandler) Handle(ctx context.Context, r slog.Record) error {
 	}
 	return h.Handler.Handle(ctx, r)
 }
+
+// Suppressed counts the records held back since the handler was made.
+func (h *RateLimitHandler) Suppressed() int64 { return h.limiter.Suppressed() }
 
 // WithAttrs implements slog.Handler.
 func (h *RateLimitHandler) WithAttrs(attrs []slog.Attr) slog.Handler {

@@ -48,6 +48,11 @@ type LogOptions struct {
 	// a crash; default 65,536.
 	ReserveBlock uint64
 	Now          func() time.Time // for tests; default time.Now
+	// MaxIndexBytes bounds the rules' retention index (16 bytes per
+	// record a rule retains): beyond it the oldest records, across rules,
+	// leave retention as if a rule had trimmed them (deleted once no
+	// session holds them; Oldest moves past them). 0: no bound.
+	MaxIndexBytes int64
 }
 
 // LogStats are the log's counters and sizes.
@@ -65,6 +70,12 @@ type LogStats struct {
 	Damaged    int    // records found damaged at open (skipped; deleted once trimming starts)
 	Strays     int64  // Unref or Release calls that matched no Ref or Append
 	Rules      []LogRuleStats
+	// IndexBytes is the memory the in-memory index holds: the rules'
+	// entry chunks and the reference map (estimated at refEntryBytes an
+	// entry). IndexEntryBytes is what LogOptions.MaxIndexBytes bounds:
+	// 16 bytes per record a rule retains. IndexEvicted counts records
+	// that left retention because of that bound.
+	IndexBytes, IndexEntryBytes, IndexEvicted int64
 }
 
 // LogRuleStats describe the records a rule retains.
@@ -170,6 +181,7 @@ type Log struct {
 	appended atomic.Int64
 	numbered atomic.Int64
 	trimCnt  atomic.Int64
+	evicted  atomic.Int64 // records out of retention by MaxIndexBytes
 	failed   atomic.Int64
 	strays   atomic.Int64
 
@@ -639,6 +651,7 @@ func (l *Log) trimOnAppend(rules []int, now int64) (extra []Op, poke bool) {
 			prev = ri
 		}
 	}
+	l.dels = l.trimIndex(maxPiggyDeletes, l.dels)
 	switch n := len(l.dels); {
 	case n > maxPiggyDeletes:
 		return nil, true

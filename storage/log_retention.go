@@ -114,17 +114,67 @@ func (l *Log) trimRule(r *logRule, now int64, limit int, ops []Op) []Op {
 			e.olderThan(cutoff)) {
 			break
 		}
-		r.q.pop()
-		r.bytes -= int64(e.size)
-		r.trimmed = max(r.trimmed, e.seq)
-		l.trimmed = max(l.trimmed, e.seq)
-		if st, ok := l.refs[e.seq]; ok {
-			st.flags |= refLoose
-			st.size = e.size
-			l.refs[e.seq] = st
-			continue
+		ops = l.popRule(r, ops)
+	}
+	return ops
+}
+
+// popRule takes the rule's oldest record out of its retention: deleted
+// if unreferenced and released (appended to ops), loose otherwise.
+// Called with l.mu held.
+func (l *Log) popRule(r *logRule, ops []Op) []Op {
+	e := r.q.front()
+	r.q.pop()
+	r.bytes -= int64(e.size)
+	r.trimmed = max(r.trimmed, e.seq)
+	l.trimmed = max(l.trimmed, e.seq)
+	if st, ok := l.refs[e.seq]; ok {
+		st.flags |= refLoose
+		st.size = e.size
+		l.refs[e.seq] = st
+		return ops
+	}
+	return l.deleteRecord(ops, e.seq, e.size)
+}
+
+// entryBytes is the size of one retention index entry (logEntry).
+const entryBytes = 16
+
+// refEntryBytes estimates the memory of one reference map entry (its 8
+// byte key, 12 byte state and the map's overhead; measured 30 to 55).
+const refEntryBytes = 48
+
+// indexEntries is the number of records the rules retain. Called with
+// l.mu held.
+func (l *Log) indexEntries() int {
+	n := 0
+	for _, r := range l.rules {
+		n += r.q.len()
+	}
+	return n
+}
+
+// trimIndex takes up to limit of the oldest records, across rules, out
+// of retention while the index is over LogOptions.MaxIndexBytes. Called
+// with l.mu held, once trimming started.
+func (l *Log) trimIndex(limit int, ops []Op) []Op {
+	if l.opts.MaxIndexBytes <= 0 {
+		return ops
+	}
+	over := int64(l.indexEntries())*entryBytes - l.opts.MaxIndexBytes
+	for n := 0; over > 0 && n < limit; n++ {
+		var oldest *logRule
+		for _, r := range l.rules {
+			if r.q.len() > 0 && (oldest == nil || r.q.front().seq < oldest.q.front().seq) {
+				oldest = r
+			}
 		}
-		ops = l.deleteRecord(ops, e.seq, e.size)
+		if oldest == nil {
+			break
+		}
+		ops = l.popRule(oldest, ops)
+		l.evicted.Add(1)
+		over -= entryBytes
 	}
 	return ops
 }
@@ -220,6 +270,9 @@ func (l *Log) trimNow() {
 			}
 			ops = l.trimRule(r, now, maxLogDeletes-len(ops), ops)
 		}
+		if len(ops) < maxLogDeletes {
+			ops = l.trimIndex(maxLogDeletes-len(ops), ops)
+		}
 		more := len(ops) >= maxLogDeletes
 		ops = l.markFirst(ops)
 		l.mu.Unlock()
@@ -310,6 +363,14 @@ func (l *Log) Stats() LogStats {
 	s.Stored, s.Bytes, s.Referenced, s.Pending, s.Damaged = l.stored, l.bytes, len(l.refs), l.pending, l.nDamaged
 	for i, r := range l.rules {
 		s.Rules[i] = LogRuleStats{Filter: r.Filter, Stored: r.q.len(), Bytes: r.bytes, Trimmed: r.trimmed}
+		chunks := len(r.q.chunks)
+		if r.q.spare != nil {
+			chunks++
+		}
+		s.IndexBytes += int64(chunks) * logChunk * entryBytes
+		s.IndexEntryBytes += int64(r.q.len()) * entryBytes
 	}
+	s.IndexBytes += int64(len(l.refs)) * refEntryBytes
+	s.IndexEvicted = l.evicted.Load()
 	return s
 }

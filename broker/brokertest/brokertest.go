@@ -140,6 +140,21 @@ func TryDial(addr string, cp *paho.Connect) (*Client, error) {
 	return connectPaho(conn, cp)
 }
 
+// TryDialFrom is TryDial from a given local address (e.g. 127.0.0.2),
+// for tests of per-address limits.
+func TryDialFrom(local, addr string, cp *paho.Connect) (*Client, error) {
+	la, err := net.ResolveTCPAddr("tcp", local+":0")
+	if err != nil {
+		return nil, err
+	}
+	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: la}
+	conn, err := d.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return connectPaho(conn, cp)
+}
+
 // connectPaho runs an MQTT 5 session over conn.
 func connectPaho(conn net.Conn, cp *paho.Connect) (*Client, error) {
 	c := &Client{}

@@ -466,6 +466,7 @@ const (
 	codeRetainNotSupported   = 0x9A
 	codeQoSNotSupported      = 0x9B
 	codeSharedNotSupported   = 0x9E
+	codeConnRateExceeded     = 0x9F
 	codeSubIDsNotSupported   = 0xA1
 	codeWildcardNotSupported = 0xA2
 )

@@ -38,7 +38,7 @@ func v3Code(code byte) byte {
 		return 0x03
 	case codeBadCredentials:
 		return 0x04
-	case codeNotAuthorized, codeBanned:
+	case codeNotAuthorized, codeBanned, codeConnRateExceeded:
 		return 0x05
 	}
 	return 0
@@ -232,6 +232,8 @@ func (c *conn) connect(pk *packets.Packet) error {
 				return refuse(codeServerBusy, "server busy")
 			case errors.Is(err, ErrQuotaExceeded):
 				return refuse(codeQuotaExceeded, "quota exceeded")
+			case errors.Is(err, ErrRateExceeded):
+				return refuse(codeConnRateExceeded, "connection rate exceeded")
 			}
 			return refuse(codeBadCredentials, "bad user name or password")
 		}

@@ -136,9 +136,18 @@ func (c *conn) publish(pk *packets.Packet) error {
 	props := &pk.Properties
 	if c.srv.topicOverLimit(topic) {
 		// Refused before anything keeps it (an alias, a retained entry).
+		// The name is well formed but not accepted here: v5 QoS 1/2 get
+		// PUBACK/PUBREC 0x90 (MQTT 5.0 3.4.2.1, 3.5.2.1); QoS 0 has no
+		// ack, so DISCONNECT 0x90 (3.14.2.1) rather than a silent drop;
+		// 3.1.1 has no way to say no, so the connection is closed
+		// (MQTT-3.3.5-2) rather than the message acknowledged and lost.
 		c.srv.dropped(DropTopicLimit, c.clientID, nil)
-		c.refusePublish(pk, codeTopicInvalid, "topic name longer or deeper than this server accepts")
-		return nil
+		const why = "topic name longer or deeper than this server accepts (mqtt.max_topic_length, mqtt.max_topic_levels)"
+		if v5 && fh.Qos > 0 {
+			c.refusePublish(pk, codeTopicInvalid, why)
+			return nil
+		}
+		return protoErr(codeTopicInvalid, why)
 	}
 	if v5 {
 		switch {

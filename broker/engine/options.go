@@ -78,6 +78,7 @@ var (
 	ErrBanned         = errors.New("banned")                    // v5 0x8A, 3.1.1 0x05
 	ErrServerBusy     = errors.New("server busy")               // v5 0x89, 3.1.1 0x03
 	ErrQuotaExceeded  = errors.New("quota exceeded")            // v5 0x97, 3.1.1 0x03
+	ErrRateExceeded   = errors.New("connection rate exceeded")  // v5 0x9F, 3.1.1 0x05
 )
 
 // Observer is told what happens, for metrics, presence and logs. Its

@@ -143,8 +143,11 @@ func TestReceiveMaximumZeroIsAProtocolError(t *testing.T) {
 }
 
 // Topics longer or deeper than the limits are refused before anything
-// keeps them: v5 gets 0x90 (PUBACK) or 0x8F (SUBACK); a 3.1.1 publish is
-// acknowledged and dropped (3.1.1 cannot say no); nothing is delivered.
+// keeps them. v5: PUBACK/PUBREC 0x90 for QoS 1/2 (MQTT 5.0 3.4.2.1,
+// 3.5.2.1: "correctly formed, but not accepted"), DISCONNECT 0x90 for
+// QoS 0, which has no ack (3.14.2.1); SUBACK 0x8F. 3.1.1 cannot say no to
+// a PUBLISH: the connection is closed (MQTT-3.3.5-2); SUBACK 0x80.
+// Nothing is delivered.
 func TestTopicLimits(t *testing.T) {
 	srv, addr := startServer(t, Options{Limits: Limits{MaxTopicLength: 1024, MaxTopicLevels: 8}})
 	long := strings.Repeat("x", 60<<10)
@@ -152,25 +155,44 @@ func TestTopicLimits(t *testing.T) {
 	sub := dialRaw(t, addr, 5)
 	sub.connect("limits-sub", true, nil)
 	sub.subscribe(1, "#", 1)
-	for _, v := range []byte{4, 5} {
-		r := dialRaw(t, addr, v)
-		r.connect(fmt.Sprintf("limits-%d", v), true, nil)
-		for i, topic := range []string{long, deep} {
-			r.publish(topic, []byte("x"), 1, uint16(i+1))
-			ack := r.expect(packets.Puback)
-			if want := map[byte]byte{4: 0, 5: 0x90}[v]; ack.ReasonCode != want {
-				t.Errorf("v%d publish to a %d-byte topic: PUBACK 0x%02x, want 0x%02x", v, len(topic), ack.ReasonCode, want)
-			}
+	n := 0
+	for _, topic := range []string{long, deep} {
+		for _, v := range []byte{4, 5} {
 			want := map[byte]byte{4: 0x80, 5: 0x8F}[v]
-			if s := r.subscribe(uint16(10+i), topic, 1); s.ReasonCodes[0] != want {
+			r := dialRaw(t, addr, v)
+			r.connect(fmt.Sprintf("limits-sub-%d", v), true, nil)
+			if s := r.subscribe(10, topic, 1); s.ReasonCodes[0] != want {
 				t.Errorf("v%d subscribe to a %d-byte filter: SUBACK 0x%02x, want 0x%02x", v, len(topic), s.ReasonCodes[0], want)
+			}
+			n++
+			for _, qos := range []byte{0, 1, 2} {
+				r := dialRaw(t, addr, v)
+				r.connect(fmt.Sprintf("limits-%d-%d", v, qos), true, nil)
+				r.publish(topic, []byte("x"), qos, 1)
+				n++
+				switch {
+				case v == 5 && qos > 0:
+					ack := r.expect(map[byte]byte{1: packets.Puback, 2: packets.Pubrec}[qos])
+					if ack.ReasonCode != 0x90 {
+						t.Errorf("v5 QoS %d publish to a %d-byte topic: ack 0x%02x, want 0x90", qos, len(topic), ack.ReasonCode)
+					}
+				case v == 5:
+					got := r.expectClosed()
+					if len(got) != 1 || got[0].FixedHeader.Type != packets.Disconnect || got[0].ReasonCode != 0x90 {
+						t.Errorf("v5 QoS 0 publish to a %d-byte topic: %+v before the close, want DISCONNECT 0x90", len(topic), got)
+					}
+				default:
+					if got := r.expectClosed(); len(got) != 0 {
+						t.Errorf("3.1.1 QoS %d publish to a %d-byte topic: %d packets before the close, want none", qos, len(topic), len(got))
+					}
+				}
 			}
 		}
 	}
 	if pk, err := sub.read(200 * time.Millisecond); err == nil {
 		t.Fatalf("a refused topic was delivered: %d bytes", len(pk.TopicName))
 	}
-	if d := srv.Stats().Dropped[DropTopicLimit]; d != 8 {
-		t.Fatalf("topic_limit drops %d, want 8", d)
+	if d := srv.Stats().Dropped[DropTopicLimit]; d != int64(n) {
+		t.Fatalf("topic_limit drops %d, want %d", d, n)
 	}
 }

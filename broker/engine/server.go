@@ -58,6 +58,7 @@ type counters struct {
 	stalls        atomic.Int64 // publishers held back for a subscriber's socket
 	stallTimeouts atomic.Int64 // of which ran out (the QoS 0 message was dropped)
 	idle          atomic.Int64 // connections parked in the idle poller
+	refusedBusy   atomic.Int64 // connections refused beyond Limits.MaxClients
 	dropped       sync.Map     // DropReason -> *atomic.Int64
 }
 
@@ -158,6 +159,7 @@ func (s *Server) ServeConn(nc net.Conn, listener string, wait bool) error {
 	}
 	if s.lim.MaxClients > 0 && len(s.conns) >= s.lim.MaxClients {
 		s.mu.Unlock()
+		s.stats.refusedBusy.Add(1)
 		// CONNACK "server busy" needs the CONNECT; read it with a short deadline.
 		s.wg.Add(1)
 		go func() {
@@ -318,6 +320,9 @@ type Stats struct {
 	Idle          int   // connections idle in the idle poller (no reader goroutine)
 	Inflight      int   // outbound QoS 1/2 messages in flight or queued, all sessions
 	Dropped       map[DropReason]int64
+	// RefusedMaxClients counts connections refused (CONNACK 0x89 / 3.1.1
+	// 0x03) because Limits.MaxClients were open.
+	RefusedMaxClients int64
 }
 
 // Stats returns the counters.
@@ -335,6 +340,7 @@ func (s *Server) Stats() Stats {
 		Retained:      s.retained.Len(),
 		Dropped:       map[DropReason]int64{},
 	}
+	st.RefusedMaxClients = s.stats.refusedBusy.Load()
 	s.mu.RLock()
 	st.Sessions = len(s.sessions)
 	sess := make([]*session, 0, len(s.sessions))

@@ -120,3 +120,29 @@ func Match(filter, topic string) bool {
 		filter, topic = frest, trest
 	}
 }
+
+// Limits bound topic names and filters below MQTT's own cap (MaxLen), as
+// mqtt.max_topic_length and mqtt.max_topic_levels configure them. Zero
+// fields mean no limit beyond MaxLen.
+type Limits struct {
+	MaxLength int // bytes
+	MaxLevels int // '/'-separated levels
+}
+
+// Check returns an error naming the limit a topic name or filter goes
+// beyond, or nil. A shared subscription's "$share/{group}/" prefix is not
+// counted.
+func (l Limits) Check(t string) error {
+	if inner, ok := strings.CutPrefix(t, sharePrefix); ok {
+		if _, rest, found := strings.Cut(inner, "/"); found {
+			t = rest
+		}
+	}
+	switch {
+	case l.MaxLength > 0 && len(t) > l.MaxLength:
+		return fmt.Errorf("topic longer than %d bytes (mqtt.max_topic_length)", l.MaxLength)
+	case l.MaxLevels > 0 && strings.Count(t, "/") >= l.MaxLevels:
+		return fmt.Errorf("topic deeper than %d levels (mqtt.max_topic_levels)", l.MaxLevels)
+	}
+	return nil
+}

@@ -183,3 +183,26 @@ func TestMatch(t *testing.T) {
 		})
 	}
 }
+
+func TestLimitsCheck(t *testing.T) {
+	l := Limits{MaxLength: 16, MaxLevels: 3}
+	for _, tc := range []struct {
+		topic string
+		ok    bool
+	}{
+		{"a/b/c", true},
+		{"a/b/c/d", false}, // 4 levels
+		{strings.Repeat("x", 16), true},
+		{strings.Repeat("x", 17), false},
+		{"$share/g/a/b/c", true}, // the share prefix is no level of the filter
+		{"$share/g/a/b/c/d", false},
+	} {
+		err := l.Check(tc.topic)
+		if (err == nil) != tc.ok {
+			t.Errorf("Check(%q) = %v, want ok %v", tc.topic, err, tc.ok)
+		}
+	}
+	if err := (Limits{}).Check(strings.Repeat("a/", 1000)); err != nil {
+		t.Errorf("zero Limits: %v", err)
+	}
+}
