@@ -9,7 +9,8 @@ import (
 // Since calls fn, in seq order, for every recorded message matching
 // filters (match decides) accepted at or after since, keeping only the
 // newest limit of them: what a chart needs to start with the recent past.
-// It reads from the oldest record the filters' retention keeps.
+// It reads from the first record of the window (the log's index knows
+// each record's time).
 func (h *History) Since(ctx context.Context, since time.Time, limit int, filters []string, match func(string) bool) ([]*Record, error) {
 	var err error
 	for range 5 {
@@ -27,6 +28,11 @@ func (h *History) since(ctx context.Context, since time.Time, limit int, filters
 	after := uint64(0)
 	if oldest := h.log.OldestFor(filters...); oldest > 0 {
 		after = oldest - 1
+	}
+	// Start at the first record of the window, not at the oldest one
+	// retention keeps (a second early: times are rounded up to seconds).
+	if first := h.log.FirstSince(since.Add(-time.Second).UnixNano(), filters...); first > after+1 {
+		after = first - 1
 	}
 	cut := since.UnixMilli()
 	ring := make([]*Record, 0, min(limit, 1024))

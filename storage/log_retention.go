@@ -2,6 +2,7 @@ package storage
 
 import (
 	"math"
+	"sort"
 	"strings"
 	"time"
 
@@ -331,6 +332,39 @@ func (l *Log) OldestFor(filters ...string) uint64 {
 		}
 	}
 	return mark + 1
+}
+
+// FirstSince returns the seq of the oldest record kept by a rule that
+// filters overlap whose time is at or after cutoff (unix nanoseconds), or
+// Head+1 when there is none: where a read of "since a time" can start
+// instead of at the oldest record. Records are in seq order and their
+// times nearly so (the clock of one process).
+func (l *Log) FirstSince(cutoff int64, filters ...string) uint64 {
+	split := make([][]string, len(filters))
+	for i, f := range filters {
+		split[i] = strings.Split(f, "/")
+	}
+	first := l.Head() + 1
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, r := range l.rules {
+		overlaps := false
+		for _, f := range split {
+			if topics.Overlaps(r.levels, f) {
+				overlaps = true
+				break
+			}
+		}
+		if !overlaps {
+			continue
+		}
+		q := &r.q
+		i := sort.Search(q.len(), func(i int) bool { return !q.at(i).olderThan(cutoff) })
+		if i < q.len() {
+			first = min(first, q.at(i).seq)
+		}
+	}
+	return first
 }
 
 // Retains reports whether every message filter matches belongs to a

@@ -838,3 +838,39 @@ func normalized(m storage.LogMessage) storage.LogMessage {
 	}
 	return m
 }
+
+// TestLogFirstSince: the first record of a time window, per the rules the
+// filters overlap; Head+1 when the window is empty.
+func TestLogFirstSince(t *testing.T) {
+	db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+	l := openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "a/#"}, {Filter: "b/#"}}})
+	base := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano()
+	var seqs []uint64
+	for i := range 10 {
+		topic := "a/x"
+		if i%2 == 1 {
+			topic = "b/x"
+		}
+		seq, err := l.AppendWith(&storage.LogMessage{Topic: topic, Payload: []byte("p"), Time: base + int64(i)*int64(time.Minute)}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seqs = append(seqs, seq)
+	}
+	at := func(i int) int64 { return base + int64(i)*int64(time.Minute) }
+	if got := l.FirstSince(at(4), "a/#"); got != seqs[4] {
+		t.Fatalf("a/# since minute 4: %d, want %d", got, seqs[4])
+	}
+	if got := l.FirstSince(at(4), "b/#"); got != seqs[5] {
+		t.Fatalf("b/# since minute 4: %d, want %d", got, seqs[5])
+	}
+	if got := l.FirstSince(at(4), "#"); got != seqs[4] {
+		t.Fatalf("# since minute 4: %d, want %d", got, seqs[4])
+	}
+	if got := l.FirstSince(at(20), "#"); got != l.Head()+1 {
+		t.Fatalf("a window after everything: %d, want %d", got, l.Head()+1)
+	}
+	if got := l.FirstSince(at(0), "c/#"); got != l.Head()+1 {
+		t.Fatalf("no rule for c/#: %d", got)
+	}
+}
