@@ -492,7 +492,7 @@ func (b *Broker) setupAuth() error {
 	if err != nil {
 		return err
 	}
-	var rules *devices.Rules
+	rules := devices.DefaultRules() // least privilege while no rules file is named
 	if a.ACLFile != "" {
 		if rules, err = devices.LoadRules(a.ACLFile); err != nil {
 			return &ConfigError{Key: "auth.acl_file", Msg: err.Error()}
@@ -556,6 +556,7 @@ func (b *Broker) ReloadACL() (int, error) {
 	}
 	b.authz.Set(rules)
 	b.log.Info("ACL reloaded", "file", b.cfg.Auth.ACLFile, "rules", len(rules.Rules))
+	b.logRules()
 	return len(rules.Rules), nil
 }
 
@@ -607,6 +608,7 @@ func (b *Broker) Start() error {
 		b.log.Warn("sessions stored by an earlier version (before Beacon's own engine) are not restored: their clients start clean",
 			"sessions", up.Sessions)
 	}
+	b.logRules()
 	b.presence.start(b.registry)
 	if b.ha != nil {
 		b.ha.Start()
