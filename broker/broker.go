@@ -516,7 +516,7 @@ func (b *Broker) setupAuth() error {
 	if err != nil {
 		return err
 	}
-	b.admin = &bridge.Admin{Registry: b.registry, Tokens: b.tokens, AdminToken: adminToken,
+	b.admin = &bridge.Admin{Registry: b.registry, Tokens: b.tokens, AdminToken: adminToken, LocalToken: newLocalToken(),
 		Reload: b.ReloadACL, Log: b.log.With("component", "admin")}
 	b.auth = &auth{registry: b.registry, authz: b.authz, tokens: b.tokens, policy: devices.MaxPayload{Authorizer: b.authz},
 		rulesFile: a.ACLFile != "", allowAnonymous: a.AllowAnonymous, failDelay: a.FailDelay,
@@ -633,6 +633,9 @@ func (b *Broker) Start() error {
 				b.log.Error("http server", "error", err)
 			}
 		}()
+		if err := b.writeLocalAdmin(); err != nil { // before the line below: once it is logged, the CLI finds the broker
+			b.log.Warn("the CLI will not find this broker: local admin file not written", "error", err)
+		}
 		b.log.Info("http listening", "addr", b.httpLn.Addr().String(), "tls", b.cfg.HTTP.TLSCert != "", "ws_path", b.cfg.HTTP.WSPath)
 	}
 	if addr := b.cfg.HTTP.PprofAddr; addr != "" {
@@ -750,6 +753,7 @@ func (b *Broker) Stats() Stats {
 func (b *Broker) Shutdown(ctx context.Context) error {
 	b.shutdownOnce.Do(func() {
 		b.ready.Store(false)
+		b.removeLocalAdmin()
 		var errs []error
 		if b.pprofSrv != nil {
 			_ = b.pprofSrv.Close()
