@@ -183,7 +183,7 @@ type HTTPConfig struct {
 	TLSKey             string `yaml:"tls_key"`               // and this PEM key
 	WSPath             string `yaml:"ws_path"`               // MQTT over WebSocket; "" disables it
 	AllowedOrigins     string `yaml:"allowed_origins"`       // comma-separated scheme://host[:port]; same origin is always allowed
-	AllowMissingOrigin bool   `yaml:"allow_missing_origin"`  // admit requests without Origin (non-browser clients)
+	AllowMissingOrigin bool   `yaml:"allow_missing_origin"`  // admit requests without Origin (non-browser clients); default true
 	TrustedProxies     string `yaml:"trusted_proxies"`       // comma-separated IPs/CIDRs whose X-Forwarded-For is believed
 	MaxConnsPerIP      int    `yaml:"max_conns_per_ip"`      // browser connections per client address; 0 = unlimited
 	HandshakesPerSec   int    `yaml:"handshakes_per_second"` // per client address (bursts of twice that); 0 = unlimited
@@ -242,7 +242,7 @@ func Default() Config {
 			SharedSubs:        true,
 			SysInterval:       10 * time.Second,
 		},
-		HTTP: HTTPConfig{Addr: "127.0.0.1:8080", WSPath: "/mqtt", MaxConnsPerIP: 256, HandshakesPerSec: 20, Dashboard: true,
+		HTTP: HTTPConfig{Addr: "127.0.0.1:8080", WSPath: "/mqtt", MaxConnsPerIP: 256, HandshakesPerSec: 20, Dashboard: true, AllowMissingOrigin: true,
 			SSEHeartbeat: 15 * time.Second, SSEBuffer: 1024, SSEMaxFilters: 32, SSEMaxStreamsPerPrincipal: 32,
 			SSEMaxStreamsPerIP: 64, PollMaxWait: 60 * time.Second},
 		HomeAssistant: HomeAssistantConfig{Prefix: "homeassistant", StatePrefix: "beacon/state", StatusTopic: "devices/%u/status"},
