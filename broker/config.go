@@ -296,6 +296,7 @@ func Load(path string, environ []string, overrides map[string]string) (Config, e
 		if err := decodeYAML(data, &cfg, src); err != nil {
 			return cfg, err
 		}
+		resolveFilePaths(&cfg, path, src.lines)
 	}
 	keys := configKeys()
 	for _, kv := range environ {
@@ -859,7 +860,9 @@ func IsLoopback(addr string) bool {
 
 // YAML renders the configuration as a YAML document.
 func (c Config) YAML() ([]byte, error) {
-	// Durations print as "168h0m0s" strings, which Load reads back.
+	// Durations print as "168h0m0s" strings, which Load reads back; paths
+	// as absolute ones, which mean the same from any file.
+	c = c.absPaths()
 	return yaml.Marshal(c.asMap())
 }
 
