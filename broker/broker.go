@@ -655,7 +655,34 @@ func (b *Broker) Start() error {
 	}
 	b.warnExposure()
 	b.ready.Store(true)
+	b.log.Info("beacon ready", b.urls()...)
 	return nil
+}
+
+// urls are where to connect, as slog key-value pairs: mqtt, mqtts,
+// dashboard, websocket (those that are on).
+func (b *Broker) urls() []any {
+	var kv []any
+	for _, l := range b.listeners {
+		scheme := "mqtt"
+		if l.id == "tls" {
+			scheme = "mqtts"
+		}
+		kv = append(kv, scheme, scheme+"://"+l.ln.Addr().String())
+	}
+	if b.httpLn != nil {
+		web, ws := "http", "ws"
+		if b.cfg.HTTP.TLSCert != "" {
+			web, ws = "https", "wss"
+		}
+		if b.cfg.HTTP.Dashboard {
+			kv = append(kv, "dashboard", web+"://"+b.httpLn.Addr().String()+"/")
+		}
+		if b.ws != nil {
+			kv = append(kv, "websocket", ws+"://"+b.httpLn.Addr().String()+b.cfg.HTTP.WSPath)
+		}
+	}
+	return kv
 }
 
 func (b *Broker) warnExposure() {

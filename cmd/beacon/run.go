@@ -29,7 +29,8 @@ Usage:
   beacon devices ...            manage devices (beacon devices help)
   beacon token --sub NAME ...   mint an HS256 JWT with auth.jwt_secret
   beacon healthcheck [flags]    exit 0 if the broker's /healthz answers (for HEALTHCHECK)
-  beacon version                print the version
+  beacon version                print the version (also --version)
+  beacon help                   this text (also --help); COMMAND --help for its flags
 
 Flags (serve, config print):
 `
@@ -39,6 +40,13 @@ func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) 
 	cmd := "serve"
 	if len(args) > 0 && len(args[0]) > 0 && args[0][0] != '-' {
 		cmd, args = args[0], args[1:]
+	} else if len(args) > 0 {
+		switch args[0] {
+		case "-h", "-help", "--help":
+			cmd = "help"
+		case "-version", "--version":
+			cmd = "version"
+		}
 	}
 	switch cmd {
 	case "version":
