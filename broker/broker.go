@@ -837,11 +837,13 @@ var (
 func (o *observer) Connected(ci *engine.ClientInfo) {
 	o.metricsHook.Connected(ci.Listener)
 	o.auth.connected(ci)
+	o.logConnected(ci)
 }
 
 func (o *observer) Disconnected(ci *engine.ClientInfo, err error) {
 	o.metricsHook.Disconnected(ci.Listener, engine.DisconnectReason(err))
 	o.auth.disconnected(ci)
+	o.logDisconnected(ci, err)
 }
 
 func (o *observer) Routed(m *engine.Message, _ int) {

@@ -221,6 +221,9 @@ type StorageConfig struct {
 type LogConfig struct {
 	Level  string `yaml:"level"`  // debug, info, warn, error
 	Format string `yaml:"format"` // text, json
+	// Connections logs connects, subscriptions and disconnects at INFO,
+	// like mosquitto -v (never credentials or payloads).
+	Connections bool `yaml:"connections"`
 }
 
 // Default returns the configuration used when nothing is set: loopback

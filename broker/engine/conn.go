@@ -61,6 +61,7 @@ type conn struct {
 	stopTimer      func() bool // stops the credentials-expiry timer
 	sessionPresent bool
 	persistent     bool
+	cleanStart     bool
 	takenOver      atomic.Bool
 
 	outMu     sync.Mutex
