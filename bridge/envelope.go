@@ -10,14 +10,15 @@ import (
 // API, the SSE stream, long-poll): the payload embedded as JSON when it is
 // JSON, as a string when it is text (isText), else base64.
 type Envelope struct {
-	ID       string          `json:"id,omitempty"` // event id in the history (streams and polls)
-	Topic    string          `json:"topic"`
-	Payload  json.RawMessage `json:"payload"`
-	Encoding string          `json:"encoding"` // json, utf8 or base64
-	QoS      byte            `json:"qos"`
-	Retain   bool            `json:"retain"`
-	TS       int64           `json:"ts"`                // unix milliseconds the broker accepted it
-	Decoded  map[string]any  `json:"decoded,omitempty"` // fields decoded by the topic's codec, if any
+	ID       string            `json:"id,omitempty"` // event id in the history (streams and polls)
+	Topic    string            `json:"topic"`
+	Payload  json.RawMessage   `json:"payload"`
+	Encoding string            `json:"encoding"` // json, utf8 or base64
+	QoS      byte              `json:"qos"`
+	Retain   bool              `json:"retain"`
+	TS       int64             `json:"ts"`                // unix milliseconds the broker accepted it
+	Decoded  map[string]any    `json:"decoded,omitempty"` // fields decoded by the topic's codec, if any
+	Units    map[string]string `json:"units,omitempty"`   // the codec's unit of each decoded field that declares one
 }
 
 // NewEnvelope encodes a payload in the most readable faithful form.

@@ -42,6 +42,9 @@ type Streams struct {
 	// envelope (the codec for the topic and the publishing device, "" when
 	// not a device).
 	Decode func(topic, device string, payload []byte) map[string]any
+	// Units, when set, gives the units the codec declares for the decoded
+	// fields of a topic (and publishing device).
+	Units func(topic, device string) map[string]string
 	// Track, when set, is told of feeds opening (+1) and closing (-1) by
 	// transport ("sse", "poll"), for the connection metrics.
 	Track func(transport string, delta int)
@@ -80,6 +83,7 @@ func (s *Streams) Register(mux *http.ServeMux) {
 	mux.HandleFunc("GET /poll", s.poll)
 	mux.HandleFunc("OPTIONS /poll", s.preflight)
 	mux.HandleFunc("GET /api/v1/topics/last", s.last)
+	mux.HandleFunc("GET /api/v1/history", s.history)
 }
 
 // Close ends every open stream and poll (before the HTTP server shuts
@@ -303,6 +307,9 @@ func (s *Streams) envelope(id, topic, device string, payload []byte, qos byte, r
 	e.ID = id
 	if s.Decode != nil {
 		e.Decoded = s.Decode(topic, device, payload)
+		if e.Decoded != nil && s.Units != nil {
+			e.Units = s.Units(topic, device)
+		}
 	}
 	return e
 }

@@ -36,6 +36,7 @@ type auth struct {
 	failDelay      time.Duration
 	log            *slog.Logger
 	limiter        *hooks.RateLimiter
+	certIdentity   string // mqtt.tls_identity: cn or san
 
 	mu      sync.Mutex
 	clients map[string]*principal // by client id: the principal of its session
@@ -171,7 +172,7 @@ func (a *auth) Authenticate(req *engine.ConnectRequest) (engine.Principal, error
 		if err != nil {
 			a.refused(req, err)
 			switch {
-			case errors.Is(err, devices.ErrDisabled), errors.Is(err, ErrAnonymousRefused):
+			case errors.Is(err, devices.ErrDisabled), errors.Is(err, ErrAnonymousRefused), errors.Is(err, ErrCertUsername):
 				return nil, engine.ErrNotAuthorized
 			}
 			return nil, engine.ErrBadCredentials
@@ -184,6 +185,9 @@ func (a *auth) Authenticate(req *engine.ConnectRequest) (engine.Principal, error
 
 func (a *auth) authenticate(req *engine.ConnectRequest) (devices.Principal, error) {
 	user, pw := req.Username, req.Password
+	if p, ok, err := a.certPrincipal(req.Conn, user); ok {
+		return p, err
+	}
 	if hs, ok := req.Conn.(handshaker); ok && user == "" && len(pw) == 0 {
 		if p, ok := hs.HandshakePrincipal(); ok {
 			return p, nil

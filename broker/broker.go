@@ -67,6 +67,8 @@ type Broker struct {
 
 	metrics   *prometheus.Registry
 	commitDur prometheus.Histogram
+	stats     *sampler  // rates for /api/v1/stats, from metrics
+	started   time.Time // when New ran
 
 	ready        atomic.Bool
 	shutdownOnce sync.Once
@@ -85,13 +87,16 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	b := &Broker{cfg: cfg, log: log, metrics: prometheus.NewRegistry()}
+	b := &Broker{cfg: cfg, log: log, metrics: prometheus.NewRegistry(), started: time.Now()}
 	b.commitDur = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "beacon_storage_commit_seconds",
 		Help:    "Duration of one storage group commit (and its fsync under storage.sync always).",
 		Buckets: prometheus.ExponentialBuckets(0.0001, 2.5, 12)})
 	b.metrics.MustRegister(b.commitDur, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	defer func() {
 		if err != nil {
+			if b.stats != nil {
+				b.stats.close()
+			}
 			b.closeListeners()
 			if b.engine != nil {
 				_ = b.engine.Shutdown(context.Background())
@@ -105,8 +110,13 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		}
 	}()
 
+	minFree, err := storage.ParseReserve(cfg.Storage.MinFree)
+	if err != nil {
+		return nil, &ConfigError{Key: "storage.min_free", Msg: err.Error()}
+	}
 	b.db, err = storage.Open(storage.Options{
 		Dir:          cfg.Storage.Dir,
+		MinFree:      minFree,
 		Sync:         cfg.Storage.Sync,
 		SyncInterval: cfg.Storage.SyncInterval,
 		GCInterval:   cfg.Storage.GCInterval,
@@ -203,7 +213,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	if ha := cfg.HomeAssistant; ha.Discovery {
 		b.ha = hooks.NewHomeAssistant(hooks.HomeAssistantOptions{Publish: b.publishInline, Retained: b.retainedMatching,
 			Registry: b.registry, Codecs: b.codecs, Prefix: ha.Prefix, StatePrefix: ha.StatePrefix, StatusTopic: ha.StatusTopic,
-			Log: log.With("component", "homeassistant")})
+			Version: Version, Log: log.With("component", "homeassistant")})
 		b.registry.OnChange(func(c devices.Change) {
 			switch {
 			case c.Removed:
@@ -217,6 +227,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	b.registry.OnChange(b.presence.push)
 
 	b.registerMetrics()
+	b.stats = newSampler(b.metrics)
 
 	if m.Addr != "" {
 		if err := b.listen("tcp", "mqtt.addr", m.Addr, nil); err != nil {
@@ -229,6 +240,9 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 			return nil, &ConfigError{Key: "mqtt.tls_cert", Msg: fmt.Sprintf("load key pair: %v", err)}
 		}
 		tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		if err := clientCertConfig(tc, m); err != nil {
+			return nil, err
+		}
 		if err := b.listen("tls", "mqtt.tls_addr", m.TLSAddr, tc); err != nil {
 			return nil, err
 		}
@@ -325,8 +339,8 @@ func (b *Broker) registerMetrics() {
 	gauge("beacon_idle_connections", "Connections idle for a second or more, waiting without a reader goroutine.",
 		es(func(s engine.Stats) float64 { return float64(s.Idle) }))
 	const dropped = "beacon_messages_dropped_total"
-	const droppedHelp = "Messages not delivered, by reason: queue_full (connection buffer, QoS 0), queue_limit (mqtt.max_queued_messages), expired, denied (ACL at delivery), policy, too_large (the client's maximum packet size), topic_limit (mqtt.max_topic_length or max_topic_levels)."
-	for _, r := range []engine.DropReason{engine.DropQueueFull, engine.DropQueueLimit, engine.DropExpired, engine.DropTooLarge, engine.DropTopicLimit} {
+	const droppedHelp = "Messages not delivered, by reason: queue_full (connection buffer, QoS 0), queue_limit (mqtt.max_queued_messages), expired, denied (ACL at delivery), policy, too_large (the client's maximum packet size), topic_limit (mqtt.max_topic_length or max_topic_levels), no_space (refused while the disk is below storage.min_free)."
+	for _, r := range []engine.DropReason{engine.DropQueueFull, engine.DropQueueLimit, engine.DropExpired, engine.DropTooLarge, engine.DropTopicLimit, engine.DropNoSpace} {
 		counter(dropped, droppedHelp, prometheus.Labels{"reason": string(r)}, es(func(s engine.Stats) float64 { return float64(s.Dropped[r]) }))
 	}
 	counter(dropped, droppedHelp, prometheus.Labels{"reason": "denied"}, func() float64 { return float64(b.auth.stats().DeniedDelivery) })
@@ -339,6 +353,17 @@ func (b *Broker) registerMetrics() {
 	counter("beacon_storage_commits_total", "Storage group commits.", nil, func() float64 { return float64(b.db.Stats().Commits) })
 	counter("beacon_storage_commit_errors_total", "Failed storage group commits.", nil, func() float64 { return float64(b.db.Stats().CommitErrors) })
 	counter("beacon_storage_writes_total", "Storage writes (sets and deletes) committed.", nil, func() float64 { return float64(b.db.Stats().Ops) })
+	gauge("beacon_storage_free_bytes", "Free space on the data directory's volume, as last seen.", func() float64 { return float64(b.db.Space().Free) })
+	gauge("beacon_storage_reserve_bytes", "Free space the store keeps (storage.min_free); below it new messages and sessions are refused.",
+		func() float64 { return float64(b.db.Space().Reserve) })
+	gauge("beacon_storage_space_low", "1 while free space is below the reserve.", func() float64 {
+		if b.db.Space().Low {
+			return 1
+		}
+		return 0
+	})
+	counter("beacon_storage_space_refusals_total", "Writes of new data (messages, sessions) refused because free space was below the reserve.", nil,
+		func() float64 { return float64(b.db.Space().Refused) })
 	gauge("beacon_history_records", "Messages stored in the history.", func() float64 { return float64(b.history.Stats().Stored) })
 	counter("beacon_history_recorded_total", "Messages recorded in the history.", nil, func() float64 { return float64(b.history.Stats().Recorded) })
 	counter("beacon_history_trimmed_total", "History records removed by retention (history.rules).", nil,
@@ -408,6 +433,20 @@ func (b *Broker) decode(topic, device string, payload []byte) map[string]any {
 	return v
 }
 
+// units are the units the codec of a topic declares, by field.
+func (b *Broker) units(topic, device string) map[string]string {
+	var out map[string]string
+	for _, f := range b.codecs.Fields(topic, b.registry.TypeOf(device)) {
+		if f.Unit != "" {
+			if out == nil {
+				out = map[string]string{}
+			}
+			out[f.Name] = f.Unit
+		}
+	}
+	return out
+}
+
 // setupHTTP binds the HTTP server and builds the browser bridges.
 func (b *Broker) setupHTTP() error {
 	h := b.cfg.HTTP
@@ -457,6 +496,7 @@ func (b *Broker) setupHTTP() error {
 		Guard:          b.guard,
 		Open:           func() bool { return !b.auth.configured() },
 		AllowAnonymous: b.cfg.Auth.AllowAnonymous,
+		AdminToken:     b.admin.AdminToken,
 	}
 	b.rest = &bridge.REST{
 		Access:  b.access,
@@ -477,6 +517,7 @@ func (b *Broker) setupHTTP() error {
 		PollMaxWait:     h.PollMaxWait,
 		Track:           b.metricsHook.Stream,
 		Decode:          b.decode,
+		Units:           b.units,
 		Log:             b.log.With("component", "streams"),
 	}
 	b.history.SetFrame(b.streams.MessageFrame)
@@ -521,7 +562,7 @@ func (b *Broker) setupAuth() error {
 	b.auth = &auth{registry: b.registry, authz: b.authz, tokens: b.tokens, policy: devices.MaxPayload{Authorizer: b.authz},
 		rulesFile: a.ACLFile != "", allowAnonymous: a.AllowAnonymous, failDelay: a.FailDelay,
 		log: b.log.With("component", "auth"), limiter: hooks.NewRateLimiter(10 * time.Second),
-		clients: map[string]*principal{}, online: map[string]int{}}
+		clients: map[string]*principal{}, online: map[string]int{}, certIdentity: b.cfg.MQTT.TLSIdentity}
 
 	configured := b.tokens != nil || a.ACLFile != "" || b.registry.Len() > 0
 	for _, key := range []struct{ name, addr string }{
@@ -707,11 +748,20 @@ func (b *Broker) httpHandler() http.Handler {
 			bridge.WriteJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready"})
 			return
 		}
+		if sp := b.db.Space(); sp.Low {
+			// Serving, but refusing new messages: a balancer sends new
+			// clients elsewhere.
+			bridge.WriteJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready",
+				"reason": (&storage.SpaceError{Free: sp.Free, Reserve: sp.Reserve}).Error() + " (storage.min_free)"})
+			return
+		}
 		bridge.WriteJSON(w, http.StatusOK, map[string]string{"status": "ready"})
 	})
 	mux.Handle("/api/v1/", b.admin.Handler())
 	mux.HandleFunc("GET /api/v1/devices", b.admin.Devices(b.access))
 	mux.Handle("GET /api/v1/webhooks", b.admin.Require(b.webhooks.Handler()))
+	mux.Handle("GET /api/v1/backup", b.admin.Require(http.HandlerFunc(b.serveBackup)))
+	b.registerConsole(mux)
 	b.rest.Register(mux)
 	b.streams.Register(mux)
 	mux.Handle("GET /metrics", b.admin.Protect(promhttp.HandlerFor(b.metrics, promhttp.HandlerOpts{})))
@@ -722,6 +772,21 @@ func (b *Broker) httpHandler() http.Handler {
 		mux.Handle("/", bridge.Dashboard()) // every path nothing else claims: the page's files, or 404
 	}
 	return mux
+}
+
+// serveBackup streams a consistent backup of the store (beacon backup).
+// An error after the first byte cuts the stream short, which a restore
+// detects (gzip's checksum and length).
+func (b *Broker) serveBackup(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Disposition", fmt.Sprintf(`attachment; filename="beacon-%s.backup"`, time.Now().UTC().Format("20060102T150405Z")))
+	began := time.Now()
+	n, err := b.db.Backup(w, Version)
+	if err != nil {
+		b.log.Error("backup failed", "remote", r.RemoteAddr, "bytes", n, "error", err)
+		return
+	}
+	b.log.Info("backup served", "remote", r.RemoteAddr, "bytes", n, "took", time.Since(began).Round(time.Millisecond))
 }
 
 // MQTTAddr is the bound address of the listener with the given id ("tcp"
@@ -817,6 +882,7 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 		if err := b.msgLog.Shutdown(ctx); err != nil {
 			errs = append(errs, err)
 		}
+		b.stats.close()
 		if err := b.db.Shutdown(ctx); err != nil {
 			errs = append(errs, err)
 		}

@@ -67,6 +67,9 @@ type CodecRuleConfig struct {
 	Format     string        `yaml:"format"` // json, cbor, packed, raw
 	Endian     string        `yaml:"endian"` // packed: big (default) or little
 	Fields     []codec.Field `yaml:"fields"`
+	// Commands a device of device_type can be told: Home Assistant
+	// controls publishing to devices/<id>/cmd/<name>.
+	Commands []codec.Command `yaml:"commands"`
 }
 
 // CodecRules converts the codecs section for codec.NewRules.
@@ -74,7 +77,7 @@ func (c *Config) CodecRules() []codec.Rule {
 	var out []codec.Rule
 	for _, r := range c.Codecs {
 		out = append(out, codec.Rule{Filter: r.Filter, DeviceType: r.DeviceType,
-			Config: codec.Config{Format: r.Format, Endian: r.Endian, Fields: r.Fields}})
+			Config: codec.Config{Format: r.Format, Endian: r.Endian, Fields: r.Fields}, Commands: r.Commands})
 	}
 	return out
 }
@@ -173,6 +176,13 @@ type MQTTConfig struct {
 	RetainAvailable   bool          `yaml:"retain_available"`    // accept retained messages
 	SharedSubs        bool          `yaml:"shared_subscriptions"`
 	SysInterval       time.Duration `yaml:"sys_interval"` // $SYS topic refresh period
+
+	// TLS client certificates on tls_addr: a certificate signed by
+	// tls_client_ca proves the device named by its identity (cn: the
+	// subject's common name, the default; san: its first DNS name).
+	TLSClientCA          string `yaml:"tls_client_ca"`           // PEM file of the CAs that sign client certificates
+	TLSRequireClientCert bool   `yaml:"tls_require_client_cert"` // refuse TLS handshakes without a client certificate
+	TLSIdentity          string `yaml:"tls_identity"`            // cn or san ("" is cn)
 }
 
 // HTTPConfig configures the HTTP server: health checks, the admin API and
@@ -215,6 +225,10 @@ type StorageConfig struct {
 	Sync         storage.SyncPolicy `yaml:"sync"`
 	SyncInterval time.Duration      `yaml:"sync_interval"`
 	GCInterval   time.Duration      `yaml:"gc_interval"`
+	// MinFree is the free space kept on the data directory's volume:
+	// "512MiB", "5%", or "5%,512MiB" (whichever is smaller); "" is 5% or
+	// 512 MiB, whichever is smaller.
+	MinFree string `yaml:"min_free"`
 }
 
 // LogConfig configures logging.
@@ -594,6 +608,9 @@ func (c *Config) Validate() error {
 	if m.TLSAddr == "" && (m.TLSCert != "" || m.TLSKey != "") {
 		return bad("mqtt.tls_cert", "set mqtt.tls_addr to serve TLS with this certificate")
 	}
+	if err := m.validateClientCerts(); err != nil {
+		return err
+	}
 	for key, f := range map[string]string{"mqtt.tls_cert": m.TLSCert, "mqtt.tls_key": m.TLSKey} {
 		if f == "" {
 			continue
@@ -767,6 +784,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Storage.SyncInterval < time.Millisecond {
 		return bad("storage.sync_interval", "must be at least 1ms")
+	}
+	if _, err := storage.ParseReserve(c.Storage.MinFree); err != nil {
+		return bad("storage.min_free", "%v", err)
 	}
 	if c.Storage.GCInterval < time.Second {
 		return bad("storage.gc_interval", "must be at least 1s")
@@ -948,3 +968,21 @@ func redactURL(raw string) string {
 
 // validFilter reports whether f is an MQTT topic filter.
 func validFilter(f string) bool { return devices.ValidFilter(f) == nil }
+
+// validateClientCerts checks the TLS client-certificate keys.
+func (m *MQTTConfig) validateClientCerts() error {
+	switch {
+	case m.TLSClientCA != "" && m.TLSAddr == "":
+		return &ConfigError{Key: "mqtt.tls_client_ca", Msg: "set mqtt.tls_addr: client certificates are checked on the TLS listener"}
+	case m.TLSRequireClientCert && m.TLSClientCA == "":
+		return &ConfigError{Key: "mqtt.tls_require_client_cert", Msg: "needs mqtt.tls_client_ca, the CAs that sign client certificates"}
+	case m.TLSIdentity != "" && m.TLSIdentity != "cn" && m.TLSIdentity != "san":
+		return &ConfigError{Key: "mqtt.tls_identity", Msg: fmt.Sprintf("%q is not cn or san", m.TLSIdentity)}
+	}
+	if m.TLSClientCA != "" {
+		if _, err := os.Stat(m.TLSClientCA); err != nil {
+			return &ConfigError{Key: "mqtt.tls_client_ca", Msg: err.Error()}
+		}
+	}
+	return nil
+}

@@ -20,11 +20,11 @@ import (
 var haSchema = map[string]struct{ allowed, required []string }{
 	"sensor": {
 		allowed: []string{"name", "unique_id", "state_topic", "value_template", "unit_of_measurement", "device_class",
-			"state_class", "availability", "availability_mode", "device", "origin"},
+			"state_class", "suggested_display_precision", "entity_category", "availability", "availability_mode", "device", "origin"},
 		required: []string{"state_topic", "unique_id", "device"},
 	},
 	"binary_sensor": {
-		allowed: []string{"name", "unique_id", "state_topic", "value_template", "payload_on", "payload_off", "device_class",
+		allowed: []string{"name", "unique_id", "state_topic", "value_template", "payload_on", "payload_off", "device_class", "entity_category",
 			"availability", "availability_mode", "device", "origin"},
 		required: []string{"state_topic", "unique_id", "device"},
 	},

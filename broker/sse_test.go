@@ -603,7 +603,8 @@ func TestSSEDecodedReadings(t *testing.T) {
 
 	type decodedEnv struct {
 		envelope
-		Decoded map[string]any `json:"decoded"`
+		Decoded map[string]any    `json:"decoded"`
+		Units   map[string]string `json:"units"`
 	}
 	// Two clients: their messages may be routed in either order.
 	got := map[string]decodedEnv{}
@@ -613,10 +614,11 @@ func TestSSEDecodedReadings(t *testing.T) {
 		got[d.Topic+" "+string(d.Payload)] = d
 	}
 	frame := base64.StdEncoding.EncodeToString([]byte{0x6d, 0x08, 0x5b})
-	if d := got[`devices/d1/frame "`+frame+`"`]; d.Encoding != "base64" || d.Decoded["temperature"] != 21.57 || d.Decoded["humidity"] != 45.5 {
+	if d := got[`devices/d1/frame "`+frame+`"`]; d.Encoding != "base64" || d.Decoded["temperature"] != 21.57 || d.Decoded["humidity"] != 45.5 ||
+		len(d.Units) != 1 || d.Units["temperature"] != "°C" {
 		t.Errorf("packed frame: %+v", d)
 	}
-	if d := got[`devices/d1/json {"sp":2,"m":"e"}`]; d.Decoded["sp"] != 2.0 || len(d.Decoded) != 1 {
+	if d := got[`devices/d1/json {"sp":2,"m":"e"}`]; d.Decoded["sp"] != 2.0 || len(d.Decoded) != 1 || d.Units != nil {
 		t.Errorf("thermostat JSON: %+v", d)
 	}
 	if d, ok := got[`devices/d2/json {"setpoint":5}`]; !ok || d.Decoded != nil {

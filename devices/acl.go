@@ -81,26 +81,31 @@ const (
 // Subject selects principals.
 type Subject struct {
 	kind  string // all, anonymous, device, device-type, user, role
-	value string
+	value string // for device: one device id, or "" for every device
 }
 
-// ParseSubject parses "all", "anonymous", "device", "device-type:T",
-// "user:NAME" or "role:R".
+// ParseSubject parses "all", "anonymous", "device", "device:ID",
+// "device-type:T", "user:NAME" or "role:R".
 func ParseSubject(s string) (Subject, error) {
 	kind, value, hasValue := strings.Cut(s, ":")
 	switch kind {
-	case "all", "anonymous", "device":
+	case "all", "anonymous":
 		if hasValue {
 			return Subject{}, fmt.Errorf("subject %q takes no value", kind)
 		}
 		return Subject{kind: kind}, nil
+	case "device":
+		if hasValue && !ValidID(value) {
+			return Subject{}, fmt.Errorf("subject %q: %q is not a device id", s, value)
+		}
+		return Subject{kind: kind, value: value}, nil
 	case "device-type", "user", "role":
 		if value == "" {
 			return Subject{}, fmt.Errorf("subject %q needs a value: %s:NAME", s, kind)
 		}
 		return Subject{kind: kind, value: value}, nil
 	}
-	return Subject{}, fmt.Errorf("unknown subject %q (all, anonymous, device, device-type:T, user:NAME, role:R)", s)
+	return Subject{}, fmt.Errorf("unknown subject %q (all, anonymous, device, device:ID, device-type:T, user:NAME, role:R)", s)
 }
 
 func (s Subject) String() string {
@@ -118,7 +123,7 @@ func (s Subject) Matches(p *Principal) bool {
 	case "anonymous":
 		return p.Kind == Anonymous
 	case "device":
-		return p.Kind == DeviceKind
+		return p.Kind == DeviceKind && (s.value == "" || p.Name == s.value)
 	case "device-type":
 		return p.Kind == DeviceKind && p.DeviceType == s.value
 	case "user":

@@ -29,7 +29,12 @@ type Device struct {
 	LastSeen   time.Time         `json:"last_seen,omitzero"`
 	Online     bool              `json:"online"`
 	Enabled    bool              `json:"enabled"`
-	SecretHash []byte            `json:"secret_hash,omitempty"` // SHA-256 of the secret; never returned by the API
+	SecretHash []byte            `json:"secret_hash,omitempty"` // SHA-256 of the secret, or the encoded hash of SecretScheme; never returned by the API
+	// SecretScheme is how SecretHash was made: "" for Beacon's own (a
+	// generated secret), SchemePBKDF2SHA512 or SchemeSHA512 for a hash
+	// imported from Mosquitto or a chosen secret. Rotate returns a device
+	// to Beacon's own.
+	SecretScheme string `json:"secret_scheme,omitempty"`
 }
 
 // Errors of the registry.
@@ -139,6 +144,12 @@ type NewDevice struct {
 	Name string            `json:"name,omitempty"`
 	Type string            `json:"type,omitempty"`
 	Tags map[string]string `json:"tags,omitempty"`
+	// Secret, when set, is the device's secret as chosen by a person
+	// (at least MinChosenSecret bytes) instead of a generated one.
+	Secret string `json:"secret,omitempty"`
+	// PasswordHash, when set, is a Mosquitto hash ("$7$..." or "$6$...")
+	// the device keeps logging in with.
+	PasswordHash string `json:"password_hash,omitempty"`
 }
 
 // FieldError is a validation error about one field; it wraps ErrInvalid.
@@ -171,16 +182,51 @@ func (n NewDevice) Validate() error {
 			return &FieldError{"tags", fmt.Sprintf("tag %q: keys are 1-64 bytes, values up to 256", k)}
 		}
 	}
+	switch {
+	case n.Secret != "" && n.PasswordHash != "":
+		return &FieldError{"secret", "give a secret or a password hash, not both"}
+	case n.Secret != "":
+		return CheckChosenSecret(n.Secret)
+	case n.PasswordHash != "":
+		if _, err := parseMosquittoHash(n.PasswordHash); err != nil {
+			return &FieldError{"password_hash", err.Error()}
+		}
+	}
 	return nil
 }
 
-// Add registers a device and returns it with its secret, which is not
-// stored and cannot be shown again.
+// credential is how a new device's secret is kept: a generated secret
+// (returned once), a chosen one, or an imported hash.
+func (n NewDevice) credential() (hash []byte, scheme, secret string, err error) {
+	switch {
+	case n.PasswordHash != "":
+		h, err := parseMosquittoHash(n.PasswordHash)
+		if err != nil {
+			return nil, "", "", err
+		}
+		return []byte(h.String()), h.scheme, "", nil
+	case n.Secret != "":
+		h, err := hashChosen(n.Secret)
+		if err != nil {
+			return nil, "", "", err
+		}
+		return []byte(h.String()), h.scheme, "", nil
+	}
+	secret, err = NewSecret()
+	if err != nil {
+		return nil, "", "", err
+	}
+	return hashSecret(secret), "", secret, nil
+}
+
+// Add registers a device and returns it with its generated secret, which
+// is not stored and cannot be shown again. A device added with a chosen
+// Secret or an imported PasswordHash gets no generated secret ("").
 func (r *Registry) Add(n NewDevice) (Device, string, error) {
 	if err := n.Validate(); err != nil {
 		return Device{}, "", err
 	}
-	secret, err := NewSecret()
+	hash, scheme, secret, err := n.credential()
 	if err != nil {
 		return Device{}, "", err
 	}
@@ -188,7 +234,7 @@ func (r *Registry) Add(n NewDevice) (Device, string, error) {
 		n.Name = n.ID
 	}
 	d := &Device{ID: n.ID, Name: n.Name, Type: n.Type, Tags: n.Tags, Created: time.Now().UTC().Truncate(time.Second),
-		Enabled: true, SecretHash: hashSecret(secret)}
+		Enabled: true, SecretHash: hash, SecretScheme: scheme}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if _, ok := r.byID[n.ID]; ok {
@@ -295,6 +341,7 @@ func (r *Registry) Rotate(id string) (string, error) {
 	}
 	next := *d
 	next.SecretHash = hashSecret(secret)
+	next.SecretScheme = ""
 	if err := r.save(&next); err != nil {
 		return "", err
 	}
@@ -321,23 +368,24 @@ func (r *Registry) Remove(id string) error {
 // and a wrong secret take the same time.
 var dummyHash = hashSecret("beacon: no such device")
 
-// Authenticate checks a device's secret in constant time.
+// Authenticate checks a device's secret in constant time. Imported and
+// chosen secrets are derived outside the registry's lock.
 func (r *Registry) Authenticate(id, secret string) (Device, error) {
-	got := hashSecret(secret)
 	r.mu.RLock()
 	d, ok := r.byID[id]
-	var want []byte
-	if ok {
-		want = d.SecretHash
-	} else {
-		want = dummyHash
-	}
-	match := subtle.ConstantTimeCompare(got, want) == 1
+	want, scheme := dummyHash, ""
 	var dev Device
 	if ok {
+		want, scheme = d.SecretHash, d.SecretScheme
 		dev = d.public()
 	}
 	r.mu.RUnlock()
+	var match bool
+	if scheme == "" {
+		match = subtle.ConstantTimeCompare(hashSecret(secret), want) == 1
+	} else if h, err := parseMosquittoHash(string(want)); err == nil && h.scheme == scheme {
+		match = h.verify(secret)
+	}
 	switch {
 	case !ok || !match:
 		return Device{}, ErrBadCredentials
@@ -345,6 +393,22 @@ func (r *Registry) Authenticate(id, secret string) (Device, error) {
 		return dev, ErrDisabled
 	}
 	return dev, nil
+}
+
+// Identified returns the device id when its identity was proven by other
+// means (a TLS client certificate): ErrBadCredentials when no such device
+// is registered, ErrDisabled when it is disabled.
+func (r *Registry) Identified(id string) (Device, error) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	d, ok := r.byID[id]
+	switch {
+	case !ok:
+		return Device{}, ErrBadCredentials
+	case !d.Enabled:
+		return d.public(), ErrDisabled
+	}
+	return d.public(), nil
 }
 
 // SetOnline records a device connecting or disconnecting. The last-seen

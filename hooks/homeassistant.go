@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 	"unicode"
 
 	"github.com/beaconmq/beacon/devices"
@@ -39,27 +40,41 @@ type HomeAssistantOptions struct {
 	// its id ("" for none). Availability follows the latest of it and of
 	// Beacon's presence ($beacon/presence/<id>).
 	StatusTopic string
-	Log         *slog.Logger
+	// Version is Beacon's version, the origin's sw_version.
+	Version string
+	Log     *slog.Logger
 }
 
 // HomeAssistant makes registered devices appear in Home Assistant with no
 // YAML there: for every reading a codec decodes from a device, it keeps a
 // retained JSON state per device and a retained discovery config per
 // reading (sensor, or binary_sensor for booleans), with the device's
-// presence as availability. Removing a device removes its entities.
+// presence as availability, and one per command its type declares
+// (switch, number, button, select, publishing to devices/<id>/cmd/<name>).
+// Removing a device removes its entities, also when it was removed while
+// the broker was stopped (Start reconciles); Home Assistant announcing
+// itself online on <prefix>/status gets every config again.
 type HomeAssistant struct {
 	opts HomeAssistantOptions
 
 	mu     sync.Mutex
 	state  map[string]map[string]any // device -> last readings
 	known  map[string]map[string]bool
+	meta   map[string]map[string]codec.Field // device -> reading -> its codec field, for readings seen
 	queue  []haPublish
 	queued map[string]int // topic -> index in queue
 	wake   chan struct{}
 	done   chan struct{}
 	wg     sync.WaitGroup
 	closed bool
+
+	lastReannounce time.Time // Home Assistant's birth message is honoured once per reannounceEvery
 }
+
+// reannounceEvery bounds how often an "online" on <prefix>/status
+// republishes everything: any client allowed to publish there could
+// otherwise make the broker flood every subscriber of the discovery prefix.
+const reannounceEvery = 5 * time.Second
 
 type haPublish struct {
 	topic   string
@@ -77,7 +92,7 @@ func NewHomeAssistant(o HomeAssistantOptions) *HomeAssistant {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
-	return &HomeAssistant{opts: o, state: map[string]map[string]any{}, known: map[string]map[string]bool{},
+	return &HomeAssistant{opts: o, state: map[string]map[string]any{}, known: map[string]map[string]bool{}, meta: map[string]map[string]codec.Field{},
 		wake: make(chan struct{}, 1), done: make(chan struct{})}
 }
 
@@ -87,6 +102,10 @@ func NewHomeAssistant(o HomeAssistantOptions) *HomeAssistant {
 // device (the broker's own included) are ignored. It does not block: the
 // publishes are queued for Start's goroutine.
 func (h *HomeAssistant) Observe(m *Message) {
+	if m.Topic == h.opts.Prefix+"/status" && string(m.Payload) == "online" && m.Client != "" {
+		h.reannounce()
+		return
+	}
 	id := m.Device
 	if id == "" {
 		return
@@ -127,7 +146,11 @@ func (h *HomeAssistant) Observe(m *Message) {
 				h.known[id] = map[string]bool{}
 			}
 			h.known[id][k] = true
-			topic, cfg := h.discovery(dev, k, values[k], fieldMeta(fields, k))
+			if h.meta[id] == nil {
+				h.meta[id] = map[string]codec.Field{}
+			}
+			h.meta[id][k] = fieldMeta(fields, k)
+			topic, cfg := h.discovery(dev, k, values[k], h.meta[id][k])
 			h.queueLocked(topic, cfg)
 		}
 	}
@@ -150,19 +173,29 @@ func (h *HomeAssistant) StateTopic(id string) string { return h.opts.StatePrefix
 // DiscoveryConfig is the discovery payload of one entity, in Home
 // Assistant's documented MQTT discovery schema.
 type DiscoveryConfig struct {
-	Name              string          `json:"name"`
-	UniqueID          string          `json:"unique_id"`
-	StateTopic        string          `json:"state_topic"`
-	ValueTemplate     string          `json:"value_template"`
-	UnitOfMeasurement string          `json:"unit_of_measurement,omitempty"`
-	DeviceClass       string          `json:"device_class,omitempty"`
-	StateClass        string          `json:"state_class,omitempty"`
-	PayloadOn         string          `json:"payload_on,omitempty"`
-	PayloadOff        string          `json:"payload_off,omitempty"`
-	Availability      []Availability  `json:"availability"`
-	AvailabilityMode  string          `json:"availability_mode"`
-	Device            DiscoveryDevice `json:"device"`
-	Origin            DiscoveryOrigin `json:"origin"`
+	Name                      string          `json:"name"`
+	UniqueID                  string          `json:"unique_id"`
+	StateTopic                string          `json:"state_topic,omitempty"`
+	ValueTemplate             string          `json:"value_template,omitempty"`
+	CommandTopic              string          `json:"command_topic,omitempty"`
+	UnitOfMeasurement         string          `json:"unit_of_measurement,omitempty"`
+	DeviceClass               string          `json:"device_class,omitempty"`
+	StateClass                string          `json:"state_class,omitempty"`
+	SuggestedDisplayPrecision *int            `json:"suggested_display_precision,omitempty"`
+	EntityCategory            string          `json:"entity_category,omitempty"`
+	PayloadOn                 string          `json:"payload_on,omitempty"`
+	PayloadOff                string          `json:"payload_off,omitempty"`
+	StateOn                   string          `json:"state_on,omitempty"`
+	StateOff                  string          `json:"state_off,omitempty"`
+	PayloadPress              string          `json:"payload_press,omitempty"`
+	Min                       *float64        `json:"min,omitempty"`
+	Max                       *float64        `json:"max,omitempty"`
+	Step                      *float64        `json:"step,omitempty"`
+	Options                   []string        `json:"options,omitempty"`
+	Availability              []Availability  `json:"availability"`
+	AvailabilityMode          string          `json:"availability_mode"`
+	Device                    DiscoveryDevice `json:"device"`
+	Origin                    DiscoveryOrigin `json:"origin"`
 }
 
 // Availability is one topic that says whether an entity is available.
@@ -179,12 +212,14 @@ type DiscoveryDevice struct {
 	Name         string   `json:"name"`
 	Model        string   `json:"model,omitempty"`
 	Manufacturer string   `json:"manufacturer"`
+	SWVersion    string   `json:"sw_version,omitempty"` // the device's tag sw_version
 }
 
 // DiscoveryOrigin names the software behind the entities.
 type DiscoveryOrigin struct {
-	Name string `json:"name"`
-	URL  string `json:"url,omitempty"`
+	Name       string `json:"name"`
+	SWVersion  string `json:"sw_version,omitempty"`
+	SupportURL string `json:"support_url,omitempty"`
 }
 
 // discovery builds the config topic and payload of one reading.
@@ -194,30 +229,86 @@ func (h *HomeAssistant) discovery(dev devices.Device, field string, value any, m
 		component = "binary_sensor"
 	}
 	objectID := haSlug(dev.ID) + "_" + field
-	name := dev.Name
-	if name == "" {
-		name = dev.ID
-	}
-	c := DiscoveryConfig{
-		Name:              haTitle(field),
-		UniqueID:          "beacon_" + objectID,
-		StateTopic:        h.StateTopic(dev.ID),
-		UnitOfMeasurement: meta.Unit,
-		DeviceClass:       meta.DeviceClass,
-		Availability:      h.availability(dev.ID),
-		AvailabilityMode:  "latest",
-		Device:            DiscoveryDevice{Identifiers: []string{"beacon_" + dev.ID}, Name: name, Model: dev.Type, Manufacturer: "Beacon"},
-		Origin:            DiscoveryOrigin{Name: "Beacon"},
-	}
+	c := h.entity(dev, objectID, meta.Label, field)
+	c.StateTopic = h.StateTopic(dev.ID)
+	c.UnitOfMeasurement, c.DeviceClass = meta.Unit, meta.DeviceClass
+	c.EntityCategory = entityCategory(meta)
 	if component == "binary_sensor" {
 		c.ValueTemplate = "{{ 'ON' if value_json." + field + " else 'OFF' }}"
 		c.PayloadOn, c.PayloadOff = "ON", "OFF"
 	} else {
 		c.ValueTemplate = "{{ value_json." + field + " }}"
 		c.StateClass = "measurement"
+		c.SuggestedDisplayPrecision = meta.Precision
 	}
 	b, _ := json.Marshal(c)
 	return h.opts.Prefix + "/" + component + "/" + objectID + "/config", b
+}
+
+// entity is what every entity of dev has in common.
+func (h *HomeAssistant) entity(dev devices.Device, objectID, label, name string) DiscoveryConfig {
+	devName := dev.Name
+	if devName == "" {
+		devName = dev.ID
+	}
+	if label == "" {
+		label = haTitle(name)
+	}
+	return DiscoveryConfig{
+		Name:             label,
+		UniqueID:         "beacon_" + objectID,
+		Availability:     h.availability(dev.ID),
+		AvailabilityMode: "latest",
+		Device: DiscoveryDevice{Identifiers: []string{"beacon_" + dev.ID}, Name: devName, Model: dev.Type, Manufacturer: "Beacon",
+			SWVersion: dev.Tags["sw_version"]},
+		Origin: DiscoveryOrigin{Name: "Beacon", SWVersion: h.opts.Version, SupportURL: "https://github.com/beaconmq/beacon"},
+	}
+}
+
+// diagnosticNames are readings about the link or the device itself rather
+// than what it measures.
+var diagnosticNames = map[string]bool{"rssi": true, "snr": true, "lqi": true, "linkquality": true, "uptime": true,
+	"battery_voltage": true, "signal": true, "signal_strength": true}
+
+// entityCategory is the field's entity_category, or diagnostic for signal
+// strength, voltage and link readings.
+func entityCategory(f codec.Field) string {
+	switch {
+	case f.EntityCategory != "":
+		return f.EntityCategory
+	case f.DeviceClass == "signal_strength", f.DeviceClass == "voltage", diagnosticNames[strings.ToLower(f.Name)]:
+		return "diagnostic"
+	}
+	return ""
+}
+
+// commandDiscovery builds the config topic and payload of a command.
+func (h *HomeAssistant) commandDiscovery(dev devices.Device, cmd codec.Command) (string, []byte) {
+	objectID := haSlug(dev.ID) + "_" + cmd.Name
+	c := h.entity(dev, objectID+"_command", cmd.Label, cmd.Name)
+	c.CommandTopic = "devices/" + dev.ID + "/cmd/" + cmd.Name
+	if cmd.State != "" {
+		c.StateTopic = h.StateTopic(dev.ID)
+	}
+	switch cmd.Type {
+	case codec.CommandSwitch:
+		c.PayloadOn, c.PayloadOff = "ON", "OFF"
+		if cmd.State != "" {
+			c.ValueTemplate = "{{ 'ON' if value_json." + cmd.State + " else 'OFF' }}"
+			c.StateOn, c.StateOff = "ON", "OFF"
+		}
+	case codec.CommandNumber:
+		c.Min, c.Max, c.Step, c.UnitOfMeasurement = cmd.Min, cmd.Max, cmd.Step, cmd.Unit
+		if cmd.State != "" {
+			c.ValueTemplate = "{{ value_json." + cmd.State + " }}"
+		}
+	case codec.CommandButton:
+		c.PayloadPress = "PRESS"
+	case codec.CommandSelect:
+		c.Options = cmd.Options
+	}
+	b, _ := json.Marshal(c)
+	return h.opts.Prefix + "/" + cmd.Type + "/" + objectID + "/config", b
 }
 
 // availability lists the topics that tell whether a device is there:
@@ -243,10 +334,20 @@ func haSlug(s string) string {
 	}, s)
 }
 
+// haAcronyms are words written in capitals in entity names.
+var haAcronyms = map[string]bool{"rssi": true, "snr": true, "lqi": true, "ok": true, "co2": true, "pm25": true,
+	"pm10": true, "voc": true, "uv": true, "id": true, "ip": true}
+
 // haTitle turns a field name into an entity name: "battery_level" is
-// "Battery level".
+// "Battery level", "rssi" is "RSSI", "co2_level" is "CO2 level".
 func haTitle(s string) string {
-	s = strings.ReplaceAll(s, "_", " ")
+	words := strings.Split(s, "_")
+	for i, w := range words {
+		if haAcronyms[strings.ToLower(w)] {
+			words[i] = strings.ToUpper(w)
+		}
+	}
+	s = strings.Join(words, " ")
 	if s == "" {
 		return s
 	}
@@ -259,7 +360,8 @@ func haTitle(s string) string {
 // type are announced when first decoded.
 func (h *HomeAssistant) Announce(dev devices.Device) {
 	fields := h.opts.Codecs.DeclaredFields(dev.Type)
-	if len(fields) == 0 {
+	cmds := h.opts.Codecs.DeclaredCommands(dev.Type)
+	if len(fields) == 0 && len(cmds) == 0 {
 		return
 	}
 	var fresh []haPublish
@@ -277,6 +379,10 @@ func (h *HomeAssistant) Announce(dev devices.Device) {
 			sample = false
 		}
 		topic, cfg := h.discovery(dev, f.Name, sample, f)
+		fresh = append(fresh, haPublish{topic: topic, payload: cfg})
+	}
+	for _, c := range cmds {
+		topic, cfg := h.commandDiscovery(dev, c)
 		fresh = append(fresh, haPublish{topic: topic, payload: cfg})
 	}
 	h.mu.Unlock()
@@ -318,6 +424,7 @@ func (h *HomeAssistant) Forget(id string) {
 	h.mu.Lock()
 	delete(h.state, id)
 	delete(h.known, id)
+	delete(h.meta, id)
 	h.mu.Unlock()
 	// Asked without the lock: Retained reaches into the engine.
 	want := "beacon_" + id
@@ -386,9 +493,12 @@ func (h *HomeAssistant) queueLocked(topic string, payload []byte) {
 	}
 }
 
-// Start announces the registered devices, then publishes queued configs
-// and states from its own goroutine (never from the publishing client's).
+// Start clears the entities of devices removed while the broker was
+// stopped, announces the registered devices, then publishes queued
+// configs and states from its own goroutine (never from the publishing
+// client's).
 func (h *HomeAssistant) Start() {
+	h.reconcile()
 	for _, d := range h.opts.Registry.List(nil) {
 		h.Announce(d)
 	}
@@ -425,4 +535,112 @@ func (h *HomeAssistant) Shutdown() {
 	h.mu.Unlock()
 	close(h.done)
 	h.wg.Wait()
+}
+
+// reconcile forgets every device whose retained discovery configs or state
+// are left while it is no longer registered (removed while the broker was
+// stopped).
+func (h *HomeAssistant) reconcile() {
+	if h.opts.Retained == nil {
+		return
+	}
+	gone := map[string]bool{}
+	registered := func(id string) bool {
+		_, err := h.opts.Registry.Get(id)
+		return err == nil
+	}
+	h.opts.Retained(h.opts.Prefix+"/+/+/config", func(_ string, payload []byte) bool {
+		if id, ok := configDevice(payload); ok && !registered(id) {
+			gone[id] = true
+		}
+		return true
+	})
+	h.opts.Retained(h.opts.StatePrefix+"/+", func(topic string, _ []byte) bool {
+		if id := strings.TrimPrefix(topic, h.opts.StatePrefix+"/"); !registered(id) {
+			gone[id] = true
+		}
+		return true
+	})
+	ids := make([]string, 0, len(gone))
+	for id := range gone {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	for _, id := range ids {
+		h.opts.Log.Info("home assistant: clearing the entities of a device no longer registered", "device", id)
+		h.Forget(id)
+	}
+}
+
+// configDevice is the Beacon device id of a discovery config Beacon made.
+func configDevice(payload []byte) (string, bool) {
+	var c struct {
+		Device struct {
+			Identifiers []string `json:"identifiers"`
+		} `json:"device"`
+		Origin struct {
+			Name string `json:"name"`
+		} `json:"origin"`
+	}
+	if json.Unmarshal(payload, &c) != nil || len(c.Device.Identifiers) == 0 || c.Origin.Name != "Beacon" {
+		return "", false
+	}
+	return strings.CutPrefix(c.Device.Identifiers[0], "beacon_")
+}
+
+// reannounce publishes every config again, and the states: Home Assistant
+// came online (its birth message on <prefix>/status) and may have lost
+// what it had.
+func (h *HomeAssistant) reannounce() {
+	now := time.Now()
+	h.mu.Lock()
+	if !h.lastReannounce.IsZero() && now.Sub(h.lastReannounce) < reannounceEvery {
+		h.mu.Unlock()
+		h.opts.Log.Info("home assistant: online again within seconds; not announcing again yet")
+		return
+	}
+	h.lastReannounce = now
+	h.mu.Unlock()
+	list := h.opts.Registry.List(nil)
+	var out []haPublish
+	h.mu.Lock()
+	for _, dev := range list {
+		declared := h.opts.Codecs.DeclaredFields(dev.Type)
+		fields := map[string]codec.Field{}
+		for _, f := range declared {
+			fields[f.Name] = f
+		}
+		names := make([]string, 0, len(h.known[dev.ID]))
+		for k := range h.known[dev.ID] {
+			names = append(names, k)
+		}
+		sort.Strings(names)
+		for _, k := range names {
+			var sample any = 0.0
+			if v, ok := h.state[dev.ID][k]; ok {
+				sample = v
+			} else if fields[k].Type == "bool" {
+				sample = false
+			}
+			meta, ok := fields[k]
+			if !ok {
+				meta = h.meta[dev.ID][k]
+				meta.Name = k
+			}
+			topic, cfg := h.discovery(dev, k, sample, meta)
+			out = append(out, haPublish{topic: topic, payload: cfg})
+		}
+		for _, c := range h.opts.Codecs.DeclaredCommands(dev.Type) {
+			topic, cfg := h.commandDiscovery(dev, c)
+			out = append(out, haPublish{topic: topic, payload: cfg})
+		}
+		if st := h.state[dev.ID]; len(st) > 0 {
+			b, _ := json.Marshal(st)
+			out = append(out, haPublish{topic: h.StateTopic(dev.ID), payload: b})
+		}
+	}
+	for _, p := range out {
+		h.queueLocked(p.topic, p.payload)
+	}
+	h.mu.Unlock()
 }

@@ -156,11 +156,11 @@ func newTestHA(t *testing.T, e *haEngine, reg *devices.Registry, codecs *codec.R
 var haSchema = map[string]struct{ allowed, required []string }{
 	"sensor": {
 		allowed: []string{"name", "unique_id", "state_topic", "value_template", "unit_of_measurement", "device_class",
-			"state_class", "availability", "availability_mode", "device", "origin"},
+			"state_class", "suggested_display_precision", "entity_category", "availability", "availability_mode", "device", "origin"},
 		required: []string{"state_topic", "unique_id", "device"},
 	},
 	"binary_sensor": {
-		allowed: []string{"name", "unique_id", "state_topic", "value_template", "payload_on", "payload_off", "device_class",
+		allowed: []string{"name", "unique_id", "state_topic", "value_template", "payload_on", "payload_off", "device_class", "entity_category",
 			"availability", "availability_mode", "device", "origin"},
 		required: []string{"state_topic", "unique_id", "device"},
 	},
@@ -343,5 +343,14 @@ func TestHomeAssistantBoundsEntities(t *testing.T) {
 	if n := len(e.retainedTopics("homeassistant/sensor/d1_k")); n != maxEntitiesPerDevice-1 {
 		// one entity is the declared setpoint, announced at the start
 		t.Errorf("%d entities announced for one reading of %d keys, want %d", n, len(fields), maxEntitiesPerDevice-1)
+	}
+}
+
+func TestHATitle(t *testing.T) {
+	for in, want := range map[string]string{"battery_level": "Battery level", "rssi": "RSSI", "ok": "OK", "co2_level": "CO2 level",
+		"temperature": "Temperature", "okay": "Okay", "": ""} {
+		if got := haTitle(in); got != want {
+			t.Errorf("haTitle(%q) = %q, want %q", in, got, want)
+		}
 	}
 }

@@ -14,8 +14,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -59,14 +63,29 @@ type Options struct {
 	Logger       *slog.Logger  // default slog.Default()
 	// ObserveCommit, when set, is told how long each group commit took.
 	ObserveCommit func(time.Duration)
+	// MinFree is the free space kept on the volume (zero: DefaultReserve);
+	// below it Room refuses new data. It is never less than what the
+	// store needs to flush and compact what it holds (12 memtables: 192
+	// MiB, less on a volume under 1 GiB, whose memtables are smaller).
+	MinFree Reserve
+	// SpaceInterval is how often free space is looked at; default 250ms.
+	SpaceInterval time.Duration
 }
 
 // DB is the opened database. It is safe for concurrent use.
 type DB struct {
-	db     *badger.DB
+	// db is reopened (read-only on a full volume at start, read-write
+	// once space returns) under dbMu held for writing; every use holds
+	// it for reading.
+	dbMu     sync.RWMutex
+	db       *badger.DB
+	bopts    badger.Options
+	readOnly atomic.Bool // opened read-only: every write fails with a *SpaceError
+
 	opts   Options
 	log    *slog.Logger
 	queue  chan *request
+	space  *space
 	mu     sync.RWMutex // guards closed against sends on queue
 	closed bool
 	done   chan struct{} // closed by Shutdown: stops the tickers
@@ -133,33 +152,90 @@ func Open(opts Options) (*DB, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	if opts.SpaceInterval <= 0 {
+		opts.SpaceInterval = 250 * time.Millisecond
+	}
 	log := opts.Logger.With("component", "storage")
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create data directory: %w", err)
+	}
+	total, _, err := statfs(opts.Dir)
+	if err != nil {
+		return nil, err
+	}
+	// Badger writes its memtables through memory-mapped files: a page it
+	// cannot get on a full volume kills the process (SIGBUS). The reserve
+	// keeps room for every memtable to be flushed and compacted, and on a
+	// small volume the memtables are smaller so the reserve stays small.
+	memtable := int64(min(max(total/64, 1<<20), 16<<20))
+	sp, err := newSpace(opts.Dir, opts.MinFree, uint64(memtablesReserved*memtable))
+	if err != nil {
+		return nil, err
+	}
 
 	bo := badger.DefaultOptions(opts.Dir).
 		WithLogger(badgerLogger{log}).
 		WithSyncWrites(opts.Sync == SyncAlways).
 		WithDetectConflicts(false). // one committer: there is nothing to conflict with
-		WithMemTableSize(16 << 20).
+		WithMemTableSize(memtable).
+		WithBaseTableSize(min(2<<20, memtable)).
+		// Values above this go to the value log; a transaction holds at
+		// most 15% of a memtable (badger's batch size).
+		WithValueThreshold(min(1<<20, memtable*15/100/2)).
 		WithNumMemtables(3).
 		WithBlockCacheSize(32 << 20).
 		WithIndexCacheSize(16 << 20).
-		WithValueLogFileSize(64 << 20).
+		WithValueLogFileSize(min(max(int64(total/8), 4<<20), 64<<20)).
 		WithNumCompactors(2)
+	began := time.Now()
+	files, err := checkStore(opts.Dir)
+	if err != nil {
+		return nil, err
+	}
+	log.Debug("store checked", "tables", len(files.tables), "took", time.Since(began).Round(time.Millisecond))
+	reportWALDamage(opts.Dir, files, log)
 	bdb, err := badger.Open(bo)
+	readOnly := false
+	if isNoSpace(err) {
+		// No room to open for writing (a new memtable log, the flush of
+		// the ones replayed): serve what is stored, read-only, until
+		// space returns.
+		log.Warn("the data directory's volume is full: opening the store read-only; messages and new sessions "+
+			"are refused until space is freed", "dir", opts.Dir, "error", err)
+		removeEmptyMemtables(opts.Dir, log)
+		bdb, err = badger.Open(bo.WithReadOnly(true))
+		readOnly = true
+	}
 	if err != nil {
 		return nil, fmt.Errorf("open store %q: %w", opts.Dir, err)
+	}
+	if !files.marker {
+		if !files.manifest {
+			log.Info("created a new store", "dir", opts.Dir)
+		}
+		if err := writeMarker(opts.Dir); err != nil && !readOnly {
+			_ = bdb.Close()
+			return nil, fmt.Errorf("open store %q: %w", opts.Dir, err)
+		}
 	}
 
 	d := &DB{
 		db:    bdb,
+		bopts: bo,
 		opts:  opts,
 		log:   log,
+		space: sp,
 		queue: make(chan *request, 4096),
 		done:  make(chan struct{}),
 	}
-	d.wg.Add(2)
+	if readOnly {
+		d.readOnly.Store(true)
+		d.space.low.Store(true)
+	}
+	d.wg.Add(3)
 	go d.commitLoop()
 	go d.maintenance()
+	go d.watchSpace(opts.SpaceInterval)
 	return d, nil
 }
 
@@ -240,7 +316,9 @@ func (d *DB) commitLoop() {
 		for i, g := range group {
 			if errs[i] != nil {
 				d.commitErrs.Add(1)
-				d.log.Error("commit failed", "error", errs[i], "ops", len(g.ops), "waited", g.done != nil)
+				if !errors.Is(errs[i], ErrNoSpace) { // the space watcher says that, once a minute
+					d.log.Error("commit failed", "error", errs[i], "ops", len(g.ops), "waited", g.done != nil)
+				}
 			} else {
 				d.opsWritten.Add(int64(len(g.ops)))
 			}
@@ -261,7 +339,7 @@ func (d *DB) commitLoop() {
 // own, and a request that does not fit alone fails by itself.
 func (d *DB) commitGroup(group []*request) []error {
 	errs := make([]error, len(group))
-	err := d.commitTxn(group)
+	err := d.noSpace(d.commitTxn(group))
 	if err == nil {
 		return errs
 	}
@@ -272,7 +350,7 @@ func (d *DB) commitGroup(group []*request) []error {
 		return errs
 	}
 	for i, r := range group {
-		errs[i] = d.commitTxn([]*request{r})
+		errs[i] = d.noSpace(d.commitTxn([]*request{r}))
 	}
 	return errs
 }
@@ -280,14 +358,23 @@ func (d *DB) commitGroup(group []*request) []error {
 // commitTxn applies requests in one transaction; nothing is written unless
 // all of them are.
 func (d *DB) commitTxn(reqs []*request) error {
+	// Read-only, a write fails without waiting for dbMu, so a reader
+	// that waits for a write while reopen waits for it cannot deadlock.
+	if d.readOnly.Load() {
+		return &SpaceError{Free: d.space.free.Load(), Reserve: d.space.reserve}
+	}
+	d.dbMu.RLock()
+	defer d.dbMu.RUnlock()
 	txn := d.db.NewTransaction(true)
 	defer txn.Discard()
+	written := 0
 	for _, r := range reqs {
 		for _, op := range r.ops {
 			var err error
 			switch op.kind {
 			case opSet:
 				err = txn.Set(op.key, op.value)
+				written += op.Size()
 			case opDelete:
 				err = txn.Delete(op.key)
 			case opDeletePrefix:
@@ -304,7 +391,44 @@ func (d *DB) commitTxn(reqs []*request) error {
 			}
 		}
 	}
-	return txn.Commit()
+	err := txn.Commit()
+	if err == nil {
+		d.space.written.Add(int64(written))
+	}
+	return err
+}
+
+// removeEmptyMemtables deletes the empty memtable logs a failed open
+// leaves behind (created, then not allocated for want of space): they
+// hold nothing, and a read-only open cannot map them.
+func removeEmptyMemtables(dir string, log *slog.Logger) {
+	files, _ := filepath.Glob(filepath.Join(dir, "*.mem"))
+	for _, f := range files {
+		if fi, err := os.Stat(f); err == nil && fi.Size() == 0 {
+			if err := os.Remove(f); err != nil {
+				log.Warn("removing an empty memtable log", "file", f, "error", err)
+			}
+		}
+	}
+}
+
+// isNoSpace reports whether err is a full volume's ENOSPC; badger wraps
+// some errors as text only, so the message counts too.
+func isNoSpace(err error) bool {
+	return err != nil && (errors.Is(err, syscall.ENOSPC) || strings.Contains(err.Error(), syscall.ENOSPC.Error()))
+}
+
+// noSpace makes a write that failed for a full volume (ENOSPC, from
+// badger allocating a file) a *SpaceError, and has the watcher look.
+func (d *DB) noSpace(err error) error {
+	if !isNoSpace(err) {
+		return err
+	}
+	select {
+	case d.space.kick <- struct{}{}:
+	default:
+	}
+	return fmt.Errorf("%w: %w", &SpaceError{Free: d.space.free.Load(), Reserve: d.space.reserve}, err)
 }
 
 func prefixKeys(txn *badger.Txn, prefix []byte) ([][]byte, error) {
@@ -320,7 +444,7 @@ func prefixKeys(txn *badger.Txn, prefix []byte) ([][]byte, error) {
 // Scan calls fn for every key under prefix, in key order. The slices are
 // only valid during the call.
 func (d *DB) Scan(prefix []byte, fn func(key, value []byte) error) error {
-	return d.db.View(func(txn *badger.Txn) error {
+	return d.view(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: true, PrefetchSize: 64})
 		defer it.Close()
 		for it.Rewind(); it.Valid(); it.Next() {
@@ -337,7 +461,7 @@ func (d *DB) Scan(prefix []byte, fn func(key, value []byte) error) error {
 // Get returns a copy of the value under key, or ErrNotFound.
 func (d *DB) Get(key []byte) ([]byte, error) {
 	var out []byte
-	err := d.db.View(func(txn *badger.Txn) error {
+	err := d.view(func(txn *badger.Txn) error {
 		item, err := txn.Get(key)
 		if err != nil {
 			return err
@@ -349,6 +473,48 @@ func (d *DB) Get(key []byte) ([]byte, error) {
 		return nil, ErrNotFound
 	}
 	return out, err
+}
+
+// view runs fn in a read transaction.
+func (d *DB) view(fn func(txn *badger.Txn) error) error {
+	d.dbMu.RLock()
+	defer d.dbMu.RUnlock()
+	return d.db.View(fn)
+}
+
+// reopen opens a store that started read-only for writing, once the
+// volume has room again; it reports whether it did. On failure the store
+// stays (or is again) read-only. It waits for the reads in progress;
+// writes, failing while read-only, never wait for it.
+func (d *DB) reopen() bool {
+	d.dbMu.Lock()
+	defer d.dbMu.Unlock()
+	if err := d.db.Close(); err != nil {
+		d.log.Error("closing the read-only store", "error", err)
+	}
+	bdb, err := badger.Open(d.bopts)
+	if err != nil {
+		d.log.Warn("the store is still read-only: opening it for writing failed", "error", err)
+		if bdb, err = badger.Open(d.bopts.WithReadOnly(true)); err != nil {
+			// Nothing to read from either: every use fails from now on,
+			// with badger's ErrDBClosed.
+			d.log.Error("reopening the store read-only failed", "error", err)
+			return false
+		}
+		d.db = bdb
+		return false
+	}
+	d.db = bdb
+	d.readOnly.Store(false)
+	d.log.Info("the store is open for writing again")
+	return true
+}
+
+// Size returns the bytes of the store's tables and value log files.
+func (d *DB) Size() (lsm, vlog int64) {
+	d.dbMu.RLock()
+	defer d.dbMu.RUnlock()
+	return d.db.Size()
 }
 
 // ErrNotFound is returned by Get for a missing key.
@@ -383,11 +549,13 @@ func (d *DB) maintenance() {
 		case <-d.done:
 			return
 		case <-syncC:
-			if err := d.db.Sync(); err != nil {
+			if err := d.sync(); err != nil {
 				d.log.Error("periodic sync failed", "error", err)
 			}
 		case <-gc.C:
-			d.runGC()
+			if !d.space.low.Load() && !d.readOnly.Load() { // a rewrite needs room before it frees any
+				d.runGC()
+			}
 		}
 	}
 }
@@ -399,7 +567,10 @@ func (d *DB) runGC() {
 			return
 		default:
 		}
-		if err := d.db.RunValueLogGC(0.5); err != nil {
+		d.dbMu.RLock()
+		err := d.db.RunValueLogGC(0.5)
+		d.dbMu.RUnlock()
+		if err != nil {
 			if !errors.Is(err, badger.ErrNoRewrite) {
 				d.log.Warn("value log gc", "error", err)
 			}
@@ -428,10 +599,22 @@ func (d *DB) Shutdown(ctx context.Context) error {
 	case <-ctx.Done():
 		return fmt.Errorf("storage shutdown: %w", ctx.Err())
 	}
-	if err := d.db.Sync(); err != nil {
+	if err := d.sync(); err != nil {
 		d.log.Warn("final sync", "error", err)
 	}
+	d.dbMu.Lock()
+	defer d.dbMu.Unlock()
 	return d.db.Close()
+}
+
+// sync fsyncs what is committed (nothing to do read-only).
+func (d *DB) sync() error {
+	if d.readOnly.Load() {
+		return nil
+	}
+	d.dbMu.RLock()
+	defer d.dbMu.RUnlock()
+	return d.db.Sync()
 }
 
 // badgerLogger sends badger's logs to slog; its chatty info lines go to debug.

@@ -109,7 +109,7 @@ func (d *DB) ScanFrom(prefix, start []byte, fn func(key, value []byte) bool) err
 // read snapshot is taken: what opened checks then holds for everything
 // the scan sees. An error from opened ends the scan and is returned.
 func (d *DB) ScanSnapshot(prefix, start []byte, opened func() error, fn func(key, value []byte) bool) error {
-	err := d.db.View(func(txn *badger.Txn) error {
+	err := d.view(func(txn *badger.Txn) error {
 		if opened != nil {
 			if err := opened(); err != nil {
 				return err

@@ -302,7 +302,14 @@ func (l *Log) load() error {
 	target := l.last + l.opts.ReserveBlock
 	ops = append(ops, metaOp(metaLogReserved, target))
 	if err := l.db.Commit(ops...); err != nil {
-		return fmt.Errorf("log: reserve sequence numbers: %w", err)
+		if !errors.Is(err, ErrNoSpace) {
+			return fmt.Errorf("log: reserve sequence numbers: %w", err)
+		}
+		// The store opened read-only on a full volume: it stores nothing
+		// until space returns, and the numbers handed out meanwhile (to
+		// live messages only) are not reserved. After a restart the
+		// numbering resumes below them; nothing stored carries one.
+		l.log.Warn("log: the store is read-only: numbering live messages without a stored reservation")
 	}
 	l.res.durable, l.res.asked = target, target
 

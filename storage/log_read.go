@@ -51,7 +51,7 @@ func (l *Log) Get(seq uint64) (LogMessage, error) {
 		return m, ErrLogNotFound
 	}
 	l.settle(seq)
-	err := l.db.db.View(func(txn *badger.Txn) error {
+	err := l.db.view(func(txn *badger.Txn) error {
 		item, err := txn.Get(logKey(seq))
 		if err != nil {
 			return err

@@ -41,6 +41,8 @@ let received = 0;
 let lastId = '';
 let pending = [];
 const seen = new Set();
+const charted = new Set(); // ids already charted from the history
+let backfill = null; // the history request in flight
 
 const storage = {
   get(key) {
@@ -114,8 +116,17 @@ function row({ env, id, ts }) {
   cell(tr, clockTime(ts), 'time').title = dateTime(ts);
   cell(tr, env.topic, 'topic');
   const text = payloadText(env);
-  const td = cell(tr, truncate(text, MAX_PAYLOAD), 'payload');
+  const decoded = env.decoded && typeof env.decoded === 'object' ? JSON.stringify(env.decoded) : '';
+  const td = cell(tr, truncate(decoded || text, MAX_PAYLOAD), 'payload');
   td.dataset.encoding = String(env.encoding || '');
+  if (decoded) {
+    // The codec's values first, the payload as it came beside them.
+    td.dataset.decoded = 'true';
+    const raw = document.createElement('span');
+    raw.className = 'raw';
+    raw.textContent = truncate(text, MAX_PAYLOAD);
+    td.append(raw);
+  }
   if (text.length > MAX_PAYLOAD) td.title = truncate(text, MAX_TOOLTIP);
   cell(tr, env.qos === undefined ? '' : String(env.qos), 'num');
   cell(tr, env.retain ? 'retained' : '', 'retain');
@@ -149,8 +160,52 @@ function onMessage(env, id) {
   pending.push({ env, id, ts });
   if (pending.length > MAX_ROWS) pending.splice(0, pending.length - MAX_ROWS);
   schedule(flushRows);
-  const fields = env.topic.startsWith(PRESENCE_PREFIX) ? [] : numericFields(env);
-  if (fields.length) charts.add(env.topic, ts, fields);
+  const fields = env.topic.startsWith(PRESENCE_PREFIX) ? [] : withUnits(env, numericFields(env));
+  if (fields.length && !(id && charted.has(id))) charts.add(env.topic, ts, fields);
+}
+
+/** Chart names with the unit the codec declares, e.g. "temperature (°C)". */
+function withUnits(env, fields) {
+  const u = env.units && typeof env.units === 'object' ? env.units : null;
+  if (!u) return fields;
+  return fields.map(([f, v]) => (typeof u[f] === 'string' && u[f] ? [`${f} (${u[f]})`, v] : [f, v]));
+}
+
+const HISTORY_LIMIT = 5000;
+const DAY_MS = 24 * 3600 * 1000;
+
+/** Charts start with the past the history holds for the filters (the
+ *  chart window, 24 h for "all"); the stream then continues them. */
+async function backfillCharts(token) {
+  if (backfill) backfill.abort();
+  const ctl = new AbortController();
+  backfill = ctl;
+  const windowMs = Number(document.getElementById('window').value) || DAY_MS;
+  const q = filters.map((f) => `topic=${encodeURIComponent(f)}`);
+  q.push(`since=${Math.ceil(windowMs / 1000)}s`, `limit=${HISTORY_LIMIT}`);
+  try {
+    const resp = await fetch(`api/v1/history?${q.join('&')}`, {
+      headers: token ? { Authorization: `Bearer ${token}` } : {},
+      signal: ctl.signal,
+      cache: 'no-store',
+    });
+    if (!resp.ok) return; // charts then start live, as before
+    const body = await resp.json();
+    for (const env of Array.isArray(body.messages) ? body.messages : []) {
+      if (!env || typeof env.topic !== 'string' || env.topic.startsWith(PRESENCE_PREFIX)) continue;
+      const fields = withUnits(env, numericFields(env));
+      if (!fields.length || !Number.isFinite(env.ts)) continue;
+      if (env.id) {
+        charted.add(env.id);
+        if (charted.size > HISTORY_LIMIT * 2) charted.delete(charted.values().next().value);
+      }
+      charts.add(env.topic, env.ts, fields);
+    }
+  } catch {
+    // aborted, or the broker has no history for this reader
+  } finally {
+    if (backfill === ctl) backfill = null;
+  }
 }
 
 const RESET_REASONS = {
@@ -184,6 +239,9 @@ function connect() {
 
   if (stream) stream.stop();
   seen.clear();
+  charted.clear();
+  charts.clear();
+  backfillCharts(token);
   notice('');
   devices.setNote('presence', '');
   stream = new Stream({

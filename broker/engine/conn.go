@@ -62,7 +62,9 @@ type conn struct {
 	sessionPresent bool
 	persistent     bool
 	cleanStart     bool
+	connectedAt    time.Time
 	takenOver      atomic.Bool
+	traffic        traffic
 
 	outMu     sync.Mutex
 	out       []byte        // bytes queued for the socket
@@ -236,6 +238,7 @@ func (c *conn) flush() {
 			n, err = c.nc.Write(buf[off:end])
 			off += n
 			c.srv.stats.bytesOut.Add(int64(n))
+			c.traffic.bytesOut.Add(uint64(n))
 			if off < len(buf) && err == nil {
 				c.outMu.Lock()
 				c.writing = len(buf) - off
@@ -515,6 +518,7 @@ func (c *conn) readInto(pk *packets.Packet) (err error) {
 		return err
 	}
 	c.srv.stats.bytesIn.Add(int64(1 + varintLen(n) + n))
+	c.traffic.bytesIn.Add(uint64(1 + varintLen(n) + n))
 	if c.version == 0 && pk.FixedHeader.Type != packets.Connect {
 		return protoErr(codeProtocolError, "the first packet must be CONNECT")
 	}

@@ -252,13 +252,13 @@ func (c *conn) connect(pk *packets.Packet) error {
 		c.device = dn.Device()
 	}
 	c.keepalive = want
-	c.cleanStart = cn.Clean
 	c.maxOut = props.MaximumPacketSize
 	if v == 5 {
 		c.outAliasMax = props.TopicAliasMaximum
 	}
 	c.aliasMax = c.srv.lim.TopicAliasMax
 	c.will, c.willDelay = will, willDelay
+	c.cleanStart, c.connectedAt = cn.Clean, c.srv.now()
 
 	// Session.
 	expiry := time.Duration(0)
@@ -301,6 +301,11 @@ func (c *conn) connect(pk *packets.Packet) error {
 			ap.SessionExpiryInterval, ap.SessionExpiryIntervalFlag = uint32(expiry/time.Second), true
 		}
 	}
+	if expiry > 0 {
+		if err := c.srv.roomForSession(id, cn.Clean); err != nil {
+			return refuse(codeQuotaExceeded, err.Error())
+		}
+	}
 	err := c.srv.attach(c, attachReq{clean: cn.Clean, expiry: expiry, recvMax: recvMax, connack: ack})
 	if err != nil {
 		return err
@@ -333,6 +338,28 @@ func randomID() string {
 // reservedTopic reports whether only the broker may publish to topic.
 func reservedTopic(topic string) bool {
 	return strings.HasPrefix(topic, "$SYS/") || topic == "$SYS" || strings.HasPrefix(topic, "$beacon/")
+}
+
+// roomForSession refuses a new persistent session while the store's
+// volume is below its reserve (storage.ErrNoSpace); a client resuming
+// the session it has may connect, so its queue drains.
+func (s *Server) roomForSession(id string, clean bool) error {
+	if s.store == nil {
+		return nil
+	}
+	r, ok := s.store.db.(roomer)
+	if !ok {
+		return nil
+	}
+	if ss := s.session(id); ss != nil && !clean {
+		ss.mu.Lock()
+		resumes := !ss.discarded
+		ss.mu.Unlock()
+		if resumes {
+			return nil
+		}
+	}
+	return r.Room(256)
 }
 
 type attachReq struct {

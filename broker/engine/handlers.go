@@ -120,6 +120,7 @@ func (c *conn) handle(pk *packets.Packet) error {
 // then acknowledge.
 func (c *conn) publish(pk *packets.Packet) error {
 	c.srv.stats.received.Add(1)
+	c.traffic.msgsIn.Add(1)
 	fh := &pk.FixedHeader
 	v5 := c.version == 5
 	lim := &c.srv.lim
@@ -263,7 +264,22 @@ func (c *conn) finishPending() error {
 		if _, err := c.srv.finishAccept(p.a); err != nil {
 			// Not stored, so not accepted: the client sends it again.
 			c.releaseInboundID(p.qos, p.id)
-			c.srv.log.Error("publish not stored", "client", c.clientID, "error", err)
+			var se *storage.SpaceError
+			if errors.As(err, &se) {
+				// The disk is short of space: refused before anything
+				// was written. QoS 0 is dropped (counted); v5 is told
+				// with 0x97; a 3.1.1 client, which cannot be told, is
+				// closed below and sends it again later.
+				if p.qos == 0 {
+					continue
+				}
+				if c.version == 5 && failed == nil {
+					c.ackID(p.qos, p.id, codeQuotaExceeded, se.Error())
+					continue
+				}
+			} else {
+				c.srv.log.Error("publish not stored", "client", c.clientID, "error", err)
+			}
 			if c.version < 5 || p.qos == 0 {
 				if failed == nil {
 					failed = fmt.Errorf("store: %w", err)
@@ -586,6 +602,7 @@ func (c *conn) sendQoS0(m *Message, retain bool, subIDs []uint32, live bool, ful
 		return false
 	}
 	c.srv.stats.sent.Add(1)
+	c.traffic.msgsOut.Add(1)
 	if so := c.srv.sentObs; so != nil {
 		so.Sent(m, 0, live)
 	}
@@ -656,6 +673,7 @@ func (c *conn) end(cause error, graceful bool) {
 	if o := s.opts.Observer; o != nil {
 		o.Disconnected(c.info(), cause)
 	}
+	close(c.done) // Kick waits for it
 }
 
 // sendDelayedWill publishes a will whose delay passed while its session

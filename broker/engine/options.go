@@ -117,6 +117,7 @@ const (
 	DropTooLarge   DropReason = "too_large"   // larger than the client's Maximum Packet Size
 	DropTopicLimit DropReason = "topic_limit" // a topic longer or deeper than Limits.MaxTopicLength / MaxTopicLevels
 	DropPolicy     DropReason = "policy"      // a PublishChecker refused the payload
+	DropNoSpace    DropReason = "no_space"    // the store's volume is below its free-space reserve (storage.ErrNoSpace)
 )
 
 // ClientInfo describes a connection to observers.

@@ -247,6 +247,12 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 	if in != nil && in.sess.isPersistent() {
 		fixed = append(fixed, storage.Set(storage.InboundKey(in.sess.id, in.id), nil))
 	}
+	if err := s.room(m, keep, fixed); err != nil {
+		if cm != nil {
+			cm.Committed(m, err)
+		}
+		return nil, err
+	}
 	if !keep {
 		// Numbered only: nothing of the message is encoded or written.
 		m.Seq = st.log.Number(&storage.LogMessage{Time: m.Created})
@@ -292,6 +298,35 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 		}
 	}
 	return done(wait), nil
+}
+
+// roomer is the part of the database that knows its free space
+// (storage.DB.Room).
+type roomer interface{ Room(n int) error }
+
+// room refuses a message that would add data while the volume is below
+// its reserve (storage.ErrNoSpace); clearing a retained message, which
+// frees more than it adds, passes.
+func (s *Server) room(m *Message, keep bool, fixed []storage.Op) error {
+	r, ok := s.store.db.(roomer)
+	if !ok {
+		return nil
+	}
+	n := 0
+	if keep {
+		n = len(m.Topic) + len(m.Payload) + 64
+	}
+	for _, op := range fixed {
+		n += op.Size()
+	}
+	if n == 0 || (m.Retain && len(m.Payload) == 0) {
+		return nil
+	}
+	if err := r.Room(n); err != nil {
+		s.dropped(DropNoSpace, m.Client, m)
+		return err
+	}
+	return nil
 }
 
 // online reports whether a client id has a connection attached.

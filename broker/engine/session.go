@@ -267,6 +267,7 @@ func (s *session) sendLocked(c *conn, f *flight, dup bool) {
 		}
 		f.sent = true
 		s.srv.stats.sent.Add(1)
+		c.traffic.msgsOut.Add(1)
 	}
 }
 

@@ -23,7 +23,8 @@ import (
 )
 
 const devicesUsage = `Usage:
-  beacon devices add NAME [--type T] [--tag k=v]... [--name DISPLAY]
+  beacon devices add NAME [--type T] [--tag k=v]... [--name DISPLAY] [--secret-stdin]
+  beacon devices import --mosquitto-passwd FILE [--type T] [--tag k=v]...
   beacon devices list [--online]
   beacon devices show ID
   beacon devices rotate ID
@@ -76,6 +77,9 @@ func runDevices(args, environ []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	verb, args := args[0], args[1:]
+	if verb == "import" {
+		return runDevicesImport(args, environ, stdout, stderr)
+	}
 	fs := newFlags("devices "+verb, stderr)
 	server := fs.String("server", "", "admin API base URL of a running broker, e.g. http://127.0.0.1:8080")
 	token := fs.String("token", "", "admin token (default: auth.admin_token)")
@@ -83,6 +87,7 @@ func runDevices(args, environ []string, stdout, stderr io.Writer) int {
 	typ := fs.String("type", "", "device type (add)")
 	name := fs.String("name", "", "display name (add)")
 	online := fs.Bool("online", false, "only online devices (list)")
+	secretStdin := fs.Bool("secret-stdin", false, "read the device's secret (one line) from standard input instead of generating one (add)")
 	var tags stringList
 	fs.Var(&tags, "tag", "k=v tag, repeatable (add)")
 	pos, err := parseInterspersed(fs.FlagSet, args)
@@ -132,9 +137,28 @@ func runDevices(args, environ []string, stdout, stderr io.Writer) int {
 			}
 			n.Tags[k] = v
 		}
+		if *secretStdin {
+			restore := noEcho(stdin, stderr)
+			n.Secret, err = readSecretLine(stdin)
+			restore()
+			if err != nil {
+				return fail(err)
+			}
+			if err := devices.CheckChosenSecret(n.Secret); err != nil {
+				return fail(err)
+			}
+		}
 		d, secret, err := admin.Add(n)
 		if err != nil {
 			return fail(err)
+		}
+		if *secretStdin {
+			if *asJSON {
+				out(map[string]any{"device": d})
+				return 0
+			}
+			fmt.Fprintf(stdout, "device %s added with the secret read from standard input (Beacon keeps only its hash)\n", d.ID)
+			return 0
 		}
 		if *asJSON {
 			out(map[string]any{"device": d, "secret": secret})

@@ -21,7 +21,7 @@ import (
 // repository root.
 var docFiles = []string{"README.md", "examples/sensor-fleet/README.md", "examples/homeassistant/README.md"}
 
-// docBlock is a fenced ```sh block marked for testing by an HTML comment on
+// markedBlock is a fenced ```sh block marked for testing by an HTML comment on
 // the line before it:
 //
 //	<!-- doctest -->             run it
@@ -31,7 +31,7 @@ var docFiles = []string{"README.md", "examples/sensor-fleet/README.md", "example
 //	<!-- doctest stop -->        first stop (SIGTERM) what earlier blocks left running
 //	<!-- doctest-output -->      (before a fenced block right after a doctest
 //	                             block) lines its output must contain
-type docBlock struct {
+type markedBlock struct {
 	line       int
 	lines      []string
 	background bool
@@ -40,15 +40,15 @@ type docBlock struct {
 }
 
 // parseDocBlocks reads the marked blocks of a Markdown document.
-func parseDocBlocks(path string) ([]docBlock, error) {
+func parseDocBlocks(path string) ([]markedBlock, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	var blocks []docBlock
+	var blocks []markedBlock
 	var marker string // the doctest comment before the next fence
-	var cur *docBlock
+	var cur *markedBlock
 	inFence, wantOutput, isOutput := false, false, false
 	sc := bufio.NewScanner(f)
 	for n := 1; sc.Scan(); n++ {
@@ -80,7 +80,7 @@ func parseDocBlocks(path string) ([]docBlock, error) {
 					return nil, fmt.Errorf("%s:%d: a doctest block must be ```sh", path, n)
 				}
 				words := strings.Fields(marker)[1:]
-				cur = &docBlock{line: n + 1}
+				cur = &markedBlock{line: n + 1}
 				for _, w := range words {
 					switch w {
 					case "background":
@@ -117,7 +117,7 @@ func docRewrites(mqttPort, httpPort int) *strings.Replacer {
 
 // docScript is one bash script for a document's blocks, in order, so that
 // variables and running brokers carry from one block to the next.
-func docScript(file string, blocks []docBlock, rw *strings.Replacer, outDir string) string {
+func docScript(file string, blocks []markedBlock, rw *strings.Replacer, outDir string) string {
 	var b strings.Builder
 	b.WriteString(`set -euo pipefail
 __pids=()
@@ -171,7 +171,7 @@ trap __stop EXIT
 func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
 
 // freePort returns a loopback port that was free a moment ago.
-func freePort(t *testing.T) int {
+func freeLoopbackPort(t *testing.T) int {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -237,7 +237,7 @@ func TestDocs(t *testing.T) {
 			}
 			dir := t.TempDir()
 			copyDocFiles(t, root, dir)
-			mqttPort, httpPort := freePort(t), freePort(t)
+			mqttPort, httpPort := freeLoopbackPort(t), freeLoopbackPort(t)
 			xdg := filepath.Join(dir, ".config")
 			if err := os.MkdirAll(xdg, 0o700); err != nil {
 				t.Fatal(err)

@@ -28,7 +28,11 @@ Usage:
   beacon config print [flags]   print the effective configuration as YAML
   beacon devices ...            manage devices (beacon devices help)
   beacon token --sub NAME ...   mint an HS256 JWT with auth.jwt_secret
+  beacon acl import --mosquitto FILE   convert a Mosquitto acl_file to Beacon rules
   beacon healthcheck [flags]    exit 0 if the broker's /healthz answers (for HEALTHCHECK)
+  beacon storage verify [flags] check a stopped broker's data directory for damage
+  beacon backup FILE [flags]    back up the store (online from a running broker)
+  beacon restore FILE [flags]   load a backup into a new data directory
   beacon version                print the version (also --version)
   beacon help                   this text (also --help); COMMAND --help for its flags
 
@@ -92,6 +96,14 @@ func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) 
 		return runDevices(args, environ, stdout, stderr)
 	case "token":
 		return runToken(args, environ, stdout, stderr)
+	case "acl":
+		return runACL(args, stdout, stderr)
+	case "storage":
+		return runStorage(args, environ, stdout, stderr)
+	case "backup":
+		return runBackup(ctx, args, environ, stdout, stderr)
+	case "restore":
+		return runRestore(args, environ, stdout, stderr)
 	case "help":
 		fmt.Fprint(stdout, usage)
 		newFlags("serve", stdout).PrintDefaults()

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -54,6 +55,36 @@ type Field struct {
 	// DeviceClass is the Home Assistant device class, such as
 	// temperature. Metadata only.
 	DeviceClass string `yaml:"device_class,omitempty" json:"device_class,omitempty"`
+	// Precision, when set, rounds a numeric reading to this many decimals
+	// (0-10). Unset, a reading of an integer type that is scaled is
+	// rounded to the decimals of its scale and offset, which loses
+	// nothing: 3711 × 0.001 is 3.711, not 3.7110000000000003. It is also
+	// Home Assistant's suggested_display_precision.
+	Precision *int `yaml:"precision,omitempty" json:"precision,omitempty"`
+	// Label is the reading's display name (Home Assistant's entity name);
+	// empty: made from Name ("battery_level" is "Battery level").
+	Label string `yaml:"label,omitempty" json:"label,omitempty"`
+	// EntityCategory is Home Assistant's entity_category: diagnostic or
+	// config. Empty: diagnostic for signal strength, voltage and link
+	// readings (rssi, snr, lqi, uptime), none otherwise.
+	EntityCategory string `yaml:"entity_category,omitempty" json:"entity_category,omitempty"`
+}
+
+// maxPrecision bounds Field.Precision.
+const maxPrecision = 10
+
+// decimals is the number of decimals f is written with, or -1 past
+// maxPrecision.
+func decimals(f float64) int {
+	s := strconv.FormatFloat(f, 'f', -1, 64)
+	i := strings.IndexByte(s, '.')
+	if i < 0 {
+		return 0
+	}
+	if n := len(s) - i - 1; n <= maxPrecision {
+		return n
+	}
+	return -1
 }
 
 // ConfigError is a Config validation error naming the offending key, such
@@ -184,6 +215,20 @@ func (c Config) Validate() error {
 		if k == kindBool && f.Offset != 0 {
 			return bad(key+"offset", "a bool field has no offset")
 		}
+		if f.Precision != nil && (*f.Precision < 0 || *f.Precision > maxPrecision) {
+			return bad(key+"precision", "%d is not 0 to %d decimals", *f.Precision, maxPrecision)
+		}
+		if k == kindBool && f.Precision != nil {
+			return bad(key+"precision", "a bool field has no precision")
+		}
+		switch f.EntityCategory {
+		case "", "diagnostic", "config":
+		default:
+			return bad(key+"entity_category", "%q is not diagnostic or config", f.EntityCategory)
+		}
+		if len(f.Label) > 256 {
+			return bad(key+"label", "longer than 256 bytes")
+		}
 	}
 	return nil
 }
@@ -195,6 +240,7 @@ type field struct {
 	off    int // packed: byte offset in the payload
 	scale  float64
 	offset float64
+	round  float64 // 10^precision; 0: not rounded
 }
 
 // Decoder decodes payloads of one format. It is immutable and safe for
@@ -227,7 +273,21 @@ func New(c Config) (*Decoder, error) {
 			f.Scale = 1
 			d.config[i].Scale = 1
 		}
-		d.fields[i] = field{name: f.Name, kind: k, off: d.size, scale: f.Scale, offset: f.Offset}
+		if f.Precision == nil && k >= kindInt8 && k <= kindUint64 && (f.Scale != 1 || f.Offset != 0) {
+			// An integer scaled has exactly the decimals of scale and offset.
+			if ds, do := decimals(f.Scale), decimals(f.Offset); ds >= 0 && do >= 0 {
+				n := max(ds, do)
+				d.config[i].Precision = &n
+			}
+		} else if f.Precision != nil {
+			n := *f.Precision
+			d.config[i].Precision = &n // not shared with the caller's Config
+		}
+		var round float64
+		if p := d.config[i].Precision; p != nil {
+			round = math.Pow10(*p)
+		}
+		d.fields[i] = field{name: f.Name, kind: k, off: d.size, scale: f.Scale, offset: f.Offset, round: round}
 		if c.Format == FormatPacked {
 			d.size += typeSizes[k]
 		}
@@ -242,9 +302,19 @@ func New(c Config) (*Decoder, error) {
 func (d *Decoder) Format() string { return d.format }
 
 // Fields returns a copy of the configured fields, with Scale 0 replaced by
-// its meaning, 1 (bool fields keep 0). It is nil for raw payloads and for
+// its meaning, 1 (bool fields keep 0), and Precision by the one applied
+// (set for scaled integers). It is nil for raw payloads and for
 // json and cbor payloads without a fields list.
-func (d *Decoder) Fields() []Field { return slices.Clone(d.config) }
+func (d *Decoder) Fields() []Field {
+	out := slices.Clone(d.config)
+	for i := range out {
+		if p := out[i].Precision; p != nil {
+			n := *p
+			out[i].Precision = &n
+		}
+	}
+	return out
+}
 
 // Decode decodes one payload into field name → float64 or bool. Readings
 // that are NaN or ±Inf are left out. For raw payloads it returns nil, nil.
@@ -265,7 +335,13 @@ func (d *Decoder) Decode(payload []byte) (map[string]any, error) {
 // compiler from fusing the multiply and add, so results are the same on
 // every architecture.
 func (f *field) scaled(v float64) float64 {
-	return float64(v*f.scale) + f.offset
+	v = float64(v*f.scale) + f.offset
+	if f.round != 0 {
+		if r := math.Round(v*f.round) / f.round; finite(r) {
+			return r
+		}
+	}
+	return v
 }
 
 // mismatch is the error for a listed json or cbor field holding got.

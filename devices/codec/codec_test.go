@@ -463,7 +463,9 @@ func TestFields(t *testing.T) {
 		{Name: "ok", Type: "bool"},
 	}
 	d := mustNew(t, codec.Config{Format: "packed", Fields: in})
-	want := []codec.Field{in[0], {Name: "n", Type: "uint8", Scale: 1, Offset: 3}, in[2]}
+	one, zero := 1, 0 // the precision applied to scaled integers: that of scale and offset
+	want := []codec.Field{in[0], {Name: "n", Type: "uint8", Scale: 1, Offset: 3, Precision: &zero}, in[2]}
+	want[0].Precision = &one
 	got := d.Fields()
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("Fields() = %+v\nwant %+v", got, want)

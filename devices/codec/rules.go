@@ -14,6 +14,9 @@ type Rule struct {
 	Filter     string
 	DeviceType string
 	Config
+	// Commands are what devices of DeviceType can be told (Home
+	// Assistant controls); they need a DeviceType.
+	Commands []Command
 }
 
 // Rules pick and run the decoder of a message: the first rule that
@@ -37,6 +40,13 @@ func NewRules(rules []Rule) (*Rules, error) {
 	for i, r := range rules {
 		if r.Filter == "" {
 			return nil, &ConfigError{Key: fmt.Sprintf("[%d].filter", i), Msg: "required: the topic filter the format applies to"}
+		}
+		if err := validateCommands(r.Commands); err != nil {
+			ce := err.(*ConfigError)
+			return nil, &ConfigError{Key: fmt.Sprintf("[%d].%s", i, ce.Key), Msg: ce.Msg}
+		}
+		if len(r.Commands) > 0 && r.DeviceType == "" {
+			return nil, &ConfigError{Key: fmt.Sprintf("[%d].commands", i), Msg: "need a device_type: commands belong to a type of device"}
 		}
 		d, err := New(r.Config)
 		if err != nil {
