@@ -227,7 +227,6 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	b.registry.OnChange(b.presence.push)
 
 	b.registerMetrics()
-	b.stats = newSampler(b.metrics)
 
 	if m.Addr != "" {
 		if err := b.listen("tcp", "mqtt.addr", m.Addr, nil); err != nil {
@@ -252,6 +251,9 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 			return nil, err
 		}
 	}
+	// Last: the sampler reads every metric from its own goroutine, some
+	// of them through fields set above (b.streams by setupHTTP).
+	b.stats = newSampler(b.metrics)
 	return b, nil
 }
 

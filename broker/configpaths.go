@@ -17,6 +17,7 @@ var pathKeys = []struct {
 	{"storage.dir", false, func(c *Config) *string { return &c.Storage.Dir }},
 	{"mqtt.tls_cert", false, func(c *Config) *string { return &c.MQTT.TLSCert }},
 	{"mqtt.tls_key", false, func(c *Config) *string { return &c.MQTT.TLSKey }},
+	{"mqtt.tls_client_ca", false, func(c *Config) *string { return &c.MQTT.TLSClientCA }},
 	{"http.tls_cert", false, func(c *Config) *string { return &c.HTTP.TLSCert }},
 	{"http.tls_key", false, func(c *Config) *string { return &c.HTTP.TLSKey }},
 	{"auth.acl_file", false, func(c *Config) *string { return &c.Auth.ACLFile }},
