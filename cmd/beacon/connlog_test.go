@@ -54,7 +54,9 @@ func TestConnectionLog(t *testing.T) {
 		}
 		return nil
 	}
-	bt.WaitFor(t, 10*time.Second, "the disconnect line of k1-v5", func() bool { return find("client disconnected", "k1-v5") != nil })
+	bt.WaitFor(t, 10*time.Second, "the disconnect lines of k1-pub and k1-v5", func() bool {
+		return find("client disconnected", "k1-v5") != nil && find("client disconnected", "k1-pub") != nil
+	})
 	check := func(r rec, what string, want map[string]any) {
 		t.Helper()
 		if r == nil {

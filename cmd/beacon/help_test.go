@@ -6,6 +6,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	bt "github.com/beaconmq/beacon/broker/brokertest"
 )
 
 // TestHelpAndVersion: beacon --help lists every subcommand on a line of
@@ -52,6 +55,8 @@ func TestHelpAndVersion(t *testing.T) {
 // dashboard URLs.
 func TestStartLogSaysWhereToConnect(t *testing.T) {
 	p := startBeacon(t, filepath.Join(t.TempDir(), "data"))
+	// startBeacon returns at "http listening"; "beacon ready" follows it.
+	bt.WaitFor(t, 10*time.Second, "the ready line", func() bool { return strings.Contains(p.Logs(), `"msg":"beacon ready"`) })
 	var ready map[string]any
 	for _, l := range strings.Split(p.Logs(), "\n") {
 		if strings.Contains(l, `"msg":"beacon ready"`) {
