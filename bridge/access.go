@@ -73,7 +73,7 @@ func (c *Caller) Key() string {
 // set headers); it is never logged.
 func (a *Access) Caller(w http.ResponseWriter, r *http.Request, queryToken bool) (*Caller, bool) {
 	if r.Header.Get("Origin") != "" && !a.Guard.CheckOrigin(r) {
-		fail(w, http.StatusForbidden, "origin not allowed (http.allowed_origins)")
+		fail(w, http.StatusForbidden, a.Guard.OriginRefusal(r))
 		return nil, false
 	}
 	tok, ok := RequestToken(r)

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -27,6 +28,9 @@ type Admin struct {
 	Registry   *devices.Registry
 	Tokens     *devices.TokenVerifier // nil: no JWT
 	AdminToken string                 // "": only admin JWTs
+	// LocalToken is the credential the broker writes for the CLI on the
+	// same machine; it is accepted only from a loopback peer.
+	LocalToken string
 	// Kick disconnects a device's connections (after disable, rotate, remove).
 	Kick func(deviceID string) int
 	// Reload re-reads the ACL rules file and returns the number of rules.
@@ -90,11 +94,15 @@ func RequestToken(r *http.Request) (string, bool) {
 
 func (a *Admin) authenticate(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tok, ok := RequestToken(r)
+		if ok && a.isLocal(r, tok) {
+			next.ServeHTTP(w, r)
+			return
+		}
 		if a.AdminToken == "" && a.Tokens == nil {
 			fail(w, http.StatusForbidden, "admin API disabled: set auth.admin_token or configure JWT keys")
 			return
 		}
-		tok, ok := RequestToken(r)
 		if ok && r.Header.Get("Authorization") == "" && !a.sameSite(r) {
 			fail(w, http.StatusForbidden, "cookie authentication needs a same-origin request (Origin or Sec-Fetch-Site)")
 			return
@@ -125,6 +133,14 @@ func (a *Admin) authenticate(next http.Handler) http.Handler {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="beacon", error="invalid_token"`)
 		fail(w, http.StatusUnauthorized, "invalid admin token")
 	})
+}
+
+// loopbackPeer reports whether the request's TCP peer (not a forwarded
+// address) is on this machine.
+func loopbackPeer(r *http.Request) bool {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	ip := net.ParseIP(host)
+	return err == nil && ip != nil && ip.IsLoopback()
 }
 
 // Require guards next with the admin credentials (the admin token or an
@@ -219,7 +235,7 @@ func (a *Admin) isAdmin(r *http.Request) bool {
 	if !ok || (r.Header.Get("Authorization") == "" && !a.sameSite(r)) {
 		return false
 	}
-	if a.AdminToken != "" && subtle.ConstantTimeCompare([]byte(tok), []byte(a.AdminToken)) == 1 {
+	if a.AdminToken != "" && subtle.ConstantTimeCompare([]byte(tok), []byte(a.AdminToken)) == 1 || a.isLocal(r, tok) {
 		return true
 	}
 	if a.Tokens != nil {
@@ -227,6 +243,13 @@ func (a *Admin) isAdmin(r *http.Request) bool {
 		return err == nil && p.Role == "admin"
 	}
 	return false
+}
+
+// isLocal reports whether tok is the local credential, sent in the
+// Authorization header by a loopback peer.
+func (a *Admin) isLocal(r *http.Request, tok string) bool {
+	return a.LocalToken != "" && r.Header.Get("Authorization") != "" && loopbackPeer(r) &&
+		subtle.ConstantTimeCompare([]byte(tok), []byte(a.LocalToken)) == 1
 }
 
 // Devices serves GET /api/v1/devices: the whole registry for the admin,

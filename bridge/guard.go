@@ -96,6 +96,16 @@ func (g *Guard) CheckOrigin(r *http.Request) bool {
 	return strings.EqualFold(u.Host, r.Host) && literalHost(r.Host)
 }
 
+// OriginRefusal is the answer to a request CheckOrigin refused: what was
+// wrong and the key that changes it.
+func (g *Guard) OriginRefusal(r *http.Request) string {
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return "no Origin header: set http.allow_missing_origin: true to admit non-browser clients"
+	}
+	return fmt.Sprintf("origin %q not allowed: add it to http.allowed_origins", origin)
+}
+
 // SameSite reports whether a request authenticated by cookie comes from a
 // page Beacon trusts: the browser says same-origin, or the Origin passes
 // CheckOrigin. Browsers send the cookie with cross-site forms too.

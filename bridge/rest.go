@@ -33,6 +33,25 @@ type REST struct {
 func (h *REST) Register(mux *http.ServeMux) {
 	mux.HandleFunc("POST /api/v1/publish", h.publish)
 	mux.HandleFunc("GET /api/v1/retained", h.retained)
+	// Other methods: 405 here, before the admin API's authentication
+	// (which owns the rest of /api/v1/) could answer something else.
+	mux.Handle("/api/v1/publish", methodNotAllowed("POST"))
+	mux.Handle("/api/v1/retained", methodNotAllowed("GET, HEAD"))
+}
+
+// methodNotAllowed answers 405 with the allowed methods.
+func methodNotAllowed(allow string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Allow", allow)
+		fail(w, http.StatusMethodNotAllowed, fmt.Sprintf("method %s not allowed: use %s", r.Method, allow))
+	})
+}
+
+// isJSON reports whether a Content-Type is application/json (any
+// parameters).
+func isJSON(ct string) bool {
+	mt, _, _ := strings.Cut(ct, ";")
+	return strings.EqualFold(strings.TrimSpace(mt), "application/json")
 }
 
 // publishRequest is the JSON form of a publish.
@@ -67,7 +86,13 @@ func (h *REST) publish(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var req publishRequest
-	if strings.HasPrefix(r.Header.Get("Content-Type"), "application/json") {
+	ct := r.Header.Get("Content-Type")
+	if !isJSON(ct) && !r.URL.Query().Has("topic") {
+		fail(w, http.StatusUnsupportedMediaType, fmt.Sprintf("Content-Type %q: send Content-Type: application/json with a JSON body, "+
+			"or the raw payload with the topic in the query (?topic=...)", ct))
+		return
+	}
+	if isJSON(ct) {
 		if !decodeLimit(w, r, &req, h.MaxBody) {
 			return
 		}

@@ -159,8 +159,12 @@ func (s *Streams) cors(w http.ResponseWriter, r *http.Request) {
 
 // preflight answers CORS preflights from allowed origins only.
 func (s *Streams) preflight(w http.ResponseWriter, r *http.Request) {
-	if r.Header.Get("Origin") == "" || !s.Guard.CheckOrigin(r) {
-		fail(w, http.StatusForbidden, "origin not allowed (http.allowed_origins)")
+	if r.Header.Get("Origin") == "" {
+		fail(w, http.StatusForbidden, "a CORS preflight needs an Origin header")
+		return
+	}
+	if !s.Guard.CheckOrigin(r) {
+		fail(w, http.StatusForbidden, s.Guard.OriginRefusal(r))
 		return
 	}
 	s.cors(w, r)

@@ -186,7 +186,7 @@ func (w *WS) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	}
 	if !w.opts.Guard.CheckOrigin(r) {
 		w.opts.Log.Info("websocket refused: origin not allowed", "origin", r.Header.Get("Origin"), "remote", r.RemoteAddr)
-		httpError(rw, http.StatusForbidden, "origin not allowed (http.allowed_origins)")
+		httpError(rw, http.StatusForbidden, w.opts.Guard.OriginRefusal(r))
 		return
 	}
 	if !offersMQTT(r) {

@@ -97,8 +97,11 @@ func (p *principal) Allow(act engine.Action, topic string) bool {
 			action = devices.Subscribe
 		}
 	}
-	ok := !p.revoked.Load() && (p.p.Expires.IsZero() || time.Now().Before(p.p.Expires)) &&
-		a.authz.Allowed(&p.p, action, topic)
+	var rule *devices.Rule
+	ok := !p.revoked.Load() && (p.p.Expires.IsZero() || time.Now().Before(p.p.Expires))
+	if ok {
+		ok, rule = a.authz.Decide(&p.p, action, topic)
+	}
 	if ok {
 		return true
 	}
@@ -115,9 +118,10 @@ func (p *principal) Allow(act engine.Action, topic string) bool {
 		}
 	}
 	if act != engine.ActRead {
-		if ok, held := a.limiter.Allow("denied " + action.String()); ok {
-			a.log.Info("not authorized", "client", p.p.ClientID, "principal", p.p.Kind.String()+":"+p.p.Name,
-				"action", action.String(), "topic", topic, "denied_since_last", held)
+		// One line per client and action per interval, never the payload.
+		if ok, held := a.limiter.Allow("denied " + action.String() + " " + p.p.ClientID); ok {
+			a.log.Warn("not authorized", "client", p.p.ClientID, "principal", p.p.Kind.String()+":"+p.p.Name,
+				"action", action.String(), "topic", topic, "decided_by", a.authz.Rules().Describe(rule), "suppressed", held)
 		}
 	}
 	return false
@@ -349,4 +353,18 @@ func (a *auth) stats() AuthStats {
 	return AuthStats{Failures: a.failures.Load(), DeniedPublish: a.deniedPub.Load(), DeniedSubscribe: a.deniedSub.Load(),
 		DeniedDelivery: a.deniedRead.Load(), PolicyDenied: a.policyDenied.Load(), Checked: a.checked.Load(),
 		Throttle: a.throttle.Stats()}
+}
+
+// logRules prints the rules in force, one line each, and what happens
+// to clients while no authentication is configured.
+func (b *Broker) logRules() {
+	if !b.auth.configured() {
+		b.log.Info("authentication not configured: every client may do everything (listeners on loopback only); " +
+			"once a device is registered or JWT keys are set, the rules below decide")
+	}
+	rs := b.authz.Rules()
+	b.log.Info("rules in force", "source", rs.File, "rules", len(rs.Rules), "unmatched", "denied")
+	for i := range rs.Rules {
+		b.log.Info("rule", "rule", rs.Describe(&rs.Rules[i]))
+	}
 }

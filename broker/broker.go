@@ -230,7 +230,6 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	b.registry.OnChange(b.presence.push)
 
 	b.registerMetrics()
-	b.stats = newSampler(b.metrics)
 
 	if m.Addr != "" {
 		if err := b.listen("tcp", "mqtt.addr", m.Addr, nil); err != nil {
@@ -255,6 +254,9 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 			return nil, err
 		}
 	}
+	// Last: the sampler reads every metric from its own goroutine, some
+	// of them through fields set above (b.streams by setupHTTP).
+	b.stats = newSampler(b.metrics)
 	return b, nil
 }
 
@@ -569,7 +571,7 @@ func (b *Broker) setupAuth() error {
 	if err != nil {
 		return err
 	}
-	var rules *devices.Rules
+	rules := devices.DefaultRules() // least privilege while no rules file is named
 	if a.ACLFile != "" {
 		if rules, err = devices.LoadRules(a.ACLFile); err != nil {
 			return &ConfigError{Key: "auth.acl_file", Msg: err.Error()}
@@ -593,7 +595,7 @@ func (b *Broker) setupAuth() error {
 	if err != nil {
 		return err
 	}
-	b.admin = &bridge.Admin{Registry: b.registry, Tokens: b.tokens, AdminToken: adminToken,
+	b.admin = &bridge.Admin{Registry: b.registry, Tokens: b.tokens, AdminToken: adminToken, LocalToken: newLocalToken(),
 		Reload: b.ReloadACL, Log: b.log.With("component", "admin")}
 	b.auth = &auth{registry: b.registry, authz: b.authz, tokens: b.tokens, policy: devices.MaxPayload{Authorizer: b.authz},
 		rulesFile: a.ACLFile != "", allowAnonymous: a.AllowAnonymous, failDelay: a.FailDelay,
@@ -635,6 +637,7 @@ func (b *Broker) ReloadACL() (int, error) {
 	}
 	b.authz.Set(rules)
 	b.log.Info("ACL reloaded", "file", b.cfg.Auth.ACLFile, "rules", len(rules.Rules))
+	b.logRules()
 	return len(rules.Rules), nil
 }
 
@@ -686,6 +689,7 @@ func (b *Broker) Start() error {
 		b.log.Warn("sessions stored by an earlier version (before Beacon's own engine) are not restored: their clients start clean",
 			"sessions", up.Sessions)
 	}
+	b.logRules()
 	b.presence.start(b.registry)
 	if b.ha != nil {
 		b.ha.Start()
@@ -710,6 +714,9 @@ func (b *Broker) Start() error {
 				b.log.Error("http server", "error", err)
 			}
 		}()
+		if err := b.writeLocalAdmin(); err != nil { // before the line below: once it is logged, the CLI finds the broker
+			b.log.Warn("the CLI will not find this broker: local admin file not written", "error", err)
+		}
 		b.log.Info("http listening", "addr", b.httpLn.Addr().String(), "tls", b.cfg.HTTP.TLSCert != "", "ws_path", b.cfg.HTTP.WSPath)
 	}
 	if addr := b.cfg.HTTP.PprofAddr; addr != "" {
@@ -729,7 +736,34 @@ func (b *Broker) Start() error {
 	}
 	b.warnExposure()
 	b.ready.Store(true)
+	b.log.Info("beacon ready", b.urls()...)
 	return nil
+}
+
+// urls are where to connect, as slog key-value pairs: mqtt, mqtts,
+// dashboard, websocket (those that are on).
+func (b *Broker) urls() []any {
+	var kv []any
+	for _, l := range b.listeners {
+		scheme := "mqtt"
+		if l.id == "tls" {
+			scheme = "mqtts"
+		}
+		kv = append(kv, scheme, scheme+"://"+l.ln.Addr().String())
+	}
+	if b.httpLn != nil {
+		web, ws := "http", "ws"
+		if b.cfg.HTTP.TLSCert != "" {
+			web, ws = "https", "wss"
+		}
+		if b.cfg.HTTP.Dashboard {
+			kv = append(kv, "dashboard", web+"://"+b.httpLn.Addr().String()+"/")
+		}
+		if b.ws != nil {
+			kv = append(kv, "websocket", ws+"://"+b.httpLn.Addr().String()+b.cfg.HTTP.WSPath)
+		}
+	}
+	return kv
 }
 
 func (b *Broker) warnExposure() {
@@ -851,6 +885,7 @@ func (b *Broker) Stats() Stats {
 func (b *Broker) Shutdown(ctx context.Context) error {
 	b.shutdownOnce.Do(func() {
 		b.ready.Store(false)
+		b.removeLocalAdmin()
 		var errs []error
 		if b.pprofSrv != nil {
 			_ = b.pprofSrv.Close()
@@ -909,11 +944,13 @@ var (
 func (o *observer) Connected(ci *engine.ClientInfo) {
 	o.metricsHook.Connected(ci.Listener)
 	o.auth.connected(ci)
+	o.logConnected(ci)
 }
 
 func (o *observer) Disconnected(ci *engine.ClientInfo, err error) {
 	o.metricsHook.Disconnected(ci.Listener, engine.DisconnectReason(err))
 	o.auth.disconnected(ci)
+	o.logDisconnected(ci, err)
 }
 
 func (o *observer) Routed(m *engine.Message, _ int) {

@@ -203,7 +203,7 @@ type HTTPConfig struct {
 	TLSKey             string `yaml:"tls_key"`               // and this PEM key
 	WSPath             string `yaml:"ws_path"`               // MQTT over WebSocket; "" disables it
 	AllowedOrigins     string `yaml:"allowed_origins"`       // comma-separated scheme://host[:port]; same origin is always allowed
-	AllowMissingOrigin bool   `yaml:"allow_missing_origin"`  // admit requests without Origin (non-browser clients)
+	AllowMissingOrigin bool   `yaml:"allow_missing_origin"`  // admit requests without Origin (non-browser clients); default true
 	TrustedProxies     string `yaml:"trusted_proxies"`       // comma-separated IPs/CIDRs whose X-Forwarded-For is believed
 	MaxConnsPerIP      int    `yaml:"max_conns_per_ip"`      // browser connections per client address; 0 = unlimited
 	HandshakesPerSec   int    `yaml:"handshakes_per_second"` // per client address (bursts of twice that); 0 = unlimited
@@ -245,6 +245,9 @@ type StorageConfig struct {
 type LogConfig struct {
 	Level  string `yaml:"level"`  // debug, info, warn, error
 	Format string `yaml:"format"` // text, json
+	// Connections logs connects, subscriptions and disconnects at INFO,
+	// like mosquitto -v (never credentials or payloads).
+	Connections bool `yaml:"connections"`
 }
 
 // Default returns the configuration used when nothing is set: loopback
@@ -266,7 +269,7 @@ func Default() Config {
 			SharedSubs:        true,
 			SysInterval:       10 * time.Second,
 		},
-		HTTP: HTTPConfig{Addr: "127.0.0.1:8080", WSPath: "/mqtt", MaxConnsPerIP: 256, HandshakesPerSec: 20, Dashboard: true,
+		HTTP: HTTPConfig{Addr: "127.0.0.1:8080", WSPath: "/mqtt", MaxConnsPerIP: 256, HandshakesPerSec: 20, Dashboard: true, AllowMissingOrigin: true,
 			SSEHeartbeat: 15 * time.Second, SSEBuffer: 1024, SSEMaxFilters: 32, SSEMaxStreamsPerPrincipal: 32,
 			SSEMaxStreamsPerIP: 64, PollMaxWait: 60 * time.Second},
 		HomeAssistant: HomeAssistantConfig{Prefix: "homeassistant", StatePrefix: "beacon/state", StatusTopic: "devices/%u/status"},
@@ -321,6 +324,7 @@ func Load(path string, environ []string, overrides map[string]string) (Config, e
 		if err := decodeYAML(data, &cfg, src); err != nil {
 			return cfg, err
 		}
+		resolveFilePaths(&cfg, path, src.lines)
 	}
 	keys := configKeys()
 	for _, kv := range environ {
@@ -907,7 +911,9 @@ func IsLoopback(addr string) bool {
 
 // YAML renders the configuration as a YAML document.
 func (c Config) YAML() ([]byte, error) {
-	// Durations print as "168h0m0s" strings, which Load reads back.
+	// Durations print as "168h0m0s" strings, which Load reads back; paths
+	// as absolute ones, which mean the same from any file.
+	c = c.absPaths()
 	return yaml.Marshal(c.asMap())
 }
 

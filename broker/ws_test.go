@@ -73,6 +73,7 @@ func TestWebSocketMQTT(t *testing.T) {
 func TestWebSocketRefusals(t *testing.T) {
 	b, _ := startBroker(t, func(c *broker.Config) {
 		c.HTTP.AllowedOrigins = "https://dash.example.com"
+		c.HTTP.AllowMissingOrigin = false // admitted by default; refused when asked
 		c.MQTT.MaxPacketSize = 1024
 	})
 	url := wsURL(b)
@@ -83,7 +84,7 @@ func TestWebSocketRefusals(t *testing.T) {
 		want   int
 	}{
 		{"cross-site origin", origin("https://evil.example"), nil, 403},
-		{"missing origin (not allowed by default)", nil, nil, 403},
+		{"missing origin (http.allow_missing_origin: false)", nil, nil, 403},
 		{"no MQTT subprotocol", origin("https://dash.example.com"), []string{"chat"}, 400},
 		{"invalid token", http.Header{"Origin": {"https://dash.example.com"}, "Authorization": {"Bearer nope"}}, nil, 401},
 	} {

@@ -393,6 +393,14 @@ func (a *Authorizer) Rules() *Rules { return a.rules.Load() }
 // deny rule covers only part of it, the subscription stands and the denied
 // messages are withheld at delivery (Read).
 func (a *Authorizer) Allowed(p *Principal, action Action, topic string) bool {
+	ok, _ := a.Decide(p, action, topic)
+	return ok
+}
+
+// Decide is Allowed that also tells which rule decided: the deny rule
+// that refused, the last allow rule that matched, or nil when no rule
+// matched (refused, or allowed by a token claim).
+func (a *Authorizer) Decide(p *Principal, action Action, topic string) (bool, *Rule) {
 	if action == Subscribe {
 		if rest, ok := strings.CutPrefix(topic, "$share/"); ok {
 			if _, f, ok := strings.Cut(rest, "/"); ok {
@@ -405,7 +413,7 @@ func (a *Authorizer) Allowed(p *Principal, action Action, topic string) bool {
 	if action == Read {
 		ruleAction = Subscribe
 	}
-	allowed := false
+	var allowed *Rule
 	rs := a.rules.Load()
 	for _, i := range rs.applicable(p) {
 		r := &rs.Rules[i]
@@ -417,13 +425,13 @@ func (a *Authorizer) Allowed(p *Principal, action Action, topic string) bool {
 				continue
 			}
 			if r.Effect == Deny {
-				return false
+				return false, r
 			}
-			allowed = true
+			allowed = r
 		}
 	}
-	if allowed {
-		return true
+	if allowed != nil {
+		return true, allowed
 	}
 	// JWT claims grant on top of the rules (denies above still win).
 	claims := p.Publish
@@ -432,10 +440,10 @@ func (a *Authorizer) Allowed(p *Principal, action Action, topic string) bool {
 	}
 	for _, c := range claims {
 		if appliesTo(strings.Split(c, "/"), levels, p, action) {
-			return true
+			return true, nil
 		}
 	}
-	return false
+	return false, nil
 }
 
 func (r *Rule) matchesSubject(p *Principal) bool {

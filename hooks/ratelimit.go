@@ -37,10 +37,26 @@ func (r *RateLimiter) Allow(key string) (bool, int64) {
 		r.total.Add(1)
 		return false, 0
 	}
+	if len(r.last) >= maxLimiterKeys {
+		r.prune(now)
+	}
 	r.last[key] = now
 	n := r.held[key]
 	delete(r.held, key)
 	return true, n
+}
+
+// maxLimiterKeys bounds a limiter keyed by something clients choose
+// (client ids): past it, keys whose interval has passed are forgotten.
+const maxLimiterKeys = 4096
+
+func (r *RateLimiter) prune(now time.Time) {
+	for k, t := range r.last {
+		if now.Sub(t) >= r.every {
+			delete(r.last, k)
+			delete(r.held, k)
+		}
+	}
 }
 
 // RateLimitHandler wraps a slog.Handler so that each distinct warning or

@@ -327,7 +327,8 @@ func (c *conn) connect(pk *packets.Packet) error {
 
 func (c *conn) info() *ClientInfo {
 	return &ClientInfo{ID: c.clientID, Username: c.username, Listener: c.listener, Remote: c.remote,
-		ProtocolVersion: c.version, Principal: c.principal, SessionPresent: c.sessionPresent, Persistent: c.persistent}
+		ProtocolVersion: c.version, Principal: c.principal, SessionPresent: c.sessionPresent, Persistent: c.persistent,
+		CleanStart: c.cleanStart, KeepAlive: c.keepalive}
 }
 
 func randomID() string {

@@ -504,6 +504,7 @@ func (c *conn) subscribe(pk *packets.Packet) error {
 	if err := c.srv.storeSubs(c.sess, added, nil); err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
+	c.observeSubs(pk, codes, false)
 	ack := &packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Suback}, ProtocolVersion: c.version,
 		PacketID: pk.PacketID, ReasonCodes: codes}
 	var buf bytes.Buffer
@@ -560,6 +561,7 @@ func (c *conn) unsubscribe(pk *packets.Packet) error {
 		removed = append(removed, topics.Subscription{Filter: filter, Group: group})
 	}
 	_ = c.srv.storeSubs(c.sess, nil, removed)
+	c.observeSubs(pk, codes, true)
 	if c.version < 5 {
 		codes = nil
 	}

@@ -3,6 +3,8 @@ package engine
 import (
 	"errors"
 	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
 )
 
 // SessionInfo describes a session, for operators and tests.
@@ -110,4 +112,31 @@ func DisconnectReason(err error) string {
 		return "protocol_error"
 	}
 	return "network"
+}
+
+// SubscriptionObserver is an Observer that also hears of every SUBSCRIBE
+// and UNSUBSCRIBE once it is decided, before the acknowledgement is sent:
+// the filters as the client sent them and the reason code for each
+// (SUBSCRIBE: the granted QoS or a refusal; UNSUBSCRIBE: 0, 0x11 no
+// subscription, or a refusal). The slices are valid only during the call.
+type SubscriptionObserver interface {
+	Subscribed(c *ClientInfo, filters []string, codes []byte)
+	Unsubscribed(c *ClientInfo, filters []string, codes []byte)
+}
+
+// observeSubs tells the SubscriptionObserver, if there is one.
+func (c *conn) observeSubs(pk *packets.Packet, codes []byte, unsubscribe bool) {
+	o := c.srv.subObs
+	if o == nil {
+		return
+	}
+	filters := make([]string, len(pk.Filters))
+	for i, f := range pk.Filters {
+		filters[i] = f.Filter
+	}
+	if unsubscribe {
+		o.Unsubscribed(c.info(), filters, codes)
+		return
+	}
+	o.Subscribed(c.info(), filters, codes)
 }

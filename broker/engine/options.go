@@ -131,6 +131,8 @@ type ClientInfo struct {
 	Principal       Principal
 	SessionPresent  bool
 	Persistent      bool
+	CleanStart      bool          // the CONNECT's clean start (3.1.1: clean session)
+	KeepAlive       time.Duration // in force: the client's, or the server's where it overrode it
 }
 
 // Limits are the protocol limits the engine enforces and announces.

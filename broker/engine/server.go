@@ -37,6 +37,7 @@ type Server struct {
 	stats     counters
 	store     *store // nil: in memory only
 	sentObs   SendObserver
+	subObs    SubscriptionObserver
 	started   time.Time
 	done      chan struct{} // closed by Shutdown
 	startOnce sync.Once
@@ -84,6 +85,7 @@ func New(opts Options) *Server {
 		done:     make(chan struct{}),
 	}
 	s.sentObs, _ = opts.Observer.(SendObserver)
+	s.subObs, _ = opts.Observer.(SubscriptionObserver)
 	if p := opts.Persistence; p != nil {
 		s.store = &store{db: p.DB, log: p.Log, ids: p.Identities, nt: newNotifier(), gen: uint64(opts.Now().UnixNano())}
 	}

@@ -33,8 +33,9 @@ const devicesUsage = `Usage:
   beacon devices rm ID
 
 They work on the data directory of a stopped broker, or through the admin API
-of a running one (found at http.addr, with auth.admin_token; or --server and
---token). Flags: --config, --data-dir, --server URL, --token T, --json.
+of a running one, found by the file it writes in its data directory (or at
+http.addr with auth.admin_token; or --server and --token).
+Flags: --config, --data-dir, --server URL, --token T, --json.
 `
 
 // stringList is a repeatable flag.
@@ -211,7 +212,7 @@ func runDevices(args, environ []string, stdout, stderr io.Writer) int {
 			return fail(err)
 		}
 		fmt.Fprintf(stdout, "device %s %sd\n", d.ID, verb)
-	case "rm":
+	case "rm", "remove":
 		if err := admin.Remove(pos[0]); err != nil {
 			return fail(err)
 		}
@@ -269,6 +270,9 @@ func openDeviceAdmin(cfg broker.Config, server, token string) (deviceAdmin, func
 		}
 		if !errors.Is(err, storage.ErrInUse) && !strings.Contains(err.Error(), "Cannot acquire directory lock") {
 			return nil, nil, err
+		}
+		if a, ok := localAPIAdmin(cfg.Storage.Dir); ok && token == "" {
+			return a, func() {}, nil // the running broker said where and how
 		}
 		if cfg.HTTP.Addr == "" {
 			return nil, nil, errors.New("a running broker holds the data directory and http.addr is empty: no admin API to use")

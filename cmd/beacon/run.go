@@ -33,7 +33,8 @@ Usage:
   beacon storage verify [flags] check a stopped broker's data directory for damage
   beacon backup FILE [flags]    back up the store (online from a running broker)
   beacon restore FILE [flags]   load a backup into a new data directory
-  beacon version                print the version
+  beacon version                print the version (also --version)
+  beacon help                   this text (also --help); COMMAND --help for its flags
 
 Flags (serve, config print):
 `
@@ -43,6 +44,13 @@ func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) 
 	cmd := "serve"
 	if len(args) > 0 && len(args[0]) > 0 && args[0][0] != '-' {
 		cmd, args = args[0], args[1:]
+	} else if len(args) > 0 {
+		switch args[0] {
+		case "-h", "-help", "--help":
+			cmd = "help"
+		case "-version", "--version":
+			cmd = "version"
+		}
 	}
 	switch cmd {
 	case "version":
