@@ -295,12 +295,27 @@ func (s *sampler) close() {
 	s.wg.Wait()
 }
 
-// take reads the registry: each series as name{label=value,...}, and
-// each family's sum as its name.
+// take adds a sample to the ring, once a second.
 func (s *sampler) take() {
+	v, ok := s.gather()
+	if !ok {
+		return
+	}
+	s.mu.Lock()
+	if len(s.ring) == ringLen {
+		copy(s.ring, s.ring[1:])
+		s.ring = s.ring[:ringLen-1]
+	}
+	s.ring = append(s.ring, v)
+	s.mu.Unlock()
+}
+
+// gather reads the registry: each series as name{label=value,...}, and
+// each family's sum as its name.
+func (s *sampler) gather() (sample, bool) {
 	fams, err := s.g.Gather()
 	if err != nil && len(fams) == 0 {
-		return
+		return sample{}, false
 	}
 	v := map[string]float64{}
 	for _, f := range fams {
@@ -328,28 +343,24 @@ func (s *sampler) take() {
 			}
 		}
 	}
-	s.mu.Lock()
-	if len(s.ring) == ringLen {
-		copy(s.ring, s.ring[1:])
-		s.ring = s.ring[:ringLen-1]
-	}
-	s.ring = append(s.ring, sample{at: time.Now(), v: v})
-	s.mu.Unlock()
+	return sample{at: time.Now(), v: v}, true
 }
 
 func labelPair(l *dto.LabelPair) string { return l.GetName() + "=" + l.GetValue() }
 
 // rates returns, for each window, the per-second rate of each counter
-// over it (or over the history there is) and the seconds it covers.
-func (s *sampler) rates(windows []time.Duration, counters []string) (now map[string]float64, out []map[string]float64, spans []float64) {
+// from the ring's samples up to last (a sample taken now, not kept: a
+// request must not shorten the ring's span), and the seconds it covers.
+func (s *sampler) rates(last sample, windows []time.Duration, counters []string) (now map[string]float64, out []map[string]float64, spans []float64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	last := s.ring[len(s.ring)-1]
 	for _, w := range windows {
 		// The newest sample at least w older than the last, or the oldest.
 		i := sort.Search(len(s.ring), func(i int) bool { return last.at.Sub(s.ring[i].at) < w }) - 1
-		i = max(i, 0)
-		first := s.ring[i]
+		first := last
+		if len(s.ring) > 0 {
+			first = s.ring[max(i, 0)]
+		}
 		dt := last.at.Sub(first.at).Seconds()
 		r := map[string]float64{}
 		for _, c := range counters {
@@ -371,12 +382,16 @@ func (s *sampler) rates(windows []time.Duration, counters []string) (now map[str
 
 // serveStats: GET /api/v1/stats.
 func (b *Broker) serveStats(w http.ResponseWriter, _ *http.Request) {
-	b.stats.take() // the numbers as of now
+	last, ok := b.stats.gather() // the numbers as of now
+	if !ok {
+		bridge.WriteJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "metrics unavailable"})
+		return
+	}
 	windows := []time.Duration{time.Second, time.Minute, 15 * time.Minute}
 	names := []string{"1s", "1m", "15m"}
 	counters := []string{"beacon_messages_received_total", "beacon_messages_sent_total", "beacon_messages_dropped_total",
 		"beacon_connects_total", "beacon_auth_failures_total", "beacon_storage_commit_seconds_sum", "beacon_storage_commit_seconds_count"}
-	now, rates, spans := b.stats.rates(windows, counters)
+	now, rates, spans := b.stats.rates(last, windows, counters)
 	out := map[string]any{}
 	rateOut := map[string]any{}
 	for i, r := range rates {

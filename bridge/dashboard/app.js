@@ -5,7 +5,7 @@
 import { ChartBoard } from './chart.js';
 import { DeviceList, PRESENCE_PREFIX } from './devices.js';
 import { schedule } from './frame.js';
-import { clockTime, dateTime, numericFields, payloadText, splitFilters, topicMatches, truncate, validFilter } from './format.js';
+import { clockTime, dateTime, numericFields, payloadText, splitFilters, storage, topicMatches, truncate, validFilter } from './format.js';
 import { Stream } from './stream.js';
 
 const MAX_ROWS = 500;
@@ -43,24 +43,6 @@ let pending = [];
 const seen = new Set();
 const charted = new Set(); // ids already charted from the history
 let backfill = null; // the history request in flight
-
-const storage = {
-  get(key) {
-    try {
-      return sessionStorage.getItem(key);
-    } catch {
-      return null;
-    }
-  },
-  set(key, value) {
-    try {
-      if (value) sessionStorage.setItem(key, value);
-      else sessionStorage.removeItem(key);
-    } catch {
-      // storage disabled: the field still holds the value
-    }
-  },
-};
 
 /** The subject of a JWT, for display only (the server verifies it). */
 function identity(token) {

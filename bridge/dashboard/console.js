@@ -5,7 +5,7 @@
 
 import { ChartBoard } from './chart.js';
 import { DeviceConsole } from './console_devices.js';
-import { ago, dateTime, payloadText, truncate, validFilter } from './format.js';
+import { ago, dateTime, payloadText, storage, truncate, validFilter } from './format.js';
 
 const TOKEN_KEY = 'beacon.admin-token';
 const POLL_MS = 2000;
@@ -42,24 +42,6 @@ const charts = new ChartBoard($('charts'), $('charts-empty'), $('charts-note'), 
 let token = '';
 let timer = null;
 let selected = '';
-
-const storage = {
-  get(key) {
-    try {
-      return sessionStorage.getItem(key);
-    } catch {
-      return null;
-    }
-  },
-  set(key, value) {
-    try {
-      if (value) sessionStorage.setItem(key, value);
-      else sessionStorage.removeItem(key);
-    } catch {
-      // storage disabled: the field still holds the value
-    }
-  },
-};
 
 function setState(state, text) {
   ui.state.dataset.state = state;

@@ -114,3 +114,23 @@ export function ago(ms, now = Date.now()) {
   if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
   return `${Math.floor(s / 86400)} d ago`;
 }
+
+/** The tab's sessionStorage, or nothing when it is disabled (the fields
+ *  then still hold their values). */
+export const storage = {
+  get(key) {
+    try {
+      return sessionStorage.getItem(key);
+    } catch {
+      return null;
+    }
+  },
+  set(key, value) {
+    try {
+      if (value) sessionStorage.setItem(key, value);
+      else sessionStorage.removeItem(key);
+    } catch {
+      // storage disabled
+    }
+  },
+};
