@@ -7,7 +7,7 @@ FUZZTIME    ?= 30s
 
 # Debian packages the tests drive as real third-party parts: command -> package.
 TEST_TOOLS := mosquitto_sub:mosquitto-clients mosquitto_pub:mosquitto-clients stdbuf:coreutils \
-	chromium:chromium npm:npm mosquitto:mosquitto openssl:openssl script:bsdutils
+	chromium:chromium npm:npm mosquitto:mosquitto openssl:openssl script:bsdutils redis-server:redis-server
 # MQTT.js for the browser test, from the npm registry (cmd/beacon/testdata/node/package.json).
 MQTTJS := cmd/beacon/testdata/node/node_modules/mqtt/dist/mqtt.min.js
 

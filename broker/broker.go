@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/beaconmq/beacon/bridge"
+	"github.com/beaconmq/beacon/broker/cluster"
 	"github.com/beaconmq/beacon/broker/engine"
 	"github.com/beaconmq/beacon/broker/topics"
 	"github.com/beaconmq/beacon/devices"
@@ -42,6 +43,7 @@ type Broker struct {
 	engine      *engine.Server
 	db          *storage.DB
 	msgLog      *storage.Log
+	cluster     *cluster.Node // nil on a single node
 	auth        *auth
 	history     *hooks.History
 	codecs      *codec.Rules
@@ -103,6 +105,9 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 			if b.engine != nil {
 				_ = b.engine.Shutdown(context.Background())
 			}
+			if b.cluster != nil {
+				_ = b.cluster.Close()
+			}
 			if b.msgLog != nil {
 				_ = b.msgLog.Shutdown(context.Background())
 			}
@@ -141,6 +146,9 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		return nil, err
 	}
 
+	if err := b.setupCluster(); err != nil {
+		return nil, err
+	}
 	if err := b.setupAuth(); err != nil {
 		return nil, err
 	}
@@ -690,6 +698,7 @@ func (b *Broker) Start() error {
 			"sessions", up.Sessions)
 	}
 	b.logRules()
+	b.startCluster()
 	b.presence.start(b.registry)
 	if b.ha != nil {
 		b.ha.Start()
@@ -787,6 +796,13 @@ func (b *Broker) httpHandler() http.Handler {
 		if !b.ready.Load() {
 			bridge.WriteJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready"})
 			return
+		}
+		if b.cluster != nil {
+			if ok, why := b.cluster.Ready(); !ok {
+				// Serving its own clients, but cut off from the others.
+				bridge.WriteJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready", "reason": why})
+				return
+			}
 		}
 		if sp := b.db.Space(); sp.Low {
 			// Serving, but refusing new messages: a balancer sends new
@@ -920,6 +936,7 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 		if err := b.webhooks.Shutdown(ctx); err != nil {
 			errs = append(errs, err)
 		}
+		b.stopCluster()
 		if err := b.msgLog.Shutdown(ctx); err != nil {
 			errs = append(errs, err)
 		}

@@ -37,7 +37,23 @@ type Config struct {
 	// outbox.
 	Webhooks []WebhookConfig `yaml:"webhooks"`
 	Log      LogConfig       `yaml:"log"`
+	// Cluster joins several nodes through Redis; off (one node) unless
+	// cluster.redis_url is set.
+	Cluster ClusterConfig `yaml:"cluster"`
 }
+
+// ClusterConfig joins this node to others sharing one Redis (docs/cluster.md).
+type ClusterConfig struct {
+	RedisURL          string        `yaml:"redis_url"`           // redis://[user@]host:port/db, rediss:// for TLS; "" = one node
+	RedisPasswordFile string        `yaml:"redis_password_file"` // file holding the Redis password (rather than one in the URL)
+	NodeID            string        `yaml:"node_id"`             // this node's name, unique in the cluster; "" = the host name
+	Prefix            string        `yaml:"prefix"`              // prefix of every Redis key Beacon uses
+	ForwardBuffer     int           `yaml:"forward_buffer"`      // messages for other nodes held in memory; beyond it they wait in the store
+	Heartbeat         time.Duration `yaml:"heartbeat"`           // how often a node renews its presence; it is gone after 3 missed
+}
+
+// On reports whether the node is part of a cluster.
+func (c ClusterConfig) On() bool { return c.RedisURL != "" }
 
 // WebhookConfig is one HTTP endpoint for the messages matching topics.
 type WebhookConfig struct {
@@ -279,6 +295,7 @@ func Default() Config {
 			BanAfter: 10, BanDuration: 5 * time.Minute},
 		Storage: StorageConfig{Dir: "beacon-data", Sync: storage.SyncBatch, SyncInterval: time.Second, GCInterval: 5 * time.Minute},
 		Log:     LogConfig{Level: "info", Format: "text"},
+		Cluster: ClusterConfig{Prefix: "beacon:", ForwardBuffer: 10000, Heartbeat: 2 * time.Second},
 	}
 }
 
@@ -805,6 +822,9 @@ func (c *Config) Validate() error {
 	if c.Storage.GCInterval < time.Second {
 		return bad("storage.gc_interval", "must be at least 1s")
 	}
+	if err := c.Cluster.validate(); err != nil {
+		return err
+	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
@@ -950,7 +970,7 @@ func (c Config) asMap() yaml.Node {
 				parent.Content = append(parent.Content, seq)
 				continue
 			}
-			if prefix+name == "webhooks[].url" {
+			if prefix+name == "webhooks[].url" || prefix+name == "cluster.redis_url" {
 				parent.Content = append(parent.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: redactURL(f.String()), Style: yaml.DoubleQuotedStyle})
 				continue
 			}

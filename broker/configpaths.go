@@ -25,6 +25,7 @@ var pathKeys = []struct {
 	{"auth.jwt_secret_file", false, func(c *Config) *string { return &c.Auth.JWTSecretFile }},
 	{"auth.jwt_public_keys", true, func(c *Config) *string { return &c.Auth.JWTPublicKeys }},
 	{"auth.jwks_file", false, func(c *Config) *string { return &c.Auth.JWKSFile }},
+	{"cluster.redis_password_file", false, func(c *Config) *string { return &c.Cluster.RedisPasswordFile }},
 }
 
 // resolveFilePaths makes the relative paths the file at path set (the
