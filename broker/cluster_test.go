@@ -170,7 +170,7 @@ func TestClusterDeliversToANodeThatWasDown(t *testing.T) {
 	for i := range n {
 		pub.PublishT(t, &paho.Publish{Topic: "q/x", QoS: 1, Payload: []byte(fmt.Sprint(i))})
 	}
-	bt.WaitFor(t, 20*time.Second, "a forwarded everything", func() bool { return a.ClusterRouter().Stats().Pending == 0 })
+	bt.WaitFor(t, 20*time.Second, "a sent everything to Redis", func() bool { return a.ClusterRouter().Stats().Unsent == 0 })
 
 	b2 := bt.Start(t, cfgB) // same data directory
 	back := bt.Dial(t, b2.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: false,

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -50,8 +51,9 @@ type Stats struct {
 	ReceivedLive   uint64 // QoS 0 messages taken from other nodes
 	Damaged        uint64 // entries from other nodes that did not decode
 	Missing        uint64 // messages to forward no longer in the log
-	Pending        int    // durable messages waiting to be forwarded
-	PendingInStore int    // of those, not held in memory (read back from the log)
+	Pending        int    // durable messages held: not yet taken by every destination that is up
+	Unsent         int    // of those, not yet in Redis
+	PendingInStore int    // of those held, whose message is not in memory (read back from the log)
 }
 
 // Router forwards what this node accepts to the other nodes that want
@@ -83,7 +85,9 @@ type Router struct {
 	fwake   chan struct{}
 	live    chan liveMsg
 
-	announced map[string]bool // destinations whose inbox set names our stream (forwarder goroutine)
+	rewind    bool                 // a stream lost entries: send what is held again (forwarder goroutine)
+	lastSent  map[string]uint64    // destination -> seq of its stream's last entry after our last batch (forwarder goroutine)
+	downSince map[string]time.Time // destinations seen without liveness key (forwarder goroutine)
 
 	// Taking.
 	cursors map[string]string // stream -> last id taken (inbox goroutine)
@@ -95,7 +99,7 @@ type forward struct {
 	seq   uint64
 	m     *engine.Message // nil: read it back from the log
 	nodes []string
-	state int8 // 0 writing, 1 committed, -1 failed
+	state int8 // fwdWriting, fwdCommitted, fwdSent or fwdFailed
 }
 
 type liveMsg struct {
@@ -109,7 +113,7 @@ func NewRouter(n *Node, lg LogStore, db DB) *Router {
 		local: map[string]int{}, dirty: map[string]bool{}, iwake: make(chan struct{}, 1),
 		remote: topics.NewIndex(), known: map[string]bool{},
 		fwake: make(chan struct{}, 1), live: make(chan liveMsg, 4096),
-		announced: map[string]bool{}, cursors: map[string]string{}}
+		lastSent: map[string]uint64{}, cursors: map[string]string{}, downSince: map[string]time.Time{}}
 }
 
 var _ engine.Cluster = (*Router)(nil)
@@ -134,7 +138,7 @@ func (r *Router) Load() (pending int, err error) {
 			r.missing.Add(1)
 			return nil
 		}
-		r.pending = append(r.pending, &forward{seq: seq, nodes: nodes, state: 1})
+		r.pending = append(r.pending, &forward{seq: seq, nodes: nodes, state: fwdCommitted})
 		return nil
 	})
 	if err != nil {
@@ -184,11 +188,16 @@ func (r *Router) Start(eng Engine) {
 // Stats returns the counters.
 func (r *Router) Stats() Stats {
 	r.fmu.Lock()
-	p, held := len(r.pending), r.bodies
+	p, held, unsent := len(r.pending), r.bodies, 0
+	for _, f := range r.pending {
+		if f.state == fwdWriting || f.state == fwdCommitted {
+			unsent++
+		}
+	}
 	r.fmu.Unlock()
 	return Stats{Forwarded: r.forwarded.Load(), ForwardedLive: r.forwardedLive.Load(), LiveDropped: r.liveDropped.Load(),
 		Received: r.received.Load(), ReceivedLive: r.receivedLive.Load(), Damaged: r.damaged.Load(), Missing: r.missing.Load(),
-		Pending: p, PendingInStore: p - held}
+		Pending: p, Unsent: unsent, PendingInStore: p - held}
 }
 
 // Route is the engine's: the other nodes a message accepted here goes
@@ -274,9 +283,9 @@ func (rt *route) Done(m *engine.Message, err error) {
 	}
 	r.fmu.Lock()
 	if err != nil {
-		rt.f.state = -1 // the engine gave back its reference
+		rt.f.state = fwdFailed // the engine gave back its reference
 	} else {
-		rt.f.state = 1
+		rt.f.state = fwdCommitted
 	}
 	r.fmu.Unlock()
 	r.wakeForwarder()
@@ -296,27 +305,65 @@ func (r *Router) streamKey(dest string) string {
 
 const forwardBatch = 256
 
+// downAfter is how long a destination's liveness key must be missing
+// before its messages are left to Redis alone.
+const downAfter = 30 * time.Second
+
+// Forwarding states.
+const (
+	fwdFailed    int8 = -1 // the write failed: never forwarded
+	fwdWriting   int8 = 0  // its write is not durable yet
+	fwdCommitted int8 = 1  // durable here: to send
+	fwdSent      int8 = 2  // in the destinations' streams: held until they took it
+)
+
 // forwardLoop writes committed messages to their destinations' streams
-// in seq order, then lets go of their records.
+// in seq order. A sent message is held (its forwarding record and log
+// reference) until every destination that is up has taken it: if Redis
+// loses the stream (a crash before its append-only file had it, a
+// failover to a replica behind), what was not taken is sent again when
+// Redis is back. For a destination that is down, Redis's copy is the one
+// that waits.
 func (r *Router) forwardLoop(ctx context.Context) {
 	backoff := 50 * time.Millisecond
+	confirm := time.NewTicker(200 * time.Millisecond)
+	defer confirm.Stop()
 	for {
+		if r.rewind {
+			// A stream lost entries (Redis came back without them): send
+			// again all that is held, oldest first. The script skips
+			// what each stream has; its receiver skips what it took.
+			r.rewind = false
+			r.fmu.Lock()
+			for _, f := range r.pending {
+				if f.state == fwdSent {
+					f.state = fwdCommitted
+				}
+			}
+			r.fmu.Unlock()
+		}
 		batch := r.takeBatch()
 		if len(batch) == 0 {
 			select {
 			case <-ctx.Done():
 				return
 			case <-r.fwake:
+			case <-confirm.C:
+				r.release(ctx)
 			}
 			continue
 		}
 		err := r.send(ctx, batch)
+		if errors.Is(err, errRewind) {
+			r.n.Report(nil)
+			r.rewind = true
+			continue
+		}
 		r.n.Report(err)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
-			r.announced = map[string]bool{}
 			select {
 			case <-ctx.Done():
 				return
@@ -329,52 +376,200 @@ func (r *Router) forwardLoop(ctx context.Context) {
 		r.fmu.Lock()
 		for _, f := range batch {
 			if f.m != nil {
+				f.m = nil // a resend reads it back from the log
 				r.bodies--
 			}
-		}
-		r.pending = r.pending[len(batch):]
-		if len(r.pending) == 0 {
-			r.pending = nil
+			if f.state == fwdCommitted {
+				f.state = fwdSent
+			}
 		}
 		r.fmu.Unlock()
-		dels := make([]storage.Op, 0, len(batch))
-		for _, f := range batch {
-			dels = append(dels, storage.Delete(storage.ForwardKey(f.seq)))
-		}
-		r.db.WriteAsync(dels...)
-		for _, f := range batch {
-			r.lg.Unref(f.seq)
+		select {
+		case <-confirm.C:
+			r.release(ctx)
+		default:
 		}
 	}
 }
 
-// takeBatch returns the committed messages at the head of the queue
-// (dropping failed writes), up to forwardBatch; none while the head's
-// write is still going.
+// takeBatch returns the committed messages that follow the sent ones at
+// the head of the queue, up to forwardBatch; none while the next one's
+// write is still going. Failed writes at the head are dropped.
 func (r *Router) takeBatch() []*forward {
 	r.fmu.Lock()
 	defer r.fmu.Unlock()
-	for len(r.pending) > 0 && r.pending[0].state < 0 {
+	r.dropFailed()
+	i := 0
+	for i < len(r.pending) && (r.pending[i].state == fwdSent || r.pending[i].state == fwdFailed) {
+		i++
+	}
+	j := i
+	for j < len(r.pending) && j-i < forwardBatch && r.pending[j].state == fwdCommitted {
+		j++
+	}
+	return append([]*forward(nil), r.pending[i:j]...)
+}
+
+// dropFailed removes failed writes from the head. Called with fmu held.
+func (r *Router) dropFailed() {
+	for len(r.pending) > 0 && r.pending[0].state == fwdFailed {
 		if r.pending[0].m != nil {
 			r.bodies--
 		}
 		r.pending = r.pending[1:]
 	}
-	n := 0
-	for n < len(r.pending) && n < forwardBatch && r.pending[n].state == 1 {
-		n++
+	if len(r.pending) == 0 {
+		r.pending = nil
 	}
-	return append([]*forward(nil), r.pending[:n]...)
 }
 
-// send writes one batch in one round trip. An entry a stream already
-// has (sent before a crash or a lost reply) is refused by Redis as not
-// newer than its last id: that is success.
+// release lets go of the sent messages at the head that every live
+// destination has taken (the taken:<stream> keys receivers keep), and
+// of those for destinations that are down.
+func (r *Router) release(ctx context.Context) {
+	r.fmu.Lock()
+	r.dropFailed()
+	dests := map[string]bool{}
+	for _, f := range r.pending {
+		if f.state != fwdSent && f.state != fwdFailed {
+			break
+		}
+		for _, d := range f.nodes {
+			dests[d] = true
+		}
+	}
+	r.fmu.Unlock()
+	if len(dests) == 0 {
+		return
+	}
+	ids := make([]string, 0, len(dests))
+	keys := make([]string, 0, 2*len(dests))
+	for d := range dests {
+		ids = append(ids, d)
+		keys = append(keys, r.takenKey(r.streamKey(d)), r.n.Key("node", d))
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	vals, err := r.n.rdb.MGet(ctx, keys...).Result()
+	cancel()
+	r.n.Report(err)
+	if err != nil {
+		return
+	}
+	taken := map[string]uint64{}
+	now := time.Now()
+	for i, d := range ids {
+		if vals[2*i+1] == nil {
+			// Down for a while (not just Redis come back empty, before
+			// the node's next heartbeat): Redis holds its messages.
+			since, ok := r.downSince[d]
+			if !ok {
+				r.downSince[d] = now
+			} else if now.Sub(since) >= downAfter {
+				taken[d] = math.MaxUint64
+				continue
+			}
+		} else {
+			delete(r.downSince, d)
+		}
+		if v, ok := vals[2*i].(string); ok {
+			taken[d], _ = strconv.ParseUint(v, 10, 64)
+		}
+	}
+	r.fmu.Lock()
+	n := 0
+	for n < len(r.pending) {
+		f := r.pending[n]
+		if f.state == fwdFailed {
+			n++
+			continue
+		}
+		if f.state != fwdSent {
+			break
+		}
+		done := true
+		for _, d := range f.nodes {
+			if taken[d] < f.seq {
+				done = false
+				break
+			}
+		}
+		if !done {
+			break
+		}
+		n++
+	}
+	gone := append([]*forward(nil), r.pending[:n]...)
+	r.pending = r.pending[n:]
+	if len(r.pending) == 0 {
+		r.pending = nil
+	}
+	r.fmu.Unlock()
+	dels := make([]storage.Op, 0, len(gone))
+	for _, f := range gone {
+		if f.state == fwdSent {
+			dels = append(dels, storage.Delete(storage.ForwardKey(f.seq)))
+		}
+	}
+	if len(dels) > 0 {
+		r.db.WriteAsync(dels...)
+	}
+	for _, f := range gone {
+		if f.state == fwdSent {
+			r.lg.Unref(f.seq)
+		}
+	}
+}
+
+// takenKey is where the receiver of stream says how far it has taken it.
+func (r *Router) takenKey(stream string) string {
+	return r.n.Key("taken") + strings.TrimPrefix(stream, r.n.Key("fwd"))
+}
+
+// appendScript appends a batch to one stream, unless the stream lost
+// entries it had been given: KEYS[1] the stream, KEYS[2] the
+// destination's inbox set; ARGV[1] the seq the stream's last entry had
+// after the previous batch (0: unknown), then seq and body pairs. Entries
+// not newer than the stream's last are skipped (sent before a crash, or
+// a lost reply). It returns {"ok", last seq} or {"rewind", last seq}
+// when the stream ends before ARGV[1]: Redis came back without entries
+// (a restart without them in its append-only file, a failover to a
+// replica behind), and everything held must go again first, in order.
+var appendScript = redis.NewScript(`
+local last = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      last = tonumber(string.match(info[i + 1], '^(%d+)'))
+    end
+  end
+end
+local expect = tonumber(ARGV[1])
+if expect > last then
+  return {'rewind', tostring(last)}
+end
+redis.call('SADD', KEYS[2], KEYS[1])
+for i = 2, #ARGV, 2 do
+  local seq = tonumber(ARGV[i])
+  if seq > last then
+    redis.call('XADD', KEYS[1], ARGV[i] .. '-0', 'm', ARGV[i + 1])
+    last = seq
+  end
+end
+return {'ok', tostring(last)}
+`)
+
+// errRewind: a stream lost entries; the held messages go again.
+var errRewind = errors.New("cluster: a forwarding stream lost entries")
+
+// send writes one batch in one round trip: per destination, one call of
+// appendScript.
 func (r *Router) send(ctx context.Context, batch []*forward) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
+	args := map[string][]any{}
+	var dests []string
 	p := r.n.rdb.Pipeline()
-	var xadds []*redis.StringCmd
 	for _, f := range batch {
 		var body []byte
 		var topic string
@@ -393,11 +588,12 @@ func (r *Router) send(ctx context.Context, batch []*forward) error {
 			body, topic, retain = engine.EncodeLogMessage(&lm), lm.Topic, lm.Retain
 		}
 		for _, dest := range f.nodes {
-			stream := r.streamKey(dest)
-			if !r.announced[dest] {
-				p.SAdd(ctx, r.n.Key("inbox", dest), stream)
+			a, ok := args[dest]
+			if !ok {
+				a = []any{r.lastSent[dest]}
+				dests = append(dests, dest)
 			}
-			xadds = append(xadds, p.XAdd(ctx, &redis.XAddArgs{Stream: stream, ID: fmt.Sprintf("%d-0", f.seq), Values: []any{"m", body}}))
+			args[dest] = append(a, f.seq, body)
 		}
 		if retain {
 			lm, _ := storage.DecodeRetained(body)
@@ -408,30 +604,36 @@ func (r *Router) send(ctx context.Context, batch []*forward) error {
 			}
 		}
 	}
-	if len(xadds) == 0 {
+	if len(dests) == 0 {
 		return nil
 	}
-	_, err := p.Exec(ctx)
-	if err != nil && !isStale(err) {
+	cmds := make([]*redis.Cmd, len(dests))
+	for i, dest := range dests {
+		cmds[i] = appendScript.Eval(ctx, p, []string{r.streamKey(dest), r.n.Key("inbox", dest)}, args[dest]...)
+	}
+	if _, err := p.Exec(ctx); err != nil {
 		return err
 	}
-	for _, c := range xadds {
-		if err := c.Err(); err != nil && !isStale(err) {
-			return err
+	rewind := false
+	for i, c := range cmds {
+		res, err := c.StringSlice()
+		if err != nil || len(res) != 2 {
+			return fmt.Errorf("cluster: append to %s: %v %v", dests[i], res, err)
 		}
-	}
-	for _, f := range batch {
-		for _, dest := range f.nodes {
-			r.announced[dest] = true
+		last, _ := strconv.ParseUint(res[1], 10, 64)
+		if res[0] == "rewind" {
+			r.log.Warn("cluster: Redis lost messages not yet taken by a node; sending them again",
+				"node", dests[i], "stream_ends_at", last, "sent_up_to", r.lastSent[dests[i]])
+			rewind = true
+		} else {
+			r.forwarded.Add(uint64((len(args[dests[i]]) - 1) / 2))
 		}
+		r.lastSent[dests[i]] = last
 	}
-	r.forwarded.Add(uint64(len(xadds)))
+	if rewind {
+		return errRewind
+	}
 	return nil
-}
-
-// isStale is Redis refusing an entry id not above the stream's last.
-func isStale(err error) bool {
-	return err != nil && strings.Contains(err.Error(), "equal or smaller than the target stream top item")
 }
 
 // liveLoop sends QoS 0 messages to the nodes that want them, as they
@@ -516,6 +718,7 @@ func (r *Router) inboxLoop(ctx context.Context) {
 				continue
 			}
 			streams, listed = s, time.Now()
+			r.publishTaken(ctx)
 			if len(streams) == 0 {
 				select {
 				case <-ctx.Done():
@@ -595,16 +798,39 @@ func (r *Router) take(ctx context.Context, xs redis.XStream) error {
 		}
 	}
 	if id := r.cursors[xs.Stream]; id != "" {
-		// Taken for good: the stream need not keep them.
-		tctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		// Taken for good: the stream need not keep them, and the origin
+		// may let go of its copies.
 		if ms, _, ok := strings.Cut(id, "-"); ok {
 			if seq, err := strconv.ParseUint(ms, 10, 64); err == nil {
-				_ = r.n.rdb.XTrimMinID(tctx, xs.Stream, strconv.FormatUint(seq+1, 10)+"-0").Err()
+				tctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				p := r.n.rdb.Pipeline()
+				p.XTrimMinID(tctx, xs.Stream, strconv.FormatUint(seq+1, 10)+"-0")
+				p.Set(tctx, r.takenKey(xs.Stream), seq, 0)
+				_, err := p.Exec(tctx)
+				cancel()
+				r.n.Report(err)
 			}
 		}
-		cancel()
 	}
 	return first
+}
+
+// publishTaken tells the origins again how far this node took their
+// streams (a SET after taking may have been lost with Redis).
+func (r *Router) publishTaken(ctx context.Context) {
+	if len(r.cursors) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	p := r.n.rdb.Pipeline()
+	for stream, id := range r.cursors {
+		if ms, _, ok := strings.Cut(id, "-"); ok {
+			p.Set(ctx, r.takenKey(stream), ms, 0)
+		}
+	}
+	_, err := p.Exec(ctx)
+	r.n.Report(err)
 }
 
 // syncRetained takes the cluster's retained messages this node lacks or
