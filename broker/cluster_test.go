@@ -192,3 +192,70 @@ func TestClusterDeliversToANodeThatWasDown(t *testing.T) {
 		t.Fatalf("got %d messages, want %d exactly", q, n)
 	}
 }
+
+// A shared group with members on several nodes gets each message once,
+// in the whole cluster; a plain subscriber beside it gets every one.
+func TestClusterSharedSubscriptionsSpanNodes(t *testing.T) {
+	redis := clustertest.StartRedis(t)
+	a := bt.Start(t, clusterConfig(t, redis, "a"))
+	b := bt.Start(t, clusterConfig(t, redis, "b"))
+	c := bt.Start(t, clusterConfig(t, redis, "c"))
+	var members []*bt.Client
+	for i, n := range []*broker.Broker{a, b, b, c} {
+		m := bt.Dial(t, n.MQTTAddr("tcp"), &paho.Connect{ClientID: fmt.Sprintf("worker-%d", i), CleanStart: true})
+		m.SubscribeT(t, paho.SubscribeOptions{Topic: "$share/workers/jobs/#", QoS: 1})
+		members = append(members, m)
+	}
+	plain := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "plain", CleanStart: true})
+	plain.SubscribeT(t, paho.SubscribeOptions{Topic: "jobs/#", QoS: 1})
+	waitWants(t, a, "jobs/1", "b", "c")
+	for _, n := range []*broker.Broker{b, c} {
+		waitWants(t, n, "jobs/1", slices.DeleteFunc([]string{"a", "b", "c"}, func(id string) bool {
+			return id == n.ClusterRouter().ID()
+		})...)
+	}
+
+	const n = 120
+	pubs := []*bt.Client{
+		bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-a", CleanStart: true}),
+		bt.Dial(t, c.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-c", CleanStart: true}),
+	}
+	for i := range n {
+		pubs[i%2].PublishT(t, &paho.Publish{Topic: "jobs/x", QoS: byte(1 - i%3/2), Payload: []byte(fmt.Sprint(i))})
+	}
+	plain.WaitMessages(t, n, 20*time.Second)
+	total := func() int {
+		k := 0
+		for _, m := range members {
+			k += m.Count()
+		}
+		return k
+	}
+	bt.WaitFor(t, 20*time.Second, fmt.Sprintf("%d messages across the group", n), func() bool { return total() >= n })
+	pubs[0].PublishT(t, &paho.Publish{Topic: "jobs/end", QoS: 1, Payload: []byte("end")})
+	pubs[1].PublishT(t, &paho.Publish{Topic: "jobs/end", QoS: 1, Payload: []byte("end")})
+	plain.WaitMessages(t, n+2, 20*time.Second)
+	bt.WaitFor(t, 20*time.Second, "the end messages across the group", func() bool { return total() >= n+2 })
+	seen := map[string]int{}
+	perNode := map[string]int{}
+	for i, m := range members {
+		for _, p := range m.Messages() {
+			seen[string(p.Payload)]++
+		}
+		perNode[[]string{"a", "b", "b", "c"}[i]] += m.Count()
+	}
+	for i := range n {
+		if seen[fmt.Sprint(i)] != 1 {
+			t.Errorf("message %d reached the group %d times, want once", i, seen[fmt.Sprint(i)])
+		}
+	}
+	if t.Failed() {
+		return
+	}
+	for _, id := range []string{"a", "b", "c"} {
+		if perNode[id] == 0 {
+			t.Errorf("no message went to the group's members on %s: %v", id, perNode)
+		}
+	}
+	t.Logf("group deliveries per node: %v", perNode)
+}

@@ -2,6 +2,8 @@ package cluster
 
 import (
 	"context"
+	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -38,7 +40,7 @@ type DB interface {
 
 // Engine is the part of the engine that takes messages from other nodes.
 type Engine interface {
-	BeginRemote(m *engine.Message, ops []storage.Op) *engine.Pending
+	BeginRemote(m *engine.Message, ops []storage.Op, scope *engine.Scope) *engine.Pending
 	SetRetained(m *engine.Message) error
 }
 
@@ -87,6 +89,7 @@ type Router struct {
 
 	rewind    bool                 // a stream lost entries: send what is held again (forwarder goroutine)
 	lastSent  map[string]uint64    // destination -> seq of its stream's last entry after our last batch (forwarder goroutine)
+	sharedRR  atomic.Uint64        // turns of the shared groups
 	downSince map[string]time.Time // destinations seen without liveness key (forwarder goroutine)
 
 	// Taking.
@@ -96,15 +99,17 @@ type Router struct {
 }
 
 type forward struct {
-	seq   uint64
-	m     *engine.Message // nil: read it back from the log
-	nodes []string
-	state int8 // fwdWriting, fwdCommitted, fwdSent or fwdFailed
+	seq    uint64
+	m      *engine.Message // nil: read it back from the log
+	nodes  []string
+	scopes []string // per node: which of its subscriptions it reaches (encodeScope)
+	state  int8     // fwdWriting, fwdCommitted, fwdSent or fwdFailed
 }
 
 type liveMsg struct {
-	body  []byte
-	nodes []string
+	body   []byte
+	nodes  []string
+	scopes []string
 }
 
 // NewRouter makes the router of node n over the node's log and store.
@@ -129,16 +134,21 @@ func (r *Router) Load() (pending int, err error) {
 		if !ok {
 			return nil
 		}
-		nodes := strings.Fields(string(v))
-		if len(nodes) == 0 {
+		var pairs [][2]string
+		if json.Unmarshal(v, &pairs) != nil || len(pairs) == 0 {
+			gone = append(gone, storage.Delete(storage.ForwardKey(seq)))
 			return nil
+		}
+		nodes, scopes := make([]string, len(pairs)), make([]string, len(pairs))
+		for i, p := range pairs {
+			nodes[i], scopes[i] = p[0], p[1]
 		}
 		if !r.lg.TryRef(seq) {
 			gone = append(gone, storage.Delete(storage.ForwardKey(seq)))
 			r.missing.Add(1)
 			return nil
 		}
-		r.pending = append(r.pending, &forward{seq: seq, nodes: nodes, state: fwdCommitted})
+		r.pending = append(r.pending, &forward{seq: seq, nodes: nodes, scopes: scopes, state: fwdCommitted})
 		return nil
 	})
 	if err != nil {
@@ -201,33 +211,86 @@ func (r *Router) Stats() Stats {
 }
 
 // Route is the engine's: the other nodes a message accepted here goes
-// to. A retained message goes to every node (each keeps the cluster's
-// retained messages); others to the nodes with a matching filter.
-func (r *Router) Route(m *engine.Message) engine.Remote {
-	var nodes []string
+// to. Each shared group matching here or elsewhere is served by one node
+// (this one counts once, however many members it has), in turn. A
+// retained message goes to every node (each keeps the cluster's retained
+// messages); others to the nodes with a matching filter or a chosen group.
+func (r *Router) Route(m *engine.Message, shared []topics.SharedMatch) engine.Remote {
 	r.rmu.RLock()
-	if m.Retain {
-		for id := range r.known {
-			nodes = append(nodes, id)
-		}
-	} else if r.remote.Len() > 0 {
-		ms := matchesPool.Get().(*topics.Matches)
-		r.remote.Match(m.Topic, "", ms)
-		for i := range ms.Direct {
-			nodes = append(nodes, ms.Direct[i].Client)
-		}
-		for i := range ms.Shared {
-			for _, s := range ms.Shared[i].Members {
-				nodes = appendNew(nodes, s.Client)
-			}
-		}
-		matchesPool.Put(ms)
-	}
-	r.rmu.RUnlock()
-	if len(nodes) == 0 {
+	if r.remote.Len() == 0 && (!m.Retain || len(r.known) == 0) {
+		r.rmu.RUnlock()
 		return nil
 	}
-	return &route{r: r, nodes: nodes, durable: m.QoS > 0 || m.Retain}
+	ms := matchesPool.Get().(*topics.Matches)
+	r.remote.Match(m.Topic, "", ms)
+	rt := &route{r: r, durable: m.QoS > 0 || m.Retain}
+	scopes := map[string]*engine.Scope{}
+	for i := range ms.Direct {
+		scopes[ms.Direct[i].Client] = &engine.Scope{}
+	}
+	for i := range ms.Shared {
+		g := &ms.Shared[i]
+		var cands []string
+		for _, sub := range g.Members {
+			cands = appendNew(cands, sub.Client)
+		}
+		local := slices.ContainsFunc(shared, func(l topics.SharedMatch) bool {
+			return l.Group == g.Group && l.Filter == g.Filter && len(l.Members) > 0
+		})
+		if local {
+			cands = append(cands, "") // this node
+		}
+		slices.Sort(cands)
+		pick := cands[r.sharedRR.Add(1)%uint64(len(cands))]
+		if pick == "" {
+			continue
+		}
+		sc := scopes[pick]
+		if sc == nil {
+			sc = &engine.Scope{NoDirect: true}
+			scopes[pick] = sc
+		}
+		key := g.Group + "\x00" + g.Filter
+		sc.Groups = append(sc.Groups, key)
+		if local {
+			rt.takes = append(rt.takes, key)
+		}
+	}
+	if m.Retain {
+		for id := range r.known {
+			if scopes[id] == nil {
+				scopes[id] = &engine.Scope{NoDirect: true} // keeps it, delivers it to nobody
+			}
+		}
+	}
+	r.rmu.RUnlock()
+	matchesPool.Put(ms)
+	if len(scopes) == 0 {
+		return nil
+	}
+	for id, sc := range scopes {
+		rt.nodes = append(rt.nodes, id)
+		rt.scopes = append(rt.scopes, encodeScope(sc))
+	}
+	return rt
+}
+
+// encodeScope is "" for the common scope (direct subscriptions only),
+// else JSON.
+func encodeScope(sc *engine.Scope) string {
+	if !sc.NoDirect && len(sc.Groups) == 0 {
+		return ""
+	}
+	b, _ := json.Marshal(sc)
+	return string(b)
+}
+
+func decodeScope(s string) (*engine.Scope, error) {
+	sc := &engine.Scope{}
+	if s == "" {
+		return sc, nil
+	}
+	return sc, json.Unmarshal([]byte(s), sc)
 }
 
 var matchesPool = sync.Pool{New: func() any { return new(topics.Matches) }}
@@ -245,17 +308,28 @@ func appendNew(s []string, v string) []string {
 type route struct {
 	r       *Router
 	nodes   []string
+	scopes  []string
+	takes   []string // shared groups matching here that another node serves
 	durable bool
 	f       *forward
 }
 
 func (rt *route) Durable() bool { return rt.durable }
 
+func (rt *route) Takes(group, filter string) bool {
+	for _, k := range rt.takes {
+		if len(k) == len(group)+1+len(filter) && k[:len(group)] == group && k[len(group)+1:] == filter {
+			return true
+		}
+	}
+	return false
+}
+
 // Queued records, in the message's own write, that it is still to be
 // forwarded, and queues it in seq order.
 func (rt *route) Queued(m *engine.Message, seq uint64) []storage.Op {
 	r := rt.r
-	f := &forward{seq: seq, m: m, nodes: rt.nodes}
+	f := &forward{seq: seq, m: m, nodes: rt.nodes, scopes: rt.scopes}
 	r.fmu.Lock()
 	if r.bodies >= r.n.opts.ForwardBuffer {
 		f.m = nil // read back from the log when its turn comes
@@ -265,14 +339,19 @@ func (rt *route) Queued(m *engine.Message, seq uint64) []storage.Op {
 	r.pending = append(r.pending, f)
 	r.fmu.Unlock()
 	rt.f = f
-	return []storage.Op{storage.Set(storage.ForwardKey(seq), []byte(strings.Join(rt.nodes, "\n")))}
+	pairs := make([][2]string, len(rt.nodes))
+	for i := range rt.nodes {
+		pairs[i] = [2]string{rt.nodes[i], rt.scopes[i]}
+	}
+	v, _ := json.Marshal(pairs)
+	return []storage.Op{storage.Set(storage.ForwardKey(seq), v)}
 }
 
 func (rt *route) Done(m *engine.Message, err error) {
 	r := rt.r
 	if !rt.durable {
 		select {
-		case r.live <- liveMsg{body: engine.EncodeMessage(m), nodes: rt.nodes}:
+		case r.live <- liveMsg{body: engine.EncodeMessage(m), nodes: rt.nodes, scopes: rt.scopes}:
 		default:
 			r.liveDropped.Add(uint64(len(rt.nodes)))
 		}
@@ -528,7 +607,9 @@ func (r *Router) takenKey(stream string) string {
 // appendScript appends a batch to one stream, unless the stream lost
 // entries it had been given: KEYS[1] the stream, KEYS[2] the
 // destination's inbox set; ARGV[1] the seq the stream's last entry had
-// after the previous batch (0: unknown), then seq and body pairs. Entries
+// after the previous batch (0: unknown), then seq, body and scope
+// triples (the scope says which of the receiver's subscriptions the
+// message reaches: "" for all but shared groups). Entries
 // not newer than the stream's last are skipped (sent before a crash, or
 // a lost reply). It returns {"ok", last seq} or {"rewind", last seq}
 // when the stream ends before ARGV[1]: Redis came back without entries
@@ -549,10 +630,10 @@ if expect > last then
   return {'rewind', tostring(last)}
 end
 redis.call('SADD', KEYS[2], KEYS[1])
-for i = 2, #ARGV, 2 do
+for i = 2, #ARGV, 3 do
   local seq = tonumber(ARGV[i])
   if seq > last then
-    redis.call('XADD', KEYS[1], ARGV[i] .. '-0', 'm', ARGV[i + 1])
+    redis.call('XADD', KEYS[1], ARGV[i] .. '-0', 'm', ARGV[i + 1], 's', ARGV[i + 2])
     last = seq
   end
 end
@@ -587,13 +668,13 @@ func (r *Router) send(ctx context.Context, batch []*forward) error {
 			}
 			body, topic, retain = engine.EncodeLogMessage(&lm), lm.Topic, lm.Retain
 		}
-		for _, dest := range f.nodes {
+		for i, dest := range f.nodes {
 			a, ok := args[dest]
 			if !ok {
 				a = []any{r.lastSent[dest]}
 				dests = append(dests, dest)
 			}
-			args[dest] = append(a, f.seq, body)
+			args[dest] = append(a, f.seq, body, f.scopes[i])
 		}
 		if retain {
 			lm, _ := storage.DecodeRetained(body)
@@ -626,7 +707,7 @@ func (r *Router) send(ctx context.Context, batch []*forward) error {
 				"node", dests[i], "stream_ends_at", last, "sent_up_to", r.lastSent[dests[i]])
 			rewind = true
 		} else {
-			r.forwarded.Add(uint64((len(args[dests[i]]) - 1) / 2))
+			r.forwarded.Add(uint64((len(args[dests[i]]) - 1) / 3))
 		}
 		r.lastSent[dests[i]] = last
 	}
@@ -660,8 +741,8 @@ func (r *Router) liveLoop(ctx context.Context) {
 		p := r.n.rdb.Pipeline()
 		n := 0
 		for _, lm := range batch {
-			for _, dest := range lm.nodes {
-				p.Publish(sctx, r.n.Key("live", dest), lm.body)
+			for i, dest := range lm.nodes {
+				p.Publish(sctx, r.n.Key("live", dest), livePayload(lm.scopes[i], lm.body))
 				n++
 			}
 		}
@@ -677,14 +758,31 @@ func (r *Router) liveLoop(ctx context.Context) {
 	}
 }
 
+// livePayload is a QoS 0 message on the live channel: its scope's
+// length (uvarint), its scope, the message.
+func livePayload(scope string, body []byte) []byte {
+	b := binary.AppendUvarint(make([]byte, 0, len(scope)+len(body)+2), uint64(len(scope)))
+	return append(append(b, scope...), body...)
+}
+
 // takeLive routes a QoS 0 message another node sent.
 func (r *Router) takeLive(payload string) {
-	m, err := engine.DecodeMessage([]byte(payload))
+	n, k := binary.Uvarint([]byte(payload))
+	if k <= 0 || uint64(len(payload)-k) < n {
+		r.damaged.Add(1)
+		return
+	}
+	sc, err := decodeScope(payload[k : k+int(n)])
 	if err != nil {
 		r.damaged.Add(1)
 		return
 	}
-	if _, err := r.eng.BeginRemote(m, nil).Finish(); err == nil {
+	m, err := engine.DecodeMessage([]byte(payload[k+int(n):]))
+	if err != nil {
+		r.damaged.Add(1)
+		return
+	}
+	if _, err := r.eng.BeginRemote(m, nil, sc).Finish(); err == nil {
 		r.receivedLive.Add(1)
 	}
 }
@@ -773,7 +871,12 @@ func (r *Router) take(ctx context.Context, xs redis.XStream) error {
 	for _, x := range xs.Messages {
 		op := storage.Set(storage.CursorKey(xs.Stream), []byte(x.ID))
 		raw, _ := x.Values["m"].(string)
+		rawScope, _ := x.Values["s"].(string)
 		m, err := engine.DecodeMessage([]byte(raw))
+		var sc *engine.Scope
+		if err == nil {
+			sc, err = decodeScope(rawScope)
+		}
 		if err != nil {
 			r.damaged.Add(1)
 			r.log.Warn("cluster: a forwarded message does not decode; skipped", "stream", xs.Stream, "id", x.ID, "error", err)
@@ -783,7 +886,7 @@ func (r *Router) take(ctx context.Context, xs redis.XStream) error {
 			r.cursors[xs.Stream] = x.ID
 			continue
 		}
-		begun = append(begun, r.eng.BeginRemote(m, []storage.Op{op}))
+		begun = append(begun, r.eng.BeginRemote(m, []storage.Op{op}, sc))
 		ids = append(ids, x.ID)
 	}
 	var first error
@@ -862,15 +965,24 @@ func (r *Router) syncRetained() {
 	}
 }
 
-// Wants returns the other nodes that want messages on topic now (as
-// Route would send a message that is not retained), sorted.
+// Wants returns the other nodes with a filter (shared or not) matching
+// topic now, sorted.
 func (r *Router) Wants(topic string) []string {
-	rt, _ := r.Route(&engine.Message{Topic: topic}).(*route)
-	if rt == nil {
-		return nil
+	ms := new(topics.Matches)
+	r.rmu.RLock()
+	r.remote.Match(topic, "", ms)
+	r.rmu.RUnlock()
+	var ids []string
+	for _, d := range ms.Direct {
+		ids = appendNew(ids, d.Client)
 	}
-	slices.Sort(rt.nodes)
-	return rt.nodes
+	for _, g := range ms.Shared {
+		for _, sub := range g.Members {
+			ids = appendNew(ids, sub.Client)
+		}
+	}
+	slices.Sort(ids)
+	return ids
 }
 
 // Nodes returns the other nodes this one knows of, sorted.
@@ -884,3 +996,6 @@ func (r *Router) Nodes() []string {
 	slices.Sort(ids)
 	return ids
 }
+
+// ID is this node's id.
+func (r *Router) ID() string { return r.n.ID() }
