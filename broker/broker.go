@@ -977,13 +977,13 @@ func (o *observer) Disconnected(ci *engine.ClientInfo, err error) {
 }
 
 func (o *observer) Routed(m *engine.Message, _ int) {
-	if m.Client != "" {
+	if m.Client != "" && !m.FromNode() { // counted once in the cluster: where it was accepted
 		o.metricsHook.Received(m.QoS, len(m.Payload))
 	}
 	hm := hooks.Message{Seq: m.Seq, Topic: m.Topic, Payload: m.Payload, QoS: m.QoS, Retain: m.Retain,
 		Client: m.Client, Device: m.Device, Time: m.Created}
 	o.history.Feed(&hm)
-	if o.ha != nil {
+	if o.ha != nil && !m.FromNode() { // the node that accepted it announces its readings
 		o.ha.Observe(&hm)
 	}
 }

@@ -26,6 +26,10 @@ func (s *Server) BeginRemote(m *Message, ops []storage.Op, scope *Scope) *Pendin
 	return &Pending{s: s, a: s.beginAccept(m, nil)}
 }
 
+// FromNode reports whether m came from another node of a cluster (its
+// webhook outbox records and its extensions ran there).
+func (m *Message) FromNode() bool { return m.remote }
+
 // Finish waits for the write and delivers the message; it returns how
 // many sessions took it.
 func (p *Pending) Finish() (int, error) { return p.s.finishAccept(p.a) }

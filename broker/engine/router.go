@@ -232,6 +232,9 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 	}
 	var fixed []storage.Op
 	cm := s.opts.Committer
+	if m.remote {
+		cm = nil // the node that accepted it wrote its outbox records
+	}
 	if cm != nil {
 		fixed = cm.Prepare(m)
 	}
