@@ -1,6 +1,7 @@
 package broker_test
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/eclipse/paho.golang/paho"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/beaconmq/beacon/broker"
 	bt "github.com/beaconmq/beacon/broker/brokertest"
@@ -38,13 +40,20 @@ func waitWants(t *testing.T, b *broker.Broker, topic string, want ...string) {
 }
 
 func TestClusterForwardsByInterest(t *testing.T) {
-	redis := clustertest.StartRedis(t)
-	a := bt.Start(t, clusterConfig(t, redis, "a"))
-	b := bt.Start(t, clusterConfig(t, redis, "b"))
-	c := bt.Start(t, clusterConfig(t, redis, "c"))
+	rds := clustertest.StartRedis(t)
+	a := bt.Start(t, clusterConfig(t, rds, "a"))
+	b := bt.Start(t, clusterConfig(t, rds, "b"))
+	c := bt.Start(t, clusterConfig(t, rds, "c"))
+	bt.WaitFor(t, 20*time.Second, "b reaches Redis", func() bool { return b.ClusterRouter().Up() })
 
 	subB := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: true})
 	subB.SubscribeT(t, paho.SubscribeOptions{Topic: "plant/+/temp", QoS: 1})
+	// The SUBACK came once Redis had b's new filter.
+	rdb := redis.NewClient(&redis.Options{Addr: rds.Addr()})
+	defer rdb.Close()
+	if v, err := rdb.HGet(context.Background(), "beacon:interest:b", "plant/+/temp").Result(); err != nil || v != "1" {
+		t.Fatalf("after the SUBACK, b's interest in Redis: %q, %v", v, err)
+	}
 	s, resp := bt.OpenSSE(t, "http://"+c.HTTPAddr()+"/events?topic=plant/%23", nil)
 	if s == nil {
 		t.Fatalf("GET /events on c: %d", resp.StatusCode)

@@ -69,11 +69,14 @@ type Router struct {
 	epoch uint64
 
 	// Interest: this node's filters (counted) and what Redis still has to hear.
-	imu      sync.Mutex
-	local    map[string]int
-	dirty    map[string]bool // key -> added
-	iwake    chan struct{}
-	fullPush atomic.Bool
+	imu       sync.Mutex
+	local     map[string]int
+	dirty     map[string]bool // key -> added
+	iwake     chan struct{}
+	fullPush  atomic.Bool
+	dirtyGen  uint64        // guarded by imu: changes reported
+	pushedGen uint64        // guarded by imu: changes known to be in Redis
+	pushed    chan struct{} // guarded by imu: closed (and made anew) when pushedGen grows
 
 	// The other nodes' filters: a subscription index whose clients are node ids.
 	rmu    sync.RWMutex
@@ -115,7 +118,7 @@ type liveMsg struct {
 // NewRouter makes the router of node n over the node's log and store.
 func NewRouter(n *Node, lg LogStore, db DB) *Router {
 	return &Router{n: n, lg: lg, db: db, log: n.log, epoch: lg.Epoch(),
-		local: map[string]int{}, dirty: map[string]bool{}, iwake: make(chan struct{}, 1),
+		local: map[string]int{}, dirty: map[string]bool{}, iwake: make(chan struct{}, 1), pushed: make(chan struct{}),
 		remote: topics.NewIndex(), known: map[string]bool{},
 		fwake: make(chan struct{}, 1), live: make(chan liveMsg, 4096),
 		lastSent: map[string]uint64{}, cursors: map[string]string{}, downSince: map[string]time.Time{}}
@@ -999,3 +1002,6 @@ func (r *Router) Nodes() []string {
 
 // ID is this node's id.
 func (r *Router) ID() string { return r.n.ID() }
+
+// Up reports whether Redis answers this node.
+func (r *Router) Up() bool { return r.n.Up() }

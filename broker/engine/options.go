@@ -241,6 +241,10 @@ type Cluster interface {
 	// local subscriber or lose its last. It runs under the subscription
 	// index's lock: it must be quick and must not call the engine.
 	Interest(filter, group string, added bool)
+	// AwaitInterest returns once the other nodes can know the filters
+	// reported so far (they are in Redis), or after wait, or at once
+	// while the cluster is unreachable. A SUBACK waits for it.
+	AwaitInterest(wait time.Duration)
 	// Route returns how a message accepted here reaches the other nodes
 	// that want it, or nil for none; shared are the shared groups it
 	// matched here (one member in the whole cluster gets it: the Remote
@@ -248,6 +252,10 @@ type Cluster interface {
 	// quick.
 	Route(m *Message, shared []topics.SharedMatch) Remote
 }
+
+// interestWait bounds how long a SUBACK waits for the cluster to hear of
+// a new filter.
+const interestWait = 2 * time.Second
 
 // Scope limits which of this node's subscriptions a message from another
 // node reaches: the other node chose this one for some shared groups and
