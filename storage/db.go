@@ -135,6 +135,17 @@ type request struct {
 	ops  []Op
 	done chan error  // nil for async writes
 	then func(error) // called by the committer after the commit, if set
+	// seal, if set, is called by the committer when it takes the request
+	// from the queue, before it reads ops: a request may grow while
+	// queued (the log's open block), until then.
+	seal func()
+}
+
+// take is called by the committer for each request it dequeues.
+func (r *request) take() {
+	if r.seal != nil {
+		r.seal()
+	}
 }
 
 // maxGroupOps bounds how many ops one group commit gathers before committing.
@@ -319,6 +330,7 @@ func (d *DB) commitLoop() {
 	defer d.wg.Done()
 	var group []*request
 	for r := range d.queue {
+		r.take()
 		group = append(group[:0], r)
 		n := len(r.ops)
 	gather:
@@ -328,6 +340,7 @@ func (d *DB) commitLoop() {
 				if !ok {
 					break gather
 				}
+				next.take()
 				group = append(group, next)
 				n += len(next.ops)
 			default:

@@ -699,6 +699,7 @@ func TestLogDamagedRecords(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	storage.SetLegacyLogWrites(l, true) // records under their own keys, damaged below
 	for i := 0; i < 4; i++ {
 		appendMsg(t, l, "ok", fmt.Sprint(i))
 	}
@@ -720,6 +721,7 @@ func TestLogDamagedRecords(t *testing.T) {
 
 	db = openLogDB(t, dir, storage.SyncBatch)
 	l = openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#"}}})
+	storage.SetLegacyLogWrites(l, true)
 	if st := l.Stats(); st.Damaged != 5 || st.Stored != 2 {
 		t.Fatalf("stats %+v", st)
 	}
