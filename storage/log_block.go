@@ -118,7 +118,7 @@ type logBlock struct {
 	// order is appendMu, a block's mu, l.mu): once it is true every
 	// record of the block is registered.
 	isSealed atomic.Bool
-	legacy bool // one record under its nsLog key (tests of old stores)
+	legacy   bool // one record under its nsLog key (tests of old stores)
 
 	done chan struct{} // closed once committed (or failed)
 	err  error         // set before done is closed
