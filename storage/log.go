@@ -173,6 +173,8 @@ type Log struct {
 
 	res logReservation
 
+	lastGet atomic.Pointer[cachedBlock] // the block of the last Get
+
 	mu        sync.Mutex // guards the index below
 	refs      map[uint64]refState
 	dels      []Op   // deletes not yet queued

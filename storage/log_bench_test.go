@@ -131,6 +131,29 @@ func BenchmarkLogGet(b *testing.B) {
 	}
 }
 
+// BenchmarkLogGetSequential reads stored messages by seq, one after the
+// other (a session restoring its queue at startup).
+func BenchmarkLogGetSequential(b *testing.B) {
+	const stored = 10_000
+	db := openLogDB(b, b.TempDir(), storage.SyncNone)
+	l := openLog(b, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#"}}})
+	ms := make([]*storage.LogMessage, stored)
+	for i := range ms {
+		ms[i] = benchMessage()
+	}
+	if err := l.AppendBatch(ms); err != nil {
+		b.Fatal(err)
+	}
+	barrier(b, db)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := l.Get(uint64(i%stored) + 1); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // BenchmarkLogRefUnref is a session taking and dropping a reference.
 func BenchmarkLogRefUnref(b *testing.B) {
 	db := openLogDB(b, b.TempDir(), storage.SyncBatch)

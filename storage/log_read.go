@@ -1,8 +1,10 @@
 package storage
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -56,13 +58,34 @@ func (l *Log) Get(seq uint64) (LogMessage, error) {
 	if err != nil {
 		return m, err
 	}
+	first, isBlock := parseBlockKey(key)
+	keep := false
+	if isBlock {
+		// A block never changes once written (its key, the first seq, is
+		// never used again), so a copy serves the next Gets of a reader
+		// going through it; one that reads a block once copies nothing.
+		if c := l.lastGet.Load(); c != nil && c.first == first && c.seqs != nil {
+			return l.gotten(seq, m, c.get(seq, &m))
+		}
+		c := l.lastGet.Load()
+		keep = c != nil && c.first == first
+		if !keep {
+			l.lastGet.Store(&cachedBlock{first: first})
+		}
+	}
 	err = l.db.view(func(txn *badger.Txn) error {
 		item, err := txn.Get(key)
 		if err != nil {
 			return err
 		}
 		return item.Value(func(b []byte) error {
-			if first, ok := parseBlockKey(key); ok {
+			if isBlock {
+				if keep {
+					if c := newCachedBlock(first, b); c != nil {
+						l.lastGet.Store(c)
+						return c.get(seq, &m)
+					}
+				}
 				return getFromBlock(first, b, seq, &m)
 			}
 			v, err := parseLogRecord(b)
@@ -73,6 +96,48 @@ func (l *Log) Get(seq uint64) (LogMessage, error) {
 			return nil
 		})
 	})
+	return l.gotten(seq, m, err)
+}
+
+// cachedBlock is the block the last Get read: with its records (in a
+// copy of its value) once a Get reads it a second time.
+type cachedBlock struct {
+	first uint64
+	seqs  []uint64
+	recs  [][]byte
+}
+
+// newCachedBlock copies and splits a block, or returns nil if it is
+// damaged (Gets then read it from the store and report the damage).
+func newCachedBlock(first uint64, value []byte) *cachedBlock {
+	c := &cachedBlock{first: first}
+	value = bytes.Clone(value)
+	if err := walkBlock(first, value, func(seq uint64, rec []byte) bool {
+		c.seqs = append(c.seqs, seq)
+		c.recs = append(c.recs, rec)
+		return true
+	}); err != nil || c.seqs == nil {
+		return nil
+	}
+	return c
+}
+
+// get decodes the record seq into m.
+func (c *cachedBlock) get(seq uint64, m *LogMessage) error {
+	i, ok := slices.BinarySearch(c.seqs, seq)
+	if !ok {
+		return ErrLogNotFound
+	}
+	v, err := parseLogRecord(c.recs[i])
+	if err != nil {
+		return err
+	}
+	v.message(seq, m)
+	return nil
+}
+
+// gotten is Get's result for err.
+func (l *Log) gotten(seq uint64, m LogMessage, err error) (LogMessage, error) {
 	if errors.Is(err, badger.ErrKeyNotFound) || errors.Is(err, ErrLogNotFound) {
 		return LogMessage{}, ErrLogNotFound
 	}
