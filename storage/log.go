@@ -102,7 +102,10 @@ type LogRuleStats struct {
 //
 // Append returns once the record is durable under the DB's sync policy.
 // Concurrent appends share group commits; seqs are assigned and the
-// writes queued under one lock, so commit order is seq order. Read and Get
+// writes queued under one lock, so commit order is seq order. The records
+// that meet between two group commits share one block, one badger key
+// (see log_block.go), with the ops that travel with them; retention,
+// references and reads stay per record. Read and Get
 // wait for records up to the seq they were asked for to be committed, so
 // a reader that reads up to Head and then follows live messages from
 // Head+1 on misses nothing, whatever the sync policy.
@@ -126,9 +129,10 @@ type LogRuleStats struct {
 //     Unref.
 //
 // Count and byte limits are applied on Append, age limits every second.
-// Deletes are queued asynchronously in batches, with the trim mark (the
-// highest seq that left a rule's retention, see Oldest) in the same
-// write.
+// A deleted record is gone for Get and Read at once; its block's key is
+// deleted with the block's last record. Deletes are queued asynchronously
+// in batches, with the trim mark (the highest seq that left a rule's
+// retention, see Oldest) in the same write.
 //
 // At open every record is taken as released and unreferenced: sessions
 // restore their references by calling Ref, and nothing is deleted until

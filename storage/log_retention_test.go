@@ -514,3 +514,37 @@ func TestLogBlockReference(t *testing.T) {
 		t.Fatalf("get after the last unref: %v", err)
 	}
 }
+
+// TestLogGetOfTrimmedInCachedBlock: a block Get has kept does not serve a
+// record trimmed since.
+func TestLogGetOfTrimmedInCachedBlock(t *testing.T) {
+	db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+	l := openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#", MaxMessages: 5}}})
+	l.StartTrimming()
+	var ms []*storage.LogMessage
+	for i := 0; i < 10; i++ {
+		ms = append(ms, &storage.LogMessage{Topic: "c", Payload: []byte{byte(i)}})
+	}
+	if err := l.AppendBatch(ms); err != nil {
+		t.Fatal(err)
+	}
+	for _, seq := range []uint64{1, 2, 3} { // the block is kept from the second on
+		if m, err := l.Get(seq); err != nil || m.Payload[0] != byte(seq-1) {
+			t.Fatalf("get %d: %v", seq, err)
+		}
+	}
+	for _, m := range ms {
+		l.Release(m.Seq)
+	}
+	l.TrimNow()
+	barrier(t, db)
+	for seq := uint64(1); seq <= 10; seq++ {
+		m, err := l.Get(seq)
+		switch {
+		case seq <= 5 && !errors.Is(err, storage.ErrLogNotFound):
+			t.Fatalf("get %d, trimmed: %v", seq, err)
+		case seq > 5 && (err != nil || m.Payload[0] != byte(seq-1)):
+			t.Fatalf("get %d: %v", seq, err)
+		}
+	}
+}
