@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -71,10 +72,11 @@ type LogStats struct {
 	Strays     int64  // Unref or Release calls that matched no Ref or Append
 	Rules      []LogRuleStats
 	// IndexBytes is the memory the in-memory index holds: the rules'
-	// entry chunks and the reference map (estimated at refEntryBytes an
-	// entry). IndexEntryBytes is what LogOptions.MaxIndexBytes bounds:
-	// 16 bytes per record a rule retains. IndexEvicted counts records
-	// that left retention because of that bound.
+	// entry chunks, the reference map (estimated at refEntryBytes an
+	// entry) and the blocks' refs. IndexEntryBytes is what
+	// LogOptions.MaxIndexBytes bounds: 16 bytes per record a rule retains.
+	// IndexEvicted counts records that left retention because of that
+	// bound.
 	IndexBytes, IndexEntryBytes, IndexEvicted int64
 }
 
@@ -143,8 +145,10 @@ type LogRuleStats struct {
 // The index holds no topics: 16 bytes per record a rule retains (in 8 KiB
 // chunks, so growing never copies), plus a map entry (measured 30 to 55
 // bytes, with the map's growth slack) per record that is referenced, not
-// yet released, or kept past its retention. Ten million retained records
-// cost 160 MB, whatever their topics.
+// yet released, or kept past its retention, plus 16 bytes per block of
+// more than one record (a block of one needs nothing: its key is its
+// seq's). Ten million retained records cost 160 MB, whatever their
+// topics, and 4 MB more in blocks of 40.
 type Log struct {
 	db    *DB
 	opts  LogOptions
@@ -164,9 +168,8 @@ type Log struct {
 	// did before blocks. Guarded by appendMu.
 	legacyWrites bool
 
-	blockCap  int    // bytes of one block's value (badger keeps it inline)
-	writeCap  int    // bytes of the other ops in one block's write
-	legacyMax uint64 // highest seq under an nsLog key at open (read-only after)
+	blockCap int // bytes of one block's value (badger keeps it inline)
+	writeCap int // bytes of the other ops in one block's write
 
 	head      atomic.Uint64 // == last
 	queued    atomic.Uint64 // the last stored seq whose write is queued
@@ -191,11 +194,14 @@ type Log struct {
 	pending   int
 	damaged   [][]byte // keys of damaged records, deleted when trimming starts
 	nDamaged  int
-	// blocks are the stored blocks (and records under nsLog keys), in seq
-	// order; deadBlocks of them are deleted and not yet dropped.
+	// blocks are the stored blocks of more than one record (and the open
+	// one), in seq order; deadBlocks of them are deleted and not yet
+	// dropped. lastOpen: appends may add to the newest, openBlock.
 	blocks     []blockRef
 	deadBlocks int
-	openBlock  *logBlock // the block of the newest blockRef while it is open
+	lastOpen   bool
+	openBlock  *logBlock
+	legacyMax  uint64 // highest seq stored under an nsLog key
 
 	appended atomic.Int64
 	numbered atomic.Int64
@@ -361,7 +367,6 @@ func (l *Log) loadRecords() (uint64, error) {
 			return nil
 		}
 		l.index(l.ruleFor(v.topic), seq, v.time, v.size(), 0)
-		l.blocks = append(l.blocks, blockRef{first: seq, n: 1, live: 1, legacy: true})
 		return nil
 	})
 	if err != nil {
@@ -379,9 +384,10 @@ func (l *Log) loadRecords() (uint64, error) {
 			// a newer one (unsupported) gets here. Nothing is dropped.
 			l.log.Warn("log: a block starts at or below a seq stored before it", "block", first, "max", maxSeq)
 		}
-		n := 0
+		n, walked, last := 0, 0, first
 		err := walkBlock(first, value, func(seq uint64, rec []byte) bool {
 			maxSeq = max(maxSeq, seq)
+			walked, last = walked+1, seq
 			v, err := parseLogRecord(rec)
 			if err != nil {
 				l.nDamaged++
@@ -399,8 +405,11 @@ func (l *Log) loadRecords() (uint64, error) {
 			l.nDamaged++
 			l.log.Warn("log: skipping the damaged end of a block", "block", first, "error", err.Error())
 		}
-		if n > 0 {
-			l.blocks = append(l.blocks, blockRef{first: first, n: uint32(n), live: uint32(n)})
+		if n > 1 || n == 1 && (walked > 1 || err != nil) {
+			// A block of one good record is found by its seq; any other
+			// needs a ref. Blocks hold at most maxBlockRecords.
+			l.blocks = append(l.blocks, blockRef{first: first, span: uint32(min(last-first, math.MaxUint32)),
+				n: uint16(min(n, maxBlockRecords)), live: uint16(min(n, maxBlockRecords))})
 		}
 		return nil
 	})
@@ -656,7 +665,7 @@ func (l *Log) commitAppend(ms []*LogMessage, rules []int, recs [][]byte, now int
 		if i == 0 {
 			rops, rb = ops, opBytes
 		}
-		if cur == nil || !cur.fits(l, len(rec), len(rops), rb) {
+		if cur == nil || !cur.fits(l, ms[i].Seq, len(rec), len(rops), rb) {
 			if cur != nil {
 				cur.sealLocked()
 			}
@@ -851,14 +860,7 @@ func (l *Log) Shutdown(ctx context.Context) error {
 		return fmt.Errorf("log shutdown: %w", ctx.Err())
 	}
 	l.mu.Lock()
-	if n := len(l.blocks); n > 0 && l.blocks[n-1].open {
-		// No append adds to it any more: a block whose records are all
-		// gone goes now.
-		l.blocks[n-1].open = false
-		if l.blocks[n-1].live == 0 && l.trimming {
-			l.dels = l.dropBlock(l.dels, n-1)
-		}
-	}
+	l.closeLast() // no append adds to the open block any more
 	ops := l.markFirst(l.dels)
 	l.dels = nil
 	l.mu.Unlock()

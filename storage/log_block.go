@@ -3,6 +3,7 @@ package storage
 import (
 	"encoding/binary"
 	"fmt"
+	"math"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -32,7 +33,8 @@ const blockVersion = 1
 // Limits of one block's write (the block and the ops that travel with its
 // records: queue entries, deletes, the trim mark).
 const (
-	maxBlockOps = 512 // ops in one block's write
+	maxBlockOps     = 512            // ops in one block's write
+	maxBlockRecords = math.MaxUint16 // records in one block (blockRef counts them in 16 bits)
 )
 
 func blockKey(first uint64) []byte {
@@ -153,10 +155,11 @@ func (b *logBlock) wait() error {
 	return nil
 }
 
-// fits reports whether a record of size bytes and ops (of opBytes) still
-// go into b. Called with b.mu held.
-func (b *logBlock) fits(l *Log, size, ops, opBytes int) bool {
+// fits reports whether the record seq of size bytes and ops (of opBytes)
+// still go into b. Called with b.mu held.
+func (b *logBlock) fits(l *Log, seq uint64, size, ops, opBytes int) bool {
 	return !b.sealed && !b.legacy &&
+		b.n < maxBlockRecords && seq-b.first <= math.MaxUint32 &&
 		len(b.buf)+2*binary.MaxVarintLen64+size <= l.blockCap &&
 		len(b.req.ops)+ops <= maxBlockOps &&
 		b.bytes+opBytes <= l.writeCap
@@ -206,16 +209,22 @@ func (b *logBlock) sealLocked() {
 	}
 }
 
-// blockRef is a stored block in the log's index: how many of its records
-// are indexed, and how many of them are still stored. Its key is deleted
-// once the last one is (and no append can add to it).
+// blockRef is a stored block of more than one record (or the open one)
+// in the log's index: 16 bytes. A block of one record that is not open
+// has none: its key is that of its seq. Its key is deleted once its last
+// record is (and no append can add to it).
 type blockRef struct {
-	first  uint64
-	n      uint32 // records indexed
-	live   uint32 // of them, not yet deleted
-	open   bool   // the log's open block: appends may still add to it
-	dead   bool   // deleted (left in the slice until it reaches the front)
-	legacy bool   // a record under its nsLog key: holds first only
+	first uint64
+	span  uint32 // its last seq - first
+	n     uint16 // records indexed; 0: deleted (dropped once at the front)
+	live  uint16 // of them, not yet deleted
+}
+
+// blockRefBytes is the size of a blockRef.
+const blockRefBytes = 16
+
+func (r *blockRef) covers(seq uint64) bool {
+	return seq >= r.first && seq-r.first <= uint64(r.span)
 }
 
 // blockIndex is the index in l.blocks of the block that may hold seq (the
@@ -224,62 +233,109 @@ func (l *Log) blockIndex(seq uint64) int {
 	return sort.Search(len(l.blocks), func(i int) bool { return l.blocks[i].first > seq }) - 1
 }
 
+// refOf is the index of the block ref holding seq, or -1 if none does (a
+// block of one record, a record of a store written before blocks, or a
+// seq never stored). A deleted block's ref has n == 0. Called with l.mu
+// held.
+func (l *Log) refOf(seq uint64) int {
+	if i := l.blockIndex(seq); i >= 0 && l.blocks[i].covers(seq) {
+		return i
+	}
+	return -1
+}
+
+// keyOf is the key of a record no block ref holds. Called with l.mu held.
+func (l *Log) keyOf(dst []byte, seq uint64) []byte {
+	if seq <= l.legacyMax {
+		return appendLogKey(dst, seq)
+	}
+	return appendBlockKey(dst, seq)
+}
+
 // registerBlock counts k records added to block b. Called with l.mu held,
 // in seq order.
 func (l *Log) registerBlock(b *logBlock, k int, open bool) {
-	if n := len(l.blocks); n > 0 {
-		last := &l.blocks[n-1]
-		if last.first == b.first && !last.dead {
-			last.n += uint32(k)
-			last.live += uint32(k)
-			last.open = open
+	if b.legacy {
+		l.closeLast()
+		l.legacyMax = max(l.legacyMax, b.last)
+		return
+	}
+	if n := len(l.blocks); n > 0 && l.lastOpen {
+		if last := &l.blocks[n-1]; last.first == b.first {
+			last.n += uint16(k)
+			last.live += uint16(k)
+			last.span = uint32(b.last - b.first)
+			l.setOpen(b, open)
 			return
 		}
-		if last.open {
-			last.open = false
-			if last.live == 0 {
-				l.dels = l.dropBlock(l.dels, n-1)
-			}
-		}
 	}
-	l.blocks = append(l.blocks, blockRef{first: b.first, n: uint32(k), live: uint32(k), open: open, legacy: b.legacy})
-	l.openBlock = nil
+	l.closeLast()
+	l.blocks = append(l.blocks, blockRef{first: b.first, span: uint32(b.last - b.first), n: uint16(k), live: uint16(k)})
+	l.setOpen(b, open)
+}
+
+func (l *Log) setOpen(b *logBlock, open bool) {
+	l.lastOpen, l.openBlock = open, nil
 	if open {
 		l.openBlock = b
+	} else {
+		l.closeLast()
 	}
 }
 
-// blockClosed reports whether no append can add to the block at index i any
-// more. Called with l.mu held.
-func (l *Log) blockClosed(i int) bool {
-	return !l.blocks[i].open || i == len(l.blocks)-1 && l.openBlock != nil && l.openBlock.isSealed.Load()
-}
-
-// dropSealed deletes the newest block if the committer has sealed it
-// and its records are all gone. Called with l.mu held.
-func (l *Log) dropSealed(ops []Op) []Op {
+// closeLast handles the newest ref once no append adds to its block any
+// more: deleted if its records are all gone, dropped if it holds one.
+// Called with l.mu held.
+func (l *Log) closeLast() {
+	l.lastOpen, l.openBlock = false, nil
 	n := len(l.blocks)
-	if n > 0 && l.blocks[n-1].open && l.blocks[n-1].live == 0 && !l.blocks[n-1].dead && l.blockClosed(n-1) {
-		l.blocks[n-1].open = false
-		ops = l.dropBlock(ops, n-1)
+	if n == 0 || l.blocks[n-1].n == 0 {
+		return
 	}
-	return ops
+	switch last := &l.blocks[n-1]; {
+	case last.live == 0:
+		l.dels = l.dropBlock(l.dels, n-1)
+	case last.n == 1 && last.span == 0:
+		l.blocks = l.blocks[:n-1]
+	}
 }
 
-// blockDied counts a deleted record of the block at index i, and deletes
-// the block with its last record. Called with l.mu held.
+// blockClosed reports whether no append can add to the block at index i
+// any more. Called with l.mu held.
+func (l *Log) blockClosed(i int) bool {
+	return i != len(l.blocks)-1 || !l.lastOpen || l.openBlock.isSealed.Load()
+}
+
+// dropSealed closes the newest ref if the committer has sealed its block.
+// Called with l.mu held.
+func (l *Log) dropSealed() {
+	if l.lastOpen && l.openBlock.isSealed.Load() {
+		l.closeLast()
+	}
+}
+
+// blockDied counts a deleted record, and appends the delete of its block
+// to ops with the block's last record. Called with l.mu held.
 func (l *Log) blockDied(ops []Op, seq uint64) []Op {
-	i := l.blockIndex(seq)
+	i := l.refOf(seq)
 	if i < 0 {
-		return ops
+		// The only record of its block (or under its own key).
+		if cap(l.keyBuf)-len(l.keyBuf) < len(nsLog)+8 {
+			l.keyBuf = make([]byte, 0, (len(nsLog)+8)*minPiggyDeletes)
+		}
+		start := len(l.keyBuf)
+		l.keyBuf = l.keyOf(l.keyBuf, seq)
+		return append(ops, Delete(l.keyBuf[start:len(l.keyBuf):len(l.keyBuf)]))
 	}
 	ref := &l.blocks[i]
-	if ref.dead || ref.live == 0 || ref.legacy && ref.first != seq {
+	if ref.live == 0 {
 		return ops
 	}
 	ref.live--
 	if ref.live == 0 && l.blockClosed(i) {
-		ref.open = false
+		if i == len(l.blocks)-1 {
+			l.lastOpen, l.openBlock = false, nil
+		}
 		ops = l.dropBlock(ops, i)
 	}
 	return ops
@@ -289,33 +345,28 @@ func (l *Log) blockDied(ops []Op, seq uint64) []Op {
 // it out of the index. Called with l.mu held.
 func (l *Log) dropBlock(ops []Op, i int) []Op {
 	ref := &l.blocks[i]
-	ref.dead = true
+	ref.n = 0
 	l.deadBlocks++
 	if cap(l.keyBuf)-len(l.keyBuf) < len(nsLog)+8 {
 		l.keyBuf = make([]byte, 0, (len(nsLog)+8)*minPiggyDeletes)
 	}
 	start := len(l.keyBuf)
-	if ref.legacy {
-		l.keyBuf = appendLogKey(l.keyBuf, ref.first)
-	} else {
-		l.keyBuf = appendBlockKey(l.keyBuf, ref.first)
-	}
+	l.keyBuf = appendBlockKey(l.keyBuf, ref.first)
 	ops = append(ops, Delete(l.keyBuf[start:len(l.keyBuf):len(l.keyBuf)]))
-	// Dead blocks leave from the front; a referenced old record can pin
+	// Deleted refs leave from the front; a referenced old record can pin
 	// the front, so the slice is compacted once it is mostly dead.
 	k := 0
-	for k < len(l.blocks) && l.blocks[k].dead {
+	for k < len(l.blocks) && l.blocks[k].n == 0 {
 		k++
 	}
 	if k > 0 {
-		clear(l.blocks[:k])
 		l.blocks = l.blocks[k:]
 		l.deadBlocks -= k
 	}
 	if l.deadBlocks > 64 && l.deadBlocks > len(l.blocks)/2 {
 		live := make([]blockRef, 0, len(l.blocks)-l.deadBlocks)
 		for _, b := range l.blocks {
-			if !b.dead {
+			if b.n > 0 {
 				live = append(live, b)
 			}
 		}
@@ -343,11 +394,11 @@ func (l *Log) isStored(seq uint64) bool {
 func (l *Log) blockState(first uint64) (stored, partial bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	i := l.blockIndex(first)
-	if i < 0 || l.blocks[i].first != first || l.blocks[i].dead {
-		return false, false
+	if i := l.blockIndex(first); i >= 0 && l.blocks[i].first == first {
+		r := l.blocks[i]
+		return r.n > 0, r.live < r.n
 	}
-	return true, l.blocks[i].live < l.blocks[i].n
+	return l.isStored(first), false // a block of one record
 }
 
 // recordStored is isStored for a reader.

@@ -23,3 +23,10 @@ func SetLegacyLogWrites(l *Log, on bool) {
 	l.legacyWrites = on
 	l.open = nil // the next append opens a block of the new kind
 }
+
+// LogBlockRefs is the number of block refs in l's index.
+func LogBlockRefs(l *Log) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.blocks)
+}

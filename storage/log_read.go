@@ -149,28 +149,27 @@ func (l *Log) gotten(seq uint64, m LogMessage, err error) (LogMessage, error) {
 
 // getKey is the key that holds seq: its block's, or its own in a store
 // written before blocks. It returns ErrLogNotFound for a seq the index
-// says is not stored.
+// says is not stored, in a block (the store may still hold it until the
+// delete of the block commits).
 func (l *Log) getKey(seq uint64) ([]byte, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	i := l.blockIndex(seq)
-	if i >= 0 {
+	if i := l.refOf(seq); i >= 0 {
 		ref := l.blocks[i]
-		switch {
-		case ref.legacy && ref.first == seq && !ref.dead:
-			return logKey(seq), nil
-		case !ref.legacy && !ref.dead:
-			if ref.live < ref.n && !l.isStored(seq) {
-				return nil, ErrLogNotFound
-			}
-			return blockKey(ref.first), nil
+		if ref.n == 0 || ref.live < ref.n && !l.isStored(seq) {
+			return nil, ErrLogNotFound
 		}
+		return blockKey(ref.first), nil
 	}
 	if seq <= l.legacyMax {
-		// Not indexed (damaged, or deleted): the store says which.
+		// Under its own key (a store written before blocks), or not
+		// stored: the store says which, and whether it is damaged.
 		return logKey(seq), nil
 	}
-	return nil, ErrLogNotFound
+	if !l.isStored(seq) {
+		return nil, ErrLogNotFound
+	}
+	return blockKey(seq), nil // the only record of its block
 }
 
 // getFromBlock decodes the record seq of a block into m.
@@ -217,8 +216,11 @@ func (l *Log) Read(after, upto uint64, fn func(*LogMessage) bool) error {
 	l.settle(upto)
 	var m LogMessage
 	more := true
+	l.mu.Lock()
+	legacy := after < l.legacyMax
+	l.mu.Unlock()
 	err := l.db.view(func(txn *badger.Txn) error {
-		if after < l.legacyMax {
+		if legacy {
 			if err := l.readLegacy(txn, after, upto, &m, &more, fn); err != nil || !more {
 				return err
 			}
@@ -267,7 +269,7 @@ func (l *Log) readLegacy(txn *badger.Txn, after, upto uint64, m *LogMessage, mor
 func (l *Log) readBlocks(txn *badger.Txn, after, upto uint64, m *LogMessage, fn func(*LogMessage) bool) error {
 	start := after + 1
 	l.mu.Lock()
-	if i := l.blockIndex(start); i >= 0 && !l.blocks[i].legacy {
+	if i := l.refOf(start); i >= 0 {
 		start = l.blocks[i].first
 	}
 	l.mu.Unlock()

@@ -257,7 +257,8 @@ func (l *Log) trimNow() {
 			l.mu.Unlock()
 			return
 		}
-		ops := l.dropSealed(l.dels)
+		l.dropSealed()
+		ops := l.dels
 		l.dels = nil
 		now := l.now().UnixNano()
 		for _, r := range l.rules {
@@ -399,7 +400,7 @@ func (l *Log) Stats() LogStats {
 		s.IndexBytes += int64(chunks) * logChunk * entryBytes
 		s.IndexEntryBytes += int64(r.q.len()) * entryBytes
 	}
-	s.IndexBytes += int64(len(l.refs)) * refEntryBytes
+	s.IndexBytes += int64(len(l.refs))*refEntryBytes + int64(cap(l.blocks))*blockRefBytes
 	s.IndexEvicted = l.evicted.Load()
 	return s
 }

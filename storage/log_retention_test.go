@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -546,5 +547,74 @@ func TestLogGetOfTrimmedInCachedBlock(t *testing.T) {
 		case seq > 5 && (err != nil || m.Payload[0] != byte(seq-1)):
 			t.Fatalf("get %d: %v", seq, err)
 		}
+	}
+}
+
+// TestLogSingleRecordBlocks: appends that do not meet are blocks of one
+// record, which the index holds no ref for; retention deletes them by
+// their seq, before and after a reopen.
+func TestLogSingleRecordBlocks(t *testing.T) {
+	dir := t.TempDir()
+	db, err := storage.Open(storage.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules := []storage.LogRule{{Filter: "#", MaxMessages: 10}}
+	l, err := storage.OpenLog(db, storage.LogOptions{Rules: rules})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.StartTrimming()
+	for i := 0; i < 30; i++ { // each waits for its commit: the next is a new block
+		l.Release(appendMsg(t, l, "s", strconv.Itoa(i)))
+	}
+	if n := storage.LogBlockRefs(l); n > 1 {
+		t.Fatalf("%d block refs for blocks of one record", n)
+	}
+	l.TrimNow()
+	barrier(t, db)
+	if got, want := blockFirsts(t, db), seqs(21, 30); !slices.Equal(got, want) {
+		t.Fatalf("blocks %v, want %v", got, want)
+	}
+	var ms []*storage.LogMessage
+	for i := 0; i < 5; i++ {
+		ms = append(ms, &storage.LogMessage{Topic: "s", Payload: []byte{byte(i)}})
+	}
+	if err := l.AppendBatch(ms); err != nil { // 31..35, one block
+		t.Fatal(err)
+	}
+	_ = l.Shutdown(context.Background())
+	if err := db.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	db = openLogDB(t, dir, storage.SyncBatch)
+	l = openLog(t, db, storage.LogOptions{Rules: rules})
+	if n := storage.LogBlockRefs(l); n != 1 {
+		t.Fatalf("%d block refs after reopen, want 1 (the batch's)", n)
+	}
+	if got := stored(t, l); !slices.Equal(got, seqs(26, 35)) { // the batch trimmed 21..25
+		t.Fatalf("stored %v", got)
+	}
+	l.StartTrimming()
+	var after []uint64
+	for i := 0; i < 3; i++ {
+		seq := appendMsg(t, l, "s", "after")
+		l.Release(seq)
+		after = append(after, seq)
+	}
+	l.TrimNow()
+	barrier(t, db)
+	if got := stored(t, l); !slices.Equal(got, append(seqs(29, 35), after...)) {
+		t.Fatalf("stored %v", got)
+	}
+	if got, want := blockFirsts(t, db), append([]uint64{29, 30, 31}, after...); !slices.Equal(got, want) {
+		t.Fatalf("blocks %v, want %v", got, want)
+	}
+	if _, err := l.Get(25); !errors.Is(err, storage.ErrLogNotFound) {
+		t.Fatalf("get of a trimmed one-record block: %v", err)
+	}
+	if m, err := l.Get(33); err != nil || m.Payload[0] != 2 {
+		t.Fatalf("get 33: %v", err)
 	}
 }
