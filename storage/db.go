@@ -90,9 +90,14 @@ type DB struct {
 	// returns and a new spare is made.
 	suspended atomic.Bool
 
-	opts   Options
-	log    *slog.Logger
-	queue  chan *request
+	opts  Options
+	log   *slog.Logger
+	queue chan *request
+	// qmu orders the sends on queue with the stores of tail, the last
+	// request sent. It is held across a send (which blocks while the
+	// queue is full), so nothing the committer waits for may take it.
+	qmu    sync.Mutex
+	tail   atomic.Pointer[request]
 	space  *space
 	mu     sync.RWMutex // guards closed against sends on queue
 	closed bool
@@ -320,9 +325,17 @@ func (d *DB) enqueue(r *request) error {
 	if d.closed {
 		return ErrClosed
 	}
+	d.qmu.Lock()
 	d.queue <- r
+	d.tail.Store(r)
+	d.qmu.Unlock()
 	return nil
 }
+
+// isLast reports whether r is the last request queued: whether ops added
+// to it now commit in the order they would if queued now. A request
+// queued later, whose enqueue returned, makes it false.
+func (d *DB) isLast(r *request) bool { return d.tail.Load() == r }
 
 // commitLoop is the only writer. It gathers whatever is queued into one
 // transaction, so concurrent writers share one commit (and one fsync).

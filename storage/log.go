@@ -620,9 +620,12 @@ func noWait() error { return nil }
 // them and queues the blocks' writes in seq order, then waits for them
 // outside the lock.
 //
-// The open block (queued, not yet taken by the committer) is locked for
-// the whole of it, so the committer cannot commit a record before it is
-// indexed; a block opened here is queued only after.
+// The open block (queued, not yet taken by the committer) takes the
+// records only while it is the last request queued, so they commit in the
+// order of every write queued before the append (a session's delete
+// before a queue entry of its successor). It is locked for the whole of
+// it, so the committer cannot commit a record before it is indexed; a
+// block opened here is queued only after.
 func (l *Log) commitAppend(ms []*LogMessage, rules []int, recs [][]byte, now int64, with func(uint64) []Op, durable bool) (func() error, error) {
 	l.appendMu.Lock()
 	if l.closed {
@@ -649,6 +652,11 @@ func (l *Log) commitAppend(ms []*LogMessage, rules []int, recs [][]byte, now int
 	held := l.open
 	if held != nil {
 		held.mu.Lock()
+		if !held.sealed && !l.db.isLast(&held.req) {
+			// A write queued after the block returned: records added now
+			// would commit before it. The block ends here.
+			held.sealLocked()
+		}
 		if held.sealed {
 			held.mu.Unlock()
 			held = nil

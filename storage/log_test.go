@@ -1251,3 +1251,36 @@ func TestVerifyLogBlocks(t *testing.T) {
 		t.Fatalf("verify of a damaged block: %+v", r)
 	}
 }
+
+// TestLogBlockKeepsWriteOrder: an append commits after every write queued
+// before it, also when the block it joins was queued before that write (a
+// session's DeletePrefix, then a queue entry of its successor).
+func TestLogBlockKeepsWriteOrder(t *testing.T) {
+	db := openLogDB(t, t.TempDir(), storage.SyncNone)
+	l := openLog(t, db, storage.LogOptions{})
+	set := func(key string) func(uint64) []storage.Op {
+		return func(uint64) []storage.Op { return []storage.Op{storage.Set([]byte(key), []byte("v"))} }
+	}
+	busy := make([]storage.Op, 4000) // keeps the committer at work while the appends queue
+	for i := range busy {
+		busy[i] = storage.Set(fmt.Appendf(nil, "busy/%d", i), make([]byte, 200))
+	}
+	for round := 0; round < 20; round++ {
+		prefix := fmt.Sprintf("order/%d/", round)
+		db.WriteAsync(busy...)
+		if _, err := l.AppendQueued(&storage.LogMessage{Topic: "t"}, set(prefix+"before")); err != nil {
+			t.Fatal(err)
+		}
+		db.WriteAsync(storage.DeletePrefix([]byte(prefix)))
+		if _, err := l.AppendQueued(&storage.LogMessage{Topic: "t"}, set(prefix+"after")); err != nil {
+			t.Fatal(err)
+		}
+		barrier(t, db)
+		if _, err := db.Get([]byte(prefix + "after")); err != nil {
+			t.Fatalf("round %d: the entry appended after the delete: %v", round, err)
+		}
+		if _, err := db.Get([]byte(prefix + "before")); !errors.Is(err, storage.ErrNotFound) {
+			t.Fatalf("round %d: the entry appended before the delete: %v", round, err)
+		}
+	}
+}
