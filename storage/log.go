@@ -735,8 +735,7 @@ func (l *Log) commitAppend(ms []*LogMessage, rules []int, recs [][]byte, now int
 		return noWait, nil
 	}
 	if len(touched) == 1 {
-		b := touched[0]
-		return func() error { return b.wait() }, nil
+		return touched[0].wait, nil
 	}
 	return func() error {
 		var err error

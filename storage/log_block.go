@@ -90,15 +90,20 @@ func checkBlock(key, value []byte) error {
 		return fmt.Errorf("%w: bad key", ErrCorrupt)
 	}
 	var bad error
+	n := 0
 	err := walkBlock(first, value, func(seq uint64, rec []byte) bool {
+		n++
 		if _, err := parseLogRecord(rec); err != nil {
 			bad = fmt.Errorf("record %d: %w", seq, err)
 			return false
 		}
 		return true
 	})
-	if err != nil {
+	switch {
+	case err != nil:
 		return err
+	case bad == nil && n == 0:
+		return fmt.Errorf("%w: log block %d holds no record", ErrCorrupt, first)
 	}
 	return bad
 }

@@ -30,3 +30,6 @@ func LogBlockRefs(l *Log) int {
 	defer l.mu.Unlock()
 	return len(l.blocks)
 }
+
+// CheckLogBlock is what verify checks of a block.
+func CheckLogBlock(key, value []byte) error { return checkBlock(key, value) }

@@ -1054,6 +1054,21 @@ func TestLogBlocks(t *testing.T) {
 	if _, err := l.Get(l.Head() + 1); !errors.Is(err, storage.ErrLogNotFound) {
 		t.Fatalf("get past head: %v", err)
 	}
+	// An append with more ops than a block's write takes is a block of its own.
+	var many []storage.Op
+	for i := 0; i < 600; i++ {
+		many = append(many, storage.Set(fmt.Appendf(nil, "test/many/%d", i), []byte("q")))
+	}
+	withMany, err := l.AppendWith(&storage.LogMessage{Topic: "many"}, func(uint64) []storage.Op { return many })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := count(t, db, []byte("test/many/")); n != 600 {
+		t.Fatalf("%d of 600 extra ops stored", n)
+	}
+	if m, err := l.Get(withMany); err != nil || m.Topic != "many" {
+		t.Fatalf("get %d: %v", withMany, err)
+	}
 	n := l.Number(&storage.LogMessage{Topic: "live"})
 	last := appendMsg(t, l, "last", "")
 	if _, err := l.Get(n); !errors.Is(err, storage.ErrLogNotFound) {
@@ -1283,4 +1298,18 @@ func TestLogBlockKeepsWriteOrder(t *testing.T) {
 			t.Fatalf("round %d: the entry appended before the delete: %v", round, err)
 		}
 	}
+}
+
+func FuzzLogBlock(f *testing.F) {
+	good := storage.EncodeLogMessage(nil, &storage.LogMessage{Topic: "t", Payload: []byte("p")})
+	blk := []byte{1, 0, byte(len(good))}
+	blk = append(blk, good...)
+	blk = append(blk, 3, byte(len(good)))
+	blk = append(blk, good...)
+	f.Add(blk)
+	f.Add([]byte{1})
+	f.Add([]byte{1, 0, 0xff, 0xff, 0xff, 0xff, 0x0f})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		_ = storage.CheckLogBlock(storage.LogBlockKey(7), b) // must not panic
+	})
 }
