@@ -140,16 +140,16 @@ type request struct {
 	ops  []Op
 	done chan error  // nil for async writes
 	then func(error) // called by the committer after the commit, if set
-	// seal, if set, is called by the committer when it takes the request
-	// from the queue, before it reads ops: a request may grow while
-	// queued (the log's open block), until then.
-	seal func()
+	// blk, if set, is the log's block the request writes: it may grow
+	// while queued, until the committer takes it (and seals it) before
+	// reading ops; blk is told once it is committed, after then.
+	blk *logBlock
 }
 
 // take is called by the committer for each request it dequeues.
 func (r *request) take() {
-	if r.seal != nil {
-		r.seal()
+	if r.blk != nil {
+		r.blk.seal()
 	}
 }
 
@@ -380,6 +380,9 @@ func (d *DB) commitLoop() {
 			}
 			if g.then != nil {
 				g.then(errs[i])
+			}
+			if g.blk != nil {
+				g.blk.committed(errs[i])
 			}
 		}
 		clear(group)

@@ -114,8 +114,11 @@ func checkBlock(key, value []byte) error {
 // that finds it full. Records of one block commit together.
 type logBlock struct {
 	mu     sync.Mutex
+	log    *Log
 	req    request // ops[0] is the block's set
-	buf    []byte  // the block's value
+	inline [2]Op   // the first ops of req
+	key    [len(nsLogBlock) + 8]byte
+	buf    []byte // the block's value
 	first  uint64
 	last   uint64
 	n      int
@@ -127,33 +130,37 @@ type logBlock struct {
 	isSealed atomic.Bool
 	legacy   bool // one record under its nsLog key (tests of old stores)
 
-	done chan struct{} // closed once committed (or failed)
-	err  error         // set before done is closed
+	done sync.WaitGroup // done once committed (or failed)
+	err  error          // set before done is done
 }
 
 // newBlock makes the block that starts with seq; its request is the
 // caller's to queue. Called with l.appendMu held.
 func (l *Log) newBlock(seq uint64) *logBlock {
-	b := &logBlock{first: seq, last: seq, done: make(chan struct{}), legacy: l.legacyWrites}
-	key := blockKey(seq)
+	b := &logBlock{log: l, first: seq, last: seq, legacy: l.legacyWrites}
+	var key []byte
 	if b.legacy {
-		key = logKey(seq)
+		key = appendLogKey(b.key[:0], seq)
 	} else {
+		key = appendBlockKey(b.key[:0], seq)
 		b.buf = append(make([]byte, 0, 256), blockVersion)
 	}
-	b.req.ops = append(make([]Op, 0, 4), Set(key, nil))
-	b.req.seal = b.seal
-	b.req.then = func(err error) {
-		l.wrote(b.last, b.n, err)
-		b.err = err
-		close(b.done)
-	}
+	b.req.ops = append(b.inline[:0], Set(key, nil))
+	b.req.blk = b
+	b.done.Add(1)
 	return b
+}
+
+// committed is the committer's report on the block's write.
+func (b *logBlock) committed(err error) {
+	b.log.wrote(b.last, b.n, err)
+	b.err = err
+	b.done.Done()
 }
 
 // wait returns once the block is committed, with its error.
 func (b *logBlock) wait() error {
-	<-b.done
+	b.done.Wait()
 	if b.err != nil {
 		return fmt.Errorf("log: append: %w", b.err)
 	}
