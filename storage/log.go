@@ -164,6 +164,9 @@ type Log struct {
 	last     uint64    // guarded by appendMu: the last seq assigned
 	closed   bool      // guarded by appendMu
 	open     *logBlock // guarded by appendMu: the block appends add to, if not sealed
+	// blockHint is the size of the last block sealed: a new block's value
+	// starts with room for as much. Guarded by appendMu.
+	blockHint int
 	// legacyWrites (tests only) writes one key per record, as stores
 	// did before blocks. Guarded by appendMu.
 	legacyWrites bool
@@ -658,6 +661,7 @@ func (l *Log) commitAppend(ms []*LogMessage, rules []int, recs [][]byte, now int
 			held.sealLocked()
 		}
 		if held.sealed {
+			l.blockHint = len(held.buf) // the next block will likely be as large
 			held.mu.Unlock()
 			held = nil
 		}
@@ -676,6 +680,7 @@ func (l *Log) commitAppend(ms []*LogMessage, rules []int, recs [][]byte, now int
 		if cur == nil || !cur.fits(l, ms[i].Seq, len(rec), len(rops), rb) {
 			if cur != nil {
 				cur.sealLocked()
+				l.blockHint = len(cur.buf)
 			}
 			cur = l.newBlock(ms[i].Seq)
 		}

@@ -143,7 +143,11 @@ func (l *Log) newBlock(seq uint64) *logBlock {
 		key = appendLogKey(b.key[:0], seq)
 	} else {
 		key = appendBlockKey(b.key[:0], seq)
-		b.buf = append(make([]byte, 0, 256), blockVersion)
+		size := max(l.blockHint, 128)
+		if size > l.blockCap/2 {
+			size = l.blockCap // a full block: never grown
+		}
+		b.buf = append(make([]byte, 0, size), blockVersion)
 	}
 	b.req.ops = append(b.inline[:0], Set(key, nil))
 	b.req.blk = b
