@@ -855,19 +855,28 @@ func livePayload(scope string, body []byte) []byte {
 	return append(append(b, scope...), body...)
 }
 
-// takeLive routes a QoS 0 message another node sent.
-func (r *Router) takeLive(payload string) {
+// parseLive splits what livePayload joined.
+func parseLive(payload string) (scope, body string, ok bool) {
 	n, k := binary.Uvarint([]byte(payload))
 	if k <= 0 || uint64(len(payload)-k) < n {
+		return "", "", false
+	}
+	return payload[k : k+int(n)], payload[k+int(n):], true
+}
+
+// takeLive routes a QoS 0 message another node sent.
+func (r *Router) takeLive(payload string) {
+	scope, body, ok := parseLive(payload)
+	if !ok {
 		r.damaged.Add(1)
 		return
 	}
-	sc, err := decodeScope(payload[k : k+int(n)])
+	sc, err := decodeScope(scope)
 	if err != nil {
 		r.damaged.Add(1)
 		return
 	}
-	m, err := engine.DecodeMessage([]byte(payload[k+int(n):]))
+	m, err := engine.DecodeMessage([]byte(body))
 	if err != nil {
 		r.damaged.Add(1)
 		return
