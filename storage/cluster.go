@@ -1,6 +1,9 @@
 package storage
 
-import "encoding/binary"
+import (
+	"encoding/binary"
+	"strings"
+)
 
 // A cluster member's own records (broker/cluster):
 //
@@ -8,6 +11,8 @@ import "encoding/binary"
 //	                      nodes: value = their ids, one per line
 //	K 0x00 <stream>       how far this node has taken a forwarding stream
 //	                      of another node: value = the last entry id taken
+//	K 0x00 <stream> 0x00 <id>   an entry taken beyond that (written with
+//	                      the message; removed once the position passes it)
 const (
 	nsForward = "F\x00"
 	nsCursor  = "K\x00"
@@ -32,5 +37,18 @@ func ParseForwardKey(k []byte) (uint64, bool) {
 // CursorKey is the key of this node's place in a stream.
 func CursorKey(stream string) []byte { return append([]byte(nsCursor), stream...) }
 
-// CursorPrefix is the prefix of every stream cursor.
+// TakenMarkKey is the key of the mark that entry id of stream was taken.
+func TakenMarkKey(stream, id string) []byte {
+	return append(append(append([]byte(nsCursor), stream...), 0), id...)
+}
+
+// ParseTakenMark returns the stream and id of a taken mark's key (ok
+// false for a cursor's key).
+func ParseTakenMark(k []byte) (stream, id string, ok bool) {
+	rest := string(k[len(nsCursor):])
+	stream, id, ok = strings.Cut(rest, "\x00")
+	return stream, id, ok
+}
+
+// CursorPrefix is the prefix of every stream cursor and taken mark.
 func CursorPrefix() []byte { return []byte(nsCursor) }

@@ -219,18 +219,7 @@ func (r *Router) followInterest() {
 		case '*':
 			ctx, cancel := context.WithTimeout(r.n.ctx, 5*time.Second)
 			defer cancel()
-			keys, err := r.n.rdb.HKeys(ctx, r.n.Key("interest", id)).Result()
-			r.n.Report(err)
-			if err != nil {
-				return
-			}
-			r.rmu.Lock()
-			r.remote.RemoveClient(id)
-			for _, k := range keys {
-				f, g := parseInterestKey(k)
-				r.remote.Subscribe(topics.Subscription{Client: id, Filter: f, Group: g, QoS: 2})
-			}
-			r.rmu.Unlock()
+			r.readInterest(ctx, id)
 		}
 	})
 }
@@ -239,17 +228,34 @@ func (r *Router) followInterest() {
 func (r *Router) readAllInterest(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	ids, err := r.n.rdb.HKeys(ctx, r.n.Key("nodes")).Result()
+	// Every node with an interest hash or a nodes entry, and those known
+	// already: after Redis came back empty, a node's entries return one at
+	// a time, and one announced before this subscription was made must
+	// not be dropped.
+	ids := map[string]bool{}
+	listed, err := r.n.rdb.HKeys(ctx, r.n.Key("nodes")).Result()
 	if err != nil {
 		return err
 	}
+	for _, id := range listed {
+		ids[id] = true
+	}
+	prefix := r.n.Key("interest") + ":"
+	iter := r.n.rdb.Scan(ctx, 0, prefix+"*", 1000).Iterator()
+	for iter.Next(ctx) {
+		ids[strings.TrimPrefix(iter.Val(), prefix)] = true
+	}
+	if err := iter.Err(); err != nil {
+		return err
+	}
+	r.rmu.RLock()
+	for id := range r.known {
+		ids[id] = true
+	}
+	r.rmu.RUnlock()
+	delete(ids, r.n.ID())
 	x := topics.NewIndex()
-	known := map[string]bool{}
-	for _, id := range ids {
-		if id == r.n.ID() {
-			continue
-		}
-		known[id] = true
+	for id := range ids {
 		keys, err := r.n.rdb.HKeys(ctx, r.n.Key("interest", id)).Result()
 		if err != nil {
 			return err
@@ -262,8 +268,17 @@ func (r *Router) readAllInterest(ctx context.Context) error {
 		}
 	}
 	r.rmu.Lock()
+	// A node whose hash is empty now (Redis came back without it) keeps
+	// what it was known to want until it pushes again.
+	for id := range ids {
+		if len(x.Subscriptions(id)) == 0 {
+			for _, sub := range r.remote.Subscriptions(id) {
+				x.Subscribe(sub)
+			}
+		}
+		r.known[id] = true
+	}
 	r.remote = x
-	r.known = known
 	r.rmu.Unlock()
 	return nil
 }
@@ -296,17 +311,63 @@ func (r *Router) refreshNodes(ctx context.Context) {
 			alive[others[i]] = v != nil
 		}
 	}
+	now := time.Now()
+	var appeared []string
 	r.rmu.Lock()
 	for id := range r.known {
-		if _, ok := alive[id]; !ok {
-			delete(r.known, id) // removed from the cluster (docs/cluster.md)
-			r.remote.RemoveClient(id)
+		if _, ok := alive[id]; ok {
+			delete(r.unlisted, id)
+			continue
 		}
+		// Gone from the nodes hash: removed from the cluster (docs/cluster.md),
+		// or Redis came back empty before the node's next heartbeat wrote
+		// it again. Forgotten only once missing at every look for a while.
+		since, seen := r.unlisted[id]
+		if !seen {
+			r.unlisted[id] = now
+			alive[id] = false
+			continue
+		}
+		if now.Sub(since) < forgetAfter {
+			alive[id] = false
+			continue
+		}
+		delete(r.unlisted, id)
+		delete(r.known, id)
+		r.remote.RemoveClient(id)
 	}
 	for id := range alive {
+		if !r.known[id] {
+			appeared = append(appeared, id)
+		}
 		r.known[id] = true
 	}
 	r.alive = alive
+	r.rmu.Unlock()
+	for _, id := range appeared {
+		r.readInterest(ctx, id) // what it wants, should its announcement have come before
+	}
+}
+
+// forgetAfter is how long a node must be missing from the nodes hash
+// before the others forget it.
+const forgetAfter = 30 * time.Second
+
+// readInterest replaces what this node knows of node id's filters with
+// its interest hash.
+func (r *Router) readInterest(ctx context.Context, id string) {
+	keys, err := r.n.rdb.HKeys(ctx, r.n.Key("interest", id)).Result()
+	r.n.Report(err)
+	if err != nil {
+		return
+	}
+	r.rmu.Lock()
+	r.remote.RemoveClient(id)
+	for _, k := range keys {
+		if f, g := parseInterestKey(k); topics.ValidFilter(f) {
+			r.remote.Subscribe(topics.Subscription{Client: id, Filter: f, Group: g, QoS: 2})
+		}
+	}
 	r.rmu.Unlock()
 }
 

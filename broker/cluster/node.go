@@ -312,10 +312,10 @@ func (n *Node) follow(ctx context.Context, channel string, onSync func(ctx conte
 		}
 		switch m := msg.(type) {
 		case *redis.Subscription:
-			heard = time.Now()
 			if m.Kind == "subscribe" && onSync != nil {
 				onSync(ctx)
 			}
+			heard = time.Now() // after onSync, which may take a while
 		case *redis.Message:
 			heard = time.Now()
 			onMsg(m.Payload)

@@ -80,10 +80,11 @@ type Router struct {
 	pushed    chan struct{} // guarded by imu: closed (and made anew) when pushedGen grows
 
 	// The other nodes' filters: a subscription index whose clients are node ids.
-	rmu    sync.RWMutex
-	remote *topics.Index
-	known  map[string]bool // every other node seen (retained messages go to all)
-	alive  map[string]bool // of those, the ones whose liveness key was there at the last look
+	rmu      sync.RWMutex
+	remote   *topics.Index
+	known    map[string]bool      // every other node seen (retained messages go to all)
+	alive    map[string]bool      // of those, the ones whose liveness key was there at the last look
+	unlisted map[string]time.Time // of those, the ones missing from the nodes hash, since
 
 	// Forwarding, in seq order.
 	fmu     sync.Mutex
@@ -111,6 +112,7 @@ type forward struct {
 	seq    uint64
 	m      *engine.Message // nil: read it back from the log
 	epoch  uint64          // of the log that holds it (a restart may begin a new one)
+	ver    int64           // a retained message\'s version (engine.RetainVersion), which its log record lacks
 	nodes  []string
 	scopes []string // per node: which of its subscriptions it reaches (encodeScope)
 	state  int8     // fwdWriting, fwdCommitted, fwdSent or fwdFailed
@@ -129,7 +131,7 @@ func NewRouter(n *Node, lg LogStore, db DB) *Router {
 		remote: topics.NewIndex(), known: map[string]bool{},
 		fwake: make(chan struct{}, 1), live: make(chan liveMsg, 4096),
 		lastSent: map[string]uint64{}, cursors: map[string]string{}, downSince: map[string]downMark{},
-		alive: map[string]bool{}, ahead: map[string]map[string]bool{}}
+		alive: map[string]bool{}, unlisted: map[string]time.Time{}, ahead: map[string]map[string]bool{}}
 }
 
 var _ engine.Cluster = (*Router)(nil)
@@ -159,7 +161,7 @@ func (r *Router) Load() (pending int, err error) {
 			r.missing.Add(1)
 			return nil
 		}
-		r.pending = append(r.pending, &forward{seq: seq, epoch: rec.Epoch, nodes: nodes, scopes: scopes, state: fwdCommitted})
+		r.pending = append(r.pending, &forward{seq: seq, epoch: rec.Epoch, ver: rec.Version, nodes: nodes, scopes: scopes, state: fwdCommitted})
 		return nil
 	})
 	if err != nil {
@@ -172,6 +174,13 @@ func (r *Router) Load() (pending int, err error) {
 		}
 	}
 	err = r.db.Scan(storage.CursorPrefix(), func(k, v []byte) error {
+		if stream, id, ok := storage.ParseTakenMark(k); ok {
+			if r.ahead[stream] == nil {
+				r.ahead[stream] = map[string]bool{}
+			}
+			r.ahead[stream][id] = true // taken past one that was not, before a restart
+			return nil
+		}
 		r.cursors[string(k[len(storage.CursorPrefix()):])] = string(v)
 		return nil
 	})
@@ -331,8 +340,9 @@ func appendNew(s []string, v string) []string {
 // epoch of the log it is in (its stream's name) and its destinations with
 // their scopes.
 type forwardRecord struct {
-	Epoch uint64      `json:"e"`
-	Dests [][2]string `json:"d"`
+	Epoch   uint64      `json:"e"`
+	Version int64       `json:"v,omitempty"`
+	Dests   [][2]string `json:"d"`
 }
 
 // route is one message's way out (engine.Remote).
@@ -360,7 +370,7 @@ func (rt *route) Takes(group, filter string) bool {
 // forwarded, and queues it in seq order.
 func (rt *route) Queued(m *engine.Message, seq uint64) []storage.Op {
 	r := rt.r
-	f := &forward{seq: seq, epoch: r.epoch, m: m, nodes: rt.nodes, scopes: rt.scopes}
+	f := &forward{seq: seq, epoch: r.epoch, ver: engine.RetainedVersionOf(m), m: m, nodes: rt.nodes, scopes: rt.scopes}
 	r.fmu.Lock()
 	if r.bodies >= r.n.opts.ForwardBuffer {
 		f.m = nil // read back from the log when its turn comes
@@ -370,7 +380,7 @@ func (rt *route) Queued(m *engine.Message, seq uint64) []storage.Op {
 	r.pending = append(r.pending, f)
 	r.fmu.Unlock()
 	rt.f = f
-	rec := forwardRecord{Epoch: r.epoch, Dests: make([][2]string, len(rt.nodes))}
+	rec := forwardRecord{Epoch: r.epoch, Version: f.ver, Dests: make([][2]string, len(rt.nodes))}
 	for i := range rt.nodes {
 		rec.Dests[i] = [2]string{rt.nodes[i], rt.scopes[i]}
 	}
@@ -745,6 +755,9 @@ func (r *Router) send(ctx context.Context, batch []*forward) error {
 				}
 				return err
 			}
+			if lm.Retain && f.ver != 0 {
+				lm.Time = f.ver // the version it was given when written
+			}
 			body, topic, retain = engine.EncodeLogMessage(&lm), lm.Topic, lm.Retain
 		}
 		for i, dest := range f.nodes {
@@ -967,19 +980,20 @@ func (r *Router) inboxLoop(ctx context.Context) {
 }
 
 // take routes one read of a stream: begun together (one group commit),
-// finished in order, each written with the stream's new position. The
-// position only moves in order: past an entry that was taken, or skipped
-// (it does not decode, or it was taken after an earlier one failed).
-// When one fails, the ones after it that were taken anyway are kept in
-// ahead, so a retry skips them (a crash before the retry takes them
-// again); the stored position goes back to before the failed one.
+// finished in order. Each message is written with a mark that it was
+// taken; the stream's position then moves over the marks in order, in one
+// more write that also removes them. A message that fails (this node's
+// disk is low, say) stops the position: the ones after it that were taken
+// keep their marks (ahead), are not taken again when it is retried, also
+// after a crash, and the position passes them once it is taken.
 func (r *Router) take(ctx context.Context, xs redis.XStream) error {
 	stream := xs.Stream
 	ahead := r.ahead[stream]
-	cur := r.cursors[stream]
+	prev := r.cursors[stream]
 	type entry struct {
-		id string
-		p  *engine.Pending // nil: skipped (damaged, or taken before)
+		id      string
+		p       *engine.Pending // nil: nothing to write (damaged, or taken before)
+		damaged bool
 	}
 	entries := make([]entry, 0, len(xs.Messages))
 	for _, x := range xs.Messages {
@@ -997,57 +1011,53 @@ func (r *Router) take(ctx context.Context, xs redis.XStream) error {
 		if err != nil {
 			r.damaged.Add(1)
 			r.log.Warn("cluster: a forwarded message does not decode; skipped", "stream", stream, "id", x.ID, "error", err)
-			entries = append(entries, entry{id: x.ID})
+			entries = append(entries, entry{id: x.ID, damaged: true})
 			continue
 		}
-		op := storage.Set(storage.CursorKey(stream), []byte(x.ID))
-		entries = append(entries, entry{id: x.ID, p: r.eng.BeginRemote(m, []storage.Op{op}, sc)})
+		mark := storage.Set(storage.TakenMarkKey(stream, x.ID), nil)
+		entries = append(entries, entry{id: x.ID, p: r.eng.BeginRemote(m, []storage.Op{mark}, sc)})
 	}
 	var first error
-	stored := cur // what the last committed write says
+	cur := prev
+	var done []storage.Op // the marks the position passes
 	for _, e := range entries {
-		if e.p == nil {
+		switch {
+		case e.p == nil:
 			if first == nil {
 				cur = e.id
-				delete(ahead, e.id)
+				if !e.damaged {
+					done = append(done, storage.Delete(storage.TakenMarkKey(stream, e.id)))
+					delete(ahead, e.id)
+				}
 			}
-			continue
-		}
-		_, err := e.p.Finish()
-		switch {
-		case err != nil:
-			if first == nil {
-				first = err
+		case first != nil:
+			if _, err := e.p.Finish(); err == nil {
+				if ahead == nil {
+					ahead = map[string]bool{}
+					r.ahead[stream] = ahead
+				}
+				ahead[e.id] = true
+				r.received.Add(1)
 			}
-		case first == nil:
-			cur, stored = e.id, e.id
-			r.received.Add(1)
 		default:
-			stored = e.id // its write moved the stored position past the failure
-			if ahead == nil {
-				ahead = map[string]bool{}
-				r.ahead[stream] = ahead
+			if _, err := e.p.Finish(); err != nil {
+				first = err
+				continue
 			}
-			ahead[e.id] = true
+			cur = e.id
+			done = append(done, storage.Delete(storage.TakenMarkKey(stream, e.id)))
 			r.received.Add(1)
 		}
 	}
 	if len(ahead) == 0 {
 		delete(r.ahead, stream)
 	}
-	if stored != cur {
-		// The position is where in-order taking stopped (skipped entries
-		// at the end, or a failure with later entries taken).
-		op := storage.Set(storage.CursorKey(stream), []byte(cur))
-		if cur == "" {
-			op = storage.Delete(storage.CursorKey(stream)) // from the start
+	if cur != prev {
+		ops := append(done, storage.Set(storage.CursorKey(stream), []byte(cur)))
+		if err := r.db.Write(ops...); err != nil {
+			return errors.Join(first, err) // the marks stand: nothing is lost, the position moves next time
 		}
-		if err := r.db.Write(op); err != nil && first == nil {
-			first = err
-		}
-	}
-	r.cursors[stream] = cur
-	if cur != "" {
+		r.cursors[stream] = cur
 		// Taken for good: the stream need not keep them, and the origin
 		// may let go of its copies.
 		if ms, _, ok := strings.Cut(cur, "-"); ok {
@@ -1094,7 +1104,7 @@ func (r *Router) syncRetained() {
 		r.log.Warn("cluster: the cluster's retained messages were not read; this node has only its own", "error", err)
 		return
 	}
-	n := 0
+	n, failed := 0, 0
 	for _, v := range all {
 		m, err := engine.DecodeMessage([]byte(v))
 		if err != nil {
@@ -1102,11 +1112,17 @@ func (r *Router) syncRetained() {
 			continue
 		}
 		if err := r.eng.SetRetained(m); err != nil {
-			r.log.Warn("cluster: retained message not stored", "error", err)
-			return
+			failed++
+			continue
 		}
 		n++
 	}
+	if failed > 0 {
+		r.log.Warn("cluster: some of the cluster's retained messages were not stored here; read again when Redis next comes back",
+			"stored", n, "failed", failed)
+		return
+	}
+	r.retainedSynced.Store(true)
 	if n > 0 {
 		r.log.Info("cluster: retained messages read", "retained", n)
 	}

@@ -46,6 +46,15 @@ func EncodeMessage(m *Message) []byte {
 	return storage.AppendRetained(nil, lm)
 }
 
+// RetainedVersionOf is the version a retained message was given when it
+// was written (0 for one that is not retained).
+func RetainedVersionOf(m *Message) int64 {
+	if !m.Retain {
+		return 0
+	}
+	return m.retainVersion()
+}
+
 // RetainVersion orders the retained updates of a topic in the whole
 // cluster, as a string that sorts like them: the update's version (unix
 // nanoseconds), then its publishing client.
@@ -66,29 +75,42 @@ func DecodeMessage(b []byte) (*Message, error) {
 // SetRetained makes m the retained message of its topic here (stored,
 // and kept in memory) without routing it, unless the one held is newer
 // (by version, see RetainVersion): for a node catching up with the
-// cluster's retained messages. An empty payload clears the topic.
+// cluster's retained messages. An empty payload clears the topic. It is
+// decided and its write queued in order with the local updates
+// (retainDecide), so memory and store agree.
 func (s *Server) SetRetained(m *Message) error {
-	if cur, ok := s.retainedMessage(m.Topic); ok && !retainNewer(m.Created, m.Client, cur.retainVersion(), cur.Client) {
+	s.retMu.Lock()
+	cur := s.retPending[m.Topic]
+	if cur == nil {
+		cur = s.retainedHeldLocked(m.Topic)
+	}
+	if cur != nil && !retainNewer(m.Created, m.Client, cur.retainVersion(), cur.Client) {
+		s.retMu.Unlock()
 		return nil
 	}
+	x := m.ext()
+	x.remote, x.retainVer = true, m.Created
+	if s.retPending == nil {
+		s.retPending = map[string]*Message{}
+	}
+	s.retPending[m.Topic] = m
+	var wait func() error
 	if st := s.store; st != nil {
-		var op storage.Op
-		if len(m.Payload) == 0 {
-			op = storage.Delete(storage.RetainKey(m.Topic))
-		} else {
+		op := storage.Delete(storage.RetainKey(m.Topic))
+		if len(m.Payload) > 0 {
 			op = storage.Set(storage.RetainKey(m.Topic), storage.AppendRetained(nil, logMessage(m)))
 		}
-		if err := st.db.Write(op); err != nil {
+		wait = st.db.WriteStart(op) // queued under retMu: after what was decided before, before what is decided next
+	}
+	s.retMu.Unlock()
+	if wait != nil {
+		if err := wait(); err != nil {
+			s.retainFailed(m)
 			return err
 		}
 	}
-	s.retMu.Lock()
-	defer s.retMu.Unlock()
-	if len(m.Payload) == 0 {
-		s.retained.Delete(m.Topic)
-	} else {
-		s.retained.Set(m.Topic, m)
-	}
+	m.Retain = true
+	s.setRetained(m)
 	return nil
 }
 

@@ -162,14 +162,46 @@ func (s *Server) setRetained(m *Message) {
 	if m.x != nil && m.x.retainLost {
 		return
 	}
-	if cur, ok := s.retained.Get(m.Topic); ok && retainNewer(cur.retainVersion(), cur.Client, m.retainVersion(), m.Client) {
+	if cur := s.retainedHeldLocked(m.Topic); cur != nil && retainNewer(cur.retainVersion(), cur.Client, m.retainVersion(), m.Client) {
 		return
 	}
 	if len(m.Payload) == 0 {
 		s.retained.Delete(m.Topic)
+		s.tombstoneLocked(m)
 		return
 	}
+	delete(s.retTomb, m.Topic)
 	s.retained.Set(m.Topic, m)
+}
+
+// retainedHeldLocked is what a topic's retained state is: its message, or
+// the clear that ended it (a tombstone, so an older update that arrives
+// later from another node does not bring it back). Called with retMu.
+func (s *Server) retainedHeldLocked(topic string) *Message {
+	if cur, ok := s.retained.Get(topic); ok {
+		return cur
+	}
+	return s.retTomb[topic]
+}
+
+// tombstoneTTL is how long a cleared topic's version is kept: longer than
+// an update from another node may reasonably take to arrive.
+const tombstoneTTL = 10 * time.Minute
+
+// tombstoneLocked keeps the version of a clear. Called with retMu.
+func (s *Server) tombstoneLocked(m *Message) {
+	if s.retTomb == nil {
+		s.retTomb = map[string]*Message{}
+	}
+	s.retTomb[m.Topic] = &Message{Topic: m.Topic, Client: m.Client, Created: m.retainVersion()}
+	if len(s.retTomb) > 10000 && len(s.retTomb)%1000 == 0 {
+		old := s.now().Add(-tombstoneTTL).UnixNano()
+		for t, tm := range s.retTomb {
+			if tm.Created < old {
+				delete(s.retTomb, t)
+			}
+		}
+	}
 }
 
 // retainNewer reports whether version a (of client ca) is after b (of cb).
@@ -188,7 +220,7 @@ func (s *Server) retainDecide(m *Message) (storage.Op, bool) {
 	defer s.retMu.Unlock()
 	cur := s.retPending[m.Topic]
 	if cur == nil {
-		cur, _ = s.retained.Get(m.Topic)
+		cur = s.retainedHeldLocked(m.Topic)
 	}
 	x := m.ext()
 	ver := m.Created

@@ -28,6 +28,8 @@ type Server struct {
 	// retPending are retained updates decided (written in seq order) and
 	// not yet applied, by topic: the newest (guarded by retMu).
 	retPending map[string]*Message
+	// retTomb are the versions of recently cleared topics (guarded by retMu).
+	retTomb map[string]*Message
 
 	mu        sync.RWMutex
 	sessions  map[string]*session
