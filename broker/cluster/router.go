@@ -193,6 +193,16 @@ func (r *Router) Load() (pending int, err error) {
 func (r *Router) Start(eng Engine) {
 	r.eng = eng
 	r.fullPush.Store(true)
+	// Before the node takes clients: what the other nodes want (else the
+	// first messages accepted here would reach no one there), and the
+	// cluster's retained messages. Without Redis it goes on and learns
+	// them when Redis answers.
+	ctx, cancel := context.WithTimeout(r.n.ctx, 5*time.Second)
+	if err := r.readAllInterest(ctx); err != nil {
+		r.log.Warn("cluster: the other nodes' interest was not read before serving; messages accepted here reach them once it is", "error", err)
+	}
+	r.refreshNodes(ctx)
+	cancel()
 	r.syncRetained()
 	r.n.OnUp(func() {
 		r.fullPush.Store(true)
