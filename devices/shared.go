@@ -43,12 +43,20 @@ type Applied struct {
 	Revoked bool
 }
 
-// Apply makes the in-memory device id what data says (a record as Store
-// keeps it; nil: the device is gone), without writing to the store: the
-// change was made, and stored, elsewhere. The online flag and a later
-// last-seen time of this registry are kept. Additions and removals are
-// told to OnChange with Remote set.
-func (r *Registry) Apply(id string, data []byte) (Applied, error) {
+// Apply makes the in-memory device id what fetch returns (its record as
+// Store keeps it; nil: the device is gone), without writing to the store:
+// the change was made, and stored, elsewhere. fetch runs with the registry
+// locked, as this registry's own writes to the store do, so a record read
+// before one of them is never applied after it. The online flag and a
+// later last-seen time of this registry are kept. Additions and removals
+// are told to OnChange with Remote set.
+func (r *Registry) Apply(id string, fetch func() ([]byte, error)) (Applied, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	data, err := fetch()
+	if err != nil {
+		return Applied{}, err
+	}
 	var next *Device
 	if data != nil {
 		next = &Device{}
@@ -59,8 +67,6 @@ func (r *Registry) Apply(id string, data []byte) (Applied, error) {
 			return Applied{}, fmt.Errorf("decode device %q: the record is of %q", id, next.ID)
 		}
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	return r.applyLocked(id, next), nil
 }
 
@@ -91,11 +97,18 @@ func (r *Registry) applyLocked(id string, next *Device) Applied {
 	return a
 }
 
-// ApplyAll makes the in-memory registry exactly the records given (id ->
-// record, as Store keeps them), as Apply would one by one, and returns the
-// ids whose connections must end. A record that does not decode is left
-// as it was and reported in the error.
-func (r *Registry) ApplyAll(all map[string][]byte) (added, removed int, revoked []string, err error) {
+// ApplyAll makes the in-memory registry exactly the records fetch returns
+// (id -> record, as Store keeps them), as Apply would one by one, and
+// returns the ids whose connections must end. A record that does not
+// decode is left as it was and reported in the error. fetch runs with the
+// registry locked, as in Apply.
+func (r *Registry) ApplyAll(fetch func() (map[string][]byte, error)) (added, removed int, revoked []string, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	all, err := fetch()
+	if err != nil {
+		return 0, 0, nil, err
+	}
 	decoded := make(map[string]*Device, len(all))
 	var errs []error
 	for id, data := range all {
@@ -106,8 +119,6 @@ func (r *Registry) ApplyAll(all map[string][]byte) (added, removed int, revoked 
 		}
 		decoded[id] = d
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	var gone []string
 	for id := range r.byID {
 		if _, ok := all[id]; !ok {

@@ -58,7 +58,7 @@ func TestApplyFromAnotherRegistry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := b.Apply("pump-1", recordOf("pump-1"))
+	got, err := b.Apply("pump-1", fixed(recordOf("pump-1")))
 	if err != nil || !got.Added || got.Revoked {
 		t.Fatalf("apply add: %+v %v", got, err)
 	}
@@ -69,7 +69,7 @@ func TestApplyFromAnotherRegistry(t *testing.T) {
 		t.Fatalf("changes after add: %+v", c)
 	}
 	// The same record again (a node's own change coming back) changes nothing.
-	if got, _ := b.Apply("pump-1", recordOf("pump-1")); got.Added || got.Revoked {
+	if got, _ := b.Apply("pump-1", fixed(recordOf("pump-1"))); got.Added || got.Revoked {
 		t.Fatalf("apply again: %+v", got)
 	}
 
@@ -83,7 +83,7 @@ func TestApplyFromAnotherRegistry(t *testing.T) {
 	// Online here survives a record from elsewhere (which says offline).
 	b.SetOnline("pump-1", true)
 	rec.take()
-	if _, err := b.Apply("pump-1", recordOf("pump-1")); err != nil {
+	if _, err := b.Apply("pump-1", fixed(recordOf("pump-1"))); err != nil {
 		t.Fatal(err)
 	}
 	if d, _ := b.Get("pump-1"); !d.Online {
@@ -94,7 +94,7 @@ func TestApplyFromAnotherRegistry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := b.Apply("pump-1", recordOf("pump-1")); !got.Revoked || !got.Updated {
+	if got, _ := b.Apply("pump-1", fixed(recordOf("pump-1"))); !got.Revoked || !got.Updated {
 		t.Fatalf("apply rotate: %+v", got)
 	}
 	if _, err := b.Authenticate("pump-1", secret); err == nil {
@@ -107,13 +107,13 @@ func TestApplyFromAnotherRegistry(t *testing.T) {
 	if _, err := a.Update("pump-1", devices.Update{Enabled: &off}); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := b.Apply("pump-1", recordOf("pump-1")); !got.Revoked {
+	if got, _ := b.Apply("pump-1", fixed(recordOf("pump-1"))); !got.Revoked {
 		t.Fatalf("apply disable: %+v", got)
 	}
 	if err := a.Remove("pump-1"); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := b.Apply("pump-1", nil); !got.Removed || !got.Revoked {
+	if got, _ := b.Apply("pump-1", fixed(nil)); !got.Removed || !got.Revoked {
 		t.Fatalf("apply remove: %+v", got)
 	}
 	if _, err := b.Authenticate("pump-1", newSecret); err == nil {
@@ -122,13 +122,16 @@ func TestApplyFromAnotherRegistry(t *testing.T) {
 	if c := rec.take(); len(c) != 1 || !c[0].Removed || !c[0].Remote {
 		t.Fatalf("changes after remove: %+v", c)
 	}
-	if _, err := b.Apply("x", []byte("{")); err == nil {
+	if _, err := b.Apply("x", fixed([]byte("{"))); err == nil {
 		t.Fatal("a bad record applied")
 	}
-	if _, err := b.Apply("x", recordOfJSON(t, devices.Device{ID: "y"})); err == nil {
+	if _, err := b.Apply("x", fixed(recordOfJSON(t, devices.Device{ID: "y"}))); err == nil {
 		t.Fatal("a record of another id applied")
 	}
 }
+
+// fixed is a fetch that returns data.
+func fixed(data []byte) func() ([]byte, error) { return func() ([]byte, error) { return data, nil } }
 
 func recordOfJSON(t *testing.T, d devices.Device) []byte {
 	t.Helper()
@@ -157,7 +160,7 @@ func TestApplyAll(t *testing.T) {
 		"new":  recordOfJSON(t, devices.Device{ID: "new", Name: "new", Enabled: true}),
 		"bad":  []byte("not json"),
 	}
-	added, removed, revoked, err := r.ApplyAll(all)
+	added, removed, revoked, err := r.ApplyAll(func() (map[string][]byte, error) { return all, nil })
 	if err == nil {
 		t.Fatal("the bad record was not reported")
 	}

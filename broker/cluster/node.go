@@ -282,6 +282,8 @@ func (n *Node) Subscribe(channel string, onSync func(ctx context.Context), onMsg
 	n.Go(func(ctx context.Context) {
 		ps := n.rdb.Subscribe(ctx, channel)
 		defer ps.Close()
+		stop := context.AfterFunc(ctx, func() { _ = ps.Close() }) // Receive does not return on ctx alone
+		defer stop()
 		for {
 			msg, err := ps.Receive(ctx)
 			if ctx.Err() != nil {
