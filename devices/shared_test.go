@@ -16,7 +16,11 @@ type recorder struct {
 	changes []devices.Change
 }
 
-func (r *recorder) add(c devices.Change) { r.mu.Lock(); r.changes = append(r.changes, c); r.mu.Unlock() }
+func (r *recorder) add(c devices.Change) {
+	r.mu.Lock()
+	r.changes = append(r.changes, c)
+	r.mu.Unlock()
+}
 func (r *recorder) take() []devices.Change {
 	r.mu.Lock()
 	defer r.mu.Unlock()
