@@ -44,6 +44,7 @@ type Broker struct {
 	db          *storage.DB
 	msgLog      *storage.Log
 	cluster     *cluster.Node // nil on a single node
+	state       *clusterState // what the cluster shares: nil on a single node
 	auth        *auth
 	history     *hooks.History
 	codecs      *codec.Rules
@@ -235,7 +236,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		})
 	}
 	b.presence = newPresence(b.publishInline, b.retainedPayload, log.With("component", "presence"))
-	b.registry.OnChange(b.presence.push)
+	b.registry.OnChange(b.presenceFilter(b.presence.push))
 
 	b.registerMetrics()
 
@@ -638,7 +639,7 @@ func (b *Broker) ReloadACL() (int, error) {
 	if b.cfg.Auth.ACLFile == "" {
 		return 0, errors.New("no auth.acl_file configured")
 	}
-	rules, err := devices.LoadRules(b.cfg.Auth.ACLFile)
+	rules, err := b.loadRules()
 	if err != nil {
 		b.log.Error("ACL reload failed; keeping the rules in force", "error", err)
 		return 0, err
@@ -698,6 +699,7 @@ func (b *Broker) Start() error {
 			"sessions", up.Sessions)
 	}
 	b.logRules()
+	b.startClusterState()
 	b.startCluster()
 	b.presence.start(b.registry)
 	if b.ha != nil {
@@ -917,6 +919,7 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 		} else if b.httpLn != nil {
 			_ = b.httpLn.Close()
 		}
+		b.leaveClusterState(ctx)
 		b.presence.stop()
 		if b.ha != nil {
 			b.ha.Shutdown()
@@ -961,12 +964,14 @@ var (
 func (o *observer) Connected(ci *engine.ClientInfo) {
 	o.metricsHook.Connected(ci.Listener)
 	o.auth.connected(ci)
+	(*Broker)(o).clusterConnChanged(ci)
 	o.logConnected(ci)
 }
 
 func (o *observer) Disconnected(ci *engine.ClientInfo, err error) {
 	o.metricsHook.Disconnected(ci.Listener, engine.DisconnectReason(err))
 	o.auth.disconnected(ci)
+	(*Broker)(o).clusterConnChanged(ci)
 	o.logDisconnected(ci, err)
 }
 

@@ -65,10 +65,11 @@ func (p *presence) start(reg *devices.Registry) {
 	go func() {
 		defer p.wg.Done()
 		for {
+			stopping := false
 			select {
 			case <-p.wake:
 			case <-p.done:
-				return
+				stopping = true // what was queued before stop is still said
 			}
 			p.mu.Lock()
 			batch := p.queue
@@ -76,6 +77,9 @@ func (p *presence) start(reg *devices.Registry) {
 			p.mu.Unlock()
 			for _, c := range batch {
 				p.send(c)
+			}
+			if stopping {
+				return
 			}
 		}
 	}()
