@@ -613,7 +613,7 @@ func (b *Broker) setupAuth() error {
 		throttle: devices.NewThrottle(devices.ThrottleOptions{RatePerAddr: a.FailRatePerIP, Burst: a.FailBurst,
 			RateGlobal: a.FailRateGlobal, BurstGlobal: a.FailBurstGlobal, BanAfter: a.BanAfter, BanDuration: a.BanDuration})}
 
-	configured := b.tokens != nil || a.ACLFile != "" || b.registry.Len() > 0
+	configured := b.tokens != nil || a.ACLFile != "" || b.registry.Len() > 0 || b.clusterHasDevices()
 	for _, key := range []struct{ name, addr string }{
 		{"mqtt.addr", b.cfg.MQTT.Addr}, {"mqtt.tls_addr", b.cfg.MQTT.TLSAddr}, {"http.addr", b.cfg.HTTP.Addr},
 	} {

@@ -155,3 +155,16 @@ func (b *Broker) leaveClusterState(ctx context.Context) {
 		b.log.Warn("cluster: presence not removed; the other nodes remove it when this node's liveness key expires", "error", err)
 	}
 }
+
+// clusterHasDevices reports whether the cluster's registry has devices (a
+// node joining without devices of its own is then not open to anyone).
+// Redis is asked once, briefly; unreachable, the answer is no.
+func (b *Broker) clusterHasDevices() bool {
+	if b.cluster == nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	n, err := b.cluster.Client().HLen(ctx, b.cluster.Key("devices")).Result()
+	return err == nil && n > 0
+}

@@ -114,7 +114,8 @@ func (r *Rules) read(ctx context.Context) {
 		r.log.Warn("cluster: rules not read; read again when redis is back", "error", err)
 		return
 	}
-	if r.current != nil && bytes.Equal(text, r.current) {
+	if (r.current != nil && bytes.Equal(text, r.current)) || (r.current == nil && r.file != nil && bytes.Equal(text, r.file)) {
+		r.current = text // in force already (this node's file is the cluster's)
 		r.doneLocked()
 		return
 	}
