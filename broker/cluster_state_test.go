@@ -340,3 +340,29 @@ func redisHGet(t *testing.T, r *clustertest.Redis, key, field string) (string, e
 	}
 	return v, err
 }
+
+func TestClusterDevicesCountAsAuthentication(t *testing.T) {
+	// A node without devices, rules or JWT keys of its own, with a listener
+	// beyond loopback, starts when the cluster has devices, and not when it
+	// has none.
+	r := clustertest.StartRedis(t)
+	exposed := func() broker.Config {
+		cfg := bt.Config(t)
+		cfg.MQTT.Addr = "0.0.0.0:0"
+		cfg.Cluster.RedisURL = r.URL()
+		cfg.Cluster.NodeID = "b"
+		cfg.Cluster.Heartbeat = 200 * time.Millisecond
+		return cfg
+	}
+	if b, err := broker.New(exposed(), bt.Logger(t)); err == nil {
+		_ = b.Shutdown(context.Background())
+		t.Fatal("an exposed node without authentication started on a cluster without devices")
+	}
+	a, _ := clusterNode(t, r, "a", "a/#")
+	addDevice(t, a, "d1")
+	b, err := broker.New(exposed(), bt.Logger(t))
+	if err != nil {
+		t.Fatalf("an exposed node on a cluster with devices: %v", err)
+	}
+	_ = b.Shutdown(context.Background())
+}
