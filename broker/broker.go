@@ -43,8 +43,9 @@ type Broker struct {
 	engine      *engine.Server
 	db          *storage.DB
 	msgLog      *storage.Log
-	cluster     *cluster.Node // nil on a single node
-	state       *clusterState // what the cluster shares: nil on a single node
+	cluster     *cluster.Node   // nil on a single node
+	clusterRt   *cluster.Router // with cluster
+	state       *clusterState   // what the cluster shares: nil on a single node
 	auth        *auth
 	history     *hooks.History
 	codecs      *codec.Rules
@@ -165,6 +166,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 	if err != nil {
 		return nil, err
 	}
+	b.setupClusterRouter()
 	// Always built, also with no webhooks: it clears the outbox of removed ones.
 	var whs []hooks.WebhookConfig
 	for _, w := range cfg.Webhooks {
@@ -206,6 +208,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		Auth:        b.auth,
 		Observer:    (*observer)(b),
 		Committer:   b.committer(),
+		Cluster:     b.engineCluster(),
 		Log:         slog.New(b.engineLog).With("component", "mqtt"),
 		Version:     Version,
 		SysInterval: m.SysInterval,
@@ -675,6 +678,9 @@ func (b *Broker) closeListeners() {
 // once everything accepts connections.
 func (b *Broker) Start() error {
 	started := time.Now()
+	if err := b.loadCluster(); err != nil {
+		return err
+	}
 	st, err := b.engine.Load()
 	if err != nil {
 		return fmt.Errorf("restore state: %w", err)

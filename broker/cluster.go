@@ -1,7 +1,10 @@
 package broker
 
 import (
+	"fmt"
+
 	"github.com/beaconmq/beacon/broker/cluster"
+	"github.com/beaconmq/beacon/broker/engine"
 )
 
 // setupCluster joins the cluster named by cluster.redis_url (nothing
@@ -30,6 +33,47 @@ func (b *Broker) setupCluster() error {
 	return nil
 }
 
+// setupClusterRouter makes the message router of a cluster member (once
+// the history exists: what browsers follow here is interest too).
+func (b *Broker) setupClusterRouter() {
+	if b.cluster == nil {
+		return
+	}
+	b.clusterRt = cluster.NewRouter(b.cluster, b.msgLog, b.db)
+	b.history.SetInterest(func(filter string, added bool) {
+		if added {
+			b.clusterRt.AddInterest(filter)
+		} else {
+			b.clusterRt.RemoveInterest(filter)
+		}
+	})
+}
+
+// engineCluster is the engine's Cluster (nil, not a nil pointer, on a
+// single node).
+func (b *Broker) engineCluster() engine.Cluster {
+	if b.clusterRt == nil {
+		return nil
+	}
+	return b.clusterRt
+}
+
+// loadCluster restores the messages a previous run had still to forward
+// (before the engine loads, so the log keeps them).
+func (b *Broker) loadCluster() error {
+	if b.clusterRt == nil {
+		return nil
+	}
+	n, err := b.clusterRt.Load()
+	if err != nil {
+		return fmt.Errorf("cluster: restore messages to forward: %w", err)
+	}
+	if n > 0 {
+		b.log.Info("cluster: messages still to forward to other nodes", "pending", n)
+	}
+	return nil
+}
+
 // startCluster begins the node's heartbeat once the stored state is
 // restored (before the listeners accept clients).
 func (b *Broker) startCluster() {
@@ -43,6 +87,7 @@ func (b *Broker) startCluster() {
 		i.HTTP = b.HTTPAddr()
 	})
 	b.cluster.Start()
+	b.clusterRt.Start(b.engine)
 	b.log.Info("cluster: joining", "node", b.cluster.ID(), "redis", redactURL(b.cfg.Cluster.RedisURL))
 }
 
@@ -54,3 +99,6 @@ func (b *Broker) stopCluster() {
 		}
 	}
 }
+
+// ClusterRouter is the cluster's message router (nil on a single node).
+func (b *Broker) ClusterRouter() *cluster.Router { return b.clusterRt }

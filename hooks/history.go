@@ -82,6 +82,7 @@ type History struct {
 
 	mu       sync.Mutex
 	closed   bool
+	interest func(filter string, added bool) // guarded by mu; SetInterest
 	watches  map[*Watch]struct{}
 	exact    map[string]map[*Watch]struct{}
 	wild     map[*Watch][][]string

@@ -259,6 +259,16 @@ type Watch struct {
 	stopped  bool   // guarded by h.mu
 }
 
+// SetInterest makes fn hear the filters live watches follow: added for
+// each filter of a new watch, removed as it ends (in a cluster, so that
+// other nodes forward what browsers here follow). fn runs under the
+// history's lock: it must be quick and must not call the history.
+func (h *History) SetInterest(fn func(filter string, added bool)) {
+	h.mu.Lock()
+	h.interest = fn
+	h.mu.Unlock()
+}
+
 // Watch registers a feed of the messages matching filters, buffering up to
 // buffer messages. A watcher that lets its buffer fill is ended: C is
 // closed and Overflowed reports true.
@@ -277,6 +287,11 @@ func (h *History) Watch(filters []string, buffer int) *Watch {
 		return w
 	}
 	h.watches[w] = struct{}{}
+	if h.interest != nil {
+		for _, f := range filters {
+			h.interest(f, true)
+		}
+	}
 	var wild [][]string
 	for _, f := range filters {
 		if strings.ContainsAny(f, "+#") {
@@ -335,6 +350,11 @@ func (h *History) unwatch(w *Watch) {
 	}
 	w.stopped = true
 	delete(h.watches, w)
+	if h.interest != nil {
+		for _, f := range w.filters {
+			h.interest(f, false)
+		}
+	}
 	for _, f := range w.filters {
 		if set := h.exact[f]; set != nil {
 			delete(set, w)

@@ -75,6 +75,8 @@ var recordKinds = []struct {
 	{nsOutbox, "webhook-outbox", nil},
 	{nsDevice, "devices", nil},
 	{nsMeta, "meta", nil},
+	{nsForward, "cluster-forwards", nil},
+	{nsCursor, "cluster-cursors", nil},
 }
 
 // queueRest is a queue key after its client id.

@@ -281,9 +281,9 @@ func (n *Node) Nodes(ctx context.Context) (map[string]NodeInfo, error) {
 func (n *Node) Subscribe(channel string, onSync func(ctx context.Context), onMsg func(payload string)) {
 	n.Go(func(ctx context.Context) {
 		ps := n.rdb.Subscribe(ctx, channel)
-		defer ps.Close()
-		stop := context.AfterFunc(ctx, func() { _ = ps.Close() }) // Receive does not return on ctx alone
+		stop := context.AfterFunc(ctx, func() { _ = ps.Close() }) // Receive does not watch ctx
 		defer stop()
+		defer ps.Close()
 		for {
 			msg, err := ps.Receive(ctx)
 			if ctx.Err() != nil {

@@ -4,6 +4,8 @@ import (
 	"sync"
 
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/beaconmq/beacon/storage"
 )
 
 // Message is one accepted message, shared (never copied) by every
@@ -27,10 +29,16 @@ type Message struct {
 	CorrelationData  []byte
 	User             []packets.UserProperty
 
-	stored    bool // written to the log (Release it after routing)
-	volatile  bool // never stored ($SYS)
-	propsOnce sync.Once
-	props     []byte // the shared v5 properties, encoded once
+	stored   bool // written to the log (Release it after routing)
+	volatile bool // never stored ($SYS)
+	remote   bool // came from another node: not routed to others again
+	// fromNode are writes that go with the message from another node (its
+	// place in that node's stream), remoteRoute its way to other nodes.
+	fromNode    []storage.Op
+	remoteRoute Remote
+	remoteRef   bool // the engine took a log reference for remoteRoute
+	propsOnce   sync.Once
+	props       []byte // the shared v5 properties, encoded once
 }
 
 // sharedProps is the encoded form of the properties every v5 delivery

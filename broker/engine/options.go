@@ -227,4 +227,37 @@ type Options struct {
 	// atomic write of each accepted message, and hears whether it
 	// committed.
 	Committer Committer
+
+	// Cluster, if set, hears the filters this node's subscriptions cover
+	// and forwards what other nodes want (broker/cluster).
+	Cluster Cluster
+}
+
+// Cluster joins the engine to other nodes. A message that came from
+// another node (Server.BeginRemote) is never routed to one.
+type Cluster interface {
+	// Interest hears a filter (in a shared group, or "") gain its first
+	// local subscriber or lose its last. It runs under the subscription
+	// index's lock: it must be quick and must not call the engine.
+	Interest(filter, group string, added bool)
+	// Route returns how a message accepted here reaches the other nodes
+	// that want it, or nil for none. It runs for every message: quick.
+	Route(m *Message) Remote
+}
+
+// Remote is one message's way to other nodes (from Cluster.Route).
+type Remote interface {
+	// Durable reports whether the message is forwarded from the log: it
+	// is then written and acknowledged only once durable, and the engine
+	// takes one log reference on it for the cluster (which gives it back
+	// with Unref once forwarded). Otherwise (QoS 0) it is sent as it is.
+	Durable() bool
+	// Queued adds writes to the one that stores the message as seq. It
+	// runs under the log's append lock, in seq order: it must be quick
+	// and must not call the log.
+	Queued(m *Message, seq uint64) []storage.Op
+	// Done follows once the message's write committed (err nil), or
+	// failed, before it is delivered here; for a Remote that is not
+	// Durable, once it was delivered here.
+	Done(m *Message, err error)
 }

@@ -89,6 +89,9 @@ func (s *Server) finishAccept(a *acceptance) (int, error) {
 					st.log.Unref(m.Seq)
 				}
 			}
+			if m.remoteRef {
+				st.log.Unref(m.Seq)
+			}
 			st.log.Release(m.Seq)
 		}
 		return 0, err
@@ -128,6 +131,9 @@ func (s *Server) finishAccept(a *acceptance) (int, error) {
 	}
 	if s.store != nil && m.Seq != 0 && m.stored {
 		s.store.log.Release(m.Seq)
+	}
+	if r := m.remoteRoute; r != nil && !r.Durable() {
+		r.Done(m, nil)
 	}
 	if o := s.opts.Observer; o != nil {
 		o.Routed(m, n)
@@ -211,6 +217,9 @@ func (s *Server) planOne(ts []target, client string, m *Message, subQoS byte, ra
 func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error, err error) {
 	st := s.store
 	if st == nil || m.volatile {
+		if cl := s.opts.Cluster; cl != nil && !m.volatile && !m.remote {
+			m.remoteRoute = cl.Route(m) // no store: QoS 0 only, sent as it is
+		}
 		return nil, nil
 	}
 	var fixed []storage.Op
@@ -218,9 +227,25 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 	if cm != nil {
 		fixed = cm.Prepare(m)
 	}
-	// done reports the outcome to the Committer once it is known.
+	var rt Remote
+	if cl := s.opts.Cluster; cl != nil && !m.remote {
+		rt = cl.Route(m)
+		m.remoteRoute = rt
+	}
+	durableRemote := rt != nil && rt.Durable()
+	// failed reports a write that was never queued.
+	failed := func(err error) {
+		if cm != nil {
+			cm.Committed(m, err)
+		}
+		if durableRemote {
+			rt.Done(m, err)
+		}
+	}
+	// done reports the outcome to the Committer (and the cluster) once it
+	// is known.
 	done := func(w func() error) func() error {
-		if cm == nil {
+		if cm == nil && !durableRemote {
 			return w
 		}
 		return func() error {
@@ -228,15 +253,23 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 			if w != nil {
 				err = w()
 			}
-			cm.Committed(m, err)
+			if cm != nil {
+				cm.Committed(m, err)
+			}
+			if durableRemote {
+				rt.Done(m, err)
+			}
 			return err
 		}
 	}
 	committerOps := len(fixed)
-	keep := m.Retain || len(fixed) > 0 || st.log.Keeps(m.Topic)
+	keep := m.Retain || len(fixed) > 0 || durableRemote || st.log.Keeps(m.Topic)
 	for i := range ts {
 		keep = keep || ts[i].stored
 	}
+	// A message from another node carries its place in that node's
+	// stream: written with it, it is taken once.
+	fixed = append(fixed, m.fromNode...)
 	if m.Retain {
 		if len(m.Payload) == 0 {
 			fixed = append(fixed, storage.Delete(storage.RetainKey(m.Topic)))
@@ -248,9 +281,7 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 		fixed = append(fixed, storage.Set(storage.InboundKey(in.sess.id, in.id), nil))
 	}
 	if err := s.room(m, keep, fixed); err != nil {
-		if cm != nil {
-			cm.Committed(m, err)
-		}
+		failed(err)
 		return nil, err
 	}
 	if !keep {
@@ -263,6 +294,9 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 	}
 	extra := func(seq uint64) []storage.Op {
 		ops := fixed
+		if durableRemote {
+			ops = append(ops, rt.Queued(m, seq)...)
+		}
 		for i := range ts {
 			t := &ts[i]
 			if t.stored {
@@ -275,7 +309,7 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 	// A QoS 0 message is promised nothing: its record (for history) is
 	// queued in order and the publisher goes on. What a session queues, a
 	// webhook outbox or a QoS 2 mark waits for the write.
-	durable := m.QoS > 0 || committerOps > 0
+	durable := m.QoS > 0 || committerOps > 0 || durableRemote || len(m.fromNode) > 0
 	for i := range ts {
 		durable = durable || ts[i].stored
 	}
@@ -286,9 +320,7 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 		seq, err = st.log.AppendQueued(logMessage(m), extra)
 	}
 	if err != nil {
-		if cm != nil {
-			cm.Committed(m, err)
-		}
+		failed(err)
 		return nil, err
 	}
 	m.Seq, m.stored = seq, true
@@ -296,6 +328,10 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 		if ts[i].stored {
 			st.log.Ref(seq)
 		}
+	}
+	if durableRemote {
+		st.log.Ref(seq) // the cluster's, until it forwarded the message
+		m.remoteRef = true
 	}
 	return done(wait), nil
 }

@@ -84,6 +84,9 @@ func New(opts Options) *Server {
 		started:  opts.Now(),
 		done:     make(chan struct{}),
 	}
+	if cl := opts.Cluster; cl != nil {
+		s.index.OnFilter = cl.Interest
+	}
 	s.sentObs, _ = opts.Observer.(SendObserver)
 	s.subObs, _ = opts.Observer.(SubscriptionObserver)
 	if p := opts.Persistence; p != nil {

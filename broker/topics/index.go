@@ -32,6 +32,13 @@ type Index struct {
 	subs    int    // subscriptions
 	nodes   int    // trie nodes below the root
 	seq     uint64 // next client.seq
+
+	// OnFilter, if set, hears a filter (in a shared group, or "") gain
+	// its first subscriber (added) or lose its last: what the index
+	// covers changed. It runs under the index's lock, in the order of
+	// the changes: it must be quick and must not call the index. Set it
+	// before the index is used.
+	OnFilter func(filter, group string, added bool)
 }
 
 // client is what the index knows of one client.
@@ -189,11 +196,17 @@ func (x *Index) Subscribe(s Subscription) (replaced bool) {
 		e.pos = len(n.direct)
 		n.direct = append(n.direct, e)
 		c.direct++
+		if len(n.direct) == 1 && x.OnFilter != nil {
+			x.OnFilter(s.Filter, "", true)
+		}
 	} else {
 		g := n.group(s.Group)
 		if g == nil {
 			g = &group{name: s.Group, filter: s.Filter}
 			n.groups = append(n.groups, g)
+			if x.OnFilter != nil {
+				x.OnFilter(s.Filter, s.Group, true)
+			}
 		}
 		g.members = append(g.members, s) // in place only past every len handed out
 	}
@@ -315,6 +328,9 @@ func (x *Index) remove(e *entry) {
 		n.direct[last] = nil
 		n.direct = shrink(n.direct[:last])
 		c.direct--
+		if len(n.direct) == 0 && x.OnFilter != nil {
+			x.OnFilter(e.sub.Filter, "", false)
+		}
 	} else {
 		gi := slices.IndexFunc(n.groups, func(g *group) bool { return g.name == e.sub.Group })
 		g := n.groups[gi]
@@ -322,6 +338,9 @@ func (x *Index) remove(e *entry) {
 			n.groups = slices.Delete(n.groups, gi, gi+1)
 			if len(n.groups) == 0 {
 				n.groups = nil
+			}
+			if x.OnFilter != nil {
+				x.OnFilter(e.sub.Filter, e.sub.Group, false)
 			}
 		} else {
 			i := g.member(e.sub.Client)

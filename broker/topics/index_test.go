@@ -516,3 +516,27 @@ func TestIndexManySubscriptionsPerClient(t *testing.T) {
 		t.Fatalf("left %d subscriptions", x.Len())
 	}
 }
+
+func TestIndexOnFilter(t *testing.T) {
+	var got []string
+	x := NewIndex()
+	x.OnFilter = func(filter, group string, added bool) {
+		sign := "-"
+		if added {
+			sign = "+"
+		}
+		got = append(got, sign+group+"|"+filter)
+	}
+	x.Subscribe(Subscription{Client: "a", Filter: "s/+"})
+	x.Subscribe(Subscription{Client: "b", Filter: "s/+"})         // same filter: no change
+	x.Subscribe(Subscription{Client: "a", Filter: "s/+", QoS: 1}) // replaced: no change
+	x.Subscribe(Subscription{Client: "a", Filter: "s/+", Group: "g"})
+	x.Subscribe(Subscription{Client: "b", Filter: "s/+", Group: "g"})
+	x.Unsubscribe("a", "s/+", "")
+	x.Unsubscribe("a", "s/+", "g")
+	x.RemoveClient("b")
+	want := []string{"+|s/+", "+g|s/+", "-|s/+", "-g|s/+"}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("OnFilter calls %q, want %q", got, want)
+	}
+}

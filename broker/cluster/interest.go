@@ -1,0 +1,248 @@
+package cluster
+
+import (
+	"context"
+	"strings"
+	"time"
+
+	"github.com/beaconmq/beacon/broker/topics"
+)
+
+// interestKey names a filter in a node's interest hash: the filter, or
+// $share/<group>/<filter> for a shared group.
+func interestKey(filter, group string) string {
+	if group == "" {
+		return filter
+	}
+	return "$share/" + group + "/" + filter
+}
+
+func parseInterestKey(k string) (filter, group string) {
+	if rest, ok := strings.CutPrefix(k, "$share/"); ok {
+		if g, f, ok := strings.Cut(rest, "/"); ok {
+			return f, g
+		}
+	}
+	return k, ""
+}
+
+// Interest is the engine's: a filter gained its first local subscriber
+// or lost its last. It only counts and marks; the pusher tells Redis.
+func (r *Router) Interest(filter, group string, added bool) {
+	r.interest(interestKey(filter, group), added)
+}
+
+// AddInterest and RemoveInterest count a filter wanted by something
+// other than an MQTT session (a browser stream, a webhook), so messages
+// to it are forwarded here too.
+func (r *Router) AddInterest(filter string)    { r.interest(filter, true) }
+func (r *Router) RemoveInterest(filter string) { r.interest(filter, false) }
+
+func (r *Router) interest(key string, added bool) {
+	r.imu.Lock()
+	n, had := r.local[key]
+	if added {
+		n++
+	} else {
+		n--
+	}
+	switch {
+	case n > 0:
+		r.local[key] = n
+		if !had {
+			r.dirty[key] = true
+		}
+	case had:
+		delete(r.local, key)
+		r.dirty[key] = false
+	}
+	r.imu.Unlock()
+	select {
+	case r.iwake <- struct{}{}:
+	default:
+	}
+}
+
+// pushInterest keeps this node's interest hash in Redis equal to what
+// its clients want: changes as they come, everything again after Redis
+// was away.
+func (r *Router) pushInterest(ctx context.Context) {
+	backoff := 100 * time.Millisecond
+	tick := time.NewTicker(5 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.iwake:
+		case <-tick.C:
+			r.refreshNodes(ctx)
+		}
+		for ctx.Err() == nil {
+			err := r.pushOnce(ctx)
+			r.n.Report(err)
+			if err == nil {
+				backoff = 100 * time.Millisecond
+				break
+			}
+			r.fullPush.Store(true)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 2*time.Second)
+		}
+	}
+}
+
+func (r *Router) pushOnce(ctx context.Context) error {
+	key, ch, self := r.n.Key("interest", r.n.ID()), r.n.Key("interest"), r.n.ID()
+	if r.fullPush.Swap(false) {
+		r.imu.Lock()
+		all := make([]any, 0, 2*len(r.local))
+		for k := range r.local {
+			all = append(all, k, "1")
+		}
+		clear(r.dirty)
+		r.imu.Unlock()
+		p := r.n.rdb.TxPipeline()
+		p.Del(ctx, key)
+		if len(all) > 0 {
+			p.HSet(ctx, key, all...)
+		}
+		p.Publish(ctx, ch, self+" *")
+		_, err := p.Exec(ctx)
+		return err
+	}
+	r.imu.Lock()
+	if len(r.dirty) == 0 {
+		r.imu.Unlock()
+		return nil
+	}
+	changes := make(map[string]bool, len(r.dirty))
+	for k, v := range r.dirty {
+		changes[k] = v
+	}
+	clear(r.dirty)
+	r.imu.Unlock()
+	p := r.n.rdb.Pipeline()
+	for k, add := range changes {
+		if add {
+			p.HSet(ctx, key, k, "1")
+			p.Publish(ctx, ch, self+" +"+k)
+		} else {
+			p.HDel(ctx, key, k)
+			p.Publish(ctx, ch, self+" -"+k)
+		}
+	}
+	if _, err := p.Exec(ctx); err != nil {
+		r.fullPush.Store(true) // which of them arrived is unknown
+		return err
+	}
+	return nil
+}
+
+// followInterest learns the other nodes' interest: all of it whenever
+// the channel is (re)subscribed, then each change.
+func (r *Router) followInterest() {
+	r.n.Subscribe(r.n.Key("interest"), func(ctx context.Context) {
+		if err := r.readAllInterest(ctx); err != nil {
+			r.n.Report(err)
+			r.log.Warn("cluster: read the other nodes' interest", "error", err)
+		}
+	}, func(payload string) {
+		id, change, ok := strings.Cut(payload, " ")
+		if !ok || id == r.n.ID() || change == "" {
+			return
+		}
+		r.knowNode(id)
+		switch change[0] {
+		case '+':
+			f, g := parseInterestKey(change[1:])
+			r.rmu.Lock()
+			r.remote.Subscribe(topics.Subscription{Client: id, Filter: f, Group: g, QoS: 2})
+			r.rmu.Unlock()
+		case '-':
+			f, g := parseInterestKey(change[1:])
+			r.rmu.Lock()
+			r.remote.Unsubscribe(id, f, g)
+			r.rmu.Unlock()
+		case '*':
+			ctx, cancel := context.WithTimeout(r.n.ctx, 5*time.Second)
+			defer cancel()
+			keys, err := r.n.rdb.HKeys(ctx, r.n.Key("interest", id)).Result()
+			r.n.Report(err)
+			if err != nil {
+				return
+			}
+			r.rmu.Lock()
+			r.remote.RemoveClient(id)
+			for _, k := range keys {
+				f, g := parseInterestKey(k)
+				r.remote.Subscribe(topics.Subscription{Client: id, Filter: f, Group: g, QoS: 2})
+			}
+			r.rmu.Unlock()
+		}
+	})
+}
+
+// readAllInterest rebuilds the other nodes' interest from Redis.
+func (r *Router) readAllInterest(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	ids, err := r.n.rdb.HKeys(ctx, r.n.Key("nodes")).Result()
+	if err != nil {
+		return err
+	}
+	x := topics.NewIndex()
+	known := map[string]bool{}
+	for _, id := range ids {
+		if id == r.n.ID() {
+			continue
+		}
+		known[id] = true
+		keys, err := r.n.rdb.HKeys(ctx, r.n.Key("interest", id)).Result()
+		if err != nil {
+			return err
+		}
+		for _, k := range keys {
+			f, g := parseInterestKey(k)
+			if topics.ValidFilter(f) {
+				x.Subscribe(topics.Subscription{Client: id, Filter: f, Group: g, QoS: 2})
+			}
+		}
+	}
+	r.rmu.Lock()
+	r.remote = x
+	r.known = known
+	r.rmu.Unlock()
+	return nil
+}
+
+// refreshNodes learns nodes that joined (retained messages go to every
+// node, interested or not).
+func (r *Router) refreshNodes(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	ids, err := r.n.rdb.HKeys(ctx, r.n.Key("nodes")).Result()
+	if err != nil {
+		return
+	}
+	for _, id := range ids {
+		if id != r.n.ID() {
+			r.knowNode(id)
+		}
+	}
+}
+
+func (r *Router) knowNode(id string) {
+	r.rmu.RLock()
+	ok := r.known[id]
+	r.rmu.RUnlock()
+	if !ok {
+		r.rmu.Lock()
+		r.known[id] = true
+		r.rmu.Unlock()
+	}
+}

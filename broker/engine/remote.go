@@ -1,0 +1,80 @@
+package engine
+
+import (
+	"github.com/beaconmq/beacon/storage"
+)
+
+// Pending is a message from another node between BeginRemote and Finish.
+type Pending struct {
+	s *Server
+	a *acceptance
+}
+
+// BeginRemote starts accepting a message another node forwarded: it is
+// matched, planned and its write queued as any publish, with ops (its
+// place in the forwarding stream) in the same write, and it is not
+// routed to other nodes again. Several may be begun before they are
+// finished, in order: their writes share a group commit.
+func (s *Server) BeginRemote(m *Message, ops []storage.Op) *Pending {
+	m.remote = true
+	m.fromNode = ops
+	if m.Created == 0 {
+		m.Created = s.now().UnixNano()
+	}
+	return &Pending{s: s, a: s.beginAccept(m, nil)}
+}
+
+// Finish waits for the write and delivers the message; it returns how
+// many sessions took it.
+func (p *Pending) Finish() (int, error) { return p.s.finishAccept(p.a) }
+
+// EncodeMessage is m's stored form (the log's record), for sending to
+// another node.
+func EncodeMessage(m *Message) []byte { return storage.AppendRetained(nil, logMessage(m)) }
+
+// EncodeLogMessage is the same for a message read back from the log.
+func EncodeLogMessage(lm *storage.LogMessage) []byte { return storage.AppendRetained(nil, lm) }
+
+// DecodeMessage reads what EncodeMessage wrote.
+func DecodeMessage(b []byte) (*Message, error) {
+	lm, err := storage.DecodeRetained(b)
+	if err != nil {
+		return nil, err
+	}
+	return fromLog(&lm)
+}
+
+// SetRetained makes m the retained message of its topic here (stored,
+// and kept in memory) without routing it, unless the one held is newer
+// (by Created): for a node catching up with the cluster's retained
+// messages. An empty payload clears the topic.
+func (s *Server) SetRetained(m *Message) error {
+	if cur, ok := s.retainedMessage(m.Topic); ok && cur.Created >= m.Created {
+		return nil
+	}
+	if st := s.store; st != nil {
+		var op storage.Op
+		if len(m.Payload) == 0 {
+			op = storage.Delete(storage.RetainKey(m.Topic))
+		} else {
+			op = storage.Set(storage.RetainKey(m.Topic), storage.AppendRetained(nil, logMessage(m)))
+		}
+		if err := st.db.Write(op); err != nil {
+			return err
+		}
+	}
+	s.retMu.Lock()
+	defer s.retMu.Unlock()
+	if len(m.Payload) == 0 {
+		s.retained.Delete(m.Topic)
+	} else {
+		s.retained.Set(m.Topic, m)
+	}
+	return nil
+}
+
+func (s *Server) retainedMessage(topic string) (*Message, bool) {
+	s.retMu.Lock()
+	defer s.retMu.Unlock()
+	return s.retained.Get(topic)
+}
