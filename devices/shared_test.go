@@ -219,3 +219,49 @@ func TestRemoteOnline(t *testing.T) {
 		t.Fatalf("Seen moved last-seen back to %v", d.LastSeen)
 	}
 }
+
+func TestApplyFetchesUnderTheLock(t *testing.T) {
+	// A record read before this registry's own write must not be applied
+	// after it: fetch runs with the registry locked, so a Rotate started
+	// meanwhile waits and wins.
+	db := openStore(t, t.TempDir())
+	r, err := devices.OpenRegistry(db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, oldSecret, err := r.Add(devices.NewDevice{ID: "d1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var before []byte
+	_ = db.Devices(func(data []byte) error { before = append([]byte(nil), data...); return nil })
+	var newSecret string
+	done := make(chan struct{})
+	_, err = r.Apply("d1", func() ([]byte, error) {
+		go func() {
+			defer close(done)
+			s, err := r.Rotate("d1")
+			if err != nil {
+				t.Error(err)
+			}
+			newSecret = s
+		}()
+		// Under the lock the rotate cannot finish; give it the chance it
+		// would have without the lock.
+		select {
+		case <-done:
+		case <-time.After(200 * time.Millisecond):
+		}
+		return before, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-done
+	if _, err := r.Authenticate("d1", newSecret); err != nil {
+		t.Fatalf("the rotated secret was undone by a record read before it: %v", err)
+	}
+	if _, err := r.Authenticate("d1", oldSecret); err == nil {
+		t.Fatal("the old secret works again")
+	}
+}
