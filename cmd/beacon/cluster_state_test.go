@@ -125,4 +125,12 @@ func TestClusterSharedState(t *testing.T) {
 	bt.WaitFor(t, 20*time.Second, "sensor-1 online on b", func() bool { return slices.Contains(onlineOn(t, b.http), "sensor-1") })
 	a.kill(t)
 	bt.WaitFor(t, 30*time.Second, "sensor-1 offline on b after a died", func() bool { return !slices.Contains(onlineOn(t, b.http), "sensor-1") })
+
+	// Redis away: the CLI's change is refused, and says why.
+	r.Kill()
+	bt.WaitFor(t, 30*time.Second, "b sees redis gone", func() bool { return strings.Contains(b.Logs(), "redis unreachable") })
+	code, _, errOut = runCLI(t, nil, "devices", "add", "while-down", "--config", confB, "--http-addr", b.http)
+	if code == 0 || !strings.Contains(errOut, "device registry unavailable") || !strings.Contains(errOut, "503") {
+		t.Fatalf("devices add while redis is away: exit %d: %s", code, errOut)
+	}
 }
