@@ -214,17 +214,44 @@ func (p *Presence) elsewhere(m map[string]int, dead map[string]bool) bool {
 // watch looks for the entries of nodes that died (their liveness key
 // expired) and removes them, and writes this node's counts again where
 // Redis lost or missed them.
+//
+// The whole hash is read only when a node that was alive is gone, when
+// this node's own key was missing, and once a minute besides; otherwise a
+// check costs one look at the nodes.
 func (p *Presence) watch(ctx context.Context) {
 	t := time.NewTicker(p.opts.Check)
 	defer t.Stop()
+	var prev map[string]NodeInfo
+	last := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		if p.n.Up() {
+		if !p.n.Up() {
+			prev = nil
+			continue
+		}
+		nctx, cancel := context.WithTimeout(ctx, opTimeout)
+		alive, err := p.n.Nodes(nctx)
+		cancel()
+		if err != nil {
+			p.n.Report(err)
+			prev = nil
+			continue
+		}
+		_, self := alive[p.n.ID()]
+		full := prev == nil || !self || time.Since(last) > time.Minute
+		for id := range prev {
+			if _, ok := alive[id]; !ok {
+				full = true
+			}
+		}
+		prev = alive
+		if full {
 			p.sync(ctx, false)
+			last = time.Now()
 		}
 	}
 }
