@@ -459,6 +459,33 @@ func (b *Broker) registerMetrics() {
 	}
 	counter("beacon_log_appended_total", "Messages written to the message log.", nil, func() float64 { return float64(b.msgLog.Stats().Appended) })
 	gauge("beacon_log_records", "Records in the message log (history and session queues).", func() float64 { return float64(b.msgLog.Stats().Stored) })
+	if r := b.clusterRt; r != nil {
+		cs := func(f func(cluster.Stats) float64) func() float64 { return func() float64 { return f(r.Stats()) } }
+		gauge("beacon_cluster_redis_up", "1 while Redis answers; 0 while the node serves only its own clients.", func() float64 {
+			if b.cluster.Up() {
+				return 1
+			}
+			return 0
+		})
+		const fwd = "beacon_cluster_forwarded_total"
+		const fwdHelp = "Messages sent to other nodes, once per node: durable (QoS 1/2 and retained, through a Redis stream) or live (QoS 0)."
+		counter(fwd, fwdHelp, prometheus.Labels{"kind": "durable"}, cs(func(s cluster.Stats) float64 { return float64(s.Forwarded) }))
+		counter(fwd, fwdHelp, prometheus.Labels{"kind": "live"}, cs(func(s cluster.Stats) float64 { return float64(s.ForwardedLive) }))
+		const recv = "beacon_cluster_received_total"
+		const recvHelp = "Messages taken from other nodes: durable or live."
+		counter(recv, recvHelp, prometheus.Labels{"kind": "durable"}, cs(func(s cluster.Stats) float64 { return float64(s.Received) }))
+		counter(recv, recvHelp, prometheus.Labels{"kind": "live"}, cs(func(s cluster.Stats) float64 { return float64(s.ReceivedLive) }))
+		counter("beacon_cluster_live_dropped_total", "QoS 0 messages for other nodes dropped (Redis away or too slow), once per node.", nil,
+			cs(func(s cluster.Stats) float64 { return float64(s.LiveDropped) }))
+		counter("beacon_cluster_damaged_total", "Messages from other nodes that did not decode (skipped).", nil,
+			cs(func(s cluster.Stats) float64 { return float64(s.Damaged) }))
+		counter("beacon_cluster_missing_total", "Messages to forward that were no longer in the log.", nil,
+			cs(func(s cluster.Stats) float64 { return float64(s.Missing) }))
+		gauge("beacon_cluster_pending", "Durable messages held for other nodes: not yet taken by every destination that is up.",
+			cs(func(s cluster.Stats) float64 { return float64(s.Pending) }))
+		gauge("beacon_cluster_unsent", "Of those, not yet written to Redis (Redis away or behind).",
+			cs(func(s cluster.Stats) float64 { return float64(s.Unsent) }))
+	}
 }
 
 // encodeEnvelope is the JSON body webhooks receive: the browsers'
@@ -982,13 +1009,13 @@ func (o *observer) Disconnected(ci *engine.ClientInfo, err error) {
 }
 
 func (o *observer) Routed(m *engine.Message, _ int) {
-	if m.Client != "" {
+	if m.Client != "" && !m.FromNode() { // counted once in the cluster: where it was accepted
 		o.metricsHook.Received(m.QoS, len(m.Payload))
 	}
 	hm := hooks.Message{Seq: m.Seq, Topic: m.Topic, Payload: m.Payload, QoS: m.QoS, Retain: m.Retain,
 		Client: m.Client, Device: m.Device, Time: m.Created}
 	o.history.Feed(&hm)
-	if o.ha != nil {
+	if o.ha != nil && !m.FromNode() { // the node that accepted it announces its readings
 		o.ha.Observe(&hm)
 	}
 }

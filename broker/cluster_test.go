@@ -1,13 +1,20 @@
 package broker_test
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/eclipse/paho.golang/paho"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/beaconmq/beacon/broker"
 	bt "github.com/beaconmq/beacon/broker/brokertest"
@@ -33,13 +40,20 @@ func waitWants(t *testing.T, b *broker.Broker, topic string, want ...string) {
 }
 
 func TestClusterForwardsByInterest(t *testing.T) {
-	redis := clustertest.StartRedis(t)
-	a := bt.Start(t, clusterConfig(t, redis, "a"))
-	b := bt.Start(t, clusterConfig(t, redis, "b"))
-	c := bt.Start(t, clusterConfig(t, redis, "c"))
+	rds := clustertest.StartRedis(t)
+	a := bt.Start(t, clusterConfig(t, rds, "a"))
+	b := bt.Start(t, clusterConfig(t, rds, "b"))
+	c := bt.Start(t, clusterConfig(t, rds, "c"))
+	bt.WaitFor(t, 20*time.Second, "b reaches Redis", func() bool { return b.ClusterRouter().Up() })
 
 	subB := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: true})
 	subB.SubscribeT(t, paho.SubscribeOptions{Topic: "plant/+/temp", QoS: 1})
+	// The SUBACK came once Redis had b's new filter.
+	rdb := redis.NewClient(&redis.Options{Addr: rds.Addr()})
+	defer rdb.Close()
+	if v, err := rdb.HGet(context.Background(), "beacon:interest:b", "plant/+/temp").Result(); err != nil || v != "1" {
+		t.Fatalf("after the SUBACK, b's interest in Redis: %q, %v", v, err)
+	}
 	s, resp := bt.OpenSSE(t, "http://"+c.HTTPAddr()+"/events?topic=plant/%23", nil)
 	if s == nil {
 		t.Fatalf("GET /events on c: %d", resp.StatusCode)
@@ -170,7 +184,7 @@ func TestClusterDeliversToANodeThatWasDown(t *testing.T) {
 	for i := range n {
 		pub.PublishT(t, &paho.Publish{Topic: "q/x", QoS: 1, Payload: []byte(fmt.Sprint(i))})
 	}
-	bt.WaitFor(t, 20*time.Second, "a forwarded everything", func() bool { return a.ClusterRouter().Stats().Pending == 0 })
+	bt.WaitFor(t, 20*time.Second, "a sent everything to Redis", func() bool { return a.ClusterRouter().Stats().Unsent == 0 })
 
 	b2 := bt.Start(t, cfgB) // same data directory
 	back := bt.Dial(t, b2.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: false,
@@ -190,5 +204,136 @@ func TestClusterDeliversToANodeThatWasDown(t *testing.T) {
 	}
 	if q != n {
 		t.Fatalf("got %d messages, want %d exactly", q, n)
+	}
+}
+
+// A shared group with members on several nodes gets each message once,
+// in the whole cluster; a plain subscriber beside it gets every one.
+func TestClusterSharedSubscriptionsSpanNodes(t *testing.T) {
+	redis := clustertest.StartRedis(t)
+	a := bt.Start(t, clusterConfig(t, redis, "a"))
+	b := bt.Start(t, clusterConfig(t, redis, "b"))
+	c := bt.Start(t, clusterConfig(t, redis, "c"))
+	var members []*bt.Client
+	for i, n := range []*broker.Broker{a, b, b, c} {
+		m := bt.Dial(t, n.MQTTAddr("tcp"), &paho.Connect{ClientID: fmt.Sprintf("worker-%d", i), CleanStart: true})
+		m.SubscribeT(t, paho.SubscribeOptions{Topic: "$share/workers/jobs/#", QoS: 1})
+		members = append(members, m)
+	}
+	plain := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "plain", CleanStart: true})
+	plain.SubscribeT(t, paho.SubscribeOptions{Topic: "jobs/#", QoS: 1})
+	waitWants(t, a, "jobs/1", "b", "c")
+	for _, n := range []*broker.Broker{b, c} {
+		waitWants(t, n, "jobs/1", slices.DeleteFunc([]string{"a", "b", "c"}, func(id string) bool {
+			return id == n.ClusterRouter().ID()
+		})...)
+	}
+
+	const n = 120
+	pubs := []*bt.Client{
+		bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-a", CleanStart: true}),
+		bt.Dial(t, c.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-c", CleanStart: true}),
+	}
+	for i := range n {
+		pubs[i%2].PublishT(t, &paho.Publish{Topic: "jobs/x", QoS: byte(1 - i%3/2), Payload: []byte(fmt.Sprint(i))})
+	}
+	plain.WaitMessages(t, n, 20*time.Second)
+	total := func() int {
+		k := 0
+		for _, m := range members {
+			k += m.Count()
+		}
+		return k
+	}
+	bt.WaitFor(t, 20*time.Second, fmt.Sprintf("%d messages across the group", n), func() bool { return total() >= n })
+	pubs[0].PublishT(t, &paho.Publish{Topic: "jobs/end", QoS: 1, Payload: []byte("end")})
+	pubs[1].PublishT(t, &paho.Publish{Topic: "jobs/end", QoS: 1, Payload: []byte("end")})
+	plain.WaitMessages(t, n+2, 20*time.Second)
+	bt.WaitFor(t, 20*time.Second, "the end messages across the group", func() bool { return total() >= n+2 })
+	seen := map[string]int{}
+	perNode := map[string]int{}
+	for i, m := range members {
+		for _, p := range m.Messages() {
+			seen[string(p.Payload)]++
+		}
+		perNode[[]string{"a", "b", "b", "c"}[i]] += m.Count()
+	}
+	for i := range n {
+		if seen[fmt.Sprint(i)] != 1 {
+			t.Errorf("message %d reached the group %d times, want once", i, seen[fmt.Sprint(i)])
+		}
+	}
+	if t.Failed() {
+		return
+	}
+	for _, id := range []string{"a", "b", "c"} {
+		if perNode[id] == 0 {
+			t.Errorf("no message went to the group's members on %s: %v", id, perNode)
+		}
+	}
+	t.Logf("group deliveries per node: %v", perNode)
+}
+
+// Every node has the same webhook: a message accepted on one node and
+// forwarded to another is delivered to the webhook once, by the node
+// that accepted it.
+func TestClusterWebhookDeliveredOnce(t *testing.T) {
+	redis := clustertest.StartRedis(t)
+	var (
+		mu     sync.Mutex
+		bodies []string
+	)
+	recv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		bodies = append(bodies, string(b))
+		mu.Unlock()
+	}))
+	defer recv.Close()
+	node := func(id string) *broker.Broker {
+		cfg := clusterConfig(t, redis, id)
+		cfg.Auth.AdminToken = adminToken
+		cfg.Webhooks = []broker.WebhookConfig{{Name: "ops", URL: recv.URL, Topics: []string{"alerts/#"}, Timeout: 5 * time.Second, MaxRetries: 3}}
+		return bt.Start(t, cfg)
+	}
+	a, b := node("a"), node("b")
+	sub := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: true})
+	sub.SubscribeT(t, paho.SubscribeOptions{Topic: "alerts/#", QoS: 1})
+	waitWants(t, a, "alerts/door", "b")
+	pub := bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-a", CleanStart: true})
+	const n = 20
+	for i := range n {
+		pub.PublishT(t, &paho.Publish{Topic: "alerts/door", QoS: 1, Payload: []byte(fmt.Sprint(i))})
+	}
+	sub.WaitMessages(t, n, 20*time.Second)
+	bt.WaitFor(t, 20*time.Second, "the deliveries", func() bool { mu.Lock(); defer mu.Unlock(); return len(bodies) >= n })
+	// b took them all (its outbox would have been written then); give a
+	// duplicate delivery every chance to arrive before counting.
+	pub.PublishT(t, &paho.Publish{Topic: "alerts/end", QoS: 1, Payload: []byte("end")})
+	sub.WaitMessages(t, n+1, 20*time.Second)
+	bt.WaitFor(t, 20*time.Second, "the end delivery", func() bool { mu.Lock(); defer mu.Unlock(); return len(bodies) >= n+1 })
+	// Each outbox empty, and only a's delivered anything.
+	state := func(w *broker.Broker) (delivered int64, pending int) {
+		var st struct {
+			Webhooks []struct {
+				Delivered int64 `json:"delivered"`
+				Pending   int   `json:"pending"`
+			} `json:"webhooks"`
+		}
+		_, body := api(t, "GET", "http://"+w.HTTPAddr()+"/api/v1/webhooks", adminToken, nil)
+		raw, _ := json.Marshal(body)
+		if json.Unmarshal(raw, &st) != nil || len(st.Webhooks) != 1 {
+			return -1, -1
+		}
+		return st.Webhooks[0].Delivered, st.Webhooks[0].Pending
+	}
+	bt.WaitFor(t, 20*time.Second, "a delivered everything", func() bool { d, p := state(a); return d == n+1 && p == 0 })
+	if d, p := state(b); d != 0 || p != 0 {
+		t.Fatalf("b's webhook outbox took forwarded messages: delivered %d, pending %d", d, p)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(bodies) != n+1 {
+		t.Fatalf("webhook got %d deliveries, want %d (once per message)", len(bodies), n+1)
 	}
 }

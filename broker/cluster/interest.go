@@ -51,10 +51,12 @@ func (r *Router) interest(key string, added bool) {
 		r.local[key] = n
 		if !had {
 			r.dirty[key] = true
+			r.dirtyGen++
 		}
 	case had:
 		delete(r.local, key)
 		r.dirty[key] = false
+		r.dirtyGen++
 	}
 	r.imu.Unlock()
 	select {
@@ -96,10 +98,50 @@ func (r *Router) pushInterest(ctx context.Context) {
 	}
 }
 
+// AwaitInterest is the engine's: it waits until what was reported before
+// the call is in Redis (bounded by wait; not at all while Redis is away).
+func (r *Router) AwaitInterest(wait time.Duration) {
+	r.imu.Lock()
+	want := r.dirtyGen
+	r.imu.Unlock()
+	if !r.n.Up() {
+		return
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	for {
+		r.imu.Lock()
+		done, ch := r.pushedGen >= want, r.pushed
+		r.imu.Unlock()
+		if done {
+			return
+		}
+		select {
+		case <-ch:
+		case <-t.C:
+			return
+		case <-r.n.ctx.Done():
+			return
+		}
+	}
+}
+
+// markPushed records that every change up to gen is in Redis.
+func (r *Router) markPushed(gen uint64) {
+	r.imu.Lock()
+	if gen > r.pushedGen {
+		r.pushedGen = gen
+		close(r.pushed)
+		r.pushed = make(chan struct{})
+	}
+	r.imu.Unlock()
+}
+
 func (r *Router) pushOnce(ctx context.Context) error {
 	key, ch, self := r.n.Key("interest", r.n.ID()), r.n.Key("interest"), r.n.ID()
 	if r.fullPush.Swap(false) {
 		r.imu.Lock()
+		gen := r.dirtyGen
 		all := make([]any, 0, 2*len(r.local))
 		for k := range r.local {
 			all = append(all, k, "1")
@@ -113,11 +155,16 @@ func (r *Router) pushOnce(ctx context.Context) error {
 		}
 		p.Publish(ctx, ch, self+" *")
 		_, err := p.Exec(ctx)
+		if err == nil {
+			r.markPushed(gen)
+		}
 		return err
 	}
 	r.imu.Lock()
+	gen := r.dirtyGen
 	if len(r.dirty) == 0 {
 		r.imu.Unlock()
+		r.markPushed(gen)
 		return nil
 	}
 	changes := make(map[string]bool, len(r.dirty))
@@ -140,6 +187,7 @@ func (r *Router) pushOnce(ctx context.Context) error {
 		r.fullPush.Store(true) // which of them arrived is unknown
 		return err
 	}
+	r.markPushed(gen)
 	return nil
 }
 

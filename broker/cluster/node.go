@@ -109,7 +109,9 @@ func Open(opts Options) (*Node, error) {
 	ro.DialTimeout = 2 * time.Second
 	ro.ReadTimeout = 3 * time.Second
 	ro.WriteTimeout = 3 * time.Second
-	ro.MaxRetries = 1
+	// No silent retries: a command that met a restarted Redis must fail,
+	// so the forwarder knows the streams may have lost entries.
+	ro.MaxRetries = -1
 	ro.MinRetryBackoff = 50 * time.Millisecond
 	ro.MaxRetryBackoff = time.Second
 	n := &Node{opts: opts, rdb: redis.NewClient(ro), log: opts.Logger}
@@ -231,7 +233,7 @@ func (n *Node) Report(err error) {
 	}
 	if n.up.CompareAndSwap(false, true) {
 		down := time.Duration(time.Now().UnixNano() - n.downAt.Swap(0))
-		n.log.Info("cluster: redis reachable", "node", n.opts.NodeID, "after", down.Round(time.Millisecond))
+		n.log.Info("cluster: redis reachable", "node", n.opts.NodeID, "after", down.Round(time.Millisecond).String())
 		n.mu.Lock()
 		fns := append([]func(){}, n.onUp...)
 		n.mu.Unlock()

@@ -2,9 +2,12 @@ package cluster
 
 import (
 	"context"
+	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -37,7 +40,7 @@ type DB interface {
 
 // Engine is the part of the engine that takes messages from other nodes.
 type Engine interface {
-	BeginRemote(m *engine.Message, ops []storage.Op) *engine.Pending
+	BeginRemote(m *engine.Message, ops []storage.Op, scope *engine.Scope) *engine.Pending
 	SetRetained(m *engine.Message) error
 }
 
@@ -50,8 +53,9 @@ type Stats struct {
 	ReceivedLive   uint64 // QoS 0 messages taken from other nodes
 	Damaged        uint64 // entries from other nodes that did not decode
 	Missing        uint64 // messages to forward no longer in the log
-	Pending        int    // durable messages waiting to be forwarded
-	PendingInStore int    // of those, not held in memory (read back from the log)
+	Pending        int    // durable messages held: not yet taken by every destination that is up
+	Unsent         int    // of those, not yet in Redis
+	PendingInStore int    // of those held, whose message is not in memory (read back from the log)
 }
 
 // Router forwards what this node accepts to the other nodes that want
@@ -65,11 +69,14 @@ type Router struct {
 	epoch uint64
 
 	// Interest: this node's filters (counted) and what Redis still has to hear.
-	imu      sync.Mutex
-	local    map[string]int
-	dirty    map[string]bool // key -> added
-	iwake    chan struct{}
-	fullPush atomic.Bool
+	imu       sync.Mutex
+	local     map[string]int
+	dirty     map[string]bool // key -> added
+	iwake     chan struct{}
+	fullPush  atomic.Bool
+	dirtyGen  uint64        // guarded by imu: changes reported
+	pushedGen uint64        // guarded by imu: changes known to be in Redis
+	pushed    chan struct{} // guarded by imu: closed (and made anew) when pushedGen grows
 
 	// The other nodes' filters: a subscription index whose clients are node ids.
 	rmu    sync.RWMutex
@@ -83,7 +90,10 @@ type Router struct {
 	fwake   chan struct{}
 	live    chan liveMsg
 
-	announced map[string]bool // destinations whose inbox set names our stream (forwarder goroutine)
+	rewind    bool                 // a stream lost entries: send what is held again (forwarder goroutine)
+	lastSent  map[string]uint64    // destination -> seq of its stream's last entry after our last batch (forwarder goroutine)
+	sharedRR  atomic.Uint64        // turns of the shared groups
+	downSince map[string]time.Time // destinations seen without liveness key (forwarder goroutine)
 
 	// Taking.
 	cursors map[string]string // stream -> last id taken (inbox goroutine)
@@ -92,24 +102,26 @@ type Router struct {
 }
 
 type forward struct {
-	seq   uint64
-	m     *engine.Message // nil: read it back from the log
-	nodes []string
-	state int8 // 0 writing, 1 committed, -1 failed
+	seq    uint64
+	m      *engine.Message // nil: read it back from the log
+	nodes  []string
+	scopes []string // per node: which of its subscriptions it reaches (encodeScope)
+	state  int8     // fwdWriting, fwdCommitted, fwdSent or fwdFailed
 }
 
 type liveMsg struct {
-	body  []byte
-	nodes []string
+	body   []byte
+	nodes  []string
+	scopes []string
 }
 
 // NewRouter makes the router of node n over the node's log and store.
 func NewRouter(n *Node, lg LogStore, db DB) *Router {
 	return &Router{n: n, lg: lg, db: db, log: n.log, epoch: lg.Epoch(),
-		local: map[string]int{}, dirty: map[string]bool{}, iwake: make(chan struct{}, 1),
+		local: map[string]int{}, dirty: map[string]bool{}, iwake: make(chan struct{}, 1), pushed: make(chan struct{}),
 		remote: topics.NewIndex(), known: map[string]bool{},
 		fwake: make(chan struct{}, 1), live: make(chan liveMsg, 4096),
-		announced: map[string]bool{}, cursors: map[string]string{}}
+		lastSent: map[string]uint64{}, cursors: map[string]string{}, downSince: map[string]time.Time{}}
 }
 
 var _ engine.Cluster = (*Router)(nil)
@@ -125,16 +137,21 @@ func (r *Router) Load() (pending int, err error) {
 		if !ok {
 			return nil
 		}
-		nodes := strings.Fields(string(v))
-		if len(nodes) == 0 {
+		var pairs [][2]string
+		if json.Unmarshal(v, &pairs) != nil || len(pairs) == 0 {
+			gone = append(gone, storage.Delete(storage.ForwardKey(seq)))
 			return nil
+		}
+		nodes, scopes := make([]string, len(pairs)), make([]string, len(pairs))
+		for i, p := range pairs {
+			nodes[i], scopes[i] = p[0], p[1]
 		}
 		if !r.lg.TryRef(seq) {
 			gone = append(gone, storage.Delete(storage.ForwardKey(seq)))
 			r.missing.Add(1)
 			return nil
 		}
-		r.pending = append(r.pending, &forward{seq: seq, nodes: nodes, state: 1})
+		r.pending = append(r.pending, &forward{seq: seq, nodes: nodes, scopes: scopes, state: fwdCommitted})
 		return nil
 	})
 	if err != nil {
@@ -184,41 +201,99 @@ func (r *Router) Start(eng Engine) {
 // Stats returns the counters.
 func (r *Router) Stats() Stats {
 	r.fmu.Lock()
-	p, held := len(r.pending), r.bodies
+	p, held, unsent := len(r.pending), r.bodies, 0
+	for _, f := range r.pending {
+		if f.state == fwdWriting || f.state == fwdCommitted {
+			unsent++
+		}
+	}
 	r.fmu.Unlock()
 	return Stats{Forwarded: r.forwarded.Load(), ForwardedLive: r.forwardedLive.Load(), LiveDropped: r.liveDropped.Load(),
 		Received: r.received.Load(), ReceivedLive: r.receivedLive.Load(), Damaged: r.damaged.Load(), Missing: r.missing.Load(),
-		Pending: p, PendingInStore: p - held}
+		Pending: p, Unsent: unsent, PendingInStore: p - held}
 }
 
 // Route is the engine's: the other nodes a message accepted here goes
-// to. A retained message goes to every node (each keeps the cluster's
-// retained messages); others to the nodes with a matching filter.
-func (r *Router) Route(m *engine.Message) engine.Remote {
-	var nodes []string
+// to. Each shared group matching here or elsewhere is served by one node
+// (this one counts once, however many members it has), in turn. A
+// retained message goes to every node (each keeps the cluster's retained
+// messages); others to the nodes with a matching filter or a chosen group.
+func (r *Router) Route(m *engine.Message, shared []topics.SharedMatch) engine.Remote {
 	r.rmu.RLock()
-	if m.Retain {
-		for id := range r.known {
-			nodes = append(nodes, id)
-		}
-	} else if r.remote.Len() > 0 {
-		ms := matchesPool.Get().(*topics.Matches)
-		r.remote.Match(m.Topic, "", ms)
-		for i := range ms.Direct {
-			nodes = append(nodes, ms.Direct[i].Client)
-		}
-		for i := range ms.Shared {
-			for _, s := range ms.Shared[i].Members {
-				nodes = appendNew(nodes, s.Client)
-			}
-		}
-		matchesPool.Put(ms)
-	}
-	r.rmu.RUnlock()
-	if len(nodes) == 0 {
+	if r.remote.Len() == 0 && (!m.Retain || len(r.known) == 0) {
+		r.rmu.RUnlock()
 		return nil
 	}
-	return &route{r: r, nodes: nodes, durable: m.QoS > 0 || m.Retain}
+	ms := matchesPool.Get().(*topics.Matches)
+	r.remote.Match(m.Topic, "", ms)
+	rt := &route{r: r, durable: m.QoS > 0 || m.Retain}
+	scopes := map[string]*engine.Scope{}
+	for i := range ms.Direct {
+		scopes[ms.Direct[i].Client] = &engine.Scope{}
+	}
+	for i := range ms.Shared {
+		g := &ms.Shared[i]
+		var cands []string
+		for _, sub := range g.Members {
+			cands = appendNew(cands, sub.Client)
+		}
+		local := slices.ContainsFunc(shared, func(l topics.SharedMatch) bool {
+			return l.Group == g.Group && l.Filter == g.Filter && len(l.Members) > 0
+		})
+		if local {
+			cands = append(cands, "") // this node
+		}
+		slices.Sort(cands)
+		pick := cands[r.sharedRR.Add(1)%uint64(len(cands))]
+		if pick == "" {
+			continue
+		}
+		sc := scopes[pick]
+		if sc == nil {
+			sc = &engine.Scope{NoDirect: true}
+			scopes[pick] = sc
+		}
+		key := g.Group + "\x00" + g.Filter
+		sc.Groups = append(sc.Groups, key)
+		if local {
+			rt.takes = append(rt.takes, key)
+		}
+	}
+	if m.Retain {
+		for id := range r.known {
+			if scopes[id] == nil {
+				scopes[id] = &engine.Scope{NoDirect: true} // keeps it, delivers it to nobody
+			}
+		}
+	}
+	r.rmu.RUnlock()
+	matchesPool.Put(ms)
+	if len(scopes) == 0 {
+		return nil
+	}
+	for id, sc := range scopes {
+		rt.nodes = append(rt.nodes, id)
+		rt.scopes = append(rt.scopes, encodeScope(sc))
+	}
+	return rt
+}
+
+// encodeScope is "" for the common scope (direct subscriptions only),
+// else JSON.
+func encodeScope(sc *engine.Scope) string {
+	if !sc.NoDirect && len(sc.Groups) == 0 {
+		return ""
+	}
+	b, _ := json.Marshal(sc)
+	return string(b)
+}
+
+func decodeScope(s string) (*engine.Scope, error) {
+	sc := &engine.Scope{}
+	if s == "" {
+		return sc, nil
+	}
+	return sc, json.Unmarshal([]byte(s), sc)
 }
 
 var matchesPool = sync.Pool{New: func() any { return new(topics.Matches) }}
@@ -236,17 +311,28 @@ func appendNew(s []string, v string) []string {
 type route struct {
 	r       *Router
 	nodes   []string
+	scopes  []string
+	takes   []string // shared groups matching here that another node serves
 	durable bool
 	f       *forward
 }
 
 func (rt *route) Durable() bool { return rt.durable }
 
+func (rt *route) Takes(group, filter string) bool {
+	for _, k := range rt.takes {
+		if len(k) == len(group)+1+len(filter) && k[:len(group)] == group && k[len(group)+1:] == filter {
+			return true
+		}
+	}
+	return false
+}
+
 // Queued records, in the message's own write, that it is still to be
 // forwarded, and queues it in seq order.
 func (rt *route) Queued(m *engine.Message, seq uint64) []storage.Op {
 	r := rt.r
-	f := &forward{seq: seq, m: m, nodes: rt.nodes}
+	f := &forward{seq: seq, m: m, nodes: rt.nodes, scopes: rt.scopes}
 	r.fmu.Lock()
 	if r.bodies >= r.n.opts.ForwardBuffer {
 		f.m = nil // read back from the log when its turn comes
@@ -256,14 +342,19 @@ func (rt *route) Queued(m *engine.Message, seq uint64) []storage.Op {
 	r.pending = append(r.pending, f)
 	r.fmu.Unlock()
 	rt.f = f
-	return []storage.Op{storage.Set(storage.ForwardKey(seq), []byte(strings.Join(rt.nodes, "\n")))}
+	pairs := make([][2]string, len(rt.nodes))
+	for i := range rt.nodes {
+		pairs[i] = [2]string{rt.nodes[i], rt.scopes[i]}
+	}
+	v, _ := json.Marshal(pairs)
+	return []storage.Op{storage.Set(storage.ForwardKey(seq), v)}
 }
 
 func (rt *route) Done(m *engine.Message, err error) {
 	r := rt.r
 	if !rt.durable {
 		select {
-		case r.live <- liveMsg{body: engine.EncodeMessage(m), nodes: rt.nodes}:
+		case r.live <- liveMsg{body: engine.EncodeMessage(m), nodes: rt.nodes, scopes: rt.scopes}:
 		default:
 			r.liveDropped.Add(uint64(len(rt.nodes)))
 		}
@@ -274,9 +365,9 @@ func (rt *route) Done(m *engine.Message, err error) {
 	}
 	r.fmu.Lock()
 	if err != nil {
-		rt.f.state = -1 // the engine gave back its reference
+		rt.f.state = fwdFailed // the engine gave back its reference
 	} else {
-		rt.f.state = 1
+		rt.f.state = fwdCommitted
 	}
 	r.fmu.Unlock()
 	r.wakeForwarder()
@@ -296,27 +387,65 @@ func (r *Router) streamKey(dest string) string {
 
 const forwardBatch = 256
 
+// downAfter is how long a destination's liveness key must be missing
+// before its messages are left to Redis alone.
+const downAfter = 30 * time.Second
+
+// Forwarding states.
+const (
+	fwdFailed    int8 = -1 // the write failed: never forwarded
+	fwdWriting   int8 = 0  // its write is not durable yet
+	fwdCommitted int8 = 1  // durable here: to send
+	fwdSent      int8 = 2  // in the destinations' streams: held until they took it
+)
+
 // forwardLoop writes committed messages to their destinations' streams
-// in seq order, then lets go of their records.
+// in seq order. A sent message is held (its forwarding record and log
+// reference) until every destination that is up has taken it: if Redis
+// loses the stream (a crash before its append-only file had it, a
+// failover to a replica behind), what was not taken is sent again when
+// Redis is back. For a destination that is down, Redis's copy is the one
+// that waits.
 func (r *Router) forwardLoop(ctx context.Context) {
 	backoff := 50 * time.Millisecond
+	confirm := time.NewTicker(200 * time.Millisecond)
+	defer confirm.Stop()
 	for {
+		if r.rewind {
+			// A stream lost entries (Redis came back without them): send
+			// again all that is held, oldest first. The script skips
+			// what each stream has; its receiver skips what it took.
+			r.rewind = false
+			r.fmu.Lock()
+			for _, f := range r.pending {
+				if f.state == fwdSent {
+					f.state = fwdCommitted
+				}
+			}
+			r.fmu.Unlock()
+		}
 		batch := r.takeBatch()
 		if len(batch) == 0 {
 			select {
 			case <-ctx.Done():
 				return
 			case <-r.fwake:
+			case <-confirm.C:
+				r.release(ctx)
 			}
 			continue
 		}
 		err := r.send(ctx, batch)
+		if errors.Is(err, errRewind) {
+			r.n.Report(nil)
+			r.rewind = true
+			continue
+		}
 		r.n.Report(err)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
-			r.announced = map[string]bool{}
 			select {
 			case <-ctx.Done():
 				return
@@ -329,52 +458,202 @@ func (r *Router) forwardLoop(ctx context.Context) {
 		r.fmu.Lock()
 		for _, f := range batch {
 			if f.m != nil {
+				f.m = nil // a resend reads it back from the log
 				r.bodies--
 			}
-		}
-		r.pending = r.pending[len(batch):]
-		if len(r.pending) == 0 {
-			r.pending = nil
+			if f.state == fwdCommitted {
+				f.state = fwdSent
+			}
 		}
 		r.fmu.Unlock()
-		dels := make([]storage.Op, 0, len(batch))
-		for _, f := range batch {
-			dels = append(dels, storage.Delete(storage.ForwardKey(f.seq)))
-		}
-		r.db.WriteAsync(dels...)
-		for _, f := range batch {
-			r.lg.Unref(f.seq)
+		select {
+		case <-confirm.C:
+			r.release(ctx)
+		default:
 		}
 	}
 }
 
-// takeBatch returns the committed messages at the head of the queue
-// (dropping failed writes), up to forwardBatch; none while the head's
-// write is still going.
+// takeBatch returns the committed messages that follow the sent ones at
+// the head of the queue, up to forwardBatch; none while the next one's
+// write is still going. Failed writes at the head are dropped.
 func (r *Router) takeBatch() []*forward {
 	r.fmu.Lock()
 	defer r.fmu.Unlock()
-	for len(r.pending) > 0 && r.pending[0].state < 0 {
+	r.dropFailed()
+	i := 0
+	for i < len(r.pending) && (r.pending[i].state == fwdSent || r.pending[i].state == fwdFailed) {
+		i++
+	}
+	j := i
+	for j < len(r.pending) && j-i < forwardBatch && r.pending[j].state == fwdCommitted {
+		j++
+	}
+	return append([]*forward(nil), r.pending[i:j]...)
+}
+
+// dropFailed removes failed writes from the head. Called with fmu held.
+func (r *Router) dropFailed() {
+	for len(r.pending) > 0 && r.pending[0].state == fwdFailed {
 		if r.pending[0].m != nil {
 			r.bodies--
 		}
 		r.pending = r.pending[1:]
 	}
-	n := 0
-	for n < len(r.pending) && n < forwardBatch && r.pending[n].state == 1 {
-		n++
+	if len(r.pending) == 0 {
+		r.pending = nil
 	}
-	return append([]*forward(nil), r.pending[:n]...)
 }
 
-// send writes one batch in one round trip. An entry a stream already
-// has (sent before a crash or a lost reply) is refused by Redis as not
-// newer than its last id: that is success.
+// release lets go of the sent messages at the head that every live
+// destination has taken (the taken:<stream> keys receivers keep), and
+// of those for destinations that are down.
+func (r *Router) release(ctx context.Context) {
+	r.fmu.Lock()
+	r.dropFailed()
+	dests := map[string]bool{}
+	for _, f := range r.pending {
+		if f.state != fwdSent && f.state != fwdFailed {
+			break
+		}
+		for _, d := range f.nodes {
+			dests[d] = true
+		}
+	}
+	r.fmu.Unlock()
+	if len(dests) == 0 {
+		return
+	}
+	ids := make([]string, 0, len(dests))
+	keys := make([]string, 0, 2*len(dests))
+	for d := range dests {
+		ids = append(ids, d)
+		keys = append(keys, r.takenKey(r.streamKey(d)), r.n.Key("node", d))
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	vals, err := r.n.rdb.MGet(ctx, keys...).Result()
+	cancel()
+	r.n.Report(err)
+	if err != nil {
+		return
+	}
+	taken := map[string]uint64{}
+	now := time.Now()
+	for i, d := range ids {
+		if vals[2*i+1] == nil {
+			// Down for a while (not just Redis come back empty, before
+			// the node's next heartbeat): Redis holds its messages.
+			since, ok := r.downSince[d]
+			if !ok {
+				r.downSince[d] = now
+			} else if now.Sub(since) >= downAfter {
+				taken[d] = math.MaxUint64
+				continue
+			}
+		} else {
+			delete(r.downSince, d)
+		}
+		if v, ok := vals[2*i].(string); ok {
+			taken[d], _ = strconv.ParseUint(v, 10, 64)
+		}
+	}
+	r.fmu.Lock()
+	n := 0
+	for n < len(r.pending) {
+		f := r.pending[n]
+		if f.state == fwdFailed {
+			n++
+			continue
+		}
+		if f.state != fwdSent {
+			break
+		}
+		done := true
+		for _, d := range f.nodes {
+			if taken[d] < f.seq {
+				done = false
+				break
+			}
+		}
+		if !done {
+			break
+		}
+		n++
+	}
+	gone := append([]*forward(nil), r.pending[:n]...)
+	r.pending = r.pending[n:]
+	if len(r.pending) == 0 {
+		r.pending = nil
+	}
+	r.fmu.Unlock()
+	dels := make([]storage.Op, 0, len(gone))
+	for _, f := range gone {
+		if f.state == fwdSent {
+			dels = append(dels, storage.Delete(storage.ForwardKey(f.seq)))
+		}
+	}
+	if len(dels) > 0 {
+		r.db.WriteAsync(dels...)
+	}
+	for _, f := range gone {
+		if f.state == fwdSent {
+			r.lg.Unref(f.seq)
+		}
+	}
+}
+
+// takenKey is where the receiver of stream says how far it has taken it.
+func (r *Router) takenKey(stream string) string {
+	return r.n.Key("taken") + strings.TrimPrefix(stream, r.n.Key("fwd"))
+}
+
+// appendScript appends a batch to one stream, unless the stream lost
+// entries it had been given: KEYS[1] the stream, KEYS[2] the
+// destination's inbox set; ARGV[1] the seq the stream's last entry had
+// after the previous batch (0: unknown), then seq, body and scope
+// triples (the scope says which of the receiver's subscriptions the
+// message reaches: "" for all but shared groups). Entries
+// not newer than the stream's last are skipped (sent before a crash, or
+// a lost reply). It returns {"ok", last seq} or {"rewind", last seq}
+// when the stream ends before ARGV[1]: Redis came back without entries
+// (a restart without them in its append-only file, a failover to a
+// replica behind), and everything held must go again first, in order.
+var appendScript = redis.NewScript(`
+local last = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      last = tonumber(string.match(info[i + 1], '^(%d+)'))
+    end
+  end
+end
+local expect = tonumber(ARGV[1])
+if expect > last then
+  return {'rewind', tostring(last)}
+end
+redis.call('SADD', KEYS[2], KEYS[1])
+for i = 2, #ARGV, 3 do
+  local seq = tonumber(ARGV[i])
+  if seq > last then
+    redis.call('XADD', KEYS[1], ARGV[i] .. '-0', 'm', ARGV[i + 1], 's', ARGV[i + 2])
+    last = seq
+  end
+end
+return {'ok', tostring(last)}
+`)
+
+// errRewind: a stream lost entries; the held messages go again.
+var errRewind = errors.New("cluster: a forwarding stream lost entries")
+
+// send writes one batch in one round trip: per destination, one call of
+// appendScript.
 func (r *Router) send(ctx context.Context, batch []*forward) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
+	args := map[string][]any{}
+	var dests []string
 	p := r.n.rdb.Pipeline()
-	var xadds []*redis.StringCmd
 	for _, f := range batch {
 		var body []byte
 		var topic string
@@ -392,12 +671,13 @@ func (r *Router) send(ctx context.Context, batch []*forward) error {
 			}
 			body, topic, retain = engine.EncodeLogMessage(&lm), lm.Topic, lm.Retain
 		}
-		for _, dest := range f.nodes {
-			stream := r.streamKey(dest)
-			if !r.announced[dest] {
-				p.SAdd(ctx, r.n.Key("inbox", dest), stream)
+		for i, dest := range f.nodes {
+			a, ok := args[dest]
+			if !ok {
+				a = []any{r.lastSent[dest]}
+				dests = append(dests, dest)
 			}
-			xadds = append(xadds, p.XAdd(ctx, &redis.XAddArgs{Stream: stream, ID: fmt.Sprintf("%d-0", f.seq), Values: []any{"m", body}}))
+			args[dest] = append(a, f.seq, body, f.scopes[i])
 		}
 		if retain {
 			lm, _ := storage.DecodeRetained(body)
@@ -408,30 +688,36 @@ func (r *Router) send(ctx context.Context, batch []*forward) error {
 			}
 		}
 	}
-	if len(xadds) == 0 {
+	if len(dests) == 0 {
 		return nil
 	}
-	_, err := p.Exec(ctx)
-	if err != nil && !isStale(err) {
+	cmds := make([]*redis.Cmd, len(dests))
+	for i, dest := range dests {
+		cmds[i] = appendScript.Eval(ctx, p, []string{r.streamKey(dest), r.n.Key("inbox", dest)}, args[dest]...)
+	}
+	if _, err := p.Exec(ctx); err != nil {
 		return err
 	}
-	for _, c := range xadds {
-		if err := c.Err(); err != nil && !isStale(err) {
-			return err
+	rewind := false
+	for i, c := range cmds {
+		res, err := c.StringSlice()
+		if err != nil || len(res) != 2 {
+			return fmt.Errorf("cluster: append to %s: %v %v", dests[i], res, err)
 		}
-	}
-	for _, f := range batch {
-		for _, dest := range f.nodes {
-			r.announced[dest] = true
+		last, _ := strconv.ParseUint(res[1], 10, 64)
+		if res[0] == "rewind" {
+			r.log.Warn("cluster: Redis lost messages not yet taken by a node; sending them again",
+				"node", dests[i], "stream_ends_at", last, "sent_up_to", r.lastSent[dests[i]])
+			rewind = true
+		} else {
+			r.forwarded.Add(uint64((len(args[dests[i]]) - 1) / 3))
 		}
+		r.lastSent[dests[i]] = last
 	}
-	r.forwarded.Add(uint64(len(xadds)))
+	if rewind {
+		return errRewind
+	}
 	return nil
-}
-
-// isStale is Redis refusing an entry id not above the stream's last.
-func isStale(err error) bool {
-	return err != nil && strings.Contains(err.Error(), "equal or smaller than the target stream top item")
 }
 
 // liveLoop sends QoS 0 messages to the nodes that want them, as they
@@ -458,8 +744,8 @@ func (r *Router) liveLoop(ctx context.Context) {
 		p := r.n.rdb.Pipeline()
 		n := 0
 		for _, lm := range batch {
-			for _, dest := range lm.nodes {
-				p.Publish(sctx, r.n.Key("live", dest), lm.body)
+			for i, dest := range lm.nodes {
+				p.Publish(sctx, r.n.Key("live", dest), livePayload(lm.scopes[i], lm.body))
 				n++
 			}
 		}
@@ -475,14 +761,31 @@ func (r *Router) liveLoop(ctx context.Context) {
 	}
 }
 
+// livePayload is a QoS 0 message on the live channel: its scope's
+// length (uvarint), its scope, the message.
+func livePayload(scope string, body []byte) []byte {
+	b := binary.AppendUvarint(make([]byte, 0, len(scope)+len(body)+2), uint64(len(scope)))
+	return append(append(b, scope...), body...)
+}
+
 // takeLive routes a QoS 0 message another node sent.
 func (r *Router) takeLive(payload string) {
-	m, err := engine.DecodeMessage([]byte(payload))
+	n, k := binary.Uvarint([]byte(payload))
+	if k <= 0 || uint64(len(payload)-k) < n {
+		r.damaged.Add(1)
+		return
+	}
+	sc, err := decodeScope(payload[k : k+int(n)])
 	if err != nil {
 		r.damaged.Add(1)
 		return
 	}
-	if _, err := r.eng.BeginRemote(m, nil).Finish(); err == nil {
+	m, err := engine.DecodeMessage([]byte(payload[k+int(n):]))
+	if err != nil {
+		r.damaged.Add(1)
+		return
+	}
+	if _, err := r.eng.BeginRemote(m, nil, sc).Finish(); err == nil {
 		r.receivedLive.Add(1)
 	}
 }
@@ -516,6 +819,7 @@ func (r *Router) inboxLoop(ctx context.Context) {
 				continue
 			}
 			streams, listed = s, time.Now()
+			r.publishTaken(ctx)
 			if len(streams) == 0 {
 				select {
 				case <-ctx.Done():
@@ -570,7 +874,12 @@ func (r *Router) take(ctx context.Context, xs redis.XStream) error {
 	for _, x := range xs.Messages {
 		op := storage.Set(storage.CursorKey(xs.Stream), []byte(x.ID))
 		raw, _ := x.Values["m"].(string)
+		rawScope, _ := x.Values["s"].(string)
 		m, err := engine.DecodeMessage([]byte(raw))
+		var sc *engine.Scope
+		if err == nil {
+			sc, err = decodeScope(rawScope)
+		}
 		if err != nil {
 			r.damaged.Add(1)
 			r.log.Warn("cluster: a forwarded message does not decode; skipped", "stream", xs.Stream, "id", x.ID, "error", err)
@@ -580,7 +889,7 @@ func (r *Router) take(ctx context.Context, xs redis.XStream) error {
 			r.cursors[xs.Stream] = x.ID
 			continue
 		}
-		begun = append(begun, r.eng.BeginRemote(m, []storage.Op{op}))
+		begun = append(begun, r.eng.BeginRemote(m, []storage.Op{op}, sc))
 		ids = append(ids, x.ID)
 	}
 	var first error
@@ -595,16 +904,39 @@ func (r *Router) take(ctx context.Context, xs redis.XStream) error {
 		}
 	}
 	if id := r.cursors[xs.Stream]; id != "" {
-		// Taken for good: the stream need not keep them.
-		tctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		// Taken for good: the stream need not keep them, and the origin
+		// may let go of its copies.
 		if ms, _, ok := strings.Cut(id, "-"); ok {
 			if seq, err := strconv.ParseUint(ms, 10, 64); err == nil {
-				_ = r.n.rdb.XTrimMinID(tctx, xs.Stream, strconv.FormatUint(seq+1, 10)+"-0").Err()
+				tctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				p := r.n.rdb.Pipeline()
+				p.XTrimMinID(tctx, xs.Stream, strconv.FormatUint(seq+1, 10)+"-0")
+				p.Set(tctx, r.takenKey(xs.Stream), seq, 0)
+				_, err := p.Exec(tctx)
+				cancel()
+				r.n.Report(err)
 			}
 		}
-		cancel()
 	}
 	return first
+}
+
+// publishTaken tells the origins again how far this node took their
+// streams (a SET after taking may have been lost with Redis).
+func (r *Router) publishTaken(ctx context.Context) {
+	if len(r.cursors) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	p := r.n.rdb.Pipeline()
+	for stream, id := range r.cursors {
+		if ms, _, ok := strings.Cut(id, "-"); ok {
+			p.Set(ctx, r.takenKey(stream), ms, 0)
+		}
+	}
+	_, err := p.Exec(ctx)
+	r.n.Report(err)
 }
 
 // syncRetained takes the cluster's retained messages this node lacks or
@@ -636,15 +968,24 @@ func (r *Router) syncRetained() {
 	}
 }
 
-// Wants returns the other nodes that want messages on topic now (as
-// Route would send a message that is not retained), sorted.
+// Wants returns the other nodes with a filter (shared or not) matching
+// topic now, sorted.
 func (r *Router) Wants(topic string) []string {
-	rt, _ := r.Route(&engine.Message{Topic: topic}).(*route)
-	if rt == nil {
-		return nil
+	ms := new(topics.Matches)
+	r.rmu.RLock()
+	r.remote.Match(topic, "", ms)
+	r.rmu.RUnlock()
+	var ids []string
+	for _, d := range ms.Direct {
+		ids = appendNew(ids, d.Client)
 	}
-	slices.Sort(rt.nodes)
-	return rt.nodes
+	for _, g := range ms.Shared {
+		for _, sub := range g.Members {
+			ids = appendNew(ids, sub.Client)
+		}
+	}
+	slices.Sort(ids)
+	return ids
 }
 
 // Nodes returns the other nodes this one knows of, sorted.
@@ -658,3 +999,9 @@ func (r *Router) Nodes() []string {
 	slices.Sort(ids)
 	return ids
 }
+
+// ID is this node's id.
+func (r *Router) ID() string { return r.n.ID() }
+
+// Up reports whether Redis answers this node.
+func (r *Router) Up() bool { return r.n.Up() }

@@ -504,6 +504,11 @@ func (c *conn) subscribe(pk *packets.Packet) error {
 	if err := c.srv.storeSubs(c.sess, added, nil); err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
+	if cl := c.srv.opts.Cluster; cl != nil && len(added) > 0 {
+		// Before the SUBACK: the other nodes are told of a new filter, so
+		// what they accept from now on comes here.
+		cl.AwaitInterest(interestWait)
+	}
 	c.observeSubs(pk, codes, false)
 	ack := &packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Suback}, ProtocolVersion: c.version,
 		PacketID: pk.PacketID, ReasonCodes: codes}

@@ -36,7 +36,8 @@ type Message struct {
 	// place in that node's stream), remoteRoute its way to other nodes.
 	fromNode    []storage.Op
 	remoteRoute Remote
-	remoteRef   bool // the engine took a log reference for remoteRoute
+	remoteRef   bool   // the engine took a log reference for remoteRoute
+	scope       *Scope // from another node: which subscriptions here it reaches (nil: all)
 	propsOnce   sync.Once
 	props       []byte // the shared v5 properties, encoded once
 }

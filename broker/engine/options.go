@@ -6,6 +6,7 @@ import (
 	"net"
 	"time"
 
+	"github.com/beaconmq/beacon/broker/topics"
 	"github.com/beaconmq/beacon/storage"
 )
 
@@ -240,9 +241,37 @@ type Cluster interface {
 	// local subscriber or lose its last. It runs under the subscription
 	// index's lock: it must be quick and must not call the engine.
 	Interest(filter, group string, added bool)
+	// AwaitInterest returns once the other nodes can know the filters
+	// reported so far (they are in Redis), or after wait, or at once
+	// while the cluster is unreachable. A SUBACK waits for it.
+	AwaitInterest(wait time.Duration)
 	// Route returns how a message accepted here reaches the other nodes
-	// that want it, or nil for none. It runs for every message: quick.
-	Route(m *Message) Remote
+	// that want it, or nil for none; shared are the shared groups it
+	// matched here (one member in the whole cluster gets it: the Remote
+	// says which groups another node serves). It runs for every message:
+	// quick.
+	Route(m *Message, shared []topics.SharedMatch) Remote
+}
+
+// interestWait bounds how long a SUBACK waits for the cluster to hear of
+// a new filter.
+const interestWait = 2 * time.Second
+
+// Scope limits which of this node's subscriptions a message from another
+// node reaches: the other node chose this one for some shared groups and
+// may have chosen others for the rest.
+type Scope struct {
+	NoDirect bool     // not the subscriptions outside shared groups
+	Groups   []string // the shared groups served here, each "group\x00filter"
+}
+
+func (sc *Scope) serves(group, filter string) bool {
+	for _, g := range sc.Groups {
+		if len(g) == len(group)+1+len(filter) && g[:len(group)] == group && g[len(group)] == 0 && g[len(group)+1:] == filter {
+			return true
+		}
+	}
+	return false
 }
 
 // Remote is one message's way to other nodes (from Cluster.Route).
@@ -256,6 +285,9 @@ type Remote interface {
 	// runs under the log's append lock, in seq order: it must be quick
 	// and must not call the log.
 	Queued(m *Message, seq uint64) []storage.Op
+	// Takes reports whether another node serves a shared group that
+	// matched here, for this message.
+	Takes(group, filter string) bool
 	// Done follows once the message's write committed (err nil), or
 	// failed, before it is delivered here; for a Remote that is not
 	// Durable, once it was delivered here.

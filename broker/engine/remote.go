@@ -13,16 +13,22 @@ type Pending struct {
 // BeginRemote starts accepting a message another node forwarded: it is
 // matched, planned and its write queued as any publish, with ops (its
 // place in the forwarding stream) in the same write, and it is not
-// routed to other nodes again. Several may be begun before they are
+// routed to other nodes again; scope (nil: all) says which subscriptions
+// here it reaches. Several may be begun before they are
 // finished, in order: their writes share a group commit.
-func (s *Server) BeginRemote(m *Message, ops []storage.Op) *Pending {
+func (s *Server) BeginRemote(m *Message, ops []storage.Op, scope *Scope) *Pending {
 	m.remote = true
 	m.fromNode = ops
+	m.scope = scope
 	if m.Created == 0 {
 		m.Created = s.now().UnixNano()
 	}
 	return &Pending{s: s, a: s.beginAccept(m, nil)}
 }
+
+// FromNode reports whether m came from another node of a cluster (its
+// webhook outbox records and its extensions ran there).
+func (m *Message) FromNode() bool { return m.remote }
 
 // Finish waits for the write and delivers the message; it returns how
 // many sessions took it.

@@ -62,6 +62,9 @@ type acceptance struct {
 func (s *Server) beginAccept(m *Message, in *inbound) *acceptance {
 	a := &acceptance{m: m, ms: matchesPool.Get().(*topics.Matches), tp: targetsPool.Get().(*[]target)}
 	s.index.Match(m.Topic, m.Client, a.ms)
+	if cl := s.opts.Cluster; cl != nil && !m.remote && !m.volatile {
+		m.remoteRoute = cl.Route(m, a.ms.Shared)
+	}
 	*a.tp = s.plan(m, a.ms, (*a.tp)[:0])
 	a.wait, a.err = s.commit(m, *a.tp, in)
 	return a
@@ -164,14 +167,22 @@ func (s *Server) plan(m *Message, ms *topics.Matches, ts []target) []target {
 	if m.expired(now) {
 		return ts
 	}
-	for i := range ms.Direct {
-		d := &ms.Direct[i]
-		ts = s.planOne(ts, d.Client, m, d.QoS, d.RetainAsPublished, d.IDs)
+	if m.scope == nil || !m.scope.NoDirect {
+		for i := range ms.Direct {
+			d := &ms.Direct[i]
+			ts = s.planOne(ts, d.Client, m, d.QoS, d.RetainAsPublished, d.IDs)
+		}
 	}
 	for i := range ms.Shared {
 		g := &ms.Shared[i]
 		if len(g.Members) == 0 {
 			continue
+		}
+		if rt := m.remoteRoute; rt != nil && rt.Takes(g.Group, g.Filter) {
+			continue // another node's member gets it
+		}
+		if m.scope != nil && !m.scope.serves(g.Group, g.Filter) {
+			continue // the sending node chose another node's member
 		}
 		// No member online: the one picked keeps it if its session does.
 		sub, _ := g.Pick(s.sharedRR.Add(1), s.online)
@@ -217,21 +228,17 @@ func (s *Server) planOne(ts []target, client string, m *Message, subQoS byte, ra
 func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error, err error) {
 	st := s.store
 	if st == nil || m.volatile {
-		if cl := s.opts.Cluster; cl != nil && !m.volatile && !m.remote {
-			m.remoteRoute = cl.Route(m) // no store: QoS 0 only, sent as it is
-		}
-		return nil, nil
+		return nil, nil // without a store a Remote is sent as it is (QoS 0 only)
 	}
 	var fixed []storage.Op
 	cm := s.opts.Committer
+	if m.remote {
+		cm = nil // the node that accepted it wrote its outbox records
+	}
 	if cm != nil {
 		fixed = cm.Prepare(m)
 	}
-	var rt Remote
-	if cl := s.opts.Cluster; cl != nil && !m.remote {
-		rt = cl.Route(m)
-		m.remoteRoute = rt
-	}
+	rt := m.remoteRoute
 	durableRemote := rt != nil && rt.Durable()
 	// failed reports a write that was never queued.
 	failed := func(err error) {

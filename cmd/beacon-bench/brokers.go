@@ -32,6 +32,7 @@ type brokerOptions struct {
 	maxQueued   int  // QoS 1/2 messages queued per session; 0: the contender's default
 	persistence bool // Mosquitto: persistence true
 	sync        string
+	env         []string // Beacon: more settings (BEACON_...)
 }
 
 // startBeacon runs bin serve with its data in dir, on ports of its own
@@ -51,6 +52,7 @@ func startBeacon(bin, dir string, o brokerOptions) (*brokerProc, error) {
 	if o.sync != "" {
 		cmd.Env = append(cmd.Env, "BEACON_STORAGE_SYNC="+o.sync)
 	}
+	cmd.Env = append(cmd.Env, o.env...)
 	if o.http {
 		// One client address opens every stream, as fast as it can: the
 		// per-address limits and the handshake rate are for browsers.

@@ -40,6 +40,7 @@ Flags:
 type config struct {
 	Scenario string        `json:"scenario"`
 	Addr     string        `json:"addr"`
+	SubAddr  string        `json:"sub_addr,omitempty"` // subscribers connect here (another node of a cluster); "" = Addr
 	QoS      byte          `json:"qos"`
 	Size     int           `json:"size"`
 	Rate     int           `json:"rate"`     // messages per second, all publishers together; 0 = as fast as possible
@@ -133,6 +134,7 @@ func benchFlags(cfg *config, asJSON *bool, out io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet("beacon-bench", flag.ContinueOnError)
 	fs.SetOutput(out)
 	fs.StringVar(&cfg.Addr, "addr", "127.0.0.1:1883", "broker host:port")
+	fs.StringVar(&cfg.SubAddr, "sub-addr", "", "subscribers connect to this host:port instead (another node of a Beacon cluster)")
 	fs.Var(qosValue{&cfg.QoS}, "qos", "QoS of publishes and subscriptions (0, 1, 2)")
 	fs.IntVar(&cfg.Size, "size", 64, "payload bytes (at least 20: due time, sequence, publisher)")
 	fs.IntVar(&cfg.Rate, "rate", 0, "messages per second in total, on a fixed schedule; 0 = as fast as the broker takes them")

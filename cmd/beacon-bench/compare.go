@@ -29,6 +29,7 @@ type compareRow struct {
 	cfg        config
 	http       bool // Beacon with an HTTP listener for SSE
 	beaconOnly bool
+	cluster    bool // two Beacon nodes on one Redis: publishers on one, subscribers on the other (Beacon with its defaults only)
 	from       string
 	// cell renders the runs of one contender; key is the figure the
 	// ratio column compares.
@@ -84,7 +85,7 @@ func runCompare(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		}
 		for _, c := range order {
 			for _, r := range rows {
-				if r.from != "" || (r.beaconOnly && !c.beacon) {
+				if r.from != "" || (r.beaconOnly && !c.beacon) || (r.cluster && c.name != "beacon") {
 					continue
 				}
 				if ctx.Err() != nil {
@@ -178,6 +179,17 @@ func compareRows(base config, fanout, idle, streams int) []compareRow {
 				return fmt.Sprintf("%.2f µs", us), us
 			}},
 	)
+	rows = append(rows,
+		compareRow{name: "QoS 1 fan-in across 2 nodes on Redis, saturated", beaconOnly: true, cluster: true,
+			cfg: with(func(c *config) { c.Scenario = "fanin"; c.QoS = 1 }), cell: throughput},
+		compareRow{name: "QoS 1 at 5,000 msg/s across 2 nodes (p99 from schedule)", beaconOnly: true, cluster: true,
+			cfg: with(func(c *config) { c.Scenario = "fanin"; c.QoS = 1; c.Rate = 5000 }),
+			cell: func(runs []result) (string, float64) {
+				p := median(runs, p99)
+				return fmt.Sprintf("p99 %.2f ms, %s/s, %s", p, humanInt(median(runs, func(r result) float64 { return r.DeliveredPS })),
+					losses(runs)), p
+			}},
+	)
 	if idle > 0 {
 		rows = append(rows, compareRow{name: humanInt(float64(idle)) + " idle connections (RSS/conn)",
 			cfg: with(func(c *config) { c.Scenario = "connections"; c.Clients = idle; c.Duration = 2 * time.Second }),
@@ -200,6 +212,9 @@ func compareRows(base config, fanout, idle, streams int) []compareRow {
 
 // runOne starts a fresh broker, runs one scenario against it and stops it.
 func runOne(ctx context.Context, c contender, r compareRow) (result, error) {
+	if r.cluster {
+		return runCluster(ctx, c, r)
+	}
 	dir, err := os.MkdirTemp("", "beacon-compare-")
 	if err != nil {
 		return result{}, err

@@ -119,6 +119,11 @@ func bench(ctx context.Context, cfg config) (result, error) {
 		return result{}, err
 	}
 
+	if cfg.subAddr() != cfg.Addr {
+		if err := awaitForwarding(ctx, cfg, id); err != nil {
+			return result{}, err
+		}
+	}
 	cpuBefore := pr.cpu()
 	began := time.Now()
 	close(start)

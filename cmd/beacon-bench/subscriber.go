@@ -40,7 +40,7 @@ type subscriber struct {
 
 // connectSubscriber connects, subscribes and starts reading.
 func connectSubscriber(cfg config, id, filter string, publishers int, start chan struct{}) (*subscriber, error) {
-	conn, err := dial(cfg.Addr, nil)
+	conn, err := dial(cfg.subAddr(), nil)
 	if err != nil {
 		return nil, err
 	}

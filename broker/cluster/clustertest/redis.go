@@ -53,6 +53,7 @@ func (r *Redis) Start() {
 	args := append([]string{"--port", fmt.Sprint(r.Port), "--bind", "127.0.0.1", "--dir", r.Dir,
 		"--save", "", "--protected-mode", "yes", "--daemonize", "no", "--logfile", filepath.Join(r.Dir, "redis.log")}, r.args...)
 	cmd := exec.Command("redis-server", args...)
+	dieWithParent(cmd)
 	if err := cmd.Start(); err != nil {
 		r.t.Fatalf("start redis-server: %v", err)
 	}
