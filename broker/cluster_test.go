@@ -19,6 +19,7 @@ import (
 	"github.com/beaconmq/beacon/broker"
 	bt "github.com/beaconmq/beacon/broker/brokertest"
 	"github.com/beaconmq/beacon/broker/cluster/clustertest"
+	"github.com/beaconmq/beacon/broker/engine"
 )
 
 // clusterConfig is a test node of the cluster on redis.
@@ -336,4 +337,168 @@ func TestClusterWebhookDeliveredOnce(t *testing.T) {
 	if len(bodies) != n+1 {
 		t.Fatalf("webhook got %d deliveries, want %d (once per message)", len(bodies), n+1)
 	}
+}
+
+// Redis comes back empty while a holds messages for b that were in b's
+// stream; nothing else is published: a sends them again by itself.
+func TestClusterRedisBackEmptyWithoutNewTraffic(t *testing.T) {
+	hour := uint32(3600)
+	rds := clustertest.StartRedis(t)
+	a := bt.Start(t, clusterConfig(t, rds, "a"))
+	cfgB := clusterConfig(t, rds, "b")
+	b := bt.Start(t, cfgB)
+	sub := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: true,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}})
+	sub.SubscribeT(t, paho.SubscribeOptions{Topic: "q/#", QoS: 1})
+	waitWants(t, a, "q/x", "b")
+	_ = sub.Disconnect(&paho.Disconnect{})
+	bt.Stop(t, b)
+	pub := bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-a", CleanStart: true})
+	const n = 10
+	for i := range n {
+		pub.PublishT(t, &paho.Publish{Topic: "q/x", QoS: 1, Payload: []byte(fmt.Sprint(i))})
+	}
+	bt.WaitFor(t, 20*time.Second, "a sent them to Redis", func() bool { return a.ClusterRouter().Stats().Unsent == 0 })
+	rds.Kill()
+	rds.Start() // without them
+	b = bt.Start(t, cfgB)
+	back := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: false,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}})
+	got := back.WaitMessages(t, n, 30*time.Second)
+	for i, m := range got[:n] {
+		if string(m.Payload) != fmt.Sprint(i) {
+			t.Fatalf("message %d: %q", i, m.Payload)
+		}
+	}
+}
+
+// Two nodes set the retained message of the same topics at about the
+// same time: both end with the same one (the newer by version).
+func TestClusterRetainedConverges(t *testing.T) {
+	rds := clustertest.StartRedis(t)
+	a := bt.Start(t, clusterConfig(t, rds, "a"))
+	b := bt.Start(t, clusterConfig(t, rds, "b"))
+	bt.WaitFor(t, 20*time.Second, "the nodes know each other", func() bool {
+		return len(a.ClusterRouter().Nodes()) == 1 && len(b.ClusterRouter().Nodes()) == 1
+	})
+	pa := bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "pa", CleanStart: true})
+	pb := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "pb", CleanStart: true})
+	const n = 30
+	for i := range n {
+		topic := fmt.Sprintf("r/%d", i)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			pa.PublishT(t, &paho.Publish{Topic: topic, QoS: 1, Retain: true, Payload: []byte("from-a")})
+		}()
+		pb.PublishT(t, &paho.Publish{Topic: topic, QoS: 1, Retain: true, Payload: []byte("from-b")})
+		<-done
+	}
+	retained := func(n *broker.Broker) map[string]string {
+		out := map[string]string{}
+		n.Engine().Retained("r/#", func(m *engine.Message) bool {
+			out[m.Topic] = string(m.Payload)
+			return true
+		})
+		return out
+	}
+	bt.WaitFor(t, 20*time.Second, "both nodes' retained messages forwarded", func() bool {
+		return a.ClusterRouter().Stats().Unsent == 0 && b.ClusterRouter().Stats().Unsent == 0 &&
+			a.ClusterRouter().Stats().Received >= n && b.ClusterRouter().Stats().Received >= n
+	})
+	ra, rb := retained(a), retained(b)
+	if len(ra) != n || fmt.Sprint(ra) != fmt.Sprint(rb) {
+		for i := range n {
+			k := fmt.Sprintf("r/%d", i)
+			if ra[k] != rb[k] {
+				t.Errorf("%s: a has %q, b has %q", k, ra[k], rb[k])
+			}
+		}
+		t.Fatalf("the nodes' retained messages differ (%d and %d topics)", len(ra), len(rb))
+	}
+}
+
+// A retained message set while its node was alone reaches a node that
+// joins later.
+func TestClusterRetainedOfALoneNode(t *testing.T) {
+	rds := clustertest.StartRedis(t)
+	a := bt.Start(t, clusterConfig(t, rds, "a"))
+	bt.WaitFor(t, 20*time.Second, "a reaches Redis", func() bool { return a.ClusterRouter().Up() })
+	pa := bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "pa", CleanStart: true})
+	pa.PublishT(t, &paho.Publish{Topic: "lone/t", QoS: 1, Retain: true, Payload: []byte("kept")})
+	bt.WaitFor(t, 20*time.Second, "a wrote it to the cluster", func() bool { return a.ClusterRouter().Stats().Pending == 0 })
+	b := bt.Start(t, clusterConfig(t, rds, "b"))
+	c := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "rb", CleanStart: true})
+	c.SubscribeT(t, paho.SubscribeOptions{Topic: "lone/#", QoS: 1})
+	if got := c.WaitMessages(t, 1, 20*time.Second); string(got[0].Payload) != "kept" || !got[0].Retain {
+		t.Fatalf("b's retained lone/t: %q", got[0].Payload)
+	}
+}
+
+// A shared group's member on a node that is down waits there; the members
+// on nodes that are up get the messages meanwhile.
+func TestClusterSharedGroupPrefersNodesUp(t *testing.T) {
+	hour := uint32(3600)
+	rds := clustertest.StartRedis(t)
+	a := bt.Start(t, clusterConfig(t, rds, "a"))
+	b := bt.Start(t, clusterConfig(t, rds, "b"))
+	mb := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "mb", CleanStart: true,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}})
+	mb.SubscribeT(t, paho.SubscribeOptions{Topic: "$share/g/s/#", QoS: 1})
+	ma := bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "ma", CleanStart: true})
+	ma.SubscribeT(t, paho.SubscribeOptions{Topic: "$share/g/s/#", QoS: 1})
+	waitWants(t, a, "s/x", "b")
+	_ = mb.Disconnect(&paho.Disconnect{})
+	bt.Stop(t, b)
+	bt.WaitFor(t, 20*time.Second, "a sees b down", func() bool { return !a.ClusterRouter().NodeUp("b") })
+	pub := bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub", CleanStart: true})
+	const n = 20
+	for i := range n {
+		pub.PublishT(t, &paho.Publish{Topic: "s/x", QoS: 1, Payload: []byte(fmt.Sprint(i))})
+	}
+	ma.WaitMessages(t, n, 20*time.Second)
+}
+
+// A message the receiving node cannot take (its disk is low) is retried
+// alone: one taken after it is not delivered again meanwhile, and once
+// space is back the refused one arrives.
+func TestClusterTakeFailureRetriesInOrder(t *testing.T) {
+	hour := uint32(3600)
+	rds := clustertest.StartRedis(t)
+	a := bt.Start(t, clusterConfig(t, rds, "a"))
+	cfgB := clusterConfig(t, rds, "b")
+	b := bt.Start(t, cfgB)
+	sub := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: true,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}})
+	sub.SubscribeT(t, paho.SubscribeOptions{Topic: "d/#", QoS: 1})
+	waitWants(t, a, "d/x", "b")
+	_ = sub.Disconnect(&paho.Disconnect{})
+	bt.Stop(t, b)
+	low := cfgB
+	low.Storage.MinFree = "99%" // below the reserve: new messages are refused (a retained clear passes)
+	b = bt.Start(t, low)
+	sub = bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: false,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}})
+	pub := bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-a", CleanStart: true})
+	pub.PublishT(t, &paho.Publish{Topic: "d/x", QoS: 1, Payload: []byte("A")})
+	pub.PublishT(t, &paho.Publish{Topic: "d/y", QoS: 1, Retain: true, Payload: nil})
+	bt.WaitFor(t, 30*time.Second, "b retried several times", func() bool { return b.ClusterRouter().Stats().TakeFailures >= 3 })
+	count := func(c *bt.Client, topic string) int {
+		k := 0
+		for _, m := range c.Messages() {
+			if m.Topic == topic {
+				k++
+			}
+		}
+		return k
+	}
+	if k := count(sub, "d/y"); k > 1 {
+		t.Fatalf("the message after the refused one was delivered %d times while b retried", k)
+	}
+	_ = sub.Disconnect(&paho.Disconnect{})
+	bt.Stop(t, b)
+	b = bt.Start(t, cfgB) // space back
+	back := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: false,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}})
+	bt.WaitFor(t, 30*time.Second, "the refused message after space came back", func() bool { return count(back, "d/x") >= 1 })
 }

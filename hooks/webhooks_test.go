@@ -340,6 +340,12 @@ func TestWebhooksDeliverSignedInOrder(t *testing.T) {
 			}
 		}
 	}
+	// The receiver answered the last request before the webhook counted
+	// it and removed its outbox record: wait for both.
+	waitFor(t, 5*time.Second, "the last delivery recorded", func() bool {
+		s := statsOf(t, w, "signed")
+		return s.Delivered == int64(len(wantSigned)) && s.Pending == 0 && outboxRecords(t, db, "signed") == 0
+	})
 	s := statsOf(t, w, "signed")
 	if s.Delivered != int64(len(wantSigned)) || s.Failed != 0 || s.Pending != 0 || s.LastStatus != 200 || s.LastSuccess.IsZero() {
 		t.Errorf("stats: %+v", s)

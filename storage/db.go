@@ -90,9 +90,14 @@ type DB struct {
 	// returns and a new spare is made.
 	suspended atomic.Bool
 
-	opts   Options
-	log    *slog.Logger
-	queue  chan *request
+	opts  Options
+	log   *slog.Logger
+	queue chan *request
+	// qmu orders the sends on queue with the stores of tail, the last
+	// request sent. It is held across a send (which blocks while the
+	// queue is full), so nothing the committer waits for may take it.
+	qmu    sync.Mutex
+	tail   atomic.Pointer[request]
 	space  *space
 	mu     sync.RWMutex // guards closed against sends on queue
 	closed bool
@@ -135,6 +140,17 @@ type request struct {
 	ops  []Op
 	done chan error  // nil for async writes
 	then func(error) // called by the committer after the commit, if set
+	// blk, if set, is the log's block the request writes: it may grow
+	// while queued, until the committer takes it (and seals it) before
+	// reading ops; blk is told once it is committed, after then.
+	blk *logBlock
+}
+
+// take is called by the committer for each request it dequeues.
+func (r *request) take() {
+	if r.blk != nil {
+		r.blk.seal()
+	}
 }
 
 // maxGroupOps bounds how many ops one group commit gathers before committing.
@@ -309,9 +325,17 @@ func (d *DB) enqueue(r *request) error {
 	if d.closed {
 		return ErrClosed
 	}
+	d.qmu.Lock()
 	d.queue <- r
+	d.tail.Store(r)
+	d.qmu.Unlock()
 	return nil
 }
+
+// isLast reports whether r is the last request queued: whether ops added
+// to it now commit in the order they would if queued now. A request
+// queued later, whose enqueue returned, makes it false.
+func (d *DB) isLast(r *request) bool { return d.tail.Load() == r }
 
 // commitLoop is the only writer. It gathers whatever is queued into one
 // transaction, so concurrent writers share one commit (and one fsync).
@@ -319,6 +343,7 @@ func (d *DB) commitLoop() {
 	defer d.wg.Done()
 	var group []*request
 	for r := range d.queue {
+		r.take()
 		group = append(group[:0], r)
 		n := len(r.ops)
 	gather:
@@ -328,6 +353,7 @@ func (d *DB) commitLoop() {
 				if !ok {
 					break gather
 				}
+				next.take()
 				group = append(group, next)
 				n += len(next.ops)
 			default:
@@ -354,6 +380,9 @@ func (d *DB) commitLoop() {
 			}
 			if g.then != nil {
 				g.then(errs[i])
+			}
+			if g.blk != nil {
+				g.blk.committed(errs[i])
 			}
 		}
 		clear(group)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -71,10 +72,11 @@ type LogStats struct {
 	Strays     int64  // Unref or Release calls that matched no Ref or Append
 	Rules      []LogRuleStats
 	// IndexBytes is the memory the in-memory index holds: the rules'
-	// entry chunks and the reference map (estimated at refEntryBytes an
-	// entry). IndexEntryBytes is what LogOptions.MaxIndexBytes bounds:
-	// 16 bytes per record a rule retains. IndexEvicted counts records
-	// that left retention because of that bound.
+	// entry chunks, the reference map (estimated at refEntryBytes an
+	// entry) and the blocks' refs. IndexEntryBytes is what
+	// LogOptions.MaxIndexBytes bounds: 16 bytes per record a rule retains.
+	// IndexEvicted counts records that left retention because of that
+	// bound.
 	IndexBytes, IndexEntryBytes, IndexEvicted int64
 }
 
@@ -102,7 +104,10 @@ type LogRuleStats struct {
 //
 // Append returns once the record is durable under the DB's sync policy.
 // Concurrent appends share group commits; seqs are assigned and the
-// writes queued under one lock, so commit order is seq order. Read and Get
+// writes queued under one lock, so commit order is seq order. The records
+// that meet between two group commits share one block, one badger key
+// (see log_block.go), with the ops that travel with them; retention,
+// references and reads stay per record. Read and Get
 // wait for records up to the seq they were asked for to be committed, so
 // a reader that reads up to Head and then follows live messages from
 // Head+1 on misses nothing, whatever the sync policy.
@@ -126,9 +131,10 @@ type LogRuleStats struct {
 //     Unref.
 //
 // Count and byte limits are applied on Append, age limits every second.
-// Deletes are queued asynchronously in batches, with the trim mark (the
-// highest seq that left a rule's retention, see Oldest) in the same
-// write.
+// A deleted record is gone for Get and Read at once; its block's key is
+// deleted with the block's last record. Deletes are queued asynchronously
+// in batches, with the trim mark (the highest seq that left a rule's
+// retention, see Oldest) in the same write.
 //
 // At open every record is taken as released and unreferenced: sessions
 // restore their references by calling Ref, and nothing is deleted until
@@ -139,8 +145,10 @@ type LogRuleStats struct {
 // The index holds no topics: 16 bytes per record a rule retains (in 8 KiB
 // chunks, so growing never copies), plus a map entry (measured 30 to 55
 // bytes, with the map's growth slack) per record that is referenced, not
-// yet released, or kept past its retention. Ten million retained records
-// cost 160 MB, whatever their topics.
+// yet released, or kept past its retention, plus 16 bytes per block of
+// more than one record (a block of one needs nothing: its key is its
+// seq's). Ten million retained records cost 160 MB, whatever their
+// topics, and 4 MB more in blocks of 40.
 type Log struct {
 	db    *DB
 	opts  LogOptions
@@ -153,8 +161,18 @@ type Log struct {
 	// to the DB under it. It is never held by the committer, nor taken by
 	// callbacks the committer runs.
 	appendMu sync.Mutex
-	last     uint64 // guarded by appendMu: the last seq assigned
-	closed   bool   // guarded by appendMu
+	last     uint64    // guarded by appendMu: the last seq assigned
+	closed   bool      // guarded by appendMu
+	open     *logBlock // guarded by appendMu: the block appends add to, if not sealed
+	// blockHint is the size of the last block sealed: a new block's value
+	// starts with room for as much. Guarded by appendMu.
+	blockHint int
+	// legacyWrites (tests only) writes one key per record, as stores
+	// did before blocks. Guarded by appendMu.
+	legacyWrites bool
+
+	blockCap int // bytes of one block's value (badger keeps it inline)
+	writeCap int // bytes of the other ops in one block's write
 
 	head      atomic.Uint64 // == last
 	queued    atomic.Uint64 // the last stored seq whose write is queued
@@ -164,6 +182,8 @@ type Log struct {
 	cch       chan struct{} // guarded by cmu: closed (and replaced) when committed moves while waiters > 0
 
 	res logReservation
+
+	lastGet atomic.Pointer[cachedBlock] // the block of the last Get
 
 	mu        sync.Mutex // guards the index below
 	refs      map[uint64]refState
@@ -177,6 +197,14 @@ type Log struct {
 	pending   int
 	damaged   [][]byte // keys of damaged records, deleted when trimming starts
 	nDamaged  int
+	// blocks are the stored blocks of more than one record (and the open
+	// one), in seq order; deadBlocks of them are deleted and not yet
+	// dropped. lastOpen: appends may add to the newest, openBlock.
+	blocks     []blockRef
+	deadBlocks int
+	lastOpen   bool
+	openBlock  *logBlock
+	legacyMax  uint64 // highest seq stored under an nsLog key
 
 	appended atomic.Int64
 	numbered atomic.Int64
@@ -215,8 +243,7 @@ const (
 	maxLogDeletes   = 4096    // deletes in one write (well inside a badger transaction)
 	minPiggyDeletes = 64      // deletes gathered before an append's write takes them
 	maxPiggyDeletes = 256     // deletes an append's write takes at most
-	maxLogBatchOps  = 1024    // records in one write of AppendBatch
-	maxLogBatchSize = 1 << 20 // bytes in one write of AppendBatch (a badger transaction holds 2.4 MB)
+	maxLogBatchSize = 1 << 20 // bytes of ops in one block's write (a badger transaction holds 2.4 MB)
 )
 
 // OpenLog opens the message log in db: it loads (or creates) the epoch,
@@ -240,6 +267,11 @@ func OpenLog(db *DB, opts LogOptions) (*Log, error) {
 		done: make(chan struct{}),
 	}
 	l.res.ch = make(chan struct{})
+	// A block below badger's value threshold stays in the LSM tree; the
+	// rest of its write stays well inside a transaction (15% of a
+	// memtable), also on a small volume's small memtables.
+	l.blockCap = max(int(db.bopts.ValueThreshold)-1, 256)
+	l.writeCap = int(min(maxLogBatchSize, db.memtable*15/100/4))
 	for i, r := range opts.Rules {
 		if strings.HasPrefix(r.Filter, "$share/") {
 			return nil, fmt.Errorf("log rule %d: topic %q: a shared subscription, not a filter", i, r.Filter)
@@ -274,22 +306,7 @@ func (l *Log) load() error {
 		return err
 	}
 
-	var maxSeq uint64
-	err = l.db.Scan([]byte(nsLog), func(key, value []byte) error {
-		seq, ok := parseLogKey(key)
-		if !ok {
-			l.damage(key, "bad key")
-			return nil
-		}
-		maxSeq = max(maxSeq, seq)
-		v, err := parseLogRecord(value)
-		if err != nil {
-			l.damage(key, err.Error())
-			return nil
-		}
-		l.index(l.ruleFor(v.topic), seq, v.time, v.size(), 0)
-		return nil
-	})
+	maxSeq, err := l.loadRecords()
 	if err != nil {
 		return fmt.Errorf("log: load: %w", err)
 	}
@@ -332,6 +349,74 @@ func (l *Log) load() error {
 		r.trimmed = trimmed
 	}
 	return nil
+}
+
+// loadRecords indexes the stored records: first those of a store written
+// before blocks (one key each, seqs below every block's), then the
+// blocks. It returns the highest seq found.
+func (l *Log) loadRecords() (uint64, error) {
+	var maxSeq uint64
+	err := l.db.Scan([]byte(nsLog), func(key, value []byte) error {
+		seq, ok := parseLogKey(key)
+		if !ok {
+			l.damage(key, "bad key")
+			return nil
+		}
+		maxSeq = max(maxSeq, seq)
+		l.legacyMax = seq
+		v, err := parseLogRecord(value)
+		if err != nil {
+			l.damage(key, err.Error())
+			return nil
+		}
+		l.index(l.ruleFor(v.topic), seq, v.time, v.size(), 0)
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	err = l.db.Scan([]byte(nsLogBlock), func(key, value []byte) error {
+		first, ok := parseBlockKey(key)
+		if !ok {
+			l.damage(key, "bad key")
+			return nil
+		}
+		if first <= maxSeq {
+			// Blocks are written after every per-record key and after one
+			// another: only a store written to by an older version after
+			// a newer one (unsupported) gets here. Nothing is dropped.
+			l.log.Warn("log: a block starts at or below a seq stored before it", "block", first, "max", maxSeq)
+		}
+		n, walked, last := 0, 0, first
+		err := walkBlock(first, value, func(seq uint64, rec []byte) bool {
+			maxSeq = max(maxSeq, seq)
+			walked, last = walked+1, seq
+			v, err := parseLogRecord(rec)
+			if err != nil {
+				l.nDamaged++
+				l.log.Warn("log: skipping a damaged record", "block", first, "seq", seq, "error", err.Error())
+				return true
+			}
+			l.index(l.ruleFor(v.topic), seq, v.time, v.size(), 0)
+			n++
+			return true
+		})
+		switch {
+		case n == 0:
+			l.damage(key, fmt.Sprint("no readable record: ", err))
+		case err != nil:
+			l.nDamaged++
+			l.log.Warn("log: skipping the damaged end of a block", "block", first, "error", err.Error())
+		}
+		if n > 1 || n == 1 && (walked > 1 || err != nil) {
+			// A block of one good record is found by its seq; any other
+			// needs a ref. Blocks hold at most maxBlockRecords.
+			l.blocks = append(l.blocks, blockRef{first: first, span: uint32(min(last-first, math.MaxUint32)),
+				n: uint16(min(n, maxBlockRecords)), live: uint16(min(n, maxBlockRecords))})
+		}
+		return nil
+	})
+	return maxSeq, err
 }
 
 // damage counts a record that cannot be read. Called before start.
@@ -495,15 +580,6 @@ func (l *Log) Number(m *LogMessage) uint64 {
 	return seq
 }
 
-// logWrite is one write of an append: the DB request with its first ops
-// inline, so that a single append allocates them once.
-type logWrite struct {
-	req    request
-	inline [2]Op
-	n      int    // records in the write
-	last   uint64 // seq of its last record
-}
-
 // appendMessages appends ms; extra, if set, adds ops for the seq of a
 // single message to its write. It returns once the writes are queued;
 // with durable, the function it returns waits until they are durable
@@ -521,43 +597,39 @@ func (l *Log) appendMessages(ms []*LogMessage, extra func(seq uint64) []Op, dura
 		if m.Time == 0 {
 			m.Time = now
 		}
-		total += len(nsLog) + 8 + logRecordSize(m)
+		total += logRecordSize(m)
 	}
-	// Encode outside the lock, into one buffer; the seqs in the keys are
-	// filled in under it. A batch is split into writes a transaction holds.
+	// Encode outside the lock, into one buffer; under it the records are
+	// copied into blocks.
 	buf := make([]byte, 0, total)
 	var oneRule [1]int
-	var oneWrite [1]*logWrite
-	rules, writes := oneRule[:], oneWrite[:0]
+	var oneRec [1][]byte
+	rules, recs := oneRule[:], oneRec[:]
 	if len(ms) > 1 {
-		rules = make([]int, len(ms))
+		rules, recs = make([]int, len(ms)), make([][]byte, len(ms))
 	}
-	var w *logWrite
-	size := 0
 	for i, m := range ms {
 		start := len(buf)
-		if w == nil || w.n == maxLogBatchOps || w.n > 0 && size+logRecordSize(m) > maxLogBatchSize {
-			w = &logWrite{}
-			w.req.ops = w.inline[:0]
-			writes = append(writes, w)
-			size = 0
-		}
-		buf = appendLogKey(buf, 0)
-		k := len(buf)
 		buf = appendLogRecord(buf, m)
-		w.req.ops = append(w.req.ops, Set(buf[start:k:k], buf[k:len(buf):len(buf)]))
-		w.n++
-		size += len(buf) - start
+		recs[i] = buf[start:len(buf):len(buf)]
 		rules[i] = l.ruleForString(m.Topic)
 	}
-	return l.commitAppend(ms, rules, writes, now, extra, durable)
+	return l.commitAppend(ms, rules, recs, now, extra, durable)
 }
 
 func noWait() error { return nil }
 
-// commitAppend numbers the encoded records, indexes them and queues their
-// writes in seq order, then waits for them outside the lock.
-func (l *Log) commitAppend(ms []*LogMessage, rules []int, writes []*logWrite, now int64, with func(uint64) []Op, durable bool) (func() error, error) {
+// commitAppend numbers the encoded records, adds them to blocks, indexes
+// them and queues the blocks' writes in seq order, then waits for them
+// outside the lock.
+//
+// The open block (queued, not yet taken by the committer) takes the
+// records only while it is the last request queued, so they commit in the
+// order of every write queued before the append (a session's delete
+// before a queue entry of its successor). It is locked for the whole of
+// it, so the committer cannot commit a record before it is indexed; a
+// block opened here is queued only after.
+func (l *Log) commitAppend(ms []*LogMessage, rules []int, recs [][]byte, now int64, with func(uint64) []Op, durable bool) (func() error, error) {
 	l.appendMu.Lock()
 	if l.closed {
 		l.appendMu.Unlock()
@@ -568,44 +640,91 @@ func (l *Log) commitAppend(ms []*LogMessage, rules []int, writes []*logWrite, no
 		l.appendMu.Unlock()
 		return nil, fmt.Errorf("log: reserve sequence numbers: %w", err)
 	}
-	i := 0
-	for _, w := range writes {
-		for _, op := range w.req.ops {
-			ms[i].Seq = first + uint64(i)
-			binary.BigEndian.PutUint64(op.key[len(nsLog):], ms[i].Seq)
-			i++
-		}
-		w.last = first + uint64(i) - 1
+	for i, m := range ms {
+		m.Seq = first + uint64(i)
 	}
+	var ops []Op
 	if with != nil && len(ms) == 1 {
-		w := writes[0]
-		w.req.ops = append(w.req.ops, with(ms[0].Seq)...)
+		ops = with(ms[0].Seq)
+	}
+	opBytes := 0
+	for _, op := range ops {
+		opBytes += op.Size()
+	}
+
+	held := l.open
+	if held != nil {
+		held.mu.Lock()
+		if !held.sealed && !l.db.isLast(&held.req) {
+			// A write queued after the block returned: records added now
+			// would commit before it. The block ends here.
+			held.sealLocked()
+		}
+		if held.sealed {
+			l.blockHint = len(held.buf) // the next block will likely be as large
+			held.mu.Unlock()
+			held = nil
+		}
+	}
+	// Add the records: to the open block while they fit, then to new ones.
+	var oneBlock [1]*logBlock
+	var oneCount [1]int
+	touched, counts := oneBlock[:0], oneCount[:0]
+	cur := held
+	for i, rec := range recs {
+		var rops []Op
+		rb := 0
+		if i == 0 {
+			rops, rb = ops, opBytes
+		}
+		if cur == nil || !cur.fits(l, ms[i].Seq, len(rec), len(rops), rb) {
+			if cur != nil {
+				cur.sealLocked()
+				l.blockHint = len(cur.buf)
+			}
+			cur = l.newBlock(ms[i].Seq)
+		}
+		if len(touched) == 0 || touched[len(touched)-1] != cur {
+			touched, counts = append(touched, cur), append(counts, 0)
+		}
+		counts[len(counts)-1]++
+		cur.add(ms[i].Seq, rec, rops)
 	}
 
 	l.mu.Lock()
 	for i, m := range ms {
 		l.index(rules[i], m.Seq, m.Time, m.Size(), refPending)
 	}
+	for i, b := range touched {
+		l.registerBlock(b, counts[i], i == len(touched)-1 && !b.sealed)
+	}
 	extra, poke := l.trimOnAppend(rules, now)
 	l.mu.Unlock()
 	if len(extra) > 0 {
-		w := writes[len(writes)-1]
-		w.req.ops = append(w.req.ops, extra...)
+		cur.addOps(extra)
+	}
+	if cur.sealed {
+		l.open = nil
+	} else {
+		l.open = cur
+	}
+	if held != nil {
+		held.mu.Unlock()
 	}
 
-	sync := durable && l.db.opts.Sync != SyncNone
 	queued, records := 0, 0
-	for _, w := range writes {
-		w.req.then = l.written(w.last, w.n)
-		if sync {
-			w.req.done = make(chan error, 1)
-		}
-		if err = l.db.enqueue(&w.req); err != nil {
-			break
+	for i, b := range touched {
+		if b != held {
+			if err = l.db.enqueue(&b.req); err != nil {
+				l.open = nil
+				break
+			}
 		}
 		queued++
-		records += w.n
-		l.queued.Store(w.last)
+		records += counts[i]
+	}
+	if records > 0 {
+		l.queued.Store(ms[records-1].Seq)
 	}
 	l.appendMu.Unlock()
 	if poke {
@@ -617,20 +736,20 @@ func (l *Log) commitAppend(ms []*LogMessage, rules []int, writes []*logWrite, no
 		l.failed.Add(int64(len(ms) - records))
 		return nil, fmt.Errorf("log: append: %w", err)
 	}
-	if !sync {
+	if !durable || l.db.opts.Sync == SyncNone {
 		return noWait, nil
+	}
+	if len(touched) == 1 {
+		return touched[0].wait, nil
 	}
 	return func() error {
 		var err error
-		for _, w := range writes[:queued] {
-			if werr := <-w.req.done; werr != nil {
+		for _, b := range touched {
+			if werr := b.wait(); werr != nil {
 				err = werr
 			}
 		}
-		if err != nil {
-			return fmt.Errorf("log: append: %w", err)
-		}
-		return nil
+		return err
 	}, nil
 }
 
@@ -663,26 +782,24 @@ func (l *Log) trimOnAppend(rules []int, now int64) (extra []Op, poke bool) {
 	return extra, false
 }
 
-// written returns the committer's callback for a write of n records up
-// to seq last: writes commit in queue order, so every stored seq up to
-// last is then committed (or failed).
-func (l *Log) written(last uint64, n int) func(error) {
-	return func(err error) {
-		if err != nil {
-			l.failed.Add(int64(n))
+// wrote is the committer's report of a block of n records up to seq
+// last: blocks commit in queue order, so every stored seq up to last is
+// then committed (or failed).
+func (l *Log) wrote(last uint64, n int, err error) {
+	if err != nil {
+		l.failed.Add(int64(n))
+	}
+	for {
+		c := l.committed.Load()
+		if c >= last || l.committed.CompareAndSwap(c, last) {
+			break
 		}
-		for {
-			c := l.committed.Load()
-			if c >= last || l.committed.CompareAndSwap(c, last) {
-				break
-			}
-		}
-		if l.waiters.Load() > 0 {
-			l.cmu.Lock()
-			close(l.cch)
-			l.cch = make(chan struct{})
-			l.cmu.Unlock()
-		}
+	}
+	if l.waiters.Load() > 0 {
+		l.cmu.Lock()
+		close(l.cch)
+		l.cch = make(chan struct{})
+		l.cmu.Unlock()
 	}
 }
 
@@ -755,6 +872,7 @@ func (l *Log) Shutdown(ctx context.Context) error {
 		return fmt.Errorf("log shutdown: %w", ctx.Err())
 	}
 	l.mu.Lock()
+	l.closeLast() // no append adds to the open block any more
 	ops := l.markFirst(l.dels)
 	l.dels = nil
 	l.mu.Unlock()

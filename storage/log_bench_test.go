@@ -1,8 +1,12 @@
 package storage_test
 
 import (
+	"context"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/beaconmq/beacon/storage"
 )
@@ -127,6 +131,29 @@ func BenchmarkLogGet(b *testing.B) {
 	}
 }
 
+// BenchmarkLogGetSequential reads stored messages by seq, one after the
+// other (a session restoring its queue at startup).
+func BenchmarkLogGetSequential(b *testing.B) {
+	const stored = 10_000
+	db := openLogDB(b, b.TempDir(), storage.SyncNone)
+	l := openLog(b, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#"}}})
+	ms := make([]*storage.LogMessage, stored)
+	for i := range ms {
+		ms[i] = benchMessage()
+	}
+	if err := l.AppendBatch(ms); err != nil {
+		b.Fatal(err)
+	}
+	barrier(b, db)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := l.Get(uint64(i%stored) + 1); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // BenchmarkLogRefUnref is a session taking and dropping a reference.
 func BenchmarkLogRefUnref(b *testing.B) {
 	db := openLogDB(b, b.TempDir(), storage.SyncBatch)
@@ -161,5 +188,71 @@ func BenchmarkDecodeLogMessage(b *testing.B) {
 		if _, err := storage.DecodeLogMessage(enc); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkLogAppendQueued64 is the QoS 0 fan-in path: 64-byte payloads
+// appended with AppendQueued (not waited for) from 8 goroutines, under
+// the default sync policy. trim=count: a full count rule, so retention
+// deletes as much as is appended; trim=none: a rule without limits. It
+// reports the badger ops (sets and deletes) written per 1,000 messages.
+func BenchmarkLogAppendQueued64(b *testing.B) {
+	for _, trim := range []string{"none", "count"} {
+		b.Run("trim="+trim, func(b *testing.B) {
+			rule := storage.LogRule{Filter: "devices/#"}
+			if trim == "count" {
+				rule.MaxMessages = 10_000
+			}
+			db := openLogDB(b, b.TempDir(), storage.SyncBatch)
+			l := openLog(b, db, storage.LogOptions{Rules: []storage.LogRule{rule}})
+			l.StartTrimming()
+			payload := make([]byte, 64)
+			m := storage.LogMessage{Topic: "devices/dev-0042/sensors/temperature", Payload: payload, Client: "dev-0042"}
+			for i := 0; i < 2*rule.MaxMessages; i++ { // fill the rule
+				m := m
+				seq, err := l.AppendQueued(&m, nil)
+				if err != nil {
+					b.Fatal(err)
+				}
+				l.Release(seq)
+			}
+			barrier(b, db)
+			before, cpu0 := db.Stats().Ops, cpuTime()
+			b.ReportAllocs()
+			b.ResetTimer()
+			var wg sync.WaitGroup
+			var next atomic.Int64
+			for g := 0; g < 8; g++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for next.Add(1) <= int64(b.N) {
+						m := m
+						seq, err := l.AppendQueued(&m, nil)
+						if err != nil {
+							b.Error(err)
+							return
+						}
+						l.Release(seq)
+					}
+				}()
+			}
+			wg.Wait()
+			barrier(b, db)
+			b.StopTimer()
+			b.ReportMetric(float64(cpuTime()-cpu0)/float64(b.N), "cpu-ns/op")
+			if trim == "count" {
+				// Let the trimmer's deletes of this run land before counting.
+				checkFor(b, 10*time.Second, 5*time.Millisecond, func() error {
+					if st := l.Stats(); st.Stored > rule.MaxMessages {
+						return fmt.Errorf("%d stored", st.Stored)
+					}
+					return nil
+				})
+				l.Shutdown(context.Background()) //nolint:errcheck // queues the last deletes
+				barrier(b, db)
+			}
+			b.ReportMetric(float64(db.Stats().Ops-before)*1000/float64(b.N), "ops/1k-msgs")
+		})
 	}
 }

@@ -5,8 +5,9 @@ import (
 	"fmt"
 )
 
-// Log records. A record's key is the namespace and its sequence number in
-// big-endian order, so a key-ordered scan is seq order:
+// Log records. Records are stored in blocks (log_block.go); a store
+// written before blocks holds one key per record, the namespace and its
+// sequence number in big-endian order, so a key-ordered scan is seq order:
 //
 //	l 0x00 <8-byte seq>    record: appendLogRecord
 //
@@ -38,7 +39,7 @@ func parseLogKey(key []byte) (uint64, bool) {
 
 // LogMessage is one accepted message.
 type LogMessage struct {
-	Seq     uint64 // set by Append (the key, not part of the stored value)
+	Seq     uint64 // set by Append (in the key or the block, not part of the record)
 	Time    int64  // unix nanoseconds the broker accepted it (set by Append if 0)
 	Topic   string
 	Payload []byte

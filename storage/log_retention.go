@@ -86,18 +86,13 @@ func (l *Log) settleRef(seq uint64, st refState) {
 	}
 }
 
-// deleteRecord appends the delete of a record to ops and takes it out of
-// the counts. Called with l.mu held.
+// deleteRecord takes a record out of the counts, and appends the delete
+// of its block to ops if it was the block's last. Called with l.mu held.
 func (l *Log) deleteRecord(ops []Op, seq uint64, size uint32) []Op {
 	l.stored--
 	l.bytes -= int64(size)
 	l.trimCnt.Add(1)
-	if cap(l.keyBuf)-len(l.keyBuf) < len(nsLog)+8 {
-		l.keyBuf = make([]byte, 0, (len(nsLog)+8)*minPiggyDeletes)
-	}
-	start := len(l.keyBuf)
-	l.keyBuf = appendLogKey(l.keyBuf, seq)
-	return append(ops, Delete(l.keyBuf[start:len(l.keyBuf):len(l.keyBuf)]))
+	return l.blockDied(ops, seq)
 }
 
 // trimRule takes up to limit records outside the rule's retention out of
@@ -262,6 +257,7 @@ func (l *Log) trimNow() {
 			l.mu.Unlock()
 			return
 		}
+		l.dropSealed()
 		ops := l.dels
 		l.dels = nil
 		now := l.now().UnixNano()
@@ -404,7 +400,7 @@ func (l *Log) Stats() LogStats {
 		s.IndexBytes += int64(chunks) * logChunk * entryBytes
 		s.IndexEntryBytes += int64(r.q.len()) * entryBytes
 	}
-	s.IndexBytes += int64(len(l.refs)) * refEntryBytes
+	s.IndexBytes += int64(len(l.refs))*refEntryBytes + int64(cap(l.blocks))*blockRefBytes
 	s.IndexEvicted = l.evicted.Load()
 	return s
 }

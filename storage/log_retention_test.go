@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -382,5 +383,238 @@ func TestLogOldest(t *testing.T) {
 	l = openLog(t, db, storage.LogOptions{Rules: rules})
 	if l.Oldest() != 4 || l.OldestFor("slow/#") != 4 {
 		t.Fatalf("after restart: oldest %d, slow %d", l.Oldest(), l.OldestFor("slow/#"))
+	}
+}
+
+// TestLogBlockRetention: count, age and byte limits trim records one by
+// one inside a block: a trimmed record of a block that still holds others
+// is gone for Get and Read, and the block's key goes with its last record.
+func TestLogBlockRetention(t *testing.T) {
+	const payload = 10
+	size := int64(len("t/x") + payload)
+	tests := []struct {
+		name string
+		rule storage.LogRule
+		old  bool          // the first five records of the first batch are two minutes old
+		gap  time.Duration // clock advance before the second batch
+		want []uint64      // stored after the second batch
+	}{
+		{name: "count", rule: storage.LogRule{Filter: "t/#", MaxMessages: 5}, want: seqs(16, 20)},
+		{name: "bytes", rule: storage.LogRule{Filter: "t/#", MaxBytes: 5 * size}, want: seqs(16, 20)},
+		{name: "age", rule: storage.LogRule{Filter: "t/#", MaxAge: time.Minute}, old: true, gap: 2 * time.Minute, want: seqs(11, 20)},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			clock := newFakeClock()
+			db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+			l := openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{tc.rule}, Now: clock.Now})
+			l.StartTrimming()
+			batch := func(old bool) {
+				t.Helper()
+				var ms []*storage.LogMessage
+				for i := 0; i < 10; i++ {
+					m := &storage.LogMessage{Topic: "t/x", Payload: make([]byte, payload)}
+					if old && i < 5 {
+						m.Time = clock.Now().Add(-2 * time.Minute).UnixNano()
+					}
+					ms = append(ms, m)
+				}
+				if err := l.AppendBatch(ms); err != nil {
+					t.Fatal(err)
+				}
+				for _, m := range ms {
+					l.Release(m.Seq)
+				}
+				l.TrimNow()
+				barrier(t, db)
+			}
+			batch(tc.old)
+			if got := blockFirsts(t, db); !slices.Equal(got, []uint64{1}) {
+				t.Fatalf("blocks %v, want one from 1", got)
+			}
+			if got := stored(t, l); !slices.Equal(got, seqs(6, 10)) {
+				t.Fatalf("stored %v after the first batch", got)
+			}
+			for seq := uint64(1); seq <= 10; seq++ {
+				_, err := l.Get(seq)
+				if trimmed := seq <= 5; trimmed != errors.Is(err, storage.ErrLogNotFound) || !trimmed && err != nil {
+					t.Fatalf("get %d of the live block: %v", seq, err)
+				}
+			}
+			if l.TryRef(3) {
+				t.Fatal("ref of a trimmed record in a live block")
+			}
+			var got []uint64
+			if err := l.Read(2, 8, func(m *storage.LogMessage) bool { got = append(got, m.Seq); return true }); err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(got, seqs(6, 8)) {
+				t.Fatalf("read (2, 8] of a partly trimmed block: %v", got)
+			}
+
+			clock.Advance(tc.gap)
+			batch(false)
+			if got := blockFirsts(t, db); !slices.Equal(got, []uint64{11}) {
+				t.Fatalf("blocks %v, want the first gone with its last record", got)
+			}
+			if got := stored(t, l); !slices.Equal(got, tc.want) {
+				t.Fatalf("stored %v, want %v", got, tc.want)
+			}
+			if st := l.Stats(); st.Stored != len(tc.want) || st.Trimmed != int64(20-len(tc.want)) {
+				t.Fatalf("stats %+v", st)
+			}
+		})
+	}
+}
+
+// TestLogBlockReference: a referenced record keeps its block, all of whose
+// other records are gone; its last Unref deletes the block.
+func TestLogBlockReference(t *testing.T) {
+	db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+	l := openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#", MaxMessages: 2}}})
+	l.StartTrimming()
+	batch := func(ref uint64) {
+		t.Helper()
+		var ms []*storage.LogMessage
+		for i := 0; i < 5; i++ {
+			ms = append(ms, &storage.LogMessage{Topic: "r", Payload: []byte{byte(i)}})
+		}
+		if err := l.AppendBatch(ms); err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range ms {
+			if m.Seq == ref {
+				l.Ref(m.Seq) // a session queues it
+			}
+			l.Release(m.Seq)
+		}
+		l.TrimNow()
+		barrier(t, db)
+	}
+	batch(3)
+	batch(0)
+	if got := blockFirsts(t, db); !slices.Equal(got, []uint64{1, 6}) {
+		t.Fatalf("blocks %v", got)
+	}
+	if got := stored(t, l); !slices.Equal(got, []uint64{3, 9, 10}) {
+		t.Fatalf("stored %v", got)
+	}
+	if m, err := l.Get(3); err != nil || m.Payload[0] != 2 {
+		t.Fatalf("get of the referenced record: %v", err)
+	}
+	if _, err := l.Get(4); !errors.Is(err, storage.ErrLogNotFound) {
+		t.Fatalf("get of a trimmed record beside it: %v", err)
+	}
+	l.Unref(3)
+	l.TrimNow()
+	barrier(t, db)
+	if got := blockFirsts(t, db); !slices.Equal(got, []uint64{6}) {
+		t.Fatalf("blocks %v after the last unref", got)
+	}
+	if _, err := l.Get(3); !errors.Is(err, storage.ErrLogNotFound) {
+		t.Fatalf("get after the last unref: %v", err)
+	}
+}
+
+// TestLogGetOfTrimmedInCachedBlock: a block Get has kept does not serve a
+// record trimmed since.
+func TestLogGetOfTrimmedInCachedBlock(t *testing.T) {
+	db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+	l := openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#", MaxMessages: 5}}})
+	l.StartTrimming()
+	var ms []*storage.LogMessage
+	for i := 0; i < 10; i++ {
+		ms = append(ms, &storage.LogMessage{Topic: "c", Payload: []byte{byte(i)}})
+	}
+	if err := l.AppendBatch(ms); err != nil {
+		t.Fatal(err)
+	}
+	for _, seq := range []uint64{1, 2, 3} { // the block is kept from the second on
+		if m, err := l.Get(seq); err != nil || m.Payload[0] != byte(seq-1) {
+			t.Fatalf("get %d: %v", seq, err)
+		}
+	}
+	for _, m := range ms {
+		l.Release(m.Seq)
+	}
+	l.TrimNow()
+	barrier(t, db)
+	for seq := uint64(1); seq <= 10; seq++ {
+		m, err := l.Get(seq)
+		switch {
+		case seq <= 5 && !errors.Is(err, storage.ErrLogNotFound):
+			t.Fatalf("get %d, trimmed: %v", seq, err)
+		case seq > 5 && (err != nil || m.Payload[0] != byte(seq-1)):
+			t.Fatalf("get %d: %v", seq, err)
+		}
+	}
+}
+
+// TestLogSingleRecordBlocks: appends that do not meet are blocks of one
+// record, which the index holds no ref for; retention deletes them by
+// their seq, before and after a reopen.
+func TestLogSingleRecordBlocks(t *testing.T) {
+	dir := t.TempDir()
+	db, err := storage.Open(storage.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules := []storage.LogRule{{Filter: "#", MaxMessages: 10}}
+	l, err := storage.OpenLog(db, storage.LogOptions{Rules: rules})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.StartTrimming()
+	for i := 0; i < 30; i++ { // each waits for its commit: the next is a new block
+		l.Release(appendMsg(t, l, "s", strconv.Itoa(i)))
+	}
+	if n := storage.LogBlockRefs(l); n > 1 {
+		t.Fatalf("%d block refs for blocks of one record", n)
+	}
+	l.TrimNow()
+	barrier(t, db)
+	if got, want := blockFirsts(t, db), seqs(21, 30); !slices.Equal(got, want) {
+		t.Fatalf("blocks %v, want %v", got, want)
+	}
+	var ms []*storage.LogMessage
+	for i := 0; i < 5; i++ {
+		ms = append(ms, &storage.LogMessage{Topic: "s", Payload: []byte{byte(i)}})
+	}
+	if err := l.AppendBatch(ms); err != nil { // 31..35, one block
+		t.Fatal(err)
+	}
+	_ = l.Shutdown(context.Background())
+	if err := db.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	db = openLogDB(t, dir, storage.SyncBatch)
+	l = openLog(t, db, storage.LogOptions{Rules: rules})
+	if n := storage.LogBlockRefs(l); n != 1 {
+		t.Fatalf("%d block refs after reopen, want 1 (the batch's)", n)
+	}
+	if got := stored(t, l); !slices.Equal(got, seqs(26, 35)) { // the batch trimmed 21..25
+		t.Fatalf("stored %v", got)
+	}
+	l.StartTrimming()
+	var after []uint64
+	for i := 0; i < 3; i++ {
+		seq := appendMsg(t, l, "s", "after")
+		l.Release(seq)
+		after = append(after, seq)
+	}
+	l.TrimNow()
+	barrier(t, db)
+	if got := stored(t, l); !slices.Equal(got, append(seqs(29, 35), after...)) {
+		t.Fatalf("stored %v", got)
+	}
+	if got, want := blockFirsts(t, db), append([]uint64{29, 30, 31}, after...); !slices.Equal(got, want) {
+		t.Fatalf("blocks %v, want %v", got, want)
+	}
+	if _, err := l.Get(25); !errors.Is(err, storage.ErrLogNotFound) {
+		t.Fatalf("get of a trimmed one-record block: %v", err)
+	}
+	if m, err := l.Get(33); err != nil || m.Payload[0] != 2 {
+		t.Fatalf("get 33: %v", err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -699,6 +700,7 @@ func TestLogDamagedRecords(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	storage.SetLegacyLogWrites(l, true) // records under their own keys, damaged below
 	for i := 0; i < 4; i++ {
 		appendMsg(t, l, "ok", fmt.Sprint(i))
 	}
@@ -720,6 +722,7 @@ func TestLogDamagedRecords(t *testing.T) {
 
 	db = openLogDB(t, dir, storage.SyncBatch)
 	l = openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#"}}})
+	storage.SetLegacyLogWrites(l, true)
 	if st := l.Stats(); st.Damaged != 5 || st.Stored != 2 {
 		t.Fatalf("stats %+v", st)
 	}
@@ -873,4 +876,440 @@ func TestLogFirstSince(t *testing.T) {
 	if got := l.FirstSince(at(0), "c/#"); got != l.Head()+1 {
 		t.Fatalf("no rule for c/#: %d", got)
 	}
+}
+
+// blockFirsts lists the first seqs of the log's stored blocks.
+func blockFirsts(t testing.TB, db *storage.DB) []uint64 {
+	t.Helper()
+	var out []uint64
+	prefix := storage.LogBlockPrefix()
+	err := db.Scan(prefix, func(key, _ []byte) error {
+		out = append(out, binary.BigEndian.Uint64(key[len(prefix):]))
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// TestLogBlocksConcurrentReopen: appenders of every kind (durable,
+// queued, started and waited for later, with extra ops, numbered only)
+// share blocks; after a reopen (with and without the log's Shutdown)
+// every stored seq reads back exactly once, in order, with its extra ops.
+func TestLogBlocksConcurrentReopen(t *testing.T) {
+	for _, policy := range []storage.SyncPolicy{storage.SyncBatch, storage.SyncNone} {
+		for _, shutdown := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%s/shutdown=%v", policy, shutdown), func(t *testing.T) {
+				const writers, each = 8, 400
+				dir := t.TempDir()
+				db, err := storage.Open(storage.Options{Dir: dir, Sync: policy})
+				if err != nil {
+					t.Fatal(err)
+				}
+				l, err := storage.OpenLog(db, storage.LogOptions{ReserveBlock: 256, Rules: []storage.LogRule{{Filter: "#"}}})
+				if err != nil {
+					t.Fatal(err)
+				}
+				var mu sync.Mutex
+				var appended, withExtra []uint64
+				var wg sync.WaitGroup
+				errs := make(chan error, writers)
+				for w := 0; w < writers; w++ {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						var mine, extras []uint64
+						var waits []func() error
+						for i := 0; i < each; i++ {
+							m := &storage.LogMessage{Topic: fmt.Sprintf("w/%d", w), Payload: fmt.Appendf(nil, "%d/%d", w, i)}
+							var seq uint64
+							var err error
+							switch i % 5 {
+							case 0:
+								seq, err = l.Append(m)
+							case 1:
+								seq, err = l.AppendQueued(m, nil)
+							case 2:
+								var wait func() error
+								seq, wait, err = l.AppendStart(m, nil)
+								waits = append(waits, wait)
+							case 3:
+								seq, err = l.AppendWith(m, func(seq uint64) []storage.Op {
+									return []storage.Op{storage.Set(fmt.Appendf(nil, "test/extra/%020d", seq), []byte("x"))}
+								})
+								extras = append(extras, seq)
+							case 4:
+								l.Number(m)
+								continue
+							}
+							if err != nil {
+								errs <- err
+								return
+							}
+							mine = append(mine, seq)
+						}
+						for _, wait := range waits {
+							if err := wait(); err != nil {
+								errs <- err
+								return
+							}
+						}
+						mu.Lock()
+						appended, withExtra = append(appended, mine...), append(withExtra, extras...)
+						mu.Unlock()
+					}()
+				}
+				wg.Wait()
+				close(errs)
+				for err := range errs {
+					t.Fatal(err)
+				}
+				if shutdown {
+					if err := l.Shutdown(context.Background()); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if err := db.Shutdown(context.Background()); err != nil {
+					t.Fatal(err)
+				}
+				_ = l.Shutdown(context.Background())
+
+				slices.Sort(appended)
+				db = openLogDB(t, dir, policy)
+				l = openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#"}}})
+				var read []uint64
+				err = l.Read(0, 0, func(m *storage.LogMessage) bool {
+					read = append(read, m.Seq)
+					return true
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !slices.Equal(read, appended) {
+					t.Fatalf("read %d records, want the %d appended, once each in order", len(read), len(appended))
+				}
+				for _, seq := range appended[:50] {
+					if _, err := l.Get(seq); err != nil {
+						t.Fatalf("get %d: %v", seq, err)
+					}
+				}
+				if n := count(t, db, []byte("test/extra/")); n != len(withExtra) {
+					t.Fatalf("%d extra ops stored, want %d", n, len(withExtra))
+				}
+				for _, seq := range withExtra {
+					if _, err := db.Get(fmt.Appendf(nil, "test/extra/%020d", seq)); err != nil {
+						t.Fatalf("extra op of %d: %v", seq, err)
+					}
+				}
+				if n := count(t, db, storage.LogKey(0)[:2]); n != 0 {
+					t.Fatalf("%d per-record keys written", n)
+				}
+				t.Logf("%d records in %d blocks", len(appended), len(blockFirsts(t, db)))
+			})
+		}
+	}
+}
+
+// TestLogBlocks: a batch shares blocks; a record larger than a block is
+// one by itself; Get and Read find records anywhere in a block.
+func TestLogBlocks(t *testing.T) {
+	db := openLogDB(t, t.TempDir(), storage.SyncBatch)
+	l := openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#"}}})
+	var ms []*storage.LogMessage
+	for i := 0; i < 200; i++ {
+		ms = append(ms, &storage.LogMessage{Topic: "sensors/" + strconv.Itoa(i), Payload: bytes.Repeat([]byte{byte(i)}, 64)})
+	}
+	if err := l.AppendBatch(ms); err != nil {
+		t.Fatal(err)
+	}
+	// 200 records of ~80 bytes, in blocks of at most 4 KiB.
+	if n := len(blockFirsts(t, db)); n < 2 || n > 8 {
+		t.Fatalf("200 records in %d blocks", n)
+	}
+	big := appendMsg(t, l, "big", strings.Repeat("b", 10_000))
+	after := appendMsg(t, l, "after", "a")
+	if got := blockFirsts(t, db); !slices.Contains(got, big) || !slices.Contains(got, after) {
+		t.Fatalf("blocks %v: the big record and the next append are not blocks of their own", got)
+	}
+	for _, m := range ms {
+		got, err := l.Get(m.Seq)
+		if err != nil || got.Topic != m.Topic || !bytes.Equal(got.Payload, m.Payload) {
+			t.Fatalf("get %d: %v %q", m.Seq, err, got.Topic)
+		}
+	}
+	if m, err := l.Get(big); err != nil || len(m.Payload) != 10_000 {
+		t.Fatalf("get big: %v", err)
+	}
+	for _, after := range []uint64{0, 1, 37, 150, 199, 200} {
+		var got []uint64
+		err := l.Read(after, 120, func(m *storage.LogMessage) bool { got = append(got, m.Seq); return true })
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := seqs(after+1, 120); !slices.Equal(got, want) {
+			t.Fatalf("read (%d, 120]: %v", after, got)
+		}
+	}
+	if _, err := l.Get(l.Head() + 1); !errors.Is(err, storage.ErrLogNotFound) {
+		t.Fatalf("get past head: %v", err)
+	}
+	// An append with more ops than a block's write takes is a block of its own.
+	var many []storage.Op
+	for i := 0; i < 600; i++ {
+		many = append(many, storage.Set(fmt.Appendf(nil, "test/many/%d", i), []byte("q")))
+	}
+	withMany, err := l.AppendWith(&storage.LogMessage{Topic: "many"}, func(uint64) []storage.Op { return many })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := count(t, db, []byte("test/many/")); n != 600 {
+		t.Fatalf("%d of 600 extra ops stored", n)
+	}
+	if m, err := l.Get(withMany); err != nil || m.Topic != "many" {
+		t.Fatalf("get %d: %v", withMany, err)
+	}
+	n := l.Number(&storage.LogMessage{Topic: "live"})
+	last := appendMsg(t, l, "last", "")
+	if _, err := l.Get(n); !errors.Is(err, storage.ErrLogNotFound) {
+		t.Fatalf("get of a numbered seq: %v", err)
+	}
+	if _, err := l.Get(last); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestLogPerRecordKeys: a store written before blocks (one key per
+// record) opens and reads as before, mixed with the blocks written after
+// it, and retention trims both.
+func TestLogPerRecordKeys(t *testing.T) {
+	dir := t.TempDir()
+	db, err := storage.Open(storage.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := storage.OpenLog(db, storage.LogOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	storage.SetLegacyLogWrites(l, true)
+	var want []uint64
+	for i := 0; i < 6; i++ {
+		if i == 2 {
+			l.Number(&storage.LogMessage{Topic: "live"})
+		}
+		want = append(want, appendMsg(t, l, "old", strconv.Itoa(i)))
+	}
+	if err := l.AppendBatch([]*storage.LogMessage{{Topic: "old", Payload: []byte("b1")}, {Topic: "old", Payload: []byte("b2")}}); err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, want[len(want)-1]+1, want[len(want)-1]+2)
+	_ = l.Shutdown(context.Background())
+	if err := db.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	db = openLogDB(t, dir, storage.SyncBatch)
+	if n, b := count(t, db, storage.LogKey(0)[:2]), len(blockFirsts(t, db)); n != 8 || b != 0 {
+		t.Fatalf("%d per-record keys and %d blocks written by the old layout", n, b)
+	}
+	l = openLog(t, db, storage.LogOptions{})
+	for i := 0; i < 3; i++ {
+		want = append(want, appendMsg(t, l, "new", strconv.Itoa(i)))
+	}
+	if n, b := count(t, db, storage.LogKey(0)[:2]), len(blockFirsts(t, db)); n != 8 || b == 0 {
+		t.Fatalf("%d per-record keys and %d blocks after new appends", n, b)
+	}
+	check := func(l *storage.Log, want []uint64) {
+		t.Helper()
+		if got := stored(t, l); !slices.Equal(got, want) {
+			t.Fatalf("read %v, want %v", got, want)
+		}
+		for _, after := range want {
+			var got []uint64
+			if err := l.Read(after-1, 0, func(m *storage.LogMessage) bool { got = append(got, m.Seq); return false }); err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(got, []uint64{after}) {
+				t.Fatalf("read after %d: %v", after-1, got)
+			}
+			m, err := l.Get(after)
+			if err != nil {
+				t.Fatalf("get %d: %v", after, err)
+			}
+			if m.Topic != "old" && m.Topic != "new" {
+				t.Fatalf("get %d: topic %q", after, m.Topic)
+			}
+		}
+	}
+	check(l, want)
+	_ = l.Shutdown(context.Background())
+
+	// Reopened with a rule keeping the newest 4: both kinds are trimmed.
+	l = openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#", MaxMessages: 4}}})
+	check(l, want)
+	l.StartTrimming()
+	l.TrimNow()
+	barrier(t, db)
+	check(l, want[len(want)-4:])
+	if n := count(t, db, storage.LogKey(0)[:2]); n != 1 {
+		t.Fatalf("%d per-record keys left, want 1", n)
+	}
+	if _, err := l.Get(want[0]); !errors.Is(err, storage.ErrLogNotFound) {
+		t.Fatalf("get of a trimmed per-record key: %v", err)
+	}
+}
+
+// TestLogDamagedBlocks: a block that does not decode is skipped (and
+// deleted once trimming starts); a damaged record inside a block is
+// skipped, the others of the block read.
+func TestLogDamagedBlocks(t *testing.T) {
+	dir := t.TempDir()
+	db, err := storage.Open(storage.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := storage.OpenLog(db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		appendMsg(t, l, "ok", strconv.Itoa(i))
+	}
+	_ = l.Shutdown(context.Background())
+	good := storage.EncodeLogMessage(nil, &storage.LogMessage{Topic: "t", Payload: []byte("p")})
+	// Block 10: records 10 (good), 11 (truncated), 12 (good).
+	blk := []byte{1}
+	for i, rec := range [][]byte{good, good[:len(good)-1], good} {
+		blk = binary.AppendUvarint(blk, uint64(min(i, 1)))
+		blk = binary.AppendUvarint(blk, uint64(len(rec)))
+		blk = append(blk, rec...)
+	}
+	damage := []storage.Op{
+		storage.Set(storage.LogBlockKey(10), blk),
+		storage.Set(storage.LogBlockKey(20), []byte{9, 0, 1, 1}),                                          // unknown version
+		storage.Set(storage.LogBlockKey(30), append([]byte{1, 0, 200}, good...)),                          // length past the end
+		storage.Set(append(storage.LogBlockKey(40), 'x'), append([]byte{1, 0, byte(len(good))}, good...)), // bad key
+	}
+	if err := db.Write(damage...); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	db = openLogDB(t, dir, storage.SyncBatch)
+	l = openLog(t, db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#"}}})
+	if st := l.Stats(); st.Damaged != 4 || st.Stored != 5 {
+		t.Fatalf("stats %+v", st)
+	}
+	if got := stored(t, l); !slices.Equal(got, []uint64{1, 2, 3, 10, 12}) {
+		t.Fatalf("read %v", got)
+	}
+	if _, err := l.Get(11); !errors.Is(err, storage.ErrCorrupt) {
+		t.Fatalf("get of a damaged record in a block: %v", err)
+	}
+	if seq := appendMsg(t, l, "ok", ""); seq <= 12 {
+		t.Fatalf("seq %d reuses a stored one", seq)
+	}
+	l.StartTrimming()
+	checkFor(t, 5*time.Second, 20*time.Millisecond, func() error {
+		barrier(t, db)
+		if n := count(t, db, storage.LogBlockPrefix()); n != 5 { // 1..3, 10, the new one
+			return fmt.Errorf("%d blocks, want 5", n)
+		}
+		return nil
+	})
+}
+
+// TestVerifyLogBlocks: verify reads every record of every block, and
+// reports a block with a record that does not decode.
+func TestVerifyLogBlocks(t *testing.T) {
+	dir := t.TempDir()
+	db, err := storage.Open(storage.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := storage.OpenLog(db, storage.LogOptions{Rules: []storage.LogRule{{Filter: "#"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.AppendBatch([]*storage.LogMessage{{Topic: "a"}, {Topic: "b", Payload: []byte("p")}}); err != nil {
+		t.Fatal(err)
+	}
+	_ = l.Shutdown(context.Background())
+	if err := db.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	r, err := storage.Verify(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.OK() || r.Records["log-blocks"] != 1 {
+		t.Fatalf("verify of a good store: %+v", r)
+	}
+
+	db = openLogDB(t, dir, storage.SyncBatch)
+	good := storage.EncodeLogMessage(nil, &storage.LogMessage{Topic: "t"})
+	bad := append([]byte{1, 0, byte(len(good))}, good...)
+	bad = append(bad, 1, 2, 0xee, 0xff) // a second record, seq 101, that does not decode
+	if err := db.Write(storage.Set(storage.LogBlockKey(100), bad)); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if r, err = storage.Verify(dir); err != nil {
+		t.Fatal(err)
+	}
+	if r.OK() || r.Records["log-blocks"] != 2 || r.Damaged["log-blocks"] != 1 || !strings.Contains(r.Problems[0], "record 101") {
+		t.Fatalf("verify of a damaged block: %+v", r)
+	}
+}
+
+// TestLogBlockKeepsWriteOrder: an append commits after every write queued
+// before it, also when the block it joins was queued before that write (a
+// session's DeletePrefix, then a queue entry of its successor).
+func TestLogBlockKeepsWriteOrder(t *testing.T) {
+	db := openLogDB(t, t.TempDir(), storage.SyncNone)
+	l := openLog(t, db, storage.LogOptions{})
+	set := func(key string) func(uint64) []storage.Op {
+		return func(uint64) []storage.Op { return []storage.Op{storage.Set([]byte(key), []byte("v"))} }
+	}
+	busy := make([]storage.Op, 4000) // keeps the committer at work while the appends queue
+	for i := range busy {
+		busy[i] = storage.Set(fmt.Appendf(nil, "busy/%d", i), make([]byte, 200))
+	}
+	for round := 0; round < 20; round++ {
+		prefix := fmt.Sprintf("order/%d/", round)
+		db.WriteAsync(busy...)
+		if _, err := l.AppendQueued(&storage.LogMessage{Topic: "t"}, set(prefix+"before")); err != nil {
+			t.Fatal(err)
+		}
+		db.WriteAsync(storage.DeletePrefix([]byte(prefix)))
+		if _, err := l.AppendQueued(&storage.LogMessage{Topic: "t"}, set(prefix+"after")); err != nil {
+			t.Fatal(err)
+		}
+		barrier(t, db)
+		if _, err := db.Get([]byte(prefix + "after")); err != nil {
+			t.Fatalf("round %d: the entry appended after the delete: %v", round, err)
+		}
+		if _, err := db.Get([]byte(prefix + "before")); !errors.Is(err, storage.ErrNotFound) {
+			t.Fatalf("round %d: the entry appended before the delete: %v", round, err)
+		}
+	}
+}
+
+func FuzzLogBlock(f *testing.F) {
+	good := storage.EncodeLogMessage(nil, &storage.LogMessage{Topic: "t", Payload: []byte("p")})
+	blk := []byte{1, 0, byte(len(good))}
+	blk = append(blk, good...)
+	blk = append(blk, 3, byte(len(good)))
+	blk = append(blk, good...)
+	f.Add(blk)
+	f.Add([]byte{1})
+	f.Add([]byte{1, 0, 0xff, 0xff, 0xff, 0xff, 0x0f})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		_ = storage.CheckLogBlock(storage.LogBlockKey(7), b) // must not panic
+	})
 }

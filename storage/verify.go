@@ -71,6 +71,7 @@ var recordKinds = []struct {
 	{nsInbound, "inbound-qos2", nil},
 	{nsRetain, "retained", func(_, v []byte) error { _, err := DecodeRetained(v); return err }},
 	{nsLog, "log-records", func(_, v []byte) error { _, err := parseLogRecord(v); return err }},
+	{nsLogBlock, "log-blocks", checkBlock},
 	{nsHistory, "history", func(k, v []byte) error { _, err := DecodeHistory(k, v); return err }},
 	{nsOutbox, "webhook-outbox", nil},
 	{nsDevice, "devices", nil},

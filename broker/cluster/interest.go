@@ -269,7 +269,8 @@ func (r *Router) readAllInterest(ctx context.Context) error {
 }
 
 // refreshNodes learns nodes that joined (retained messages go to every
-// node, interested or not).
+// node, interested or not) and forgets those removed from the nodes hash;
+// it notes which are alive (shared groups prefer those).
 func (r *Router) refreshNodes(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
@@ -277,11 +278,36 @@ func (r *Router) refreshNodes(ctx context.Context) {
 	if err != nil {
 		return
 	}
+	keys := make([]string, 0, len(ids))
+	others := ids[:0]
 	for _, id := range ids {
 		if id != r.n.ID() {
-			r.knowNode(id)
+			others = append(others, id)
+			keys = append(keys, r.n.Key("node", id))
 		}
 	}
+	alive := map[string]bool{}
+	if len(keys) > 0 {
+		vals, err := r.n.rdb.MGet(ctx, keys...).Result()
+		if err != nil {
+			return
+		}
+		for i, v := range vals {
+			alive[others[i]] = v != nil
+		}
+	}
+	r.rmu.Lock()
+	for id := range r.known {
+		if _, ok := alive[id]; !ok {
+			delete(r.known, id) // removed from the cluster (docs/cluster.md)
+			r.remote.RemoveClient(id)
+		}
+	}
+	for id := range alive {
+		r.known[id] = true
+	}
+	r.alive = alive
+	r.rmu.Unlock()
 }
 
 func (r *Router) knowNode(id string) {

@@ -23,6 +23,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -148,8 +149,8 @@ func (n *Node) Up() bool { return n.up.Load() }
 
 // OnUp registers fn to run each time Redis comes back after being away
 // (and once at the first connection): the moment to publish again what
-// Redis may have lost or what others missed. fn runs on the node's
-// heartbeat goroutine: it must not block for long.
+// Redis may have lost or what others missed. fn runs on whichever
+// goroutine saw Redis answer again: it must be quick.
 func (n *Node) OnUp(fn func()) {
 	n.mu.Lock()
 	n.onUp = append(n.onUp, fn)
@@ -279,38 +280,67 @@ func (n *Node) Nodes(ctx context.Context) (map[string]NodeInfo, error) {
 // Subscribe follows a Redis channel until the node closes: onMsg gets
 // each message's payload; onSync runs whenever the subscription is made
 // (at first and after every reconnect), when messages may have been
-// missed and state must be read again. Both run on one goroutine.
+// missed and state must be read again. Both run on one goroutine. The
+// connection is pinged when quiet, and made again when a ping goes
+// unanswered (a half-open connection would otherwise go silent).
 func (n *Node) Subscribe(channel string, onSync func(ctx context.Context), onMsg func(payload string)) {
 	n.Go(func(ctx context.Context) {
-		ps := n.rdb.Subscribe(ctx, channel)
-		stop := context.AfterFunc(ctx, func() { _ = ps.Close() }) // Receive does not watch ctx
-		defer stop()
-		defer ps.Close()
-		for {
-			msg, err := ps.Receive(ctx)
-			if ctx.Err() != nil {
-				return
-			}
-			switch m := msg.(type) {
-			case *redis.Subscription:
-				if m.Kind == "subscribe" && onSync != nil {
-					onSync(ctx)
-				}
-			case *redis.Message:
-				onMsg(m.Payload)
-			case *redis.Pong:
-			default:
-				if err != nil {
-					n.Report(err)
-					select { // go-redis reconnects on the next Receive
-					case <-ctx.Done():
-						return
-					case <-time.After(200 * time.Millisecond):
-					}
-				}
+		for ctx.Err() == nil {
+			n.follow(ctx, channel, onSync, onMsg)
+			select {
+			case <-ctx.Done():
+			case <-time.After(200 * time.Millisecond):
 			}
 		}
 	})
+}
+
+// pubsubQuiet is how long a subscription may hear nothing before it is
+// pinged; after three such periods without a word it is made again.
+const pubsubQuiet = 2 * time.Second
+
+func (n *Node) follow(ctx context.Context, channel string, onSync func(ctx context.Context), onMsg func(payload string)) {
+	ps := n.rdb.Subscribe(ctx, channel)
+	stop := context.AfterFunc(ctx, func() { _ = ps.Close() }) // Receive does not watch ctx
+	defer stop()
+	defer ps.Close()
+	heard := time.Now()
+	for {
+		msg, err := ps.ReceiveTimeout(ctx, pubsubQuiet)
+		if ctx.Err() != nil {
+			return
+		}
+		switch m := msg.(type) {
+		case *redis.Subscription:
+			heard = time.Now()
+			if m.Kind == "subscribe" && onSync != nil {
+				onSync(ctx)
+			}
+		case *redis.Message:
+			heard = time.Now()
+			onMsg(m.Payload)
+		case *redis.Pong:
+			heard = time.Now()
+		default:
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				if time.Since(heard) > 3*pubsubQuiet {
+					n.Report(fmt.Errorf("subscription to %s went silent", channel))
+					return // a new connection
+				}
+				_ = ps.Ping(ctx)
+				continue
+			}
+			if err != nil {
+				n.Report(err)
+				select { // go-redis reconnects on the next Receive
+				case <-ctx.Done():
+					return
+				case <-time.After(200 * time.Millisecond):
+				}
+			}
+		}
+	}
 }
 
 // Close leaves the cluster: the node's liveness key is removed (others

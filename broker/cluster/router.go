@@ -53,6 +53,7 @@ type Stats struct {
 	ReceivedLive   uint64 // QoS 0 messages taken from other nodes
 	Damaged        uint64 // entries from other nodes that did not decode
 	Missing        uint64 // messages to forward no longer in the log
+	TakeFailures   uint64 // reads of another node's stream this node could not take all of (retried)
 	Pending        int    // durable messages held: not yet taken by every destination that is up
 	Unsent         int    // of those, not yet in Redis
 	PendingInStore int    // of those held, whose message is not in memory (read back from the log)
@@ -82,6 +83,7 @@ type Router struct {
 	rmu    sync.RWMutex
 	remote *topics.Index
 	known  map[string]bool // every other node seen (retained messages go to all)
+	alive  map[string]bool // of those, the ones whose liveness key was there at the last look
 
 	// Forwarding, in seq order.
 	fmu     sync.Mutex
@@ -90,20 +92,25 @@ type Router struct {
 	fwake   chan struct{}
 	live    chan liveMsg
 
-	rewind    bool                 // a stream lost entries: send what is held again (forwarder goroutine)
-	lastSent  map[string]uint64    // destination -> seq of its stream's last entry after our last batch (forwarder goroutine)
-	sharedRR  atomic.Uint64        // turns of the shared groups
-	downSince map[string]time.Time // destinations seen without liveness key (forwarder goroutine)
+	rewind    bool                // a stream lost entries: send what is held again (forwarder goroutine)
+	redisBack atomic.Bool         // Redis came back: rewind before the next batch
+	lastSent  map[string]uint64   // stream -> seq of its last entry after our last batch (forwarder goroutine)
+	sharedRR  atomic.Uint64       // turns of the shared groups
+	downSince map[string]downMark // destinations seen without liveness key (forwarder goroutine)
 
 	// Taking.
-	cursors map[string]string // stream -> last id taken (inbox goroutine)
+	cursors map[string]string          // stream -> last id taken in order (inbox goroutine)
+	ahead   map[string]map[string]bool // stream -> ids taken past a failed one (inbox goroutine)
 
-	forwarded, forwardedLive, liveDropped, received, receivedLive, damaged, missing atomic.Uint64
+	retainedSynced atomic.Bool // the cluster's retained messages were read
+
+	forwarded, forwardedLive, liveDropped, received, receivedLive, damaged, missing, takeFailures atomic.Uint64
 }
 
 type forward struct {
 	seq    uint64
 	m      *engine.Message // nil: read it back from the log
+	epoch  uint64          // of the log that holds it (a restart may begin a new one)
 	nodes  []string
 	scopes []string // per node: which of its subscriptions it reaches (encodeScope)
 	state  int8     // fwdWriting, fwdCommitted, fwdSent or fwdFailed
@@ -121,7 +128,8 @@ func NewRouter(n *Node, lg LogStore, db DB) *Router {
 		local: map[string]int{}, dirty: map[string]bool{}, iwake: make(chan struct{}, 1), pushed: make(chan struct{}),
 		remote: topics.NewIndex(), known: map[string]bool{},
 		fwake: make(chan struct{}, 1), live: make(chan liveMsg, 4096),
-		lastSent: map[string]uint64{}, cursors: map[string]string{}, downSince: map[string]time.Time{}}
+		lastSent: map[string]uint64{}, cursors: map[string]string{}, downSince: map[string]downMark{},
+		alive: map[string]bool{}, ahead: map[string]map[string]bool{}}
 }
 
 var _ engine.Cluster = (*Router)(nil)
@@ -137,13 +145,13 @@ func (r *Router) Load() (pending int, err error) {
 		if !ok {
 			return nil
 		}
-		var pairs [][2]string
-		if json.Unmarshal(v, &pairs) != nil || len(pairs) == 0 {
+		var rec forwardRecord
+		if json.Unmarshal(v, &rec) != nil {
 			gone = append(gone, storage.Delete(storage.ForwardKey(seq)))
 			return nil
 		}
-		nodes, scopes := make([]string, len(pairs)), make([]string, len(pairs))
-		for i, p := range pairs {
+		nodes, scopes := make([]string, len(rec.Dests)), make([]string, len(rec.Dests))
+		for i, p := range rec.Dests {
 			nodes[i], scopes[i] = p[0], p[1]
 		}
 		if !r.lg.TryRef(seq) {
@@ -151,7 +159,7 @@ func (r *Router) Load() (pending int, err error) {
 			r.missing.Add(1)
 			return nil
 		}
-		r.pending = append(r.pending, &forward{seq: seq, nodes: nodes, scopes: scopes, state: fwdCommitted})
+		r.pending = append(r.pending, &forward{seq: seq, epoch: rec.Epoch, nodes: nodes, scopes: scopes, state: fwdCommitted})
 		return nil
 	})
 	if err != nil {
@@ -183,6 +191,7 @@ func (r *Router) Start(eng Engine) {
 		case r.iwake <- struct{}{}:
 		default:
 		}
+		r.redisBack.Store(true) // it may have come back without what it held
 		r.wakeForwarder()
 	})
 	r.n.Go(r.pushInterest)
@@ -209,7 +218,7 @@ func (r *Router) Stats() Stats {
 	}
 	r.fmu.Unlock()
 	return Stats{Forwarded: r.forwarded.Load(), ForwardedLive: r.forwardedLive.Load(), LiveDropped: r.liveDropped.Load(),
-		Received: r.received.Load(), ReceivedLive: r.receivedLive.Load(), Damaged: r.damaged.Load(), Missing: r.missing.Load(),
+		TakeFailures: r.takeFailures.Load(), Received: r.received.Load(), ReceivedLive: r.receivedLive.Load(), Damaged: r.damaged.Load(), Missing: r.missing.Load(),
 		Pending: p, Unsent: unsent, PendingInStore: p - held}
 }
 
@@ -220,7 +229,7 @@ func (r *Router) Stats() Stats {
 // messages); others to the nodes with a matching filter or a chosen group.
 func (r *Router) Route(m *engine.Message, shared []topics.SharedMatch) engine.Remote {
 	r.rmu.RLock()
-	if r.remote.Len() == 0 && (!m.Retain || len(r.known) == 0) {
+	if r.remote.Len() == 0 && !m.Retain {
 		r.rmu.RUnlock()
 		return nil
 	}
@@ -240,6 +249,17 @@ func (r *Router) Route(m *engine.Message, shared []topics.SharedMatch) engine.Re
 		local := slices.ContainsFunc(shared, func(l topics.SharedMatch) bool {
 			return l.Group == g.Group && l.Filter == g.Filter && len(l.Members) > 0
 		})
+		// Nodes that are down keep their members' sessions, but a member
+		// elsewhere that is up gets the message now.
+		up := cands[:0:0]
+		for _, c := range cands {
+			if a, seen := r.alive[c]; a || !seen {
+				up = append(up, c)
+			}
+		}
+		if len(up) > 0 || local {
+			cands = up
+		}
 		if local {
 			cands = append(cands, "") // this node
 		}
@@ -268,7 +288,7 @@ func (r *Router) Route(m *engine.Message, shared []topics.SharedMatch) engine.Re
 	}
 	r.rmu.RUnlock()
 	matchesPool.Put(ms)
-	if len(scopes) == 0 {
+	if len(scopes) == 0 && !m.Retain { // a retained message goes to the cluster's retained hash, alone or not
 		return nil
 	}
 	for id, sc := range scopes {
@@ -307,6 +327,14 @@ func appendNew(s []string, v string) []string {
 	return append(s, v)
 }
 
+// forwardRecord is the stored form of a message still to forward: the
+// epoch of the log it is in (its stream's name) and its destinations with
+// their scopes.
+type forwardRecord struct {
+	Epoch uint64      `json:"e"`
+	Dests [][2]string `json:"d"`
+}
+
 // route is one message's way out (engine.Remote).
 type route struct {
 	r       *Router
@@ -332,7 +360,7 @@ func (rt *route) Takes(group, filter string) bool {
 // forwarded, and queues it in seq order.
 func (rt *route) Queued(m *engine.Message, seq uint64) []storage.Op {
 	r := rt.r
-	f := &forward{seq: seq, m: m, nodes: rt.nodes, scopes: rt.scopes}
+	f := &forward{seq: seq, epoch: r.epoch, m: m, nodes: rt.nodes, scopes: rt.scopes}
 	r.fmu.Lock()
 	if r.bodies >= r.n.opts.ForwardBuffer {
 		f.m = nil // read back from the log when its turn comes
@@ -342,11 +370,11 @@ func (rt *route) Queued(m *engine.Message, seq uint64) []storage.Op {
 	r.pending = append(r.pending, f)
 	r.fmu.Unlock()
 	rt.f = f
-	pairs := make([][2]string, len(rt.nodes))
+	rec := forwardRecord{Epoch: r.epoch, Dests: make([][2]string, len(rt.nodes))}
 	for i := range rt.nodes {
-		pairs[i] = [2]string{rt.nodes[i], rt.scopes[i]}
+		rec.Dests[i] = [2]string{rt.nodes[i], rt.scopes[i]}
 	}
-	v, _ := json.Marshal(pairs)
+	v, _ := json.Marshal(rec)
 	return []storage.Op{storage.Set(storage.ForwardKey(seq), v)}
 }
 
@@ -380,12 +408,17 @@ func (r *Router) wakeForwarder() {
 	}
 }
 
-// streamKey is the stream of this node's messages to dest.
-func (r *Router) streamKey(dest string) string {
-	return r.n.Key("fwd", dest, r.n.ID(), strconv.FormatUint(r.epoch, 16))
+// streamKey is the stream of this node's messages to dest from the log
+// of epoch.
+func (r *Router) streamKey(dest string, epoch uint64) string {
+	return r.n.Key("fwd", dest, r.n.ID(), strconv.FormatUint(epoch, 16))
 }
 
 const forwardBatch = 256
+
+// downMark is when a destination was first and last seen without its
+// liveness key.
+type downMark struct{ since, last time.Time }
 
 // downAfter is how long a destination's liveness key must be missing
 // before its messages are left to Redis alone.
@@ -411,6 +444,12 @@ func (r *Router) forwardLoop(ctx context.Context) {
 	confirm := time.NewTicker(200 * time.Millisecond)
 	defer confirm.Stop()
 	for {
+		if r.redisBack.Swap(false) {
+			r.rewind = true
+			if !r.retainedSynced.Load() {
+				r.syncRetained()
+			}
+		}
 		if r.rewind {
 			// A stream lost entries (Redis came back without them): send
 			// again all that is held, oldest first. The script skips
@@ -511,50 +550,61 @@ func (r *Router) dropFailed() {
 func (r *Router) release(ctx context.Context) {
 	r.fmu.Lock()
 	r.dropFailed()
-	dests := map[string]bool{}
+	type dest struct {
+		node  string
+		epoch uint64
+	}
+	dests := map[dest]bool{}
 	for _, f := range r.pending {
 		if f.state != fwdSent && f.state != fwdFailed {
 			break
 		}
 		for _, d := range f.nodes {
-			dests[d] = true
+			dests[dest{d, f.epoch}] = true
 		}
 	}
 	r.fmu.Unlock()
-	if len(dests) == 0 {
-		return
-	}
-	ids := make([]string, 0, len(dests))
+	ids := make([]dest, 0, len(dests))
 	keys := make([]string, 0, 2*len(dests))
 	for d := range dests {
 		ids = append(ids, d)
-		keys = append(keys, r.takenKey(r.streamKey(d)), r.n.Key("node", d))
+		keys = append(keys, r.takenKey(r.streamKey(d.node, d.epoch)), r.n.Key("node", d.node))
 	}
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	vals, err := r.n.rdb.MGet(ctx, keys...).Result()
-	cancel()
-	r.n.Report(err)
-	if err != nil {
-		return
+	var vals []any
+	if len(keys) > 0 {
+		ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		var err error
+		vals, err = r.n.rdb.MGet(ctx, keys...).Result()
+		cancel()
+		r.n.Report(err)
+		if err != nil {
+			return
+		}
 	}
-	taken := map[string]uint64{}
+	taken := map[dest]uint64{}
 	now := time.Now()
-	for i, d := range ids {
+	for i, dd := range ids {
+		d := dd.node
 		if vals[2*i+1] == nil {
 			// Down for a while (not just Redis come back empty, before
 			// the node's next heartbeat): Redis holds its messages.
-			since, ok := r.downSince[d]
-			if !ok {
-				r.downSince[d] = now
-			} else if now.Sub(since) >= downAfter {
-				taken[d] = math.MaxUint64
+			// Missing at every look for downAfter (looks at most a few
+			// seconds apart), not at two looks an outage apart.
+			mk, ok := r.downSince[d]
+			if !ok || now.Sub(mk.last) > 5*time.Second {
+				mk.since = now
+			}
+			mk.last = now
+			r.downSince[d] = mk
+			if now.Sub(mk.since) >= downAfter {
+				taken[dd] = math.MaxUint64
 				continue
 			}
 		} else {
 			delete(r.downSince, d)
 		}
 		if v, ok := vals[2*i].(string); ok {
-			taken[d], _ = strconv.ParseUint(v, 10, 64)
+			taken[dd], _ = strconv.ParseUint(v, 10, 64)
 		}
 	}
 	r.fmu.Lock()
@@ -570,7 +620,7 @@ func (r *Router) release(ctx context.Context) {
 		}
 		done := true
 		for _, d := range f.nodes {
-			if taken[d] < f.seq {
+			if taken[dest{d, f.epoch}] < f.seq {
 				done = false
 				break
 			}
@@ -581,6 +631,11 @@ func (r *Router) release(ctx context.Context) {
 		n++
 	}
 	gone := append([]*forward(nil), r.pending[:n]...)
+	for _, f := range gone {
+		if f.m != nil {
+			r.bodies--
+		}
+	}
 	r.pending = r.pending[n:]
 	if len(r.pending) == 0 {
 		r.pending = nil
@@ -643,6 +698,25 @@ end
 return {'ok', tostring(last)}
 `)
 
+// retainScript sets (or, with an empty value, clears) the cluster's
+// retained message of a topic unless a newer version is there: KEYS[1]
+// the retained hash, KEYS[2] the versions hash; ARGV topic, version,
+// value. A cleared topic keeps its version, so an older message cannot
+// come back.
+var retainScript = redis.NewScript(`
+local cur = redis.call('HGET', KEYS[2], ARGV[1])
+if cur and cur >= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+end
+return 1
+`)
+
 // errRewind: a stream lost entries; the held messages go again.
 var errRewind = errors.New("cluster: a forwarding stream lost entries")
 
@@ -651,8 +725,10 @@ var errRewind = errors.New("cluster: a forwarding stream lost entries")
 func (r *Router) send(ctx context.Context, batch []*forward) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	args := map[string][]any{}
-	var dests []string
+	args := map[string][]any{} // by stream
+	destOf := map[string]string{}
+	var streams []string
+	queued := 0
 	p := r.n.rdb.Pipeline()
 	for _, f := range batch {
 		var body []byte
@@ -672,47 +748,58 @@ func (r *Router) send(ctx context.Context, batch []*forward) error {
 			body, topic, retain = engine.EncodeLogMessage(&lm), lm.Topic, lm.Retain
 		}
 		for i, dest := range f.nodes {
-			a, ok := args[dest]
+			stream := r.streamKey(dest, f.epoch)
+			a, ok := args[stream]
 			if !ok {
-				a = []any{r.lastSent[dest]}
-				dests = append(dests, dest)
+				a = []any{r.lastSent[stream]}
+				streams = append(streams, stream)
+				destOf[stream] = dest
 			}
-			args[dest] = append(a, f.seq, body, f.scopes[i])
+			args[stream] = append(a, f.seq, body, f.scopes[i])
 		}
 		if retain {
+			// The cluster's copy: the newest by version wins, in Redis as
+			// on every node (engine.RetainVersion).
 			lm, _ := storage.DecodeRetained(body)
+			val := body
 			if len(lm.Payload) == 0 {
-				p.HDel(ctx, r.n.Key("retained"), topic)
-			} else {
-				p.HSet(ctx, r.n.Key("retained"), topic, body)
+				val = nil
 			}
+			retainScript.Eval(ctx, p, []string{r.n.Key("retained"), r.n.Key("retained-version")},
+				topic, engine.RetainVersion(lm.Time, lm.Client), val)
+			queued++
 		}
 	}
-	if len(dests) == 0 {
-		return nil
+	if len(streams) == 0 {
+		if queued == 0 {
+			return nil
+		}
+		_, err := p.Exec(ctx)
+		return err
 	}
-	cmds := make([]*redis.Cmd, len(dests))
-	for i, dest := range dests {
-		cmds[i] = appendScript.Eval(ctx, p, []string{r.streamKey(dest), r.n.Key("inbox", dest)}, args[dest]...)
+	cmds := make([]*redis.Cmd, len(streams))
+	for i, stream := range streams {
+		cmds[i] = appendScript.Eval(ctx, p, []string{stream, r.n.Key("inbox", destOf[stream])}, args[stream]...)
 	}
 	if _, err := p.Exec(ctx); err != nil {
 		return err
 	}
 	rewind := false
 	for i, c := range cmds {
+		stream := streams[i]
 		res, err := c.StringSlice()
 		if err != nil || len(res) != 2 {
-			return fmt.Errorf("cluster: append to %s: %v %v", dests[i], res, err)
+			return fmt.Errorf("cluster: append to %s: %v %v", destOf[stream], res, err)
 		}
 		last, _ := strconv.ParseUint(res[1], 10, 64)
 		if res[0] == "rewind" {
 			r.log.Warn("cluster: Redis lost messages not yet taken by a node; sending them again",
-				"node", dests[i], "stream_ends_at", last, "sent_up_to", r.lastSent[dests[i]])
+				"node", destOf[stream], "stream_ends_at", last, "sent_up_to", r.lastSent[stream])
 			rewind = true
 		} else {
-			r.forwarded.Add(uint64((len(args[dests[i]]) - 1) / 3))
+			r.forwarded.Add(uint64((len(args[stream]) - 1) / 3))
 		}
-		r.lastSent[dests[i]] = last
+		r.lastSent[stream] = last
 	}
 	if rewind {
 		return errRewind
@@ -768,19 +855,28 @@ func livePayload(scope string, body []byte) []byte {
 	return append(append(b, scope...), body...)
 }
 
-// takeLive routes a QoS 0 message another node sent.
-func (r *Router) takeLive(payload string) {
+// parseLive splits what livePayload joined.
+func parseLive(payload string) (scope, body string, ok bool) {
 	n, k := binary.Uvarint([]byte(payload))
 	if k <= 0 || uint64(len(payload)-k) < n {
+		return "", "", false
+	}
+	return payload[k : k+int(n)], payload[k+int(n):], true
+}
+
+// takeLive routes a QoS 0 message another node sent.
+func (r *Router) takeLive(payload string) {
+	scope, body, ok := parseLive(payload)
+	if !ok {
 		r.damaged.Add(1)
 		return
 	}
-	sc, err := decodeScope(payload[k : k+int(n)])
+	sc, err := decodeScope(scope)
 	if err != nil {
 		r.damaged.Add(1)
 		return
 	}
-	m, err := engine.DecodeMessage([]byte(payload[k+int(n):]))
+	m, err := engine.DecodeMessage([]byte(body))
 	if err != nil {
 		r.damaged.Add(1)
 		return
@@ -853,26 +949,44 @@ func (r *Router) inboxLoop(ctx context.Context) {
 			continue
 		}
 		r.n.Report(nil)
-		backoff = 50 * time.Millisecond
+		failed := false
 		for _, xs := range res {
 			if err := r.take(ctx, xs); err != nil {
+				failed = true
+				r.takeFailures.Add(1)
 				r.log.Warn("cluster: messages from another node not taken; retrying", "stream", xs.Stream, "error", err)
 				if !fail(nil) {
 					return
 				}
 			}
 		}
+		if !failed {
+			backoff = 50 * time.Millisecond
+		}
 	}
 }
 
 // take routes one read of a stream: begun together (one group commit),
-// finished in order. The cursor moves past the last one taken before
-// the first that failed.
+// finished in order, each written with the stream's new position. The
+// position only moves in order: past an entry that was taken, or skipped
+// (it does not decode, or it was taken after an earlier one failed).
+// When one fails, the ones after it that were taken anyway are kept in
+// ahead, so a retry skips them (a crash before the retry takes them
+// again); the stored position goes back to before the failed one.
 func (r *Router) take(ctx context.Context, xs redis.XStream) error {
-	var begun []*engine.Pending
-	var ids []string
+	stream := xs.Stream
+	ahead := r.ahead[stream]
+	cur := r.cursors[stream]
+	type entry struct {
+		id string
+		p  *engine.Pending // nil: skipped (damaged, or taken before)
+	}
+	entries := make([]entry, 0, len(xs.Messages))
 	for _, x := range xs.Messages {
-		op := storage.Set(storage.CursorKey(xs.Stream), []byte(x.ID))
+		if ahead[x.ID] {
+			entries = append(entries, entry{id: x.ID})
+			continue
+		}
 		raw, _ := x.Values["m"].(string)
 		rawScope, _ := x.Values["s"].(string)
 		m, err := engine.DecodeMessage([]byte(raw))
@@ -882,36 +996,66 @@ func (r *Router) take(ctx context.Context, xs redis.XStream) error {
 		}
 		if err != nil {
 			r.damaged.Add(1)
-			r.log.Warn("cluster: a forwarded message does not decode; skipped", "stream", xs.Stream, "id", x.ID, "error", err)
-			if err := r.db.Write(op); err != nil {
-				return err
-			}
-			r.cursors[xs.Stream] = x.ID
+			r.log.Warn("cluster: a forwarded message does not decode; skipped", "stream", stream, "id", x.ID, "error", err)
+			entries = append(entries, entry{id: x.ID})
 			continue
 		}
-		begun = append(begun, r.eng.BeginRemote(m, []storage.Op{op}, sc))
-		ids = append(ids, x.ID)
+		op := storage.Set(storage.CursorKey(stream), []byte(x.ID))
+		entries = append(entries, entry{id: x.ID, p: r.eng.BeginRemote(m, []storage.Op{op}, sc)})
 	}
 	var first error
-	for i, p := range begun {
-		_, err := p.Finish()
-		if err != nil && first == nil {
-			first = err
+	stored := cur // what the last committed write says
+	for _, e := range entries {
+		if e.p == nil {
+			if first == nil {
+				cur = e.id
+				delete(ahead, e.id)
+			}
+			continue
 		}
-		if first == nil {
-			r.cursors[xs.Stream] = ids[i]
+		_, err := e.p.Finish()
+		switch {
+		case err != nil:
+			if first == nil {
+				first = err
+			}
+		case first == nil:
+			cur, stored = e.id, e.id
+			r.received.Add(1)
+		default:
+			stored = e.id // its write moved the stored position past the failure
+			if ahead == nil {
+				ahead = map[string]bool{}
+				r.ahead[stream] = ahead
+			}
+			ahead[e.id] = true
 			r.received.Add(1)
 		}
 	}
-	if id := r.cursors[xs.Stream]; id != "" {
+	if len(ahead) == 0 {
+		delete(r.ahead, stream)
+	}
+	if stored != cur {
+		// The position is where in-order taking stopped (skipped entries
+		// at the end, or a failure with later entries taken).
+		op := storage.Set(storage.CursorKey(stream), []byte(cur))
+		if cur == "" {
+			op = storage.Delete(storage.CursorKey(stream)) // from the start
+		}
+		if err := r.db.Write(op); err != nil && first == nil {
+			first = err
+		}
+	}
+	r.cursors[stream] = cur
+	if cur != "" {
 		// Taken for good: the stream need not keep them, and the origin
 		// may let go of its copies.
-		if ms, _, ok := strings.Cut(id, "-"); ok {
+		if ms, _, ok := strings.Cut(cur, "-"); ok {
 			if seq, err := strconv.ParseUint(ms, 10, 64); err == nil {
 				tctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 				p := r.n.rdb.Pipeline()
-				p.XTrimMinID(tctx, xs.Stream, strconv.FormatUint(seq+1, 10)+"-0")
-				p.Set(tctx, r.takenKey(xs.Stream), seq, 0)
+				p.XTrimMinID(tctx, stream, strconv.FormatUint(seq+1, 10)+"-0")
+				p.Set(tctx, r.takenKey(stream), seq, 0)
 				_, err := p.Exec(tctx)
 				cancel()
 				r.n.Report(err)
@@ -1002,6 +1146,15 @@ func (r *Router) Nodes() []string {
 
 // ID is this node's id.
 func (r *Router) ID() string { return r.n.ID() }
+
+// NodeUp reports whether node id was alive at the last look (every
+// five seconds); a node not looked at yet counts as up.
+func (r *Router) NodeUp(id string) bool {
+	r.rmu.RLock()
+	defer r.rmu.RUnlock()
+	a, seen := r.alive[id]
+	return a || !seen
+}
 
 // Up reports whether Redis answers this node.
 func (r *Router) Up() bool { return r.n.Up() }

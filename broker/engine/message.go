@@ -29,17 +29,66 @@ type Message struct {
 	CorrelationData  []byte
 	User             []packets.UserProperty
 
-	stored   bool // written to the log (Release it after routing)
-	volatile bool // never stored ($SYS)
-	remote   bool // came from another node: not routed to others again
+	stored    bool      // written to the log (Release it after routing)
+	volatile  bool      // never stored ($SYS)
+	x         *msgExtra // what only some messages need (a cluster's, a retained one's)
+	propsOnce sync.Once
+	props     []byte // the shared v5 properties, encoded once
+}
+
+// msgExtra is the part of a message only some need, kept apart so every
+// other message stays small.
+type msgExtra struct {
+	remote bool // came from another node: not routed to others again
 	// fromNode are writes that go with the message from another node (its
-	// place in that node's stream), remoteRoute its way to other nodes.
-	fromNode    []storage.Op
-	remoteRoute Remote
-	remoteRef   bool   // the engine took a log reference for remoteRoute
-	scope       *Scope // from another node: which subscriptions here it reaches (nil: all)
-	propsOnce   sync.Once
-	props       []byte // the shared v5 properties, encoded once
+	// place in that node's stream), route its way to other nodes.
+	fromNode  []storage.Op
+	route     Remote
+	remoteRef bool   // the engine took a log reference for route
+	scope     *Scope // from another node: which subscriptions here it reaches (nil: all)
+	// A retained update's version (RetainVersion), decided in seq order
+	// with its write; lost: a newer one was there, it changes nothing.
+	retainVer  int64
+	retainLost bool
+}
+
+func (m *Message) ext() *msgExtra {
+	if m.x == nil {
+		m.x = &msgExtra{}
+	}
+	return m.x
+}
+
+func (m *Message) isRemote() bool      { return m.x != nil && m.x.remote }
+func (m *Message) remoteRoute() Remote { return m.xRoute() }
+
+func (m *Message) xRoute() Remote {
+	if m.x == nil {
+		return nil
+	}
+	return m.x.route
+}
+
+func (m *Message) scope() *Scope {
+	if m.x == nil {
+		return nil
+	}
+	return m.x.scope
+}
+
+func (m *Message) fromNode() []storage.Op {
+	if m.x == nil {
+		return nil
+	}
+	return m.x.fromNode
+}
+
+// retainVersion is the version a retained message holds its topic with.
+func (m *Message) retainVersion() int64 {
+	if m.x != nil && m.x.retainVer != 0 {
+		return m.x.retainVer
+	}
+	return m.Created
 }
 
 // sharedProps is the encoded form of the properties every v5 delivery

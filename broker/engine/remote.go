@@ -1,6 +1,8 @@
 package engine
 
 import (
+	"fmt"
+
 	"github.com/beaconmq/beacon/storage"
 )
 
@@ -17,9 +19,8 @@ type Pending struct {
 // here it reaches. Several may be begun before they are
 // finished, in order: their writes share a group commit.
 func (s *Server) BeginRemote(m *Message, ops []storage.Op, scope *Scope) *Pending {
-	m.remote = true
-	m.fromNode = ops
-	m.scope = scope
+	x := m.ext()
+	x.remote, x.fromNode, x.scope = true, ops, scope
 	if m.Created == 0 {
 		m.Created = s.now().UnixNano()
 	}
@@ -28,7 +29,7 @@ func (s *Server) BeginRemote(m *Message, ops []storage.Op, scope *Scope) *Pendin
 
 // FromNode reports whether m came from another node of a cluster (its
 // webhook outbox records and its extensions ran there).
-func (m *Message) FromNode() bool { return m.remote }
+func (m *Message) FromNode() bool { return m.isRemote() }
 
 // Finish waits for the write and delivers the message; it returns how
 // many sessions took it.
@@ -36,7 +37,19 @@ func (p *Pending) Finish() (int, error) { return p.s.finishAccept(p.a) }
 
 // EncodeMessage is m's stored form (the log's record), for sending to
 // another node.
-func EncodeMessage(m *Message) []byte { return storage.AppendRetained(nil, logMessage(m)) }
+// A retained message carries its version (RetainVersion) as its time.
+func EncodeMessage(m *Message) []byte {
+	lm := logMessage(m)
+	if m.Retain {
+		lm.Time = m.retainVersion()
+	}
+	return storage.AppendRetained(nil, lm)
+}
+
+// RetainVersion orders the retained updates of a topic in the whole
+// cluster, as a string that sorts like them: the update's version (unix
+// nanoseconds), then its publishing client.
+func RetainVersion(ver int64, client string) string { return fmt.Sprintf("%020d|%s", ver, client) }
 
 // EncodeLogMessage is the same for a message read back from the log.
 func EncodeLogMessage(lm *storage.LogMessage) []byte { return storage.AppendRetained(nil, lm) }
@@ -52,10 +65,10 @@ func DecodeMessage(b []byte) (*Message, error) {
 
 // SetRetained makes m the retained message of its topic here (stored,
 // and kept in memory) without routing it, unless the one held is newer
-// (by Created): for a node catching up with the cluster's retained
-// messages. An empty payload clears the topic.
+// (by version, see RetainVersion): for a node catching up with the
+// cluster's retained messages. An empty payload clears the topic.
 func (s *Server) SetRetained(m *Message) error {
-	if cur, ok := s.retainedMessage(m.Topic); ok && cur.Created >= m.Created {
+	if cur, ok := s.retainedMessage(m.Topic); ok && !retainNewer(m.Created, m.Client, cur.retainVersion(), cur.Client) {
 		return nil
 	}
 	if st := s.store; st != nil {

@@ -62,8 +62,10 @@ type acceptance struct {
 func (s *Server) beginAccept(m *Message, in *inbound) *acceptance {
 	a := &acceptance{m: m, ms: matchesPool.Get().(*topics.Matches), tp: targetsPool.Get().(*[]target)}
 	s.index.Match(m.Topic, m.Client, a.ms)
-	if cl := s.opts.Cluster; cl != nil && !m.remote && !m.volatile {
-		m.remoteRoute = cl.Route(m, a.ms.Shared)
+	if cl := s.opts.Cluster; cl != nil && !m.isRemote() && !m.volatile {
+		if rt := cl.Route(m, a.ms.Shared); rt != nil {
+			m.ext().route = rt
+		}
 	}
 	*a.tp = s.plan(m, a.ms, (*a.tp)[:0])
 	a.wait, a.err = s.commit(m, *a.tp, in)
@@ -85,6 +87,9 @@ func (s *Server) finishAccept(a *acceptance) (int, error) {
 		err = a.wait()
 	}
 	if err != nil {
+		if m.Retain {
+			s.retainFailed(m)
+		}
 		if st := s.store; st != nil && m.stored {
 			// Appended but not durable: give back what commit took.
 			for i := range ts {
@@ -92,7 +97,7 @@ func (s *Server) finishAccept(a *acceptance) (int, error) {
 					st.log.Unref(m.Seq)
 				}
 			}
-			if m.remoteRef {
+			if m.x != nil && m.x.remoteRef {
 				st.log.Unref(m.Seq)
 			}
 			st.log.Release(m.Seq)
@@ -135,7 +140,7 @@ func (s *Server) finishAccept(a *acceptance) (int, error) {
 	if s.store != nil && m.Seq != 0 && m.stored {
 		s.store.log.Release(m.Seq)
 	}
-	if r := m.remoteRoute; r != nil && !r.Durable() {
+	if r := m.remoteRoute(); r != nil && !r.Durable() {
 		r.Done(m, nil)
 	}
 	if o := s.opts.Observer; o != nil {
@@ -144,13 +149,20 @@ func (s *Server) finishAccept(a *acceptance) (int, error) {
 	return n, nil
 }
 
-// setRetained applies a retained update unless a newer one (a higher log
-// seq: the store writes them in seq order) already did, so memory and
-// the store agree when two publishers race on one topic.
+// setRetained applies a retained update once it is durable, unless it
+// lost to a newer one when it was written (retainDecide) or a newer one
+// was applied since: memory ends where the store does, also when two
+// publishers (or two nodes) race on one topic.
 func (s *Server) setRetained(m *Message) {
 	s.retMu.Lock()
 	defer s.retMu.Unlock()
-	if cur, ok := s.retained.Get(m.Topic); ok && m.Seq != 0 && cur.Seq > m.Seq {
+	if s.retPending[m.Topic] == m {
+		delete(s.retPending, m.Topic)
+	}
+	if m.x != nil && m.x.retainLost {
+		return
+	}
+	if cur, ok := s.retained.Get(m.Topic); ok && retainNewer(cur.retainVersion(), cur.Client, m.retainVersion(), m.Client) {
 		return
 	}
 	if len(m.Payload) == 0 {
@@ -160,6 +172,58 @@ func (s *Server) setRetained(m *Message) {
 	s.retained.Set(m.Topic, m)
 }
 
+// retainNewer reports whether version a (of client ca) is after b (of cb).
+func retainNewer(a int64, ca string, b int64, cb string) bool {
+	return a > b || a == b && ca > cb
+}
+
+// retainDecide gives a retained update its version and its write, in
+// seq order (under the log's append lock, with the message's write): a
+// local one is newer than what the topic holds (its time, or just after
+// the newest one's, should the clock have gone back); one from another
+// node keeps the version it was given there and changes nothing if an
+// equal or newer one is here. Every node so ends with the same message.
+func (s *Server) retainDecide(m *Message) (storage.Op, bool) {
+	s.retMu.Lock()
+	defer s.retMu.Unlock()
+	cur := s.retPending[m.Topic]
+	if cur == nil {
+		cur, _ = s.retained.Get(m.Topic)
+	}
+	x := m.ext()
+	ver := m.Created
+	if cur != nil {
+		cv := cur.retainVersion()
+		switch {
+		case x.remote && !retainNewer(ver, m.Client, cv, cur.Client):
+			x.retainLost = true
+			return storage.Op{}, false
+		case !x.remote && ver <= cv:
+			ver = cv + 1
+		}
+	}
+	x.retainVer = ver
+	if s.retPending == nil {
+		s.retPending = map[string]*Message{}
+	}
+	s.retPending[m.Topic] = m
+	if len(m.Payload) == 0 {
+		return storage.Delete(storage.RetainKey(m.Topic)), true
+	}
+	lm := logMessage(m)
+	lm.Time = ver
+	return storage.Set(storage.RetainKey(m.Topic), storage.AppendRetained(nil, lm)), true
+}
+
+// retainFailed forgets a retained update whose write failed.
+func (s *Server) retainFailed(m *Message) {
+	s.retMu.Lock()
+	if s.retPending[m.Topic] == m {
+		delete(s.retPending, m.Topic)
+	}
+	s.retMu.Unlock()
+}
+
 // plan lists the deliveries of m: one per matching client (one member
 // per shared group), each authorized for reading.
 func (s *Server) plan(m *Message, ms *topics.Matches, ts []target) []target {
@@ -167,7 +231,8 @@ func (s *Server) plan(m *Message, ms *topics.Matches, ts []target) []target {
 	if m.expired(now) {
 		return ts
 	}
-	if m.scope == nil || !m.scope.NoDirect {
+	sc := m.scope()
+	if sc == nil || !sc.NoDirect {
 		for i := range ms.Direct {
 			d := &ms.Direct[i]
 			ts = s.planOne(ts, d.Client, m, d.QoS, d.RetainAsPublished, d.IDs)
@@ -178,10 +243,10 @@ func (s *Server) plan(m *Message, ms *topics.Matches, ts []target) []target {
 		if len(g.Members) == 0 {
 			continue
 		}
-		if rt := m.remoteRoute; rt != nil && rt.Takes(g.Group, g.Filter) {
+		if rt := m.remoteRoute(); rt != nil && rt.Takes(g.Group, g.Filter) {
 			continue // another node's member gets it
 		}
-		if m.scope != nil && !m.scope.serves(g.Group, g.Filter) {
+		if sc != nil && !sc.serves(g.Group, g.Filter) {
 			continue // the sending node chose another node's member
 		}
 		// No member online: the one picked keeps it if its session does.
@@ -232,13 +297,13 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 	}
 	var fixed []storage.Op
 	cm := s.opts.Committer
-	if m.remote {
+	if m.isRemote() {
 		cm = nil // the node that accepted it wrote its outbox records
 	}
 	if cm != nil {
 		fixed = cm.Prepare(m)
 	}
-	rt := m.remoteRoute
+	rt := m.remoteRoute()
 	durableRemote := rt != nil && rt.Durable()
 	// failed reports a write that was never queued.
 	failed := func(err error) {
@@ -276,14 +341,7 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 	}
 	// A message from another node carries its place in that node's
 	// stream: written with it, it is taken once.
-	fixed = append(fixed, m.fromNode...)
-	if m.Retain {
-		if len(m.Payload) == 0 {
-			fixed = append(fixed, storage.Delete(storage.RetainKey(m.Topic)))
-		} else {
-			fixed = append(fixed, storage.Set(storage.RetainKey(m.Topic), storage.AppendRetained(nil, logMessage(m))))
-		}
-	}
+	fixed = append(fixed, m.fromNode()...)
 	if in != nil && in.sess.isPersistent() {
 		fixed = append(fixed, storage.Set(storage.InboundKey(in.sess.id, in.id), nil))
 	}
@@ -301,6 +359,11 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 	}
 	extra := func(seq uint64) []storage.Op {
 		ops := fixed
+		if m.Retain {
+			if op, ok := s.retainDecide(m); ok {
+				ops = append(ops, op)
+			}
+		}
 		if durableRemote {
 			ops = append(ops, rt.Queued(m, seq)...)
 		}
@@ -316,7 +379,7 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 	// A QoS 0 message is promised nothing: its record (for history) is
 	// queued in order and the publisher goes on. What a session queues, a
 	// webhook outbox or a QoS 2 mark waits for the write.
-	durable := m.QoS > 0 || committerOps > 0 || durableRemote || len(m.fromNode) > 0
+	durable := m.QoS > 0 || committerOps > 0 || durableRemote || len(m.fromNode()) > 0
 	for i := range ts {
 		durable = durable || ts[i].stored
 	}
@@ -338,7 +401,7 @@ func (s *Server) commit(m *Message, ts []target, in *inbound) (wait func() error
 	}
 	if durableRemote {
 		st.log.Ref(seq) // the cluster's, until it forwarded the message
-		m.remoteRef = true
+		m.x.remoteRef = true
 	}
 	return done(wait), nil
 }

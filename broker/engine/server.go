@@ -24,7 +24,10 @@ type Server struct {
 
 	index    *topics.Index
 	retained *topics.Retained[*Message]
-	retMu    sync.Mutex // orders retained updates (setRetained)
+	retMu    sync.Mutex // orders retained updates (setRetained, retainDecide)
+	// retPending are retained updates decided (written in seq order) and
+	// not yet applied, by topic: the newest (guarded by retMu).
+	retPending map[string]*Message
 
 	mu        sync.RWMutex
 	sessions  map[string]*session

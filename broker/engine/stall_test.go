@@ -105,7 +105,11 @@ func TestQoS0BackpressureLosesNothing(t *testing.T) {
 // A subscriber that stops reading costs its publisher one bounded stall,
 // then loses its QoS 0 messages; the other subscribers get every one.
 func TestQoS0StuckSubscriberDoesNotHoldPublishers(t *testing.T) {
-	s, addr := startServer(t, Options{Limits: Limits{OutboundBudget: 8 << 10, PublisherStall: 50 * time.Millisecond}})
+	// The stall must outlast any pause of the healthy reader on a loaded
+	// machine (a 50 ms one ran out under -race and dropped a message to it):
+	// the stuck subscriber marks itself stalled after its first timeout
+	// anyway, so a long stall costs the run a few seconds at most.
+	s, addr := startServer(t, Options{Limits: Limits{OutboundBudget: 8 << 10, PublisherStall: time.Second}})
 	stuck := dialSlow(t, addr, 4096)
 	stuck.connect("stuck", true, nil)
 	stuck.subscribe(1, "bp/t", 0)
