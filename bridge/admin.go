@@ -198,6 +198,8 @@ func (a *Admin) registryError(w http.ResponseWriter, err error) {
 		fail(w, http.StatusNotFound, err.Error())
 	case errors.Is(err, devices.ErrExists):
 		WriteJSON(w, http.StatusConflict, apiError{Error: err.Error(), Field: "id"})
+	case errors.Is(err, devices.ErrUnavailable):
+		fail(w, http.StatusServiceUnavailable, err.Error())
 	default:
 		a.Log.Error("admin api", "error", err)
 		fail(w, http.StatusInternalServerError, "internal error")

@@ -45,6 +45,7 @@ type Broker struct {
 	msgLog      *storage.Log
 	cluster     *cluster.Node   // nil on a single node
 	clusterRt   *cluster.Router // with cluster
+	state       *clusterState   // what the cluster shares: nil on a single node
 	auth        *auth
 	history     *hooks.History
 	codecs      *codec.Rules
@@ -238,7 +239,7 @@ func New(cfg Config, log *slog.Logger) (_ *Broker, err error) {
 		})
 	}
 	b.presence = newPresence(b.publishInline, b.retainedPayload, log.With("component", "presence"))
-	b.registry.OnChange(b.presence.push)
+	b.registry.OnChange(b.presenceFilter(b.presence.push))
 
 	b.registerMetrics()
 
@@ -642,7 +643,7 @@ func (b *Broker) setupAuth() error {
 		throttle: devices.NewThrottle(devices.ThrottleOptions{RatePerAddr: a.FailRatePerIP, Burst: a.FailBurst,
 			RateGlobal: a.FailRateGlobal, BurstGlobal: a.FailBurstGlobal, BanAfter: a.BanAfter, BanDuration: a.BanDuration})}
 
-	configured := b.tokens != nil || a.ACLFile != "" || b.registry.Len() > 0
+	configured := b.tokens != nil || a.ACLFile != "" || b.registry.Len() > 0 || b.clusterHasDevices()
 	for _, key := range []struct{ name, addr string }{
 		{"mqtt.addr", b.cfg.MQTT.Addr}, {"mqtt.tls_addr", b.cfg.MQTT.TLSAddr}, {"http.addr", b.cfg.HTTP.Addr},
 	} {
@@ -668,7 +669,7 @@ func (b *Broker) ReloadACL() (int, error) {
 	if b.cfg.Auth.ACLFile == "" {
 		return 0, errors.New("no auth.acl_file configured")
 	}
-	rules, err := devices.LoadRules(b.cfg.Auth.ACLFile)
+	rules, err := b.loadRules()
 	if err != nil {
 		b.log.Error("ACL reload failed; keeping the rules in force", "error", err)
 		return 0, err
@@ -731,6 +732,7 @@ func (b *Broker) Start() error {
 			"sessions", up.Sessions)
 	}
 	b.logRules()
+	b.startClusterState()
 	b.startCluster()
 	b.presence.start(b.registry)
 	if b.ha != nil {
@@ -950,6 +952,7 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 		} else if b.httpLn != nil {
 			_ = b.httpLn.Close()
 		}
+		b.leaveClusterState(ctx)
 		b.presence.stop()
 		if b.ha != nil {
 			b.ha.Shutdown()
@@ -994,12 +997,14 @@ var (
 func (o *observer) Connected(ci *engine.ClientInfo) {
 	o.metricsHook.Connected(ci.Listener)
 	o.auth.connected(ci)
+	(*Broker)(o).clusterConnChanged(ci)
 	o.logConnected(ci)
 }
 
 func (o *observer) Disconnected(ci *engine.ClientInfo, err error) {
 	o.metricsHook.Disconnected(ci.Listener, engine.DisconnectReason(err))
 	o.auth.disconnected(ci)
+	(*Broker)(o).clusterConnChanged(ci)
 	o.logDisconnected(ci, err)
 }
 

@@ -56,8 +56,8 @@ func (p *presence) push(c devices.Change) {
 // leaves "online" behind), then follows the changes.
 func (p *presence) start(reg *devices.Registry) {
 	for _, d := range reg.List(nil) {
-		if p.retainedOffline(d.ID) {
-			continue // already right: no write per device at every start
+		if p.retainedSays(d.ID, d.Online) {
+			continue // already right: no write per device at every start (online: connected to another node of a cluster)
 		}
 		p.send(devices.Change{Device: d})
 	}
@@ -65,10 +65,11 @@ func (p *presence) start(reg *devices.Registry) {
 	go func() {
 		defer p.wg.Done()
 		for {
+			stopping := false
 			select {
 			case <-p.wake:
 			case <-p.done:
-				return
+				stopping = true // what was queued before stop is still said
 			}
 			p.mu.Lock()
 			batch := p.queue
@@ -76,6 +77,9 @@ func (p *presence) start(reg *devices.Registry) {
 			p.mu.Unlock()
 			for _, c := range batch {
 				p.send(c)
+			}
+			if stopping {
+				return
 			}
 		}
 	}()
@@ -95,14 +99,15 @@ func (p *presence) send(c devices.Change) {
 	}
 }
 
-// retainedOffline reports whether the retained presence of id says offline.
-func (p *presence) retainedOffline(id string) bool {
+// retainedSays reports whether the retained presence of id says online
+// (or offline).
+func (p *presence) retainedSays(id string, online bool) bool {
 	payload, ok := p.retained(PresencePrefix + id)
 	if !ok {
 		return false
 	}
 	var e PresenceEvent
-	return json.Unmarshal(payload, &e) == nil && e.Device == id && !e.Online
+	return json.Unmarshal(payload, &e) == nil && e.Device == id && e.Online == online
 }
 
 func (p *presence) stop() {

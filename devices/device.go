@@ -81,6 +81,10 @@ type Registry struct {
 	mu       sync.RWMutex
 	byID     map[string]*Device
 	onChange []func(Change)
+	// local and remote are the two halves of Online in a cluster: the
+	// device has a connection on this node, or on another (SetRemoteOnline).
+	local  map[string]bool
+	remote map[string]bool
 }
 
 // Change is a device being added, going online or offline, or being
@@ -89,6 +93,9 @@ type Change struct {
 	Device  Device
 	Added   bool
 	Removed bool
+	// Remote is set when the change was made elsewhere (another node of a
+	// cluster: Apply, SetRemoteOnline), not by this registry's own calls.
+	Remote bool
 }
 
 // OnChange adds fn to be told, in order, of every addition, presence
@@ -107,7 +114,7 @@ func (r *Registry) changed(c Change) {
 
 // OpenRegistry loads every device from store.
 func OpenRegistry(store Store) (*Registry, error) {
-	r := &Registry{store: store, byID: map[string]*Device{}}
+	r := &Registry{store: store, byID: map[string]*Device{}, local: map[string]bool{}, remote: map[string]bool{}}
 	err := store.Devices(func(data []byte) error {
 		var d Device
 		if err := json.Unmarshal(data, &d); err != nil {
@@ -361,6 +368,8 @@ func (r *Registry) Remove(id string) error {
 	}
 	r.changed(Change{Device: r.byID[id].public(), Removed: true})
 	delete(r.byID, id)
+	delete(r.local, id)
+	delete(r.remote, id)
 	return nil
 }
 
@@ -420,11 +429,17 @@ func (r *Registry) SetOnline(id string, online bool) {
 	if !ok {
 		return
 	}
-	changed := d.Online != online
-	d.Online = online
+	r.local[id] = online
+	combined := online || r.remote[id]
+	changed := d.Online != combined
+	d.Online = combined
 	d.LastSeen = time.Now().UTC().Truncate(time.Second)
 	if changed {
 		r.changed(Change{Device: d.public()})
+	}
+	if ls, ok := r.store.(LastSeenStore); ok {
+		ls.PutLastSeen(id, d.LastSeen) // a shared store: never the whole record (see LastSeenStore)
+		return
 	}
 	// Saved under the lock, like every change, so that a concurrent rotate,
 	// disable or remove cannot be overwritten by this older copy. Last-seen
