@@ -436,6 +436,11 @@ func (r *Router) streamKey(dest string, epoch uint64) string {
 
 const forwardBatch = 256
 
+// inboxRelist is how often a node looks for new streams to it (a node
+// that joined, or restarted with a new log epoch): their first messages
+// wait at most about twice this.
+const inboxRelist = 250 * time.Millisecond
+
 // downMark is when a destination was first and last seen without its
 // liveness key.
 type downMark struct{ since, last time.Time }
@@ -914,7 +919,7 @@ func (r *Router) takeLive(payload string) {
 // the same write: taken once, also across crashes.
 func (r *Router) inboxLoop(ctx context.Context) {
 	var streams []string
-	var listed time.Time
+	var listed, published time.Time
 	backoff := 50 * time.Millisecond
 	fail := func(err error) bool {
 		r.n.Report(err)
@@ -927,7 +932,7 @@ func (r *Router) inboxLoop(ctx context.Context) {
 		return true
 	}
 	for ctx.Err() == nil {
-		if time.Since(listed) > time.Second || len(streams) == 0 {
+		if time.Since(listed) > inboxRelist || len(streams) == 0 {
 			lctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 			s, err := r.n.rdb.SMembers(lctx, r.n.Key("inbox", r.n.ID())).Result()
 			cancel()
@@ -938,12 +943,15 @@ func (r *Router) inboxLoop(ctx context.Context) {
 				continue
 			}
 			streams, listed = s, time.Now()
-			r.publishTaken(ctx)
+			if time.Since(published) > time.Second {
+				r.publishTaken(ctx)
+				published = time.Now()
+			}
 			if len(streams) == 0 {
 				select {
 				case <-ctx.Done():
 					return
-				case <-time.After(time.Second):
+				case <-time.After(inboxRelist / 2):
 				}
 				continue
 			}
@@ -957,7 +965,7 @@ func (r *Router) inboxLoop(ctx context.Context) {
 			}
 			args = append(args, id)
 		}
-		res, err := r.n.rdb.XRead(ctx, &redis.XReadArgs{Streams: args, Count: forwardBatch, Block: time.Second}).Result()
+		res, err := r.n.rdb.XRead(ctx, &redis.XReadArgs{Streams: args, Count: forwardBatch, Block: inboxRelist}).Result()
 		if errors.Is(err, redis.Nil) {
 			r.n.Report(nil)
 			continue

@@ -63,7 +63,9 @@ func awaitForwarding(ctx context.Context, cfg config, id string) error {
 			}
 		}
 	}()
-	publish := appendPacket(nil, typePublish<<4, append(append(appendString(nil, topic), 0), "probe"...)) // QoS 0, no properties
+	// QoS 1 (packet id 1, no properties): it goes the way the run's QoS 1
+	// messages do, so their stream exists and is read before the run.
+	publish := appendPacket(nil, typePublish<<4|1<<1, append(append(appendString(nil, topic), 0, 1, 0), "probe"...))
 	deadline := time.After(30 * time.Second)
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
