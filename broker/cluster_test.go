@@ -31,6 +31,13 @@ func clusterConfig(t *testing.T, redis *clustertest.Redis, id string) broker.Con
 	return cfg
 }
 
+// persistent connects with a session that outlives the connection (an
+// hour), starting clean or resuming.
+func persistent(id string, clean bool) *paho.Connect {
+	hour := uint32(3600)
+	return &paho.Connect{ClientID: id, CleanStart: clean, Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}}
+}
+
 // waitWants waits until node b forwards messages on topic to the nodes want.
 func waitWants(t *testing.T, b *broker.Broker, topic string, want ...string) {
 	t.Helper()
@@ -168,13 +175,11 @@ func TestClusterRetainedReachesEveryNode(t *testing.T) {
 // A node that is down gets what was sent to it when it returns: its
 // persistent session's subscription stays its interest.
 func TestClusterDeliversToANodeThatWasDown(t *testing.T) {
-	hour := uint32(3600)
 	redis := clustertest.StartRedis(t, "--appendonly", "yes")
 	a := bt.Start(t, clusterConfig(t, redis, "a"))
 	cfgB := clusterConfig(t, redis, "b")
 	b := bt.Start(t, cfgB)
-	sub := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: true,
-		Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}})
+	sub := bt.Dial(t, b.MQTTAddr("tcp"), persistent("sub-b", true))
 	sub.SubscribeT(t, paho.SubscribeOptions{Topic: "q/#", QoS: 1})
 	waitWants(t, a, "q/x", "b")
 	_ = sub.Disconnect(&paho.Disconnect{})
@@ -188,8 +193,7 @@ func TestClusterDeliversToANodeThatWasDown(t *testing.T) {
 	bt.WaitFor(t, 20*time.Second, "a sent everything to Redis", func() bool { return a.ClusterRouter().Stats().Unsent == 0 })
 
 	b2 := bt.Start(t, cfgB) // same data directory
-	back := bt.Dial(t, b2.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: false,
-		Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}})
+	back := bt.Dial(t, b2.MQTTAddr("tcp"), persistent("sub-b", false))
 	got := back.WaitMessages(t, n, 30*time.Second)
 	for i, m := range got[:n] {
 		if string(m.Payload) != fmt.Sprint(i) {
@@ -342,13 +346,11 @@ func TestClusterWebhookDeliveredOnce(t *testing.T) {
 // Redis comes back empty while a holds messages for b that were in b's
 // stream; nothing else is published: a sends them again by itself.
 func TestClusterRedisBackEmptyWithoutNewTraffic(t *testing.T) {
-	hour := uint32(3600)
 	rds := clustertest.StartRedis(t)
 	a := bt.Start(t, clusterConfig(t, rds, "a"))
 	cfgB := clusterConfig(t, rds, "b")
 	b := bt.Start(t, cfgB)
-	sub := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: true,
-		Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}})
+	sub := bt.Dial(t, b.MQTTAddr("tcp"), persistent("sub-b", true))
 	sub.SubscribeT(t, paho.SubscribeOptions{Topic: "q/#", QoS: 1})
 	waitWants(t, a, "q/x", "b")
 	_ = sub.Disconnect(&paho.Disconnect{})
@@ -362,8 +364,7 @@ func TestClusterRedisBackEmptyWithoutNewTraffic(t *testing.T) {
 	rds.Kill()
 	rds.Start() // without them
 	b = bt.Start(t, cfgB)
-	back := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: false,
-		Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}})
+	back := bt.Dial(t, b.MQTTAddr("tcp"), persistent("sub-b", false))
 	got := back.WaitMessages(t, n, 30*time.Second)
 	for i, m := range got[:n] {
 		if string(m.Payload) != fmt.Sprint(i) {
@@ -438,12 +439,10 @@ func TestClusterRetainedOfALoneNode(t *testing.T) {
 // A shared group's member on a node that is down waits there; the members
 // on nodes that are up get the messages meanwhile.
 func TestClusterSharedGroupPrefersNodesUp(t *testing.T) {
-	hour := uint32(3600)
 	rds := clustertest.StartRedis(t)
 	a := bt.Start(t, clusterConfig(t, rds, "a"))
 	b := bt.Start(t, clusterConfig(t, rds, "b"))
-	mb := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "mb", CleanStart: true,
-		Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}})
+	mb := bt.Dial(t, b.MQTTAddr("tcp"), persistent("mb", true))
 	mb.SubscribeT(t, paho.SubscribeOptions{Topic: "$share/g/s/#", QoS: 1})
 	ma := bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "ma", CleanStart: true})
 	ma.SubscribeT(t, paho.SubscribeOptions{Topic: "$share/g/s/#", QoS: 1})
@@ -463,13 +462,11 @@ func TestClusterSharedGroupPrefersNodesUp(t *testing.T) {
 // alone: one taken after it is not delivered again meanwhile, and once
 // space is back the refused one arrives.
 func TestClusterTakeFailureRetriesInOrder(t *testing.T) {
-	hour := uint32(3600)
 	rds := clustertest.StartRedis(t)
 	a := bt.Start(t, clusterConfig(t, rds, "a"))
 	cfgB := clusterConfig(t, rds, "b")
 	b := bt.Start(t, cfgB)
-	sub := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: true,
-		Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}})
+	sub := bt.Dial(t, b.MQTTAddr("tcp"), persistent("sub-b", true))
 	sub.SubscribeT(t, paho.SubscribeOptions{Topic: "d/#", QoS: 1})
 	waitWants(t, a, "d/x", "b")
 	_ = sub.Disconnect(&paho.Disconnect{})
@@ -477,8 +474,7 @@ func TestClusterTakeFailureRetriesInOrder(t *testing.T) {
 	low := cfgB
 	low.Storage.MinFree = "99%" // below the reserve: new messages are refused (a retained clear passes)
 	b = bt.Start(t, low)
-	sub = bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: false,
-		Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}})
+	sub = bt.Dial(t, b.MQTTAddr("tcp"), persistent("sub-b", false))
 	pub := bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-a", CleanStart: true})
 	pub.PublishT(t, &paho.Publish{Topic: "d/x", QoS: 1, Payload: []byte("A")})
 	pub.PublishT(t, &paho.Publish{Topic: "d/y", QoS: 1, Retain: true, Payload: nil})
@@ -498,7 +494,6 @@ func TestClusterTakeFailureRetriesInOrder(t *testing.T) {
 	_ = sub.Disconnect(&paho.Disconnect{})
 	bt.Stop(t, b)
 	b = bt.Start(t, cfgB) // space back
-	back := bt.Dial(t, b.MQTTAddr("tcp"), &paho.Connect{ClientID: "sub-b", CleanStart: false,
-		Properties: &paho.ConnectProperties{SessionExpiryInterval: &hour}})
+	back := bt.Dial(t, b.MQTTAddr("tcp"), persistent("sub-b", false))
 	bt.WaitFor(t, 30*time.Second, "the refused message after space came back", func() bool { return count(back, "d/x") >= 1 })
 }

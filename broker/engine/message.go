@@ -59,10 +59,8 @@ func (m *Message) ext() *msgExtra {
 	return m.x
 }
 
-func (m *Message) isRemote() bool      { return m.x != nil && m.x.remote }
-func (m *Message) remoteRoute() Remote { return m.xRoute() }
-
-func (m *Message) xRoute() Remote {
+func (m *Message) isRemote() bool { return m.x != nil && m.x.remote }
+func (m *Message) remoteRoute() Remote {
 	if m.x == nil {
 		return nil
 	}

@@ -109,7 +109,6 @@ func (s *Server) SetRetained(m *Message) error {
 			return err
 		}
 	}
-	m.Retain = true
 	s.setRetained(m)
 	return nil
 }
