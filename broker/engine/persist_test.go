@@ -185,6 +185,11 @@ func TestQoS2ExactlyOnceAcrossSIGKILL(t *testing.T) {
 	if err := sub.dial(); err != nil {
 		t.Fatal(err)
 	}
+	// The first message must find the subscription: wait for its SUBACK
+	// before anything is published (nothing can arrive before it yet).
+	if pk, err := sub.r.read(5 * time.Second); err != nil || pk.FixedHeader.Type != packets.Suback {
+		t.Fatalf("no SUBACK: %v %v", pk.FixedHeader.Type, err)
+	}
 	done := make(chan struct{})
 	go sub.receive(done)
 	completed := 0
