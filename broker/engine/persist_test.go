@@ -25,6 +25,9 @@ func openStore(t testing.TB, dir string, sync storage.SyncPolicy) (*storage.DB, 
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Registered before the caller's server cleanup, so it runs after
+	// it; a store the test already shut down is left alone.
+	t.Cleanup(func() { _ = db.Shutdown(context.Background()) })
 	l, err := storage.OpenLog(db, storage.LogOptions{})
 	if err != nil {
 		t.Fatal(err)
