@@ -49,6 +49,9 @@ type LogMessage struct {
 	Device  string // registered device id of the publisher, or ""
 	Expiry  int64  // unix seconds after which it must not be delivered; 0 = never
 	Props   []byte // opaque: encoded MQTT 5 properties that travel with the message
+	// Origin names a message another node of a cluster accepted: that
+	// node's identity for it (engine.Identity), "" for one accepted here.
+	Origin string
 }
 
 // Size is what the message counts for in a rule's MaxBytes: its topic,
@@ -66,9 +69,10 @@ func (m *LogMessage) Size() int { return len(m.Topic) + len(m.Payload) + len(m.P
 //	[uvarint len, device]   if flag 4
 //	[varint expiry]         if flag 5
 //	[uvarint len, props]    if flag 6
+//	[uvarint len, origin]   if flag 7
 //
-// Optional fields cost nothing when empty; a new field takes bit 7 or a
-// new version.
+// Optional fields cost nothing when empty; a new field takes a new
+// version.
 const logVersion = 1
 
 const (
@@ -77,13 +81,14 @@ const (
 	logFlagDevice = 1 << 4
 	logFlagExpiry = 1 << 5
 	logFlagProps  = 1 << 6
-	logFlagsKnown = 1<<7 - 1
+	logFlagOrigin = 1 << 7
+	logFlagsKnown = 1<<8 - 1
 )
 
 // logRecordSize bounds the length of m's stored form.
 func logRecordSize(m *LogMessage) int {
 	return 2 + 3*binary.MaxVarintLen64 + 4*binary.MaxVarintLen32 +
-		len(m.Topic) + len(m.Payload) + len(m.Client) + len(m.Device) + len(m.Props)
+		len(m.Topic) + len(m.Payload) + len(m.Client) + len(m.Device) + len(m.Props) + len(m.Origin)
 }
 
 // appendLogRecord appends the stored form of m (everything but Seq) to dst.
@@ -104,6 +109,9 @@ func appendLogRecord(dst []byte, m *LogMessage) []byte {
 	if len(m.Props) > 0 {
 		flags |= logFlagProps
 	}
+	if m.Origin != "" {
+		flags |= logFlagOrigin
+	}
 	dst = append(dst, logVersion, flags)
 	dst = binary.AppendVarint(dst, m.Time)
 	dst = appendString(dst, m.Topic)
@@ -120,6 +128,9 @@ func appendLogRecord(dst []byte, m *LogMessage) []byte {
 	if flags&logFlagProps != 0 {
 		dst = appendBytes(dst, m.Props)
 	}
+	if flags&logFlagOrigin != 0 {
+		dst = appendString(dst, m.Origin)
+	}
 	return dst
 }
 
@@ -133,6 +144,7 @@ type logView struct {
 	flags                                 byte
 	time, expiry                          int64
 	topic, payload, client, device, props []byte
+	origin                                []byte
 }
 
 // size is the record's MaxBytes size (see LogMessage.Size).
@@ -167,6 +179,9 @@ func parseLogRecord(b []byte) (logView, error) {
 	if v.flags&logFlagProps != 0 {
 		v.props = r.bytes()
 	}
+	if v.flags&logFlagOrigin != 0 {
+		v.origin = r.bytes()
+	}
 	if r.err != nil {
 		return logView{}, r.err
 	}
@@ -180,12 +195,12 @@ func parseLogRecord(b []byte) (logView, error) {
 // topic, client and device, one slice holding the payload and props.
 func (v *logView) message(seq uint64, m *LogMessage) {
 	*m = LogMessage{Seq: seq, Time: v.time, QoS: v.flags & 3, Retain: v.flags&logFlagRetain != 0, Expiry: v.expiry}
-	if n := len(v.topic) + len(v.client) + len(v.device); n > 0 {
+	if n := len(v.topic) + len(v.client) + len(v.device) + len(v.origin); n > 0 {
 		buf := make([]byte, 0, n)
-		buf = append(append(append(buf, v.topic...), v.client...), v.device...)
+		buf = append(append(append(append(buf, v.topic...), v.client...), v.device...), v.origin...)
 		s := string(buf)
-		t, c := len(v.topic), len(v.topic)+len(v.client)
-		m.Topic, m.Client, m.Device = s[:t], s[t:c], s[c:]
+		t, c, d := len(v.topic), len(v.topic)+len(v.client), len(v.topic)+len(v.client)+len(v.device)
+		m.Topic, m.Client, m.Device, m.Origin = s[:t], s[t:c], s[c:d], s[d:]
 	}
 	if n := len(v.payload) + len(v.props); n > 0 {
 		buf := make([]byte, 0, n)

@@ -120,7 +120,7 @@ func seqs(from, to uint64) []uint64 {
 func equalMessage(a, b storage.LogMessage) bool {
 	return a.Seq == b.Seq && a.Time == b.Time && a.Topic == b.Topic && bytes.Equal(a.Payload, b.Payload) &&
 		a.QoS == b.QoS && a.Retain == b.Retain && a.Client == b.Client && a.Device == b.Device &&
-		a.Expiry == b.Expiry && bytes.Equal(a.Props, b.Props)
+		a.Expiry == b.Expiry && bytes.Equal(a.Props, b.Props) && a.Origin == b.Origin
 }
 
 func sampleLogMessages() []storage.LogMessage {
@@ -131,6 +131,7 @@ func sampleLogMessages() []storage.LogMessage {
 			Expiry: 1_800_000_000, Props: []byte{0x03, 0x00, 0x04, 'j', 's', 'o', 'n'}, Time: 42},
 		{Topic: "$SYS/broker", Payload: bytes.Repeat([]byte("x"), 100_000), Client: "broker-internal", Time: -5},
 		{Topic: strings.Repeat("long/", 1000), Payload: []byte("y"), Props: []byte{1}},
+		{Topic: "from/b", Payload: []byte("z"), QoS: 1, Client: "c2", Device: "dev-2", Origin: "b/1f/2a"},
 	}
 }
 
