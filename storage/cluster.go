@@ -13,10 +13,19 @@ import (
 //	                      of another node: value = the last entry id taken
 //	K 0x00 <stream> 0x00 <id>   an entry taken beyond that (written with
 //	                      the message; removed once the position passes it)
+//	M 0x00 <token>        a session moving between this node and another:
+//	                      value = the router's record of it
 const (
 	nsForward = "F\x00"
 	nsCursor  = "K\x00"
+	nsMove    = "M\x00"
 )
+
+// MoveKey is the key of the record of the session move token.
+func MoveKey(token string) []byte { return append([]byte(nsMove), token...) }
+
+// MovePrefix is the prefix of every move record.
+func MovePrefix() []byte { return []byte(nsMove) }
 
 // ForwardKey is the key of the forwarding record of log seq.
 func ForwardKey(seq uint64) []byte {

@@ -42,6 +42,12 @@ type DB interface {
 type Engine interface {
 	BeginRemote(m *engine.Message, ops []storage.Op, scope *engine.Scope) *engine.Pending
 	SetRetained(m *engine.Message) error
+	// Sessions moving between nodes (move.go).
+	MoveOut(client string) *engine.Moving
+	MoveInFlights(client string, fl []engine.MovedFlight, ops []storage.Op) error
+	MoveInDone(client string)
+	DropSession(client string) bool
+	PersistentSessions() []string
 }
 
 // Stats are the router's counters.
@@ -57,6 +63,9 @@ type Stats struct {
 	Pending        int    // durable messages held: not yet taken by every destination that is up
 	Unsent         int    // of those, not yet in Redis
 	PendingInStore int    // of those held, whose message is not in memory (read back from the log)
+	MovedIn        uint64 // sessions that moved here from another node
+	MovedOut       uint64 // sessions that moved from here to another node
+	MoveRefused    uint64 // CONNECTs refused: the node holding the session did not hand it over
 }
 
 // Router forwards what this node accepts to the other nodes that want
@@ -105,6 +114,8 @@ type Router struct {
 
 	retainedSynced atomic.Bool // the cluster's retained messages were read
 
+	mv moves // sessions moving to or from this node
+
 	forwarded, forwardedLive, liveDropped, received, receivedLive, damaged, missing, takeFailures atomic.Uint64
 }
 
@@ -131,7 +142,8 @@ func NewRouter(n *Node, lg LogStore, db DB) *Router {
 		remote: topics.NewIndex(), known: map[string]bool{},
 		fwake: make(chan struct{}, 1), live: make(chan liveMsg, 4096),
 		lastSent: map[string]uint64{}, cursors: map[string]string{}, downSince: map[string]downMark{},
-		alive: map[string]bool{}, unlisted: map[string]time.Time{}, ahead: map[string]map[string]bool{}}
+		alive: map[string]bool{}, unlisted: map[string]time.Time{}, ahead: map[string]map[string]bool{},
+		mv: moves{committed: map[string]chan struct{}{}, resume: map[string]moveRecord{}}}
 }
 
 var _ engine.Cluster = (*Router)(nil)
@@ -184,6 +196,9 @@ func (r *Router) Load() (pending int, err error) {
 		r.cursors[string(k[len(storage.CursorPrefix()):])] = string(v)
 		return nil
 	})
+	if err == nil {
+		err = r.loadMoves()
+	}
 	return len(r.pending), err
 }
 
@@ -202,6 +217,9 @@ func (r *Router) Start(eng Engine) {
 		r.log.Warn("cluster: the other nodes' interest was not read before serving; messages accepted here reach them once it is", "error", err)
 	}
 	r.refreshNodes(ctx)
+	r.n.Subscribe(r.ctlKey(r.n.ID()), nil, r.onCtl)
+	r.resumeMoves()
+	r.resumeOrphans(ctx)
 	cancel()
 	r.syncRetained()
 	r.n.OnUp(func() {
@@ -238,7 +256,8 @@ func (r *Router) Stats() Stats {
 	r.fmu.Unlock()
 	return Stats{Forwarded: r.forwarded.Load(), ForwardedLive: r.forwardedLive.Load(), LiveDropped: r.liveDropped.Load(),
 		TakeFailures: r.takeFailures.Load(), Received: r.received.Load(), ReceivedLive: r.receivedLive.Load(), Damaged: r.damaged.Load(), Missing: r.missing.Load(),
-		Pending: p, Unsent: unsent, PendingInStore: p - held}
+		Pending: p, Unsent: unsent, PendingInStore: p - held,
+		MovedIn: r.mv.in.Load(), MovedOut: r.mv.out.Load(), MoveRefused: r.mv.refused.Load()}
 }
 
 // Route is the engine's: the other nodes a message accepted here goes
@@ -432,6 +451,21 @@ func (r *Router) wakeForwarder() {
 // of epoch.
 func (r *Router) streamKey(dest string, epoch uint64) string {
 	return r.n.Key("fwd", dest, r.n.ID(), strconv.FormatUint(epoch, 16))
+}
+
+// streamOrigin is the origin and log epoch of a stream to this node
+// (streamKey).
+func (r *Router) streamOrigin(stream string) (origin string, epoch uint64, ok bool) {
+	rest, ok := strings.CutPrefix(stream, r.n.Key("fwd", r.n.ID(), ""))
+	if !ok {
+		return "", 0, false
+	}
+	i := strings.LastIndexByte(rest, ':')
+	if i < 0 {
+		return "", 0, false
+	}
+	epoch, err := strconv.ParseUint(rest[i+1:], 16, 64)
+	return rest[:i], epoch, err == nil
 }
 
 const forwardBatch = 256
@@ -1031,6 +1065,10 @@ func (r *Router) take(ctx context.Context, xs redis.XStream) error {
 			r.log.Warn("cluster: a forwarded message does not decode; skipped", "stream", stream, "id", x.ID, "error", err)
 			entries = append(entries, entry{id: x.ID, damaged: true})
 			continue
+		}
+		if origin, epoch, ok := r.streamOrigin(stream); ok {
+			seq, _ := splitStreamID(x.ID)
+			m.SetOrigin(engine.Identity(origin, epoch, seq))
 		}
 		mark := storage.Set(storage.TakenMarkKey(stream, x.ID), nil)
 		entries = append(entries, entry{id: x.ID, p: r.eng.BeginRemote(m, []storage.Op{mark}, sc)})

@@ -448,6 +448,7 @@ const (
 	codeIDRejected           = 0x85
 	codeBadCredentials       = 0x86
 	codeNotAuthorized        = 0x87
+	codeServerUnavailable    = 0x88
 	codeServerBusy           = 0x89
 	codeBanned               = 0x8A
 	codeServerShuttingDown   = 0x8B

@@ -34,7 +34,7 @@ func v3Code(code byte) byte {
 		return 0x01
 	case codeIDRejected:
 		return 0x02
-	case codeServerBusy, codeQuotaExceeded, codeServerShuttingDown:
+	case codeServerUnavailable, codeServerBusy, codeQuotaExceeded, codeServerShuttingDown:
 		return 0x03
 	case codeBadCredentials:
 		return 0x04
@@ -308,6 +308,10 @@ func (c *conn) connect(pk *packets.Packet) error {
 			return refuse(codeQuotaExceeded, err.Error())
 		}
 	}
+	if err := c.srv.claim(id, cn.Clean, expiry > 0, p); err != nil {
+		c.srv.log.Warn("connect refused: the session is on another node", "client", id, "error", err)
+		return refuse(codeServerUnavailable, "the session is on another node and was not handed over; try again")
+	}
 	err := c.srv.attach(c, attachReq{clean: cn.Clean, expiry: expiry, recvMax: recvMax, connack: ack})
 	if err != nil {
 		return err
@@ -364,6 +368,28 @@ func (s *Server) roomForSession(id string, clean bool) error {
 	return r.Room(256)
 }
 
+// claim takes client's session from another node of the cluster when
+// it holds it (Cluster.Claim), before attach finds it here.
+func (s *Server) claim(client string, clean, persistent bool, p Principal) error {
+	cl := s.opts.Cluster
+	if cl == nil {
+		return nil
+	}
+	moved, commit, err := cl.Claim(client, clean, persistent)
+	if err != nil || moved == nil {
+		return err
+	}
+	if err := s.moveIn(client, moved, p); err != nil {
+		s.dropMovedIn(client)
+		return err
+	}
+	if err := commit(); err != nil {
+		s.dropMovedIn(client)
+		return err
+	}
+	return nil
+}
+
 type attachReq struct {
 	clean   bool
 	expiry  time.Duration
@@ -387,6 +413,11 @@ func (s *Server) attach(c *conn, r attachReq) error {
 	present := false
 	if sess != nil {
 		sess.mu.Lock()
+		if sess.moving != nil {
+			sess.mu.Unlock()
+			s.mu.Unlock()
+			return connectErr{code: codeServerUnavailable, version: c.version, reason: "the session is moving to another node"}
+		}
 		oldConn = sess.conn
 		sess.conn = nil
 		if sess.expireTimer != nil {

@@ -50,6 +50,9 @@ type msgExtra struct {
 	// with its write; lost: a newer one was there, it changes nothing.
 	retainVer  int64
 	retainLost bool
+	// origin is the message's identity from the node that accepted it
+	// (Identity), for one that came from another node.
+	origin string
 }
 
 func (m *Message) ext() *msgExtra {

@@ -251,6 +251,16 @@ type Cluster interface {
 	// says which groups another node serves). It runs for every message:
 	// quick.
 	Route(m *Message, shared []topics.SharedMatch) Remote
+	// ID is this node's name in the cluster.
+	ID() string
+	// Claim runs before a CONNECT takes its session (persistent: the
+	// session outlives the connection). For one that resumes (not clean)
+	// a session another node holds, it returns that session's state
+	// (moved out there) and commit, to call once the session is made
+	// here: after commit the other node lets it go. A clean one ends the
+	// other node's session. An error refuses the CONNECT (server
+	// unavailable), so the client tries again.
+	Claim(client string, clean, persistent bool) (moved *MovedSession, commit func() error, err error)
 }
 
 // interestWait bounds how long a SUBACK waits for the cluster to hear of

@@ -42,6 +42,7 @@ type Log interface {
 	Unref(seq uint64)
 	Release(seq uint64)
 	StartTrimming()
+	Epoch() uint64 // the log's epoch (a restart that lost its seq reservation begins a new one)
 }
 
 // Identities stores a session's principal with it and restores it after a
@@ -177,7 +178,7 @@ func queueOp(client string, gen uint64, f *flight) storage.Op {
 // logMessage is m in the log's form.
 func logMessage(m *Message) *storage.LogMessage {
 	return &storage.LogMessage{Time: m.Created, Topic: m.Topic, Payload: m.Payload, QoS: m.QoS, Retain: m.Retain,
-		Client: m.Client, Device: m.Device, Expiry: m.Expiry, Props: m.sharedProps()}
+		Client: m.Client, Device: m.Device, Expiry: m.Expiry, Props: m.sharedProps(), Origin: m.origin()}
 }
 
 // fromLog rebuilds a message from its log record.
@@ -186,6 +187,9 @@ func fromLog(lm *storage.LogMessage) (*Message, error) {
 		Client: lm.Client, Device: lm.Device, Created: lm.Time, Expiry: lm.Expiry}
 	if err := decodeSharedProps(m, lm.Props); err != nil {
 		return nil, err
+	}
+	if lm.Origin != "" {
+		m.SetOrigin(lm.Origin)
 	}
 	return m, nil
 }
@@ -320,8 +324,7 @@ func (s *Server) Load() (LoadStats, error) {
 			dels = append(dels, storage.Delete(append([]byte(nil), k...)))
 			return nil
 		}
-		s.index.Subscribe(topics.Subscription{Client: client, Filter: r.Filter, Group: r.Group, QoS: r.QoS,
-			NoLocal: r.NoLocal, RetainAsPublished: r.RetainAsPublished, RetainHandling: r.RetainHandling, ID: r.ID})
+		s.index.Subscribe(subscriptionOf(client, r))
 		st.Subscriptions++
 		return nil
 	})
@@ -433,6 +436,12 @@ func (s *Server) Load() (LoadStats, error) {
 	}
 	ps.log.StartTrimming()
 	return st, nil
+}
+
+// subscriptionOf is a stored (or moved) subscription of client.
+func subscriptionOf(client string, r storage.SubRecord) topics.Subscription {
+	return topics.Subscription{Client: client, Filter: r.Filter, Group: r.Group, QoS: r.QoS,
+		NoLocal: r.NoLocal, RetainAsPublished: r.RetainAsPublished, RetainHandling: r.RetainHandling, ID: r.ID}
 }
 
 func validStoredFilter(r storage.SubRecord) bool {

@@ -46,6 +46,10 @@ type session struct {
 	queue   []*flight           // outbound QoS 1/2 waiting for room, in order
 	inQoS2  map[uint16]struct{} // client ids of inbound QoS 2 messages PUBREC'd, awaiting PUBREL
 
+	moving    *Moving             // moving out to another node (MoveOut)
+	seen      map[string]struct{} // moving in: the identities of the messages it got (seenLocked)
+	seenUntil time.Time
+
 	will      *Message    // a will waiting for its delay while offline
 	willAt    time.Time   // when it goes (restored sessions)
 	willTimer *time.Timer // publishes will
@@ -160,7 +164,10 @@ func (s *session) deliver(m *Message, t *target) bool {
 		}
 		return false
 	}
-	if !s.persistent && s.conn == nil {
+	if (!s.persistent && s.conn == nil) || s.seenLocked(m) {
+		if t.stored {
+			s.srv.store.unstore(s.id, t.gen, m.Seq)
+		}
 		return false
 	}
 	s.queue = append(s.queue, &flight{msg: m, qos: t.qos, retain: t.retain, subIDs: t.ids, stored: t.stored})

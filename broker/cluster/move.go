@@ -1,0 +1,519 @@
+package cluster
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/beaconmq/beacon/broker/engine"
+	"github.com/beaconmq/beacon/storage"
+)
+
+// Sessions move between nodes (the engine's half is in engine/move.go):
+//
+//	new node (a CONNECT resuming a session)     old node (owner)
+//	HGET owner <client> -> old
+//	PUBLISH ctl:<old> {move, token}  -------->  MoveOut: 0x8E to the client,
+//	                                            SET move:<token>:state
+//	GET move:<token>:state  <----------------
+//	moveIn (durable), then commit:
+//	  SET movedone:<token> new NX, HSET owner
+//	PUBLISH ctl:<old> {committed} ---------->  Commit: drops what the state
+//	CONNACK (session present)                   carried; the tail (what it
+//	                                            queues since) goes to
+//	XRANGE move:<token>  <-------------------- XADD move:<token>, held until
+//	MoveInFlights, SET movetaken:<token>        movetaken says so; after the
+//	                                            grace it stops matching, then
+//	                                            ends the session: XADD end
+//
+// The commit is one SET NX: the old node, not hearing of a commit in
+// moveRevert, sets the same key for itself and keeps the session. Both
+// nodes keep a record of the move in their store, so a restart of
+// either resumes its half.
+
+const (
+	moveWait   = 5 * time.Second  // how long a CONNECT waits for the owner's state
+	moveRevert = 15 * time.Second // how long the owner waits for the commit
+	moveGrace  = 5 * time.Second  // the owner keeps matching this long after it, for what was on its way
+	moveSettle = time.Second      // and ends the session this long after it stopped matching
+	moveKeep   = time.Hour        // how long Redis keeps a move's keys
+	movePoll   = 50 * time.Millisecond
+	tailBatch  = 128
+)
+
+// ctlMsg is a request on a node's control channel.
+type ctlMsg struct {
+	Op     string `json:"op"` // "move", "drop", "committed", "tail"
+	Client string `json:"c,omitempty"`
+	From   string `json:"f,omitempty"`
+	Token  string `json:"t,omitempty"`
+}
+
+// moveRecord is a node's stored record of a move under way.
+type moveRecord struct {
+	Client string `json:"c"`
+	Peer   string `json:"p"`           // the other node
+	Out    bool   `json:"o,omitempty"` // this node is the old one (committed, sending the tail)
+	Cursor string `json:"k,omitempty"` // the new one: the last tail entry taken
+}
+
+// MoveStats count sessions moved.
+type MoveStats struct {
+	In, Out, Refused uint64
+}
+
+type moves struct {
+	mu               sync.Mutex
+	committed        map[string]chan struct{} // token -> closed when the new node said it committed
+	resume           map[string]moveRecord    // from Load, started by Start
+	in, out, refused atomic.Uint64
+}
+
+var errNotHandedOver = errors.New("the node holding the session did not hand it over")
+
+func (r *Router) ownerKey() string            { return r.n.Key("owner") }
+func (r *Router) ctlKey(node string) string   { return r.n.Key("ctl", node) }
+func (r *Router) moveKey(token string) string { return r.n.Key("move", token) }
+
+func newToken() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// sendCtl publishes a request to node; it fails if node is not listening.
+func (r *Router) sendCtl(ctx context.Context, node string, c ctlMsg) error {
+	b, _ := json.Marshal(c)
+	n, err := r.n.rdb.Publish(ctx, r.ctlKey(node), b).Result()
+	r.n.Report(err)
+	if err == nil && n == 0 {
+		err = fmt.Errorf("node %s is not listening", node)
+	}
+	return err
+}
+
+// Claim is the engine's (Cluster.Claim): see the top of this file.
+func (r *Router) Claim(client string, clean, persistent bool) (*engine.MovedSession, func() error, error) {
+	ctx, cancel := context.WithTimeout(r.n.ctx, moveWait)
+	defer cancel()
+	self := r.n.ID()
+	owner, err := r.n.rdb.HGet(ctx, r.ownerKey(), client).Result()
+	if errors.Is(err, redis.Nil) {
+		owner, err = "", nil
+	}
+	r.n.Report(err)
+	if err != nil {
+		// Redis away: the session here, if any, serves (cluster.md).
+		return nil, nil, nil
+	}
+	if owner == self {
+		return nil, nil, nil
+	}
+	if owner == "" || !r.NodeUp(owner) {
+		// A node that is down keeps what it holds; when it returns it
+		// sends its queue here (resumeOrphans).
+		r.setOwner(ctx, client)
+		return nil, nil, nil
+	}
+	if clean {
+		if err := r.sendCtl(ctx, owner, ctlMsg{Op: "drop", Client: client, From: self}); err != nil {
+			r.log.Warn("cluster: the node holding a session was not told that its client started anew", "client", client, "node", owner, "error", err)
+		}
+		r.setOwner(ctx, client)
+		return nil, nil, nil
+	}
+	token := newToken()
+	if err := r.sendCtl(ctx, owner, ctlMsg{Op: "move", Client: client, From: self, Token: token}); err != nil {
+		r.mv.refused.Add(1)
+		return nil, nil, fmt.Errorf("%w: %v", errNotHandedOver, err)
+	}
+	var raw string
+	for {
+		raw, err = r.n.rdb.Get(ctx, r.moveKey(token)+":state").Result()
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, redis.Nil) {
+			r.n.Report(err)
+		}
+		select {
+		case <-ctx.Done():
+			r.mv.refused.Add(1)
+			return nil, nil, fmt.Errorf("%w within %s", errNotHandedOver, moveWait)
+		case <-time.After(movePoll):
+		}
+	}
+	if raw == "none" {
+		r.setOwner(ctx, client)
+		return nil, nil, nil
+	}
+	st := &engine.MovedSession{}
+	if err := json.Unmarshal([]byte(raw), st); err != nil {
+		r.damaged.Add(1)
+		return nil, nil, fmt.Errorf("%w: its state does not decode: %v", errNotHandedOver, err)
+	}
+	commit := func() error {
+		ctx, cancel := context.WithTimeout(r.n.ctx, moveWait)
+		defer cancel()
+		won, err := commitScript.Run(ctx, r.n.rdb, []string{r.n.Key("movedone", token), r.ownerKey()},
+			self, client, int(moveKeep/time.Second)).Int()
+		r.n.Report(err)
+		if err != nil {
+			r.mv.refused.Add(1)
+			return err
+		}
+		if won == 0 {
+			r.mv.refused.Add(1)
+			return fmt.Errorf("%w: it took the session back", errNotHandedOver)
+		}
+		rec := moveRecord{Client: client, Peer: owner}
+		if err := r.writeMove(token, rec); err != nil {
+			// The tail is taken by no one until this node restarts; the
+			// old node holds it meanwhile.
+			r.log.Warn("cluster: a moved session's record was not stored", "client", client, "error", err)
+		}
+		_ = r.sendCtl(ctx, owner, ctlMsg{Op: "committed", Client: client, From: self, Token: token})
+		r.mv.in.Add(1)
+		r.n.Go(func(ctx context.Context) { r.takeTail(ctx, token, rec) })
+		return nil
+	}
+	return st, commit, nil
+}
+
+// commitScript decides a move for the new node, unless the old node took
+// the session back first: KEYS movedone, owner; ARGV node, client, ttl.
+var commitScript = redis.NewScript(`
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+  return 1
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+`)
+
+func (r *Router) setOwner(ctx context.Context, client string) {
+	r.n.Report(r.n.rdb.HSet(ctx, r.ownerKey(), client, r.n.ID()).Err())
+}
+
+func (r *Router) writeMove(token string, rec moveRecord) error {
+	b, _ := json.Marshal(rec)
+	return r.db.Write(storage.Set(storage.MoveKey(token), b))
+}
+
+// onCtl takes a request on this node's control channel.
+func (r *Router) onCtl(payload string) {
+	var c ctlMsg
+	if json.Unmarshal([]byte(payload), &c) != nil || c.Client == "" {
+		return
+	}
+	switch c.Op {
+	case "move":
+		r.n.Go(func(ctx context.Context) { r.moveOut(ctx, c) })
+	case "drop":
+		if r.eng.DropSession(c.Client) {
+			r.log.Info("cluster: session ended: its client started a clean one on another node", "client", c.Client, "node", c.From)
+		}
+	case "committed":
+		r.mv.mu.Lock()
+		if ch := r.mv.committed[c.Token]; ch != nil {
+			close(ch)
+			delete(r.mv.committed, c.Token)
+		}
+		r.mv.mu.Unlock()
+	case "tail":
+		rec := moveRecord{Client: c.Client, Peer: c.From}
+		if err := r.writeMove(c.Token, rec); err != nil {
+			r.log.Warn("cluster: a session's tail from another node was not recorded", "client", c.Client, "error", err)
+			return
+		}
+		r.n.Go(func(ctx context.Context) { r.takeTail(ctx, c.Token, rec) })
+	}
+}
+
+// moveOut hands a session here to the node that asked for it.
+func (r *Router) moveOut(ctx context.Context, c ctlMsg) {
+	stateKey := r.moveKey(c.Token) + ":state"
+	mv := r.eng.MoveOut(c.Client)
+	if mv == nil {
+		r.n.Report(r.n.rdb.Set(ctx, stateKey, "none", moveKeep).Err())
+		return
+	}
+	ch := make(chan struct{})
+	r.mv.mu.Lock()
+	r.mv.committed[c.Token] = ch
+	r.mv.mu.Unlock()
+	defer func() {
+		r.mv.mu.Lock()
+		delete(r.mv.committed, c.Token)
+		r.mv.mu.Unlock()
+	}()
+	b, _ := json.Marshal(mv.State())
+	if err := r.n.rdb.Set(ctx, stateKey, b, moveKeep).Err(); err != nil {
+		r.n.Report(err)
+		mv.Cancel()
+		return
+	}
+	doneKey := r.n.Key("movedone", c.Token)
+	deadline := time.Now().Add(moveRevert)
+	for {
+		select {
+		case <-ctx.Done():
+			return // shutting down: the session stays, offline, in the store
+		case <-ch:
+		case <-time.After(100 * time.Millisecond):
+		}
+		who, err := r.n.rdb.Get(ctx, doneKey).Result()
+		if err != nil && !errors.Is(err, redis.Nil) {
+			r.n.Report(err)
+			continue // undecided while Redis is away
+		}
+		if who == c.From {
+			break
+		}
+		if time.Now().Before(deadline) {
+			continue
+		}
+		ok, err := r.n.rdb.SetNX(ctx, doneKey, r.n.ID(), moveKeep).Result()
+		r.n.Report(err)
+		if err != nil {
+			continue
+		}
+		if ok {
+			mv.Cancel()
+			r.n.rdb.Del(ctx, stateKey)
+			r.log.Warn("cluster: a session move was not taken up; the session stays here", "client", c.Client, "node", c.From)
+			return
+		}
+	}
+	mv.Commit()
+	rec := moveRecord{Client: c.Client, Peer: c.From, Out: true}
+	if err := r.writeMove(c.Token, rec); err != nil {
+		r.log.Warn("cluster: a moved session's record was not stored", "client", c.Client, "error", err)
+	}
+	r.n.rdb.Del(ctx, stateKey)
+	r.mv.out.Add(1)
+	r.sendTail(ctx, mv, c.Token, c.From, moveGrace)
+}
+
+// sendTail sends what a moved session still queues here to its new node
+// until, grace after the move, it stops matching here and has nothing
+// left.
+func (r *Router) sendTail(ctx context.Context, mv *engine.Moving, token, to string, grace time.Duration) {
+	stream := r.moveKey(token)
+	takenKey := r.n.Key("movetaken", token)
+	type sent struct {
+		id string
+		b  *engine.TailBatch
+	}
+	var held []sent
+	stopAt := time.Now().Add(grace)
+	var endAt time.Time
+	for ctx.Err() == nil {
+		for {
+			b := mv.Tail(tailBatch)
+			if b == nil {
+				break
+			}
+			body, _ := json.Marshal(b.Flights)
+			id, err := r.n.rdb.XAdd(ctx, &redis.XAddArgs{Stream: stream, Values: []string{"f", string(body)}}).Result()
+			r.n.Report(err)
+			if err != nil {
+				b.Return()
+				break
+			}
+			held = append(held, sent{id: id, b: b})
+		}
+		if len(held) > 0 {
+			taken, err := r.n.rdb.Get(ctx, takenKey).Result()
+			if err == nil {
+				for len(held) > 0 && !streamIDAfter(held[0].id, taken) {
+					held[0].b.Taken()
+					held = held[1:]
+				}
+			}
+		}
+		if endAt.IsZero() && !time.Now().Before(stopAt) {
+			mv.StopMatching()
+			endAt = time.Now().Add(moveSettle)
+		}
+		if !endAt.IsZero() && !time.Now().Before(endAt) && len(held) == 0 && mv.Finish() {
+			p := r.n.rdb.Pipeline()
+			p.XAdd(ctx, &redis.XAddArgs{Stream: stream, Values: []string{"end", "1"}})
+			p.Expire(ctx, stream, moveKeep)
+			_, err := p.Exec(ctx)
+			r.n.Report(err)
+			if err == nil {
+				if err := r.db.Write(storage.Delete(storage.MoveKey(token))); err != nil {
+					r.log.Warn("cluster: a finished move's record was not removed", "client", mv.Client(), "error", err)
+				}
+				r.log.Debug("cluster: session moved", "client", mv.Client(), "node", to)
+				return
+			}
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(movePoll):
+		}
+	}
+}
+
+// takeTail takes a moved session's tail from its old node into the
+// session here, until the old node ends it (or has been down for
+// downAfter: what it holds then comes with its return, resumeOrphans).
+func (r *Router) takeTail(ctx context.Context, token string, rec moveRecord) {
+	stream := r.moveKey(token)
+	takenKey := r.n.Key("movetaken", token)
+	cursor := rec.Cursor
+	if cursor == "" {
+		cursor = "0"
+	}
+	var downSince time.Time
+	finish := func() {
+		r.eng.MoveInDone(rec.Client)
+		if err := r.db.Write(storage.Delete(storage.MoveKey(token))); err != nil {
+			r.log.Warn("cluster: a finished move's record was not removed", "client", rec.Client, "error", err)
+		}
+	}
+	for ctx.Err() == nil {
+		xs, err := r.n.rdb.XRangeN(ctx, stream, "("+cursor, "+", 16).Result()
+		r.n.Report(err)
+		for _, x := range xs {
+			if _, end := x.Values["end"]; end {
+				finish()
+				p := r.n.rdb.Pipeline()
+				p.Del(ctx, stream, takenKey)
+				_, _ = p.Exec(ctx)
+				return
+			}
+			var fl []engine.MovedFlight
+			raw, _ := x.Values["f"].(string)
+			if err := json.Unmarshal([]byte(raw), &fl); err != nil {
+				r.damaged.Add(1)
+				r.log.Warn("cluster: a moved session's messages do not decode; skipped", "client", rec.Client, "id", x.ID, "error", err)
+			}
+			next := rec
+			next.Cursor = x.ID
+			b, _ := json.Marshal(next)
+			if err := r.eng.MoveInFlights(rec.Client, fl, []storage.Op{storage.Set(storage.MoveKey(token), b)}); err != nil {
+				r.takeFailures.Add(1)
+				break // again after a pause
+			}
+			cursor = x.ID
+			r.received.Add(uint64(len(fl)))
+			r.n.Report(r.n.rdb.Set(ctx, takenKey, cursor, moveKeep).Err())
+		}
+		if r.NodeUp(rec.Peer) {
+			downSince = time.Time{}
+		} else if downSince.IsZero() {
+			downSince = time.Now()
+		} else if time.Since(downSince) > downAfter && len(xs) == 0 {
+			r.log.Warn("cluster: the node a session moved from went down before it finished; the rest comes when it returns",
+				"client", rec.Client, "node", rec.Peer)
+			finish()
+			return
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(movePoll):
+		}
+	}
+}
+
+// streamIDAfter reports whether stream entry id a comes after b ("" is
+// before every id).
+func streamIDAfter(a, b string) bool {
+	if b == "" {
+		return true
+	}
+	am, as := splitStreamID(a)
+	bm, bs := splitStreamID(b)
+	return am > bm || (am == bm && as > bs)
+}
+
+func splitStreamID(id string) (uint64, uint64) {
+	ms, seq, _ := strings.Cut(id, "-")
+	a, _ := strconv.ParseUint(ms, 10, 64)
+	b, _ := strconv.ParseUint(seq, 10, 64)
+	return a, b
+}
+
+// loadMoves reads the moves a previous run left under way.
+func (r *Router) loadMoves() error {
+	return r.db.Scan(storage.MovePrefix(), func(k, v []byte) error {
+		var rec moveRecord
+		if json.Unmarshal(v, &rec) != nil || rec.Client == "" {
+			return nil
+		}
+		r.mv.resume[string(k[len(storage.MovePrefix()):])] = rec
+		return nil
+	})
+}
+
+// resumeMoves goes on with them: the new node's half takes the tail
+// again from where it was, the old node's sends what it still holds.
+func (r *Router) resumeMoves() {
+	for token, rec := range r.mv.resume {
+		token, rec := token, rec
+		if !rec.Out {
+			r.n.Go(func(ctx context.Context) { r.takeTail(ctx, token, rec) })
+			continue
+		}
+		mv := r.eng.MoveOut(rec.Client)
+		if mv == nil {
+			_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
+			continue
+		}
+		mv.Resume()
+		r.n.Go(func(ctx context.Context) { r.sendTail(ctx, mv, token, rec.Peer, 0) })
+	}
+	r.mv.resume = nil
+}
+
+// resumeOrphans hands the sessions here that another node owns now (a
+// client that moved while this node was down) their queue: it goes to
+// the owner as a tail, and the session ends here.
+func (r *Router) resumeOrphans(ctx context.Context) {
+	ids := r.eng.PersistentSessions()
+	if len(ids) == 0 {
+		return
+	}
+	owners, err := r.n.rdb.HMGet(ctx, r.ownerKey(), ids...).Result()
+	r.n.Report(err)
+	if err != nil {
+		return
+	}
+	self := r.n.ID()
+	for i, o := range owners {
+		owner, _ := o.(string)
+		if owner == "" || owner == self {
+			continue
+		}
+		mv := r.eng.MoveOut(ids[i])
+		if mv == nil {
+			continue // moving already (a resumed move)
+		}
+		mv.Resume()
+		token := newToken()
+		if err := r.sendCtl(ctx, owner, ctlMsg{Op: "tail", Client: ids[i], From: self, Token: token}); err != nil {
+			mv.Cancel() // tried again at the next start
+			continue
+		}
+		rec := moveRecord{Client: ids[i], Peer: owner, Out: true}
+		if err := r.writeMove(token, rec); err != nil {
+			r.log.Warn("cluster: a moved session's record was not stored", "client", ids[i], "error", err)
+		}
+		r.log.Info("cluster: a session here moved to another node while this one was away; its queue follows it",
+			"client", ids[i], "node", owner)
+		r.n.Go(func(ctx context.Context) { r.sendTail(ctx, mv, token, owner, 0) })
+	}
+}

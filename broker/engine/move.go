@@ -1,0 +1,685 @@
+package engine
+
+import (
+	"errors"
+	"strconv"
+	"time"
+
+	"github.com/beaconmq/beacon/storage"
+)
+
+// A persistent session moves between the nodes of a cluster when its
+// client reconnects to another node (broker/cluster drives it):
+//
+//   - the old node's MoveOut closes the client's connection (0x8E) and
+//     keeps the session offline here, subscribed and queuing, while its
+//     State (subscriptions, inbound QoS 2 flows, every flight with its
+//     packet id) travels to the new node;
+//   - the new node's CONNECT makes the session from it (moveIn, durable),
+//     then the cluster commits the move, and the old node drops what
+//     the State carried (Moving.Commit);
+//   - what the old node still queues for the session (messages that were
+//     on their way to it) follows as a tail (Moving.Tail, MoveInFlights),
+//     until the old node stops matching it (StopMatching) and ends it
+//     (Finish).
+//
+// While the new node takes the tail, a message that reaches the session
+// both directly and through the old node is delivered once: the session
+// keeps the identities (Identity) of what it got until MoveInDone.
+
+// Identity names a message in a whole cluster: the node that accepted
+// it, the epoch of that node's log and its seq there.
+func Identity(node string, epoch, seq uint64) string {
+	return node + "/" + strconv.FormatUint(epoch, 16) + "/" + strconv.FormatUint(seq, 16)
+}
+
+// SetOrigin records the identity the node that accepted m gave it
+// (Identity), for a message from another node (BeginRemote).
+func (m *Message) SetOrigin(id string) { m.ext().origin = id }
+
+func (m *Message) origin() string {
+	if m.x == nil {
+		return ""
+	}
+	return m.x.origin
+}
+
+// identity is m's Identity in the cluster, or "" without one.
+func (s *Server) identity(m *Message) string {
+	if o := m.origin(); o != "" {
+		return o
+	}
+	cl := s.opts.Cluster
+	if cl == nil || s.store == nil || m.Seq == 0 {
+		return ""
+	}
+	return Identity(cl.ID(), s.store.log.Epoch(), m.Seq)
+}
+
+// MovedSession is a persistent session on its way between nodes.
+type MovedSession struct {
+	Version byte                `json:"v"`
+	Expiry  uint32              `json:"e"` // seconds it outlives its connection
+	NextID  uint16              `json:"n"`
+	InQoS2  []uint16            `json:"i,omitempty"` // the client's QoS 2 ids PUBREC'd, awaiting PUBREL
+	Subs    []storage.SubRecord `json:"s,omitempty"`
+	Flights []MovedFlight       `json:"f,omitempty"` // in flight, then queued, in order
+}
+
+// MovedFlight is one outbound QoS 1/2 message of a moving session.
+type MovedFlight struct {
+	Msg    []byte   `json:"m"`           // EncodeMessage's form
+	Origin string   `json:"o,omitempty"` // its Identity
+	QoS    byte     `json:"q"`
+	Retain bool     `json:"r,omitempty"`
+	SubIDs []uint32 `json:"u,omitempty"`
+	ID     uint16   `json:"p,omitempty"` // its packet id, 0 while queued
+	Pubrel bool     `json:"l,omitempty"` // PUBREC received, PUBREL sent
+	Sent   bool     `json:"d,omitempty"` // sent before: a resend carries DUP
+}
+
+// seenLimit bounds the identities a session moving in keeps: past it, a
+// message reaching it twice during the move may be delivered twice.
+const seenLimit = 1 << 17
+
+// seenFor is the longest a session keeps them (a move whose old node
+// never finishes).
+const seenFor = 10 * time.Minute
+
+// Moving is a session moving out of this node.
+type Moving struct {
+	s        *Server
+	sess     *session
+	snapshot []*flight // what State carried, until Commit
+	handed   map[*flight]bool
+}
+
+// ErrNoSession is returned for a move of a session this node lacks.
+var ErrNoSession = errors.New("no such session")
+
+// MoveOut starts moving client's persistent session to another node:
+// its connection is closed with 0x8E (session taken over), its will
+// dropped (the session goes on), and until Commit or Cancel it stays here
+// offline, subscribed, queuing, and not for a CONNECT here. It returns
+// nil if the client id has no persistent session here.
+func (s *Server) MoveOut(client string) *Moving {
+	s.mu.Lock()
+	sess := s.sessions[client]
+	if sess == nil {
+		s.mu.Unlock()
+		return nil
+	}
+	sess.mu.Lock()
+	if !sess.persistent || sess.discarded || sess.moving != nil {
+		sess.mu.Unlock()
+		s.mu.Unlock()
+		return nil
+	}
+	old := sess.conn
+	sess.conn = nil
+	if sess.expireTimer != nil {
+		sess.expireTimer.Stop()
+		sess.expireTimer = nil
+	}
+	if sess.willTimer != nil {
+		sess.willTimer.Stop()
+		sess.willTimer = nil
+	}
+	sess.will = nil
+	mv := &Moving{s: s, sess: sess, handed: map[*flight]bool{}}
+	sess.moving = mv
+	mv.snapshot = append(append(make([]*flight, 0, len(sess.out)+len(sess.queue)), sess.out...), sess.queue...)
+	sess.mu.Unlock()
+	s.mu.Unlock()
+	if old != nil {
+		old.takenOver.Store(true)
+		old.close(errTakenOver, codeSessionTakenOver, "session taken over")
+	}
+	return mv
+}
+
+// State is what the new node needs to resume the session.
+func (mv *Moving) State() *MovedSession {
+	s, sess := mv.s, mv.sess
+	subs := s.index.Subscriptions(sess.id)
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	st := &MovedSession{Version: sess.version, Expiry: uint32(sess.expiry / time.Second), NextID: sess.nextID}
+	for id := range sess.inQoS2 {
+		st.InQoS2 = append(st.InQoS2, id)
+	}
+	for i := range subs {
+		sub := &subs[i]
+		st.Subs = append(st.Subs, storage.SubRecord{Filter: sub.Filter, Group: sub.Group, QoS: sub.QoS, NoLocal: sub.NoLocal,
+			RetainAsPublished: sub.RetainAsPublished, RetainHandling: sub.RetainHandling, ID: sub.ID})
+	}
+	for _, f := range mv.snapshot {
+		st.Flights = append(st.Flights, s.movedFlight(f))
+	}
+	return st
+}
+
+func (s *Server) movedFlight(f *flight) MovedFlight {
+	mf := MovedFlight{Msg: storage.AppendRetained(nil, logMessage(f.msg)), QoS: f.qos, Retain: f.retain,
+		SubIDs: f.subIDs, ID: f.id, Pubrel: f.pubrel, Sent: f.sent}
+	if !f.snapshot { // a retained message sent for a new subscription is that subscription's alone
+		mf.Origin = s.identity(f.msg)
+	}
+	return mf
+}
+
+// Commit: the new node holds the session. What State carried is dropped
+// here; what was queued since is the tail.
+func (mv *Moving) Commit() {
+	sess := mv.sess
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	in := make(map[*flight]bool, len(mv.snapshot))
+	for _, f := range mv.snapshot {
+		in[f] = true
+	}
+	mv.snapshot = nil
+	for _, f := range sess.out { // nothing is sent while it moves: all of them were in State
+		mv.forgetLocked(f)
+	}
+	sess.out, sess.byID = nil, nil
+	kept := sess.queue[:0]
+	for _, f := range sess.queue {
+		if in[f] {
+			if f.msg.Expiry > 0 {
+				sess.expiring--
+			}
+			mv.forgetLocked(f)
+			continue
+		}
+		kept = append(kept, f)
+	}
+	clear(sess.queue[len(kept):])
+	sess.queue = kept
+}
+
+func (mv *Moving) forgetLocked(f *flight) {
+	if f.stored {
+		f.stored = false
+		mv.s.store.unstore(mv.sess.id, mv.sess.gen, f.msg.Seq)
+	}
+}
+
+// Resume makes everything the session holds its tail: for a move whose
+// state went before a restart, or a session whose client moved to
+// another node while this one was down.
+func (mv *Moving) Resume() {
+	mv.sess.mu.Lock()
+	mv.snapshot = nil
+	mv.sess.mu.Unlock()
+}
+
+// PersistentSessions lists the client ids of the persistent sessions
+// here (not those moving out).
+func (s *Server) PersistentSessions() []string {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	var ids []string
+	for id, sess := range s.sessions {
+		sess.mu.Lock()
+		if sess.persistent && !sess.discarded && sess.moving == nil {
+			ids = append(ids, id)
+		}
+		sess.mu.Unlock()
+	}
+	return ids
+}
+
+// Cancel: the move did not happen; the session is an ordinary offline
+// one here again.
+func (mv *Moving) Cancel() {
+	s, sess := mv.s, mv.sess
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	if sess.moving != mv || sess.discarded {
+		return
+	}
+	sess.moving = nil
+	mv.snapshot = nil
+	sess.expireAt = s.now().Add(sess.expiry)
+	sess.expireTimer = time.AfterFunc(sess.expiry, func() { s.expire(sess) })
+}
+
+// TailBatch is some of a moving session's tail, handed out to be sent.
+type TailBatch struct {
+	mv      *Moving
+	fs      []*flight
+	Flights []MovedFlight
+}
+
+// Tail hands out up to max queued flights not handed out before, in
+// order; nil if there are none.
+func (mv *Moving) Tail(max int) *TailBatch {
+	sess := mv.sess
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	var b *TailBatch
+	for _, f := range sess.queue {
+		if mv.handed[f] {
+			continue
+		}
+		if b == nil {
+			b = &TailBatch{mv: mv}
+		}
+		mv.handed[f] = true
+		b.fs = append(b.fs, f)
+		b.Flights = append(b.Flights, mv.s.movedFlight(f))
+		if len(b.fs) == max {
+			break
+		}
+	}
+	return b
+}
+
+// Taken: the new node has them; they leave the session here.
+func (b *TailBatch) Taken() {
+	sess := b.mv.sess
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	gone := make(map[*flight]bool, len(b.fs))
+	for _, f := range b.fs {
+		gone[f] = true
+		delete(b.mv.handed, f)
+	}
+	kept := sess.queue[:0]
+	for _, f := range sess.queue {
+		if gone[f] {
+			if f.msg.Expiry > 0 {
+				sess.expiring--
+			}
+			b.mv.forgetLocked(f)
+			continue
+		}
+		kept = append(kept, f)
+	}
+	clear(sess.queue[len(kept):])
+	sess.queue = kept
+}
+
+// Return gives them back unsent (the way to the new node failed): the
+// next Tail hands them out again.
+func (b *TailBatch) Return() {
+	sess := b.mv.sess
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	for _, f := range b.fs {
+		delete(b.mv.handed, f)
+	}
+}
+
+// StopMatching removes the session's subscriptions here: once the other
+// nodes route its messages to the new node, none need come here.
+func (mv *Moving) StopMatching() {
+	s, id := mv.s, mv.sess.id
+	s.index.RemoveClient(id)
+	if s.store != nil {
+		s.store.async(nil, storage.DeletePrefix(storage.SubPrefix(id)))
+	}
+}
+
+// Finish ends the session here once its tail is taken; it reports
+// whether it did.
+func (mv *Moving) Finish() bool {
+	s, sess := mv.s, mv.sess
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	if len(sess.out)+len(sess.queue) > 0 {
+		return false
+	}
+	if sess.moving == mv && !sess.discarded {
+		sess.dropStoredLocked()
+		sess.discardLocked()
+		if s.sessions[sess.id] == sess {
+			delete(s.sessions, sess.id)
+		}
+	}
+	return true
+}
+
+// Client is the moving session's client id.
+func (mv *Moving) Client() string { return mv.sess.id }
+
+// moveIn makes client's session here from what another node moved out,
+// for the CONNECT that resumes it (with its principal): any session the
+// client id had here is replaced. Durable when it returns.
+func (s *Server) moveIn(client string, st *MovedSession, p Principal) error {
+	type planned struct {
+		f  *flight
+		lm *storage.LogMessage
+	}
+	var fl []planned
+	seen := map[string]struct{}{}
+	for i := range st.Flights {
+		mf := &st.Flights[i]
+		m, err := DecodeMessage(mf.Msg)
+		if err != nil {
+			s.log.Warn("cluster: a moved message does not decode", "client", client, "error", err)
+			continue
+		}
+		if mf.Origin != "" {
+			m.SetOrigin(mf.Origin)
+			seen[mf.Origin] = struct{}{}
+		}
+		f := &flight{msg: m, qos: mf.QoS, retain: mf.Retain, subIDs: mf.SubIDs, id: mf.ID, pubrel: mf.Pubrel, sent: mf.Sent || mf.ID != 0,
+			snapshot: mf.Origin == ""}
+		fl = append(fl, planned{f: f, lm: logMessage(m)})
+	}
+
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		return errShutdown
+	}
+	if old := s.sessions[client]; old != nil {
+		old.mu.Lock()
+		oldConn := old.conn
+		old.conn = nil
+		if old.expireTimer != nil {
+			old.expireTimer.Stop()
+		}
+		if old.willTimer != nil {
+			old.willTimer.Stop()
+		}
+		old.will = nil
+		old.dropStoredLocked()
+		old.discardLocked()
+		old.mu.Unlock()
+		delete(s.sessions, client)
+		s.index.RemoveClient(client)
+		if oldConn != nil {
+			oldConn.takenOver.Store(true)
+			defer oldConn.close(errTakenOver, codeSessionTakenOver, "session taken over")
+		}
+	}
+	sess := newSession(s, client)
+	sess.principal, sess.version, sess.persistent = p, st.Version, true
+	sess.expiry = time.Duration(st.Expiry) * time.Second
+	sess.recvMax, sess.nextID = 65535, st.NextID
+	sess.seen, sess.seenUntil = seen, s.now().Add(seenFor)
+	for _, id := range st.InQoS2 {
+		sess.inQoS2[id] = struct{}{}
+	}
+	var ops []storage.Op
+	if s.store != nil {
+		s.store.gen++
+		sess.gen = s.store.gen
+		sess.recorded = true
+		ops = append(ops, s.store.sessionOp(sess, s.now().Unix(), nil, 0))
+		for _, id := range st.InQoS2 {
+			ops = append(ops, storage.Set(storage.InboundKey(client, id), nil))
+		}
+	}
+	for _, r := range st.Subs {
+		if !validStoredFilter(r) {
+			continue
+		}
+		sub := subscriptionOf(client, r)
+		s.index.Subscribe(sub)
+		if s.store != nil {
+			ops = append(ops, subOp(client, &sub))
+		}
+	}
+	sess.mu.Lock()
+	s.sessions[client] = sess
+	s.mu.Unlock()
+	defer sess.mu.Unlock()
+
+	if s.store == nil {
+		for _, p := range fl {
+			sess.adoptLocked(p.f)
+		}
+		return nil
+	}
+	var waits []func() error
+	if len(ops) > 0 {
+		waits = append(waits, s.store.db.WriteStart(ops...))
+	}
+	for _, p := range fl {
+		f := p.f
+		seq, wait, err := s.store.log.AppendStart(p.lm, func(seq uint64) []storage.Op {
+			f.msg.Seq = seq
+			return []storage.Op{queueOp(client, sess.gen, f)}
+		})
+		if err != nil {
+			unrefFlights(s.store, fl, func(p planned) *flight { return p.f })
+			return err
+		}
+		f.msg.Seq, f.msg.stored, f.stored = seq, true, true
+		s.store.log.Ref(seq)
+		s.store.log.Release(seq)
+		waits = append(waits, wait)
+	}
+	for _, w := range waits {
+		if err := w(); err != nil {
+			unrefFlights(s.store, fl, func(p planned) *flight { return p.f })
+			return err
+		}
+	}
+	for _, p := range fl {
+		sess.adoptLocked(p.f)
+	}
+	return nil
+}
+
+// unrefFlights gives back the log references of moved flights that were
+// written before a write failed (they are not added to the session).
+func unrefFlights[T any](st *store, list []T, f func(T) *flight) {
+	for _, x := range list {
+		if fl := f(x); fl.stored {
+			fl.stored = false
+			st.log.Unref(fl.msg.Seq)
+		}
+	}
+}
+
+// adoptLocked puts a moved flight in the session: in flight with its
+// packet id, or queued.
+func (s *session) adoptLocked(f *flight) {
+	if f.id != 0 && s.byID[f.id] == nil {
+		s.addOutLocked(f)
+		return
+	}
+	f.id = 0
+	s.queue = append(s.queue, f)
+	if f.msg.Expiry > 0 {
+		s.expiring++
+	}
+}
+
+// dropMovedIn ends a session moveIn made when the move did not commit.
+func (s *Server) dropMovedIn(client string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sess := s.sessions[client]
+	if sess == nil {
+		return
+	}
+	sess.mu.Lock()
+	sess.dropStoredLocked()
+	sess.discardLocked()
+	sess.mu.Unlock()
+	delete(s.sessions, client)
+	s.index.RemoveClient(client)
+}
+
+// MoveInFlights adds a moved session's tail to it, with ops (how far the
+// tail was taken) in the same writes; a message it already got is not
+// added again. It returns once durable. Without the session (it ended)
+// only ops are written.
+func (s *Server) MoveInFlights(client string, fl []MovedFlight, ops []storage.Op) error {
+	sess := s.session(client)
+	if sess == nil {
+		if s.store != nil && len(ops) > 0 {
+			return s.store.db.Write(ops...)
+		}
+		return nil
+	}
+	var fs []*flight
+	sess.mu.Lock()
+	live, persistent, gen := !sess.discarded, sess.persistent, sess.gen
+	for i := range fl {
+		mf := &fl[i]
+		if !live {
+			break
+		}
+		if sess.seen != nil && mf.Origin != "" {
+			if _, dup := sess.seen[mf.Origin]; dup {
+				continue
+			}
+			if len(sess.seen) < seenLimit {
+				sess.seen[mf.Origin] = struct{}{}
+			}
+		}
+		m, err := DecodeMessage(mf.Msg)
+		if err != nil {
+			s.log.Warn("cluster: a moved message does not decode", "client", client, "error", err)
+			continue
+		}
+		if mf.Origin != "" {
+			m.SetOrigin(mf.Origin)
+		}
+		fs = append(fs, &flight{msg: m, qos: mf.QoS, retain: mf.Retain, subIDs: mf.SubIDs})
+	}
+	sess.mu.Unlock()
+	if s.store != nil {
+		var waits []func() error
+		for i, f := range fs {
+			f := f
+			var extra []storage.Op
+			if i == len(fs)-1 {
+				extra = ops
+			}
+			seq, wait, err := s.store.log.AppendStart(logMessage(f.msg), func(seq uint64) []storage.Op {
+				if !persistent {
+					return extra
+				}
+				f.msg.Seq = seq
+				return append([]storage.Op{queueOp(client, gen, f)}, extra...)
+			})
+			if err == nil {
+				f.msg.Seq, f.msg.stored, f.stored = seq, true, persistent
+				if persistent {
+					s.store.log.Ref(seq)
+				}
+				s.store.log.Release(seq)
+				waits = append(waits, wait)
+			}
+			if err != nil {
+				s.unmoved(sess, fs)
+				return err
+			}
+		}
+		if len(fs) == 0 && len(ops) > 0 {
+			waits = append(waits, s.store.db.WriteStart(ops...))
+		}
+		for _, w := range waits {
+			if err := w(); err != nil {
+				s.unmoved(sess, fs)
+				return err
+			}
+		}
+	}
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	for _, f := range fs {
+		if sess.discarded || sess.gen != gen {
+			if f.stored {
+				s.store.unstore(client, gen, f.msg.Seq)
+			}
+			continue
+		}
+		sess.adoptLocked(f)
+	}
+	sess.pumpLocked()
+	return nil
+}
+
+// unmoved undoes MoveInFlights for a write that failed: the tail is
+// taken again, so its messages are not counted as got.
+func (s *Server) unmoved(sess *session, fs []*flight) {
+	unrefFlights(s.store, fs, func(f *flight) *flight { return f })
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	for _, f := range fs {
+		if o := f.msg.origin(); o != "" && sess.seen != nil {
+			delete(sess.seen, o)
+		}
+	}
+}
+
+// MoveInDone ends the move of client's session here: it no longer keeps
+// the identities of what it got.
+func (s *Server) MoveInDone(client string) {
+	if sess := s.session(client); sess != nil {
+		sess.mu.Lock()
+		sess.seen = nil
+		sess.mu.Unlock()
+	}
+}
+
+// seenLocked reports whether a session moving in got m already, and
+// remembers it otherwise.
+func (s *session) seenLocked(m *Message) bool {
+	if s.seen == nil {
+		return false
+	}
+	if s.srv.now().After(s.seenUntil) {
+		s.seen = nil
+		return false
+	}
+	id := s.srv.identity(m)
+	if id == "" {
+		return false
+	}
+	if _, dup := s.seen[id]; dup {
+		return true
+	}
+	if len(s.seen) < seenLimit {
+		s.seen[id] = struct{}{}
+	}
+	return false
+}
+
+// DropSession ends client's session here, if it has one (its client
+// started a clean session on another node): its connection is closed
+// with 0x8E.
+func (s *Server) DropSession(client string) bool {
+	s.mu.Lock()
+	sess := s.sessions[client]
+	if sess == nil {
+		s.mu.Unlock()
+		return false
+	}
+	sess.mu.Lock()
+	old := sess.conn
+	sess.conn = nil
+	if sess.expireTimer != nil {
+		sess.expireTimer.Stop()
+	}
+	if sess.willTimer != nil {
+		sess.willTimer.Stop()
+	}
+	w := sess.will
+	sess.will = nil
+	sess.dropStoredLocked()
+	sess.discardLocked()
+	sess.mu.Unlock()
+	delete(s.sessions, client)
+	s.index.RemoveClient(client)
+	s.mu.Unlock()
+	if old != nil {
+		old.takenOver.Store(true)
+		old.close(errTakenOver, codeSessionTakenOver, "session taken over")
+	}
+	if w != nil {
+		s.publishWill(w) // the session ended before the will's delay passed
+	}
+	return true
+}
