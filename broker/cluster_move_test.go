@@ -149,3 +149,70 @@ func TestClusterSessionMovesBetweenNodes(t *testing.T) {
 		t.Fatalf("the message published as it moved back arrived %d times, %d of them on a", onBoth, onNew)
 	}
 }
+
+// A client that starts clean on another node ends its session where it
+// was: the old connection gets 0x8E, the old node forgets the session.
+func TestClusterCleanStartElsewhereEndsTheSession(t *testing.T) {
+	rds := clustertest.StartRedis(t)
+	a := bt.Start(t, clusterConfig(t, rds, "a"))
+	b := bt.Start(t, clusterConfig(t, rds, "b"))
+	onA := bt.Dial(t, a.MQTTAddr("tcp"), persistent("fresh", true))
+	onA.SubscribeT(t, paho.SubscribeOptions{Topic: "fresh/#", QoS: 1})
+	waitWants(t, b, "fresh/x", "a")
+
+	onB := bt.Dial(t, b.MQTTAddr("tcp"), persistent("fresh", true))
+	if onB.Connack.SessionPresent {
+		t.Fatal("a clean start found a session")
+	}
+	bt.WaitFor(t, 10*time.Second, "a's connection closed with 0x8E", func() bool {
+		d := onA.ServerDisconnect()
+		return d != nil && d.ReasonCode == 0x8E
+	})
+	bt.WaitFor(t, 10*time.Second, "a forgot the session", func() bool { return a.Engine().Stats().Sessions == 0 })
+	waitWants(t, b, "fresh/x")
+}
+
+// A client that reconnects elsewhere while its node is down gets a new
+// session there; when the node returns, what it had queued follows the
+// client.
+func TestClusterQueueFollowsAClientThatMovedWhileItsNodeWasDown(t *testing.T) {
+	rds := clustertest.StartRedis(t, "--appendonly", "yes")
+	cfgA := clusterConfig(t, rds, "a")
+	a := bt.Start(t, cfgA)
+	b := bt.Start(t, clusterConfig(t, rds, "b"))
+	sub := bt.Dial(t, a.MQTTAddr("tcp"), persistent("wanderer", true))
+	sub.SubscribeT(t, paho.SubscribeOptions{Topic: "w/#", QoS: 1})
+	_ = sub.Disconnect(&paho.Disconnect{})
+	pub := bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-a", CleanStart: true})
+	const n = 20
+	for i := range n {
+		pub.PublishT(t, &paho.Publish{Topic: "w/x", QoS: 1, Payload: []byte("held-" + strconv.Itoa(i))})
+	}
+	bt.Stop(t, a)
+	bt.WaitFor(t, 20*time.Second, "b sees a down", func() bool { return !b.ClusterRouter().NodeUp("a") })
+
+	onB := bt.Dial(t, b.MQTTAddr("tcp"), persistent("wanderer", false))
+	if onB.Connack.SessionPresent {
+		t.Fatal("a session was present on b although its node was down")
+	}
+	onB.SubscribeT(t, paho.SubscribeOptions{Topic: "w/#", QoS: 1})
+
+	a2 := bt.Start(t, cfgA) // same data directory
+	got := onB.WaitMessages(t, n, 30*time.Second)
+	for i, m := range got[:n] {
+		if string(m.Payload) != "held-"+strconv.Itoa(i) {
+			t.Fatalf("message %d: %q", i, m.Payload)
+		}
+	}
+	bt.WaitFor(t, 20*time.Second, "the returned node forgot the session", func() bool { return a2.Engine().Stats().Sessions == 0 })
+	onB.Barrier(t)
+	k := 0
+	for _, m := range onB.Messages() {
+		if m.Topic == "w/x" {
+			k++
+		}
+	}
+	if k != n {
+		t.Fatalf("got %d messages, want %d exactly", k, n)
+	}
+}

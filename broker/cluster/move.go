@@ -163,6 +163,9 @@ func (r *Router) Claim(client string, clean, persistent bool) (*engine.MovedSess
 		return nil, nil, fmt.Errorf("%w: its state does not decode: %v", errNotHandedOver, err)
 	}
 	commit := func() error {
+		// The old node matches for the session until a grace after the
+		// commit: the session's filters here reach Redis first.
+		r.AwaitInterest(2 * time.Second)
 		ctx, cancel := context.WithTimeout(r.n.ctx, moveWait)
 		defer cancel()
 		won, err := commitScript.Run(ctx, r.n.rdb, []string{r.n.Key("movedone", token), r.ownerKey()},
@@ -243,10 +246,13 @@ func (r *Router) onCtl(payload string) {
 // moveOut hands a session here to the node that asked for it.
 func (r *Router) moveOut(ctx context.Context, c ctlMsg) {
 	stateKey := r.moveKey(c.Token) + ":state"
-	mv := r.eng.MoveOut(c.Client)
-	if mv == nil {
+	mv, err := r.eng.MoveOut(c.Client)
+	if errors.Is(err, engine.ErrNoSession) {
 		r.n.Report(r.n.rdb.Set(ctx, stateKey, "none", moveKeep).Err())
 		return
+	}
+	if err != nil {
+		return // moving to another node: this claim times out, and the client tries again
 	}
 	ch := make(chan struct{})
 	r.mv.mu.Lock()
@@ -468,8 +474,8 @@ func (r *Router) resumeMoves() {
 			r.n.Go(func(ctx context.Context) { r.takeTail(ctx, token, rec) })
 			continue
 		}
-		mv := r.eng.MoveOut(rec.Client)
-		if mv == nil {
+		mv, err := r.eng.MoveOut(rec.Client)
+		if err != nil {
 			_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
 			continue
 		}
@@ -498,8 +504,8 @@ func (r *Router) resumeOrphans(ctx context.Context) {
 		if owner == "" || owner == self {
 			continue
 		}
-		mv := r.eng.MoveOut(ids[i])
-		if mv == nil {
+		mv, err := r.eng.MoveOut(ids[i])
+		if err != nil {
 			continue // moving already (a resumed move)
 		}
 		mv.Resume()

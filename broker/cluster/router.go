@@ -43,7 +43,7 @@ type Engine interface {
 	BeginRemote(m *engine.Message, ops []storage.Op, scope *engine.Scope) *engine.Pending
 	SetRetained(m *engine.Message) error
 	// Sessions moving between nodes (move.go).
-	MoveOut(client string) *engine.Moving
+	MoveOut(client string) (*engine.Moving, error)
 	MoveInFlights(client string, fl []engine.MovedFlight, ops []storage.Op) error
 	MoveInDone(client string)
 	DropSession(client string) bool

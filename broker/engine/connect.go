@@ -308,7 +308,7 @@ func (c *conn) connect(pk *packets.Packet) error {
 			return refuse(codeQuotaExceeded, err.Error())
 		}
 	}
-	if err := c.srv.claim(id, cn.Clean, expiry > 0, p); err != nil {
+	if err := c.srv.claim(id, assigned, cn.Clean, expiry > 0, p); err != nil {
 		c.srv.log.Warn("connect refused: the session is on another node", "client", id, "error", err)
 		return refuse(codeServerUnavailable, "the session is on another node and was not handed over; try again")
 	}
@@ -370,9 +370,9 @@ func (s *Server) roomForSession(id string, clean bool) error {
 
 // claim takes client's session from another node of the cluster when
 // it holds it (Cluster.Claim), before attach finds it here.
-func (s *Server) claim(client string, clean, persistent bool, p Principal) error {
+func (s *Server) claim(client string, assigned, clean, persistent bool, p Principal) error {
 	cl := s.opts.Cluster
-	if cl == nil {
+	if cl == nil || assigned { // an id made here is nobody else's
 		return nil
 	}
 	moved, commit, err := cl.Claim(client, clean, persistent)

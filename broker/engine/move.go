@@ -94,26 +94,36 @@ type Moving struct {
 	handed   map[*flight]bool
 }
 
-// ErrNoSession is returned for a move of a session this node lacks.
-var ErrNoSession = errors.New("no such session")
+// MoveOut's errors.
+var (
+	ErrNoSession = errors.New("no persistent session here")
+	ErrMoving    = errors.New("the session is moving already")
+)
 
 // MoveOut starts moving client's persistent session to another node:
 // its connection is closed with 0x8E (session taken over), its will
 // dropped (the session goes on), and until Commit or Cancel it stays here
-// offline, subscribed, queuing, and not for a CONNECT here. It returns
-// nil if the client id has no persistent session here.
-func (s *Server) MoveOut(client string) *Moving {
+// offline, subscribed, queuing, and not for a CONNECT here. Without a
+// persistent session here it returns ErrNoSession, having closed the
+// connection of a session that ends with it (taken over as well).
+func (s *Server) MoveOut(client string) (*Moving, error) {
 	s.mu.Lock()
 	sess := s.sessions[client]
 	if sess == nil {
 		s.mu.Unlock()
-		return nil
+		return nil, ErrNoSession
 	}
 	sess.mu.Lock()
-	if !sess.persistent || sess.discarded || sess.moving != nil {
+	switch {
+	case sess.moving != nil:
 		sess.mu.Unlock()
 		s.mu.Unlock()
-		return nil
+		return nil, ErrMoving
+	case !sess.persistent || sess.discarded:
+		sess.mu.Unlock()
+		s.mu.Unlock()
+		s.DropSession(client)
+		return nil, ErrNoSession
 	}
 	old := sess.conn
 	sess.conn = nil
@@ -135,7 +145,7 @@ func (s *Server) MoveOut(client string) *Moving {
 		old.takenOver.Store(true)
 		old.close(errTakenOver, codeSessionTakenOver, "session taken over")
 	}
-	return mv
+	return mv, nil
 }
 
 // State is what the new node needs to resume the session.
