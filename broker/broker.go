@@ -485,6 +485,12 @@ func (b *Broker) registerMetrics() {
 			cs(func(s cluster.Stats) float64 { return float64(s.Pending) }))
 		gauge("beacon_cluster_unsent", "Of those, not yet written to Redis (Redis away or behind).",
 			cs(func(s cluster.Stats) float64 { return float64(s.Unsent) }))
+		const moved = "beacon_cluster_sessions_moved_total"
+		const movedHelp = "Persistent sessions that moved between this node and another: in (a client resumed here) or out."
+		counter(moved, movedHelp, prometheus.Labels{"direction": "in"}, cs(func(s cluster.Stats) float64 { return float64(s.MovedIn) }))
+		counter(moved, movedHelp, prometheus.Labels{"direction": "out"}, cs(func(s cluster.Stats) float64 { return float64(s.MovedOut) }))
+		counter("beacon_cluster_session_moves_refused_total", "CONNECTs refused (0x88) because the node holding the session did not hand it over in time.", nil,
+			cs(func(s cluster.Stats) float64 { return float64(s.MoveRefused) }))
 	}
 }
 

@@ -415,7 +415,6 @@ func (r *Router) takeTail(ctx context.Context, token string, rec moveRecord) {
 				break // again after a pause
 			}
 			cursor = x.ID
-			r.received.Add(uint64(len(fl)))
 			r.n.Report(r.n.rdb.Set(ctx, takenKey, cursor, moveKeep).Err())
 		}
 		if r.NodeUp(rec.Peer) {
