@@ -312,7 +312,8 @@ func (r *Router) moveOut(ctx context.Context, c ctlMsg) {
 }
 
 // sendTail sends what a moved session still queues here to its new node
-// until, grace after the move, it stops matching here and has nothing
+// until it stops matching here, grace after the move and once this node
+// has taken everything other nodes had sent it by then, and has nothing
 // left.
 func (r *Router) sendTail(ctx context.Context, mv *engine.Moving, token, to string, grace time.Duration) {
 	stream := r.moveKey(token)
@@ -324,6 +325,7 @@ func (r *Router) sendTail(ctx context.Context, mv *engine.Moving, token, to stri
 	var held []sent
 	stopAt := time.Now().Add(grace)
 	var endAt time.Time
+	drained := int64(-1) // the inbox's count of drained reads once the grace passed
 	for ctx.Err() == nil {
 		for {
 			b := mv.Tail(tailBatch)
@@ -349,8 +351,13 @@ func (r *Router) sendTail(ctx context.Context, mv *engine.Moving, token, to stri
 			}
 		}
 		if endAt.IsZero() && !time.Now().Before(stopAt) {
-			mv.StopMatching()
-			endAt = time.Now().Add(moveSettle)
+			switch d := r.drained.Load(); {
+			case drained < 0:
+				drained = d
+			case d > drained+1: // a read that began after the grace (the one under way may have begun before)
+				mv.StopMatching()
+				endAt = time.Now().Add(moveSettle)
+			}
 		}
 		if !endAt.IsZero() && !time.Now().Before(endAt) && len(held) == 0 && mv.Finish() {
 			p := r.n.rdb.Pipeline()
@@ -479,7 +486,9 @@ func (r *Router) resumeMoves() {
 			continue
 		}
 		mv.Resume()
-		r.n.Go(func(ctx context.Context) { r.sendTail(ctx, mv, token, rec.Peer, 0) })
+		// What was on its way here before the restart is in this node's
+		// streams still: the grace again.
+		r.n.Go(func(ctx context.Context) { r.sendTail(ctx, mv, token, rec.Peer, moveGrace) })
 	}
 	r.mv.resume = nil
 }
@@ -519,6 +528,6 @@ func (r *Router) resumeOrphans(ctx context.Context) {
 		}
 		r.log.Info("cluster: a session here moved to another node while this one was away; its queue follows it",
 			"client", ids[i], "node", owner)
-		r.n.Go(func(ctx context.Context) { r.sendTail(ctx, mv, token, owner, 0) })
+		r.n.Go(func(ctx context.Context) { r.sendTail(ctx, mv, token, owner, moveGrace) })
 	}
 }

@@ -114,7 +114,8 @@ type Router struct {
 
 	retainedSynced atomic.Bool // the cluster's retained messages were read
 
-	mv moves // sessions moving to or from this node
+	mv      moves        // sessions moving to or from this node
+	drained atomic.Int64 // reads of the inbox that took every stream to its end (as it was then)
 
 	forwarded, forwardedLive, liveDropped, received, receivedLive, damaged, missing, takeFailures atomic.Uint64
 }
@@ -982,6 +983,7 @@ func (r *Router) inboxLoop(ctx context.Context) {
 				published = time.Now()
 			}
 			if len(streams) == 0 {
+				r.drained.Add(1)
 				select {
 				case <-ctx.Done():
 					return
@@ -1002,6 +1004,7 @@ func (r *Router) inboxLoop(ctx context.Context) {
 		res, err := r.n.rdb.XRead(ctx, &redis.XReadArgs{Streams: args, Count: forwardBatch, Block: inboxRelist}).Result()
 		if errors.Is(err, redis.Nil) {
 			r.n.Report(nil)
+			r.drained.Add(1)
 			continue
 		}
 		if err != nil {
@@ -1014,8 +1017,9 @@ func (r *Router) inboxLoop(ctx context.Context) {
 			continue
 		}
 		r.n.Report(nil)
-		failed := false
+		failed, end := false, true
 		for _, xs := range res {
+			end = end && len(xs.Messages) < forwardBatch
 			if err := r.take(ctx, xs); err != nil {
 				failed = true
 				r.takeFailures.Add(1)
@@ -1027,6 +1031,9 @@ func (r *Router) inboxLoop(ctx context.Context) {
 		}
 		if !failed {
 			backoff = 50 * time.Millisecond
+			if end { // every stream was read to its end as it was when the read began, and taken
+				r.drained.Add(1)
+			}
 		}
 	}
 }
