@@ -202,3 +202,55 @@ func TestClusterRedisRestartLosesNothing(t *testing.T) {
 		}
 	}
 }
+
+// A session moves from a to b while QoS 1 load from b runs through it,
+// and a is SIGKILLed in the middle of the move (it still sends what it
+// queued): once it is back, every message b's publishers had
+// acknowledged has reached the moved session, none twice.
+func TestClusterSessionMoveSurvivesSIGKILL(t *testing.T) {
+	redis := clustertest.StartRedis(t, "--appendonly", "yes", "--appendfsync", "always")
+	dataA, dataB := t.TempDir(), t.TempDir()
+	a := clusterNode(t, redis.URL(), "a", dataA)
+	b := clusterNode(t, redis.URL(), "b", dataB)
+
+	sub := bt.Dial(t, a.mqtt, persistentConnect("roamer"))
+	sub.SubscribeT(t, paho.SubscribeOptions{Topic: "roam/#", QoS: 1})
+	probe := bt.Dial(t, b.mqtt, &paho.Connect{ClientID: "probe", CleanStart: true})
+	bt.WaitFor(t, 30*time.Second, "b forwards roam/ to a", func() bool {
+		probe.PublishT(t, &paho.Publish{Topic: "roam/probe", QoS: 1, Payload: []byte("probe")})
+		return sub.Count() > 0
+	})
+	_ = sub.Disconnect(&paho.Disconnect{})
+
+	var ack acked
+	stop := make(chan struct{})
+	wg := ack.load(t, b.mqtt, "roam/b", "mv", 4, stop)
+	bt.WaitFor(t, 60*time.Second, "1,000 acknowledged for the offline session on a", func() bool { return ack.n.Load() >= 1000 })
+	moved := bt.Dial(t, b.mqtt, persistentConnect("roamer"))
+	if !moved.Connack.SessionPresent {
+		t.Fatal("the session was not present on b")
+	}
+	a.kill(t) // within the move's grace: a was still matching and sending its tail
+	n := ack.n.Load()
+	bt.WaitFor(t, 60*time.Second, "1,000 more acknowledged", func() bool { return ack.n.Load() >= n+1000 })
+	a = clusterNode(t, redis.URL(), "a", dataA)
+	close(stop)
+	wg.Wait()
+	ack.waitAll(t, moved, 60*time.Second)
+	moved.Barrier(t)
+	seen := map[string]int{}
+	dups := 0
+	for _, m := range moved.Messages() {
+		if seen[string(m.Payload)]++; seen[string(m.Payload)] == 2 && strings.HasPrefix(string(m.Payload), "mv-") {
+			dups++
+		}
+	}
+	if dups > 0 {
+		t.Fatalf("%d messages arrived twice", dups)
+	}
+	for _, l := range strings.Split(a.Logs(), "\n") {
+		if strings.Contains(l, "cluster") {
+			t.Log(l)
+		}
+	}
+}
