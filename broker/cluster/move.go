@@ -49,6 +49,9 @@ const (
 	moveKeep   = time.Hour        // how long Redis keeps a move's keys
 	movePoll   = 50 * time.Millisecond
 	tailBatch  = 128
+	// tailAnnounce is how long a tail may wait untaken before the old
+	// node tells the new one about it again.
+	tailAnnounce = 10 * time.Second
 )
 
 // ctlMsg is a request on a node's control channel.
@@ -76,6 +79,7 @@ type moves struct {
 	mu               sync.Mutex
 	committed        map[string]chan struct{} // token -> closed when the new node said it committed
 	resume           map[string]moveRecord    // from Load, started by Start
+	taking           map[string]bool          // tokens whose tail a goroutine here takes
 	in, out, refused atomic.Uint64
 }
 
@@ -234,6 +238,12 @@ func (r *Router) onCtl(payload string) {
 		}
 		r.mv.mu.Unlock()
 	case "tail":
+		r.mv.mu.Lock()
+		taking := r.mv.taking[c.Token]
+		r.mv.mu.Unlock()
+		if taking {
+			return
+		}
 		rec := moveRecord{Client: c.Client, Peer: c.From}
 		if err := r.writeMove(c.Token, rec); err != nil {
 			r.log.Warn("cluster: a session's tail from another node was not recorded", "client", c.Client, "error", err)
@@ -323,6 +333,7 @@ func (r *Router) sendTail(ctx context.Context, mv *engine.Moving, token, to stri
 		b  *engine.TailBatch
 	}
 	var held []sent
+	progress := time.Now() // when the new node last took some of the tail (or it was announced)
 	stopAt := time.Now().Add(grace)
 	var endAt time.Time
 	drained := int64(-1) // the inbox's count of drained reads once the grace passed
@@ -347,7 +358,14 @@ func (r *Router) sendTail(ctx context.Context, mv *engine.Moving, token, to stri
 				for len(held) > 0 && !streamIDAfter(held[0].id, taken) {
 					held[0].b.Taken()
 					held = held[1:]
+					progress = time.Now()
 				}
+			}
+			if len(held) > 0 && time.Since(progress) > tailAnnounce {
+				// The new node is not taking it (it gave up while this one
+				// was down, or restarted without its record): tell it again.
+				_ = r.sendCtl(ctx, to, ctlMsg{Op: "tail", Client: mv.Client(), From: r.n.ID(), Token: token})
+				progress = time.Now()
 			}
 		}
 		if endAt.IsZero() && !time.Now().Before(stopAt) {
@@ -384,11 +402,28 @@ func (r *Router) sendTail(ctx context.Context, mv *engine.Moving, token, to stri
 // session here, until the old node ends it (or has been down for
 // downAfter: what it holds then comes with its return, resumeOrphans).
 func (r *Router) takeTail(ctx context.Context, token string, rec moveRecord) {
+	r.mv.mu.Lock()
+	if r.mv.taking[token] {
+		r.mv.mu.Unlock()
+		return
+	}
+	r.mv.taking[token] = true
+	r.mv.mu.Unlock()
+	defer func() {
+		r.mv.mu.Lock()
+		delete(r.mv.taking, token)
+		r.mv.mu.Unlock()
+	}()
 	stream := r.moveKey(token)
 	takenKey := r.n.Key("movetaken", token)
 	cursor := rec.Cursor
 	if cursor == "" {
+		// A tail announced again (its old node came back after this one
+		// gave up on it): from where it was taken.
 		cursor = "0"
+		if v, err := r.n.rdb.Get(ctx, takenKey).Result(); err == nil {
+			cursor = v
+		}
 	}
 	var downSince time.Time
 	finish := func() {
