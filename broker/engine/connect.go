@@ -375,6 +375,14 @@ func (s *Server) claim(client string, assigned, clean, persistent bool, p Princi
 	if cl == nil || assigned { // an id made here is nobody else's
 		return nil
 	}
+	if sess := s.session(client); sess != nil {
+		sess.mu.Lock()
+		moving := sess.moving != nil
+		sess.mu.Unlock()
+		if moving {
+			return ErrMoving // it is still leaving for another node: the client tries again
+		}
+	}
 	moved, commit, err := cl.Claim(client, clean, persistent)
 	if err != nil || moved == nil {
 		return err

@@ -86,6 +86,9 @@ const seenLimit = 1 << 17
 // never finishes).
 const seenFor = 10 * time.Minute
 
+// seenAfter is how long it keeps them once the move ended.
+const seenAfter = time.Minute
+
 // Moving is a session moving out of this node.
 type Moving struct {
 	s        *Server
@@ -144,6 +147,12 @@ func (s *Server) MoveOut(client string) (*Moving, error) {
 	if old != nil {
 		old.takenOver.Store(true)
 		old.close(errTakenOver, codeSessionTakenOver, "session taken over")
+		// What its reader had read is handled before State (an inbound
+		// QoS 2 id, a SUBSCRIBE): wait for it to stop, bounded.
+		select {
+		case <-old.done:
+		case <-time.After(2 * time.Second):
+		}
 	}
 	return mv, nil
 }
@@ -269,7 +278,9 @@ func (mv *Moving) Tail(max int) *TailBatch {
 	sess.mu.Lock()
 	defer sess.mu.Unlock()
 	var b *TailBatch
-	for _, f := range sess.queue {
+	// In flight first (a resumed move: a restart put the flights with a
+	// packet id there), then queued.
+	for _, f := range append(append([]*flight(nil), sess.out...), sess.queue...) {
 		if mv.handed[f] {
 			continue
 		}
@@ -295,6 +306,12 @@ func (b *TailBatch) Taken() {
 	for _, f := range b.fs {
 		gone[f] = true
 		delete(b.mv.handed, f)
+	}
+	for i := len(sess.out) - 1; i >= 0; i-- {
+		if f := sess.out[i]; gone[f] {
+			sess.removeOutLocked(i)
+			b.mv.forgetLocked(f)
+		}
 	}
 	kept := sess.queue[:0]
 	for _, f := range sess.queue {
@@ -326,6 +343,11 @@ func (b *TailBatch) Return() {
 // nodes route its messages to the new node, none need come here.
 func (mv *Moving) StopMatching() {
 	s, id := mv.s, mv.sess.id
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.sessions[id] != mv.sess || mv.sess.moving != mv {
+		return // the client id has another session here now
+	}
 	s.index.RemoveClient(id)
 	if s.store != nil {
 		s.store.async(nil, storage.DeletePrefix(storage.SubPrefix(id)))
@@ -357,29 +379,20 @@ func (mv *Moving) Finish() bool {
 func (mv *Moving) Client() string { return mv.sess.id }
 
 // moveIn makes client's session here from what another node moved out,
-// for the CONNECT that resumes it (with its principal): any session the
-// client id had here is replaced. Durable when it returns.
+// for the CONNECT that resumes it (with its principal). A persistent
+// session the client id has here already (made while the cluster was
+// out of reach) takes the moved one in: its subscriptions, QoS 2 flows
+// and messages join, the moved messages first. Durable when it returns.
 func (s *Server) moveIn(client string, st *MovedSession, p Principal) error {
-	type planned struct {
-		f  *flight
-		lm *storage.LogMessage
-	}
-	var fl []planned
+	var fs []*flight
 	seen := map[string]struct{}{}
 	for i := range st.Flights {
-		mf := &st.Flights[i]
-		m, err := DecodeMessage(mf.Msg)
-		if err != nil {
-			s.log.Warn("cluster: a moved message does not decode", "client", client, "error", err)
-			continue
+		if f := s.movedIn(client, &st.Flights[i]); f != nil {
+			if o := f.msg.origin(); o != "" {
+				seen[o] = struct{}{}
+			}
+			fs = append(fs, f)
 		}
-		if mf.Origin != "" {
-			m.SetOrigin(mf.Origin)
-			seen[mf.Origin] = struct{}{}
-		}
-		f := &flight{msg: m, qos: mf.QoS, retain: mf.Retain, subIDs: mf.SubIDs, id: mf.ID, pubrel: mf.Pubrel, sent: mf.Sent || mf.ID != 0,
-			snapshot: mf.Origin == ""}
-		fl = append(fl, planned{f: f, lm: logMessage(m)})
 	}
 
 	s.mu.Lock()
@@ -387,43 +400,63 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) error {
 		s.mu.Unlock()
 		return errShutdown
 	}
-	if old := s.sessions[client]; old != nil {
-		old.mu.Lock()
-		oldConn := old.conn
-		old.conn = nil
-		if old.expireTimer != nil {
-			old.expireTimer.Stop()
-		}
-		if old.willTimer != nil {
-			old.willTimer.Stop()
-		}
-		old.will = nil
-		old.dropStoredLocked()
-		old.discardLocked()
-		old.mu.Unlock()
-		delete(s.sessions, client)
-		s.index.RemoveClient(client)
-		if oldConn != nil {
-			oldConn.takenOver.Store(true)
-			defer oldConn.close(errTakenOver, codeSessionTakenOver, "session taken over")
+	sess := s.sessions[client]
+	if sess != nil {
+		sess.mu.Lock()
+		switch {
+		case sess.moving != nil:
+			sess.mu.Unlock()
+			s.mu.Unlock()
+			return ErrMoving
+		case !sess.persistent || sess.discarded:
+			// Ends with its connection (which the CONNECT takes over).
+			sess.dropStoredLocked()
+			sess.discardLocked()
+			sess.mu.Unlock()
+			delete(s.sessions, client)
+			s.index.RemoveClient(client)
+			sess = nil
+		default:
+			sess.mu.Unlock()
 		}
 	}
-	sess := newSession(s, client)
-	sess.principal, sess.version, sess.persistent = p, st.Version, true
-	sess.expiry = time.Duration(st.Expiry) * time.Second
-	sess.recvMax, sess.nextID = 65535, st.NextID
-	sess.seen, sess.seenUntil = seen, s.now().Add(seenFor)
+	merged := sess != nil
+	if sess == nil {
+		sess = newSession(s, client)
+		sess.principal, sess.version, sess.persistent = p, st.Version, true
+		sess.expiry = time.Duration(st.Expiry) * time.Second
+		sess.recvMax, sess.nextID = 65535, st.NextID
+		if s.store != nil {
+			s.store.gen++
+			sess.gen = s.store.gen
+		}
+	}
+	sess.mu.Lock()
+	if sess.seen == nil {
+		sess.seen = seen
+	} else {
+		for o := range seen {
+			sess.seen[o] = struct{}{}
+		}
+	}
+	sess.seenUntil = s.now().Add(seenFor)
+	var ops []storage.Op
 	for _, id := range st.InQoS2 {
 		sess.inQoS2[id] = struct{}{}
+		if s.store != nil {
+			ops = append(ops, storage.Set(storage.InboundKey(client, id), nil))
+		}
 	}
-	var ops []storage.Op
-	if s.store != nil {
-		s.store.gen++
-		sess.gen = s.store.gen
+	if s.store != nil && !merged {
 		sess.recorded = true
 		ops = append(ops, s.store.sessionOp(sess, s.now().Unix(), nil, 0))
-		for _, id := range st.InQoS2 {
-			ops = append(ops, storage.Set(storage.InboundKey(client, id), nil))
+	}
+	gen := sess.gen
+	s.sessions[client] = sess
+	have := map[[2]string]bool{}
+	if merged {
+		for _, sub := range s.index.Subscriptions(client) {
+			have[[2]string{sub.Group, sub.Filter}] = true
 		}
 	}
 	for _, r := range st.Subs {
@@ -431,69 +464,111 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) error {
 			continue
 		}
 		sub := subscriptionOf(client, r)
+		if have[[2]string{sub.Group, sub.Filter}] {
+			continue // the one made here is newer
+		}
 		s.index.Subscribe(sub)
 		if s.store != nil {
 			ops = append(ops, subOp(client, &sub))
 		}
 	}
-	sess.mu.Lock()
-	s.sessions[client] = sess
 	s.mu.Unlock()
 	defer sess.mu.Unlock()
-
-	if s.store == nil {
-		for _, p := range fl {
-			sess.adoptLocked(p.f)
+	// Deliveries to the session wait for its lock, so none goes before
+	// the moved messages are in.
+	if s.store != nil {
+		if err := s.storeMoved(client, gen, fs, ops); err != nil {
+			return err
 		}
+	}
+	// The moved messages are older than what the session here holds.
+	queue := sess.queue
+	sess.queue = nil
+	for _, f := range fs {
+		sess.adoptLocked(f)
+	}
+	sess.queue = append(sess.queue, queue...)
+	sess.pumpLocked()
+	return nil
+}
+
+// unrefFlights gives back the log references of moved flights written
+// before a write failed (they are not added to the session).
+func unrefFlights(st *store, fs []*flight) {
+	for _, f := range fs {
+		if f.stored {
+			f.stored = false
+			st.log.Unref(f.msg.Seq)
+		}
+	}
+}
+
+// movedIn decodes a moved flight, or returns nil for one that does not.
+func (s *Server) movedIn(client string, mf *MovedFlight) *flight {
+	m, err := DecodeMessage(mf.Msg)
+	if err != nil {
+		s.log.Warn("cluster: a moved message does not decode", "client", client, "error", err)
 		return nil
 	}
-	var waits []func() error
-	if len(ops) > 0 {
-		waits = append(waits, s.store.db.WriteStart(ops...))
+	if mf.Origin != "" {
+		m.SetOrigin(mf.Origin)
 	}
-	for _, p := range fl {
-		f := p.f
-		seq, wait, err := s.store.log.AppendStart(p.lm, func(seq uint64) []storage.Op {
+	return &flight{msg: m, qos: mf.QoS, retain: mf.Retain, subIDs: mf.SubIDs, id: mf.ID, pubrel: mf.Pubrel,
+		sent: mf.Sent || mf.ID != 0, snapshot: mf.Origin == ""}
+}
+
+// storeMoved writes moved flights to the log with their queue entries
+// (generation gen), and ops with them; on failure nothing is referenced.
+func (s *Server) storeMoved(client string, gen uint64, fs []*flight, ops []storage.Op) error {
+	var waits []func() error
+	fail := func(err error) error {
+		unrefFlights(s.store, fs)
+		return err
+	}
+	for i, f := range fs {
+		f := f
+		var extra []storage.Op
+		if i == len(fs)-1 {
+			extra = ops
+		}
+		seq, wait, err := s.store.log.AppendStart(logMessage(f.msg), func(seq uint64) []storage.Op {
 			f.msg.Seq = seq
-			return []storage.Op{queueOp(client, sess.gen, f)}
+			return append([]storage.Op{queueOp(client, gen, f)}, extra...)
 		})
 		if err != nil {
-			unrefFlights(s.store, fl, func(p planned) *flight { return p.f })
-			return err
+			return fail(err)
 		}
 		f.msg.Seq, f.msg.stored, f.stored = seq, true, true
 		s.store.log.Ref(seq)
 		s.store.log.Release(seq)
 		waits = append(waits, wait)
 	}
+	if len(fs) == 0 && len(ops) > 0 {
+		waits = append(waits, s.store.db.WriteStart(ops...))
+	}
 	for _, w := range waits {
 		if err := w(); err != nil {
-			unrefFlights(s.store, fl, func(p planned) *flight { return p.f })
-			return err
+			return fail(err)
 		}
-	}
-	for _, p := range fl {
-		sess.adoptLocked(p.f)
 	}
 	return nil
 }
 
-// unrefFlights gives back the log references of moved flights that were
-// written before a write failed (they are not added to the session).
-func unrefFlights[T any](st *store, list []T, f func(T) *flight) {
-	for _, x := range list {
-		if fl := f(x); fl.stored {
-			fl.stored = false
-			st.log.Unref(fl.msg.Seq)
-		}
-	}
-}
-
 // adoptLocked puts a moved flight in the session: in flight with its
-// packet id, or queued.
+// packet id, or queued. A flight whose id is in use here goes again with
+// a new one; one waiting for PUBCOMP (the client has the message) cannot
+// and is dropped.
 func (s *session) adoptLocked(f *flight) {
 	if f.id != 0 && s.byID[f.id] == nil {
 		s.addOutLocked(f)
+		return
+	}
+	if f.id != 0 && f.pubrel {
+		s.srv.log.Warn("cluster: a moved QoS 2 flow's packet id is in use here; its PUBREL is not sent", "client", s.id, "id", f.id)
+		if f.stored {
+			f.stored = false
+			s.srv.store.unstore(s.id, s.gen, f.msg.Seq)
+		}
 		return
 	}
 	f.id = 0
@@ -547,53 +622,21 @@ func (s *Server) MoveInFlights(client string, fl []MovedFlight, ops []storage.Op
 				sess.seen[mf.Origin] = struct{}{}
 			}
 		}
-		m, err := DecodeMessage(mf.Msg)
-		if err != nil {
-			s.log.Warn("cluster: a moved message does not decode", "client", client, "error", err)
-			continue
+		if f := s.movedIn(client, mf); f != nil {
+			fs = append(fs, f)
 		}
-		if mf.Origin != "" {
-			m.SetOrigin(mf.Origin)
-		}
-		fs = append(fs, &flight{msg: m, qos: mf.QoS, retain: mf.Retain, subIDs: mf.SubIDs})
 	}
 	sess.mu.Unlock()
 	if s.store != nil {
-		var waits []func() error
-		for i, f := range fs {
-			f := f
-			var extra []storage.Op
-			if i == len(fs)-1 {
-				extra = ops
-			}
-			seq, wait, err := s.store.log.AppendStart(logMessage(f.msg), func(seq uint64) []storage.Op {
-				if !persistent {
-					return extra
-				}
-				f.msg.Seq = seq
-				return append([]storage.Op{queueOp(client, gen, f)}, extra...)
-			})
-			if err == nil {
-				f.msg.Seq, f.msg.stored, f.stored = seq, true, persistent
-				if persistent {
-					s.store.log.Ref(seq)
-				}
-				s.store.log.Release(seq)
-				waits = append(waits, wait)
-			}
-			if err != nil {
-				s.unmoved(sess, fs)
-				return err
-			}
+		var err error
+		if persistent {
+			err = s.storeMoved(client, gen, fs, ops)
+		} else if len(ops) > 0 {
+			err = s.store.db.Write(ops...)
 		}
-		if len(fs) == 0 && len(ops) > 0 {
-			waits = append(waits, s.store.db.WriteStart(ops...))
-		}
-		for _, w := range waits {
-			if err := w(); err != nil {
-				s.unmoved(sess, fs)
-				return err
-			}
+		if err != nil {
+			s.unmoved(sess, fs)
+			return err
 		}
 	}
 	sess.mu.Lock()
@@ -601,11 +644,21 @@ func (s *Server) MoveInFlights(client string, fl []MovedFlight, ops []storage.Op
 	for _, f := range fs {
 		if sess.discarded || sess.gen != gen {
 			if f.stored {
+				f.stored = false
 				s.store.unstore(client, gen, f.msg.Seq)
 			}
 			continue
 		}
 		sess.adoptLocked(f)
+		if c := sess.conn; c != nil && sess.holdsLocked(f) {
+			// Came with its packet id: the flow goes on, as after a reconnect.
+			if f.pubrel {
+				id := f.id
+				c.queue(func(b []byte) []byte { return appendAck(b, hdrPubrel, c.version, id, 0, "") })
+			} else {
+				sess.sendLocked(c, f, true)
+			}
+		}
 	}
 	sess.pumpLocked()
 	return nil
@@ -614,7 +667,7 @@ func (s *Server) MoveInFlights(client string, fl []MovedFlight, ops []storage.Op
 // unmoved undoes MoveInFlights for a write that failed: the tail is
 // taken again, so its messages are not counted as got.
 func (s *Server) unmoved(sess *session, fs []*flight) {
-	unrefFlights(s.store, fs, func(f *flight) *flight { return f })
+	unrefFlights(s.store, fs)
 	sess.mu.Lock()
 	defer sess.mu.Unlock()
 	for _, f := range fs {
@@ -624,12 +677,15 @@ func (s *Server) unmoved(sess *session, fs []*flight) {
 	}
 }
 
-// MoveInDone ends the move of client's session here: it no longer keeps
-// the identities of what it got.
+// MoveInDone ends the move of client's session here: the identities of
+// what it got are kept a minute more (a copy that reaches it late, from
+// a stream this node was behind on), then dropped.
 func (s *Server) MoveInDone(client string) {
 	if sess := s.session(client); sess != nil {
 		sess.mu.Lock()
-		sess.seen = nil
+		if until := s.now().Add(seenAfter); sess.seen != nil && until.Before(sess.seenUntil) {
+			sess.seenUntil = until
+		}
 		sess.mu.Unlock()
 	}
 }
