@@ -79,7 +79,8 @@ type moves struct {
 	mu               sync.Mutex
 	committed        map[string]chan struct{} // token -> closed when the new node said it committed
 	resume           map[string]moveRecord    // from Load, started by Start
-	taking           map[string]bool          // tokens whose tail a goroutine here takes
+	taking           map[string]moveRecord    // tokens whose tail a goroutine here takes
+	superseded       map[string]bool          // of those, the ones whose old node sends the rest under a new token
 	in, out, refused atomic.Uint64
 }
 
@@ -123,16 +124,21 @@ func (r *Router) Claim(client string, clean, persistent bool) (*engine.MovedSess
 	if owner == self {
 		return nil, nil, nil
 	}
-	if owner == "" || !r.NodeUp(owner) {
-		// A node that is down keeps what it holds; when it returns it
-		// sends its queue here (resumeOrphans).
+	if owner != "" && clean {
+		// The old session ends: the owner is told, and the drop set
+		// keeps it for an owner that does not hear it (down, restarting).
+		err := r.n.rdb.SAdd(ctx, r.dropKey(owner), client).Err()
+		r.n.Report(err)
+		if err != nil {
+			return nil, nil, fmt.Errorf("the end of the session on node %s was not recorded: %w", owner, err)
+		}
+		_ = r.sendCtl(ctx, owner, ctlMsg{Op: "drop", Client: client, From: self})
 		r.setOwner(ctx, client)
 		return nil, nil, nil
 	}
-	if clean {
-		if err := r.sendCtl(ctx, owner, ctlMsg{Op: "drop", Client: client, From: self}); err != nil {
-			r.log.Warn("cluster: the node holding a session was not told that its client started anew", "client", client, "node", owner, "error", err)
-		}
+	if owner == "" || !r.NodeUp(owner) {
+		// A node that is down keeps what it holds; when it returns it
+		// sends its queue here (resumeOrphans).
 		r.setOwner(ctx, client)
 		return nil, nil, nil
 	}
@@ -172,22 +178,38 @@ func (r *Router) Claim(client string, clean, persistent bool) (*engine.MovedSess
 		r.AwaitInterest(2 * time.Second)
 		ctx, cancel := context.WithTimeout(r.n.ctx, moveWait)
 		defer cancel()
-		won, err := commitScript.Run(ctx, r.n.rdb, []string{r.n.Key("movedone", token), r.ownerKey()},
-			self, client, int(moveKeep/time.Second)).Int()
-		r.n.Report(err)
-		if err != nil {
+		// Recorded before the commit: a restart in between asks Redis who
+		// won (resumeMoves).
+		rec := moveRecord{Client: client, Peer: owner}
+		if err := r.writeMove(token, rec); err != nil {
 			r.mv.refused.Add(1)
 			return err
 		}
-		if won == 0 {
-			r.mv.refused.Add(1)
-			return fmt.Errorf("%w: it took the session back", errNotHandedOver)
+		doneKey := r.n.Key("movedone", token)
+		won, err := commitScript.Run(ctx, r.n.rdb, []string{doneKey, r.ownerKey()}, self, client, int(moveKeep/time.Second)).Int()
+		r.n.Report(err)
+		for err != nil && ctx.Err() == nil {
+			// Redis may have run it: ask who won.
+			time.Sleep(movePoll)
+			var who string
+			who, err = r.n.rdb.Get(ctx, doneKey).Result()
+			switch {
+			case err == nil:
+				won = 0
+				if who == self {
+					won = 1
+				}
+			case errors.Is(err, redis.Nil): // not run: the old node decides at its deadline
+				err = errors.New("the commit did not reach Redis")
+			}
 		}
-		rec := moveRecord{Client: client, Peer: owner}
-		if err := r.writeMove(token, rec); err != nil {
-			// The tail is taken by no one until this node restarts; the
-			// old node holds it meanwhile.
-			r.log.Warn("cluster: a moved session's record was not stored", "client", client, "error", err)
+		if err != nil || won == 0 {
+			_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
+			r.mv.refused.Add(1)
+			if err != nil {
+				return err
+			}
+			return fmt.Errorf("%w: it took the session back", errNotHandedOver)
 		}
 		_ = r.sendCtl(ctx, owner, ctlMsg{Op: "committed", Client: client, From: self, Token: token})
 		r.mv.in.Add(1)
@@ -208,6 +230,8 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
 return 0
 `)
 
+func (r *Router) dropKey(node string) string { return r.n.Key("drop", node) }
+
 func (r *Router) setOwner(ctx context.Context, client string) {
 	r.n.Report(r.n.rdb.HSet(ctx, r.ownerKey(), client, r.n.ID()).Err())
 }
@@ -227,9 +251,7 @@ func (r *Router) onCtl(payload string) {
 	case "move":
 		r.n.Go(func(ctx context.Context) { r.moveOut(ctx, c) })
 	case "drop":
-		if r.eng.DropSession(c.Client) {
-			r.log.Info("cluster: session ended: its client started a clean one on another node", "client", c.Client, "node", c.From)
-		}
+		r.dropSession(r.n.ctx, c.Client)
 	case "committed":
 		r.mv.mu.Lock()
 		if ch := r.mv.committed[c.Token]; ch != nil {
@@ -239,7 +261,14 @@ func (r *Router) onCtl(payload string) {
 		r.mv.mu.Unlock()
 	case "tail":
 		r.mv.mu.Lock()
-		taking := r.mv.taking[c.Token]
+		_, taking := r.mv.taking[c.Token]
+		for token, rec := range r.mv.taking {
+			// The old node restarted without its record of an earlier
+			// move of this session: what it had not sent comes now.
+			if token != c.Token && rec.Client == c.Client && rec.Peer == c.From {
+				r.mv.superseded[token] = true
+			}
+		}
 		r.mv.mu.Unlock()
 		if taking {
 			return
@@ -274,13 +303,14 @@ func (r *Router) moveOut(ctx context.Context, c ctlMsg) {
 		r.mv.mu.Unlock()
 	}()
 	b, _ := json.Marshal(mv.State())
+	deadline := time.Now().Add(moveRevert)
 	if err := r.n.rdb.Set(ctx, stateKey, b, moveKeep).Err(); err != nil {
+		// It may have reached Redis: take the session back the only way
+		// that excludes a commit.
 		r.n.Report(err)
-		mv.Cancel()
-		return
+		deadline = time.Now()
 	}
 	doneKey := r.n.Key("movedone", c.Token)
-	deadline := time.Now().Add(moveRevert)
 	for {
 		select {
 		case <-ctx.Done():
@@ -377,7 +407,7 @@ func (r *Router) sendTail(ctx context.Context, mv *engine.Moving, token, to stri
 				endAt = time.Now().Add(moveSettle)
 			}
 		}
-		if !endAt.IsZero() && !time.Now().Before(endAt) && len(held) == 0 && mv.Finish() {
+		if !endAt.IsZero() && !time.Now().Before(endAt) && len(held) == 0 && !r.takingFor(mv.Client()) && mv.Finish() {
 			p := r.n.rdb.Pipeline()
 			p.XAdd(ctx, &redis.XAddArgs{Stream: stream, Values: []string{"end", "1"}})
 			p.Expire(ctx, stream, moveKeep)
@@ -399,33 +429,35 @@ func (r *Router) sendTail(ctx context.Context, mv *engine.Moving, token, to stri
 }
 
 // takeTail takes a moved session's tail from its old node into the
-// session here, until the old node ends it (or has been down for
-// downAfter: what it holds then comes with its return, resumeOrphans).
+// session here, until the old node ends it (an old node that is down
+// ends it when it returns), or until the old node sends the rest under
+// a new token.
 func (r *Router) takeTail(ctx context.Context, token string, rec moveRecord) {
 	r.mv.mu.Lock()
-	if r.mv.taking[token] {
+	if _, dup := r.mv.taking[token]; dup {
 		r.mv.mu.Unlock()
 		return
 	}
-	r.mv.taking[token] = true
+	r.mv.taking[token] = rec
 	r.mv.mu.Unlock()
 	defer func() {
 		r.mv.mu.Lock()
 		delete(r.mv.taking, token)
+		delete(r.mv.superseded, token)
 		r.mv.mu.Unlock()
 	}()
 	stream := r.moveKey(token)
 	takenKey := r.n.Key("movetaken", token)
 	cursor := rec.Cursor
 	if cursor == "" {
-		// A tail announced again (its old node came back after this one
-		// gave up on it): from where it was taken.
+		// A tail announced again (this node had lost its record): from
+		// where it was taken.
 		cursor = "0"
 		if v, err := r.n.rdb.Get(ctx, takenKey).Result(); err == nil {
 			cursor = v
 		}
 	}
-	var downSince time.Time
+	confirmed := "" // the cursor Redis is known to have in movetaken
 	finish := func() {
 		r.eng.MoveInDone(rec.Client)
 		if err := r.db.Write(storage.Delete(storage.MoveKey(token))); err != nil {
@@ -457,23 +489,54 @@ func (r *Router) takeTail(ctx context.Context, token string, rec moveRecord) {
 				break // again after a pause
 			}
 			cursor = x.ID
-			r.n.Report(r.n.rdb.Set(ctx, takenKey, cursor, moveKeep).Err())
 		}
-		if r.NodeUp(rec.Peer) {
-			downSince = time.Time{}
-		} else if downSince.IsZero() {
-			downSince = time.Now()
-		} else if time.Since(downSince) > downAfter && len(xs) == 0 {
-			r.log.Warn("cluster: the node a session moved from went down before it finished; the rest comes when it returns",
-				"client", rec.Client, "node", rec.Peer)
+		if cursor != confirmed && cursor != "0" {
+			// Said again until Redis has it: the old node lets go of what
+			// it holds by it.
+			if err := r.n.rdb.Set(ctx, takenKey, cursor, moveKeep).Err(); err == nil {
+				confirmed = cursor
+			} else {
+				r.n.Report(err)
+			}
+		}
+		r.mv.mu.Lock()
+		superseded := r.mv.superseded[token]
+		r.mv.mu.Unlock()
+		if superseded && err == nil && len(xs) == 0 {
 			finish()
 			return
 		}
+		wait := movePoll
+		if !r.NodeUp(rec.Peer) {
+			wait = time.Second // it sends the rest when it returns
+		}
 		select {
 		case <-ctx.Done():
-		case <-time.After(movePoll):
+		case <-time.After(wait):
 		}
 	}
+}
+
+// takingFor reports whether this node takes a tail for client: a session
+// moving away from here waits for it before it ends.
+func (r *Router) takingFor(client string) bool {
+	r.mv.mu.Lock()
+	defer r.mv.mu.Unlock()
+	for _, rec := range r.mv.taking {
+		if rec.Client == client {
+			return true
+		}
+	}
+	return false
+}
+
+// dropSession ends a session here whose client started clean on another
+// node, and clears it from this node's drop set.
+func (r *Router) dropSession(ctx context.Context, client string) {
+	if r.eng.DropSession(client) {
+		r.log.Info("cluster: session ended: its client started a clean one on another node", "client", client)
+	}
+	r.n.Report(r.n.rdb.SRem(ctx, r.dropKey(r.n.ID()), client).Err())
 }
 
 // streamIDAfter reports whether stream entry id a comes after b ("" is
@@ -507,11 +570,21 @@ func (r *Router) loadMoves() error {
 }
 
 // resumeMoves goes on with them: the new node's half takes the tail
-// again from where it was, the old node's sends what it still holds.
-func (r *Router) resumeMoves() {
+// again from where it was (if it had committed), the old node's sends
+// what it still holds.
+func (r *Router) resumeMoves(ctx context.Context) {
 	for token, rec := range r.mv.resume {
 		token, rec := token, rec
 		if !rec.Out {
+			who, err := r.n.rdb.Get(ctx, r.n.Key("movedone", token)).Result()
+			r.n.Report(err)
+			if err == nil && who != r.n.ID() || errors.Is(err, redis.Nil) {
+				// Recorded, then the commit failed or never ran: the old
+				// node kept the session; the copy made here is not it.
+				r.eng.DropSession(rec.Client)
+				_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
+				continue
+			}
 			r.n.Go(func(ctx context.Context) { r.takeTail(ctx, token, rec) })
 			continue
 		}
@@ -521,6 +594,8 @@ func (r *Router) resumeMoves() {
 			continue
 		}
 		mv.Resume()
+		// The new node may have given up on the tail meanwhile: tell it.
+		_ = r.sendCtl(ctx, rec.Peer, ctlMsg{Op: "tail", Client: rec.Client, From: r.n.ID(), Token: token})
 		// What was on its way here before the restart is in this node's
 		// streams still: the grace again.
 		r.n.Go(func(ctx context.Context) { r.sendTail(ctx, mv, token, rec.Peer, moveGrace) })
@@ -528,10 +603,19 @@ func (r *Router) resumeMoves() {
 	r.mv.resume = nil
 }
 
-// resumeOrphans hands the sessions here that another node owns now (a
-// client that moved while this node was down) their queue: it goes to
-// the owner as a tail, and the session ends here.
+// resumeOrphans ends the sessions here whose clients started clean
+// elsewhere meanwhile (the drop set), and hands those that another node
+// owns now (a client that moved while this node was down) their queue:
+// it goes to the owner as a tail, and the session ends here.
 func (r *Router) resumeOrphans(ctx context.Context) {
+	drops, err := r.n.rdb.SMembers(ctx, r.dropKey(r.n.ID())).Result()
+	r.n.Report(err)
+	if err != nil {
+		return // Redis away: the sessions stay; the next start looks again
+	}
+	for _, client := range drops {
+		r.dropSession(ctx, client)
+	}
 	ids := r.eng.PersistentSessions()
 	if len(ids) == 0 {
 		return

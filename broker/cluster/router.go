@@ -144,7 +144,7 @@ func NewRouter(n *Node, lg LogStore, db DB) *Router {
 		fwake: make(chan struct{}, 1), live: make(chan liveMsg, 4096),
 		lastSent: map[string]uint64{}, cursors: map[string]string{}, downSince: map[string]downMark{},
 		alive: map[string]bool{}, unlisted: map[string]time.Time{}, ahead: map[string]map[string]bool{},
-		mv: moves{committed: map[string]chan struct{}{}, resume: map[string]moveRecord{}, taking: map[string]bool{}}}
+		mv: moves{committed: map[string]chan struct{}{}, resume: map[string]moveRecord{}, taking: map[string]moveRecord{}, superseded: map[string]bool{}}}
 }
 
 var _ engine.Cluster = (*Router)(nil)
@@ -219,7 +219,7 @@ func (r *Router) Start(eng Engine) {
 	}
 	r.refreshNodes(ctx)
 	r.n.Subscribe(r.ctlKey(r.n.ID()), nil, r.onCtl)
-	r.resumeMoves()
+	r.resumeMoves(ctx)
 	r.resumeOrphans(ctx)
 	cancel()
 	r.syncRetained()

@@ -387,15 +387,17 @@ func (s *Server) claim(client string, assigned, clean, persistent bool, p Princi
 	if err != nil || moved == nil {
 		return err
 	}
-	if err := s.moveIn(client, moved, p); err != nil {
-		s.dropMovedIn(client)
-		return err
+	merged, err := s.moveIn(client, moved, p)
+	if err == nil {
+		err = commit()
 	}
-	if err := commit(); err != nil {
+	if err != nil && !merged && !errors.Is(err, ErrMoving) {
 		s.dropMovedIn(client)
-		return err
 	}
-	return nil
+	// A session that was here already keeps what it took in: the other
+	// node kept its copy too, and the next claim's copies of the same
+	// messages are known to it (seen).
+	return err
 }
 
 type attachReq struct {

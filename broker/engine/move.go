@@ -383,7 +383,7 @@ func (mv *Moving) Client() string { return mv.sess.id }
 // session the client id has here already (made while the cluster was
 // out of reach) takes the moved one in: its subscriptions, QoS 2 flows
 // and messages join, the moved messages first. Durable when it returns.
-func (s *Server) moveIn(client string, st *MovedSession, p Principal) error {
+func (s *Server) moveIn(client string, st *MovedSession, p Principal) (merged bool, err error) {
 	var fs []*flight
 	seen := map[string]struct{}{}
 	for i := range st.Flights {
@@ -398,7 +398,7 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) error {
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
-		return errShutdown
+		return false, errShutdown
 	}
 	sess := s.sessions[client]
 	if sess != nil {
@@ -407,7 +407,7 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) error {
 		case sess.moving != nil:
 			sess.mu.Unlock()
 			s.mu.Unlock()
-			return ErrMoving
+			return false, ErrMoving
 		case !sess.persistent || sess.discarded:
 			// Ends with its connection (which the CONNECT takes over).
 			sess.dropStoredLocked()
@@ -420,7 +420,7 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) error {
 			sess.mu.Unlock()
 		}
 	}
-	merged := sess != nil
+	merged = sess != nil
 	if sess == nil {
 		sess = newSession(s, client)
 		sess.principal, sess.version, sess.persistent = p, st.Version, true
@@ -478,7 +478,7 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) error {
 	// the moved messages are in.
 	if s.store != nil {
 		if err := s.storeMoved(client, gen, fs, ops); err != nil {
-			return err
+			return merged, err
 		}
 	}
 	// The moved messages are older than what the session here holds.
@@ -489,7 +489,7 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) error {
 	}
 	sess.queue = append(sess.queue, queue...)
 	sess.pumpLocked()
-	return nil
+	return merged, nil
 }
 
 // unrefFlights gives back the log references of moved flights written
