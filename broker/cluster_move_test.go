@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/eclipse/paho.golang/paho"
+	"github.com/mochi-mqtt/server/v2/packets"
 
 	bt "github.com/beaconmq/beacon/broker/brokertest"
 	"github.com/beaconmq/beacon/broker/cluster/clustertest"
@@ -132,20 +133,28 @@ func TestClusterSessionMovesBetweenNodes(t *testing.T) {
 		return false
 	})
 	// "back" may have been in flight on b's connection, unacknowledged,
-	// when a took over: then a sends it again, as QoS 1 allows.
-	onBoth, onNew := 0, 0
-	for _, m := range onB.Messages() {
-		if string(m.Payload) == "back" {
-			onBoth++
+	// when a took over: then a sends it again, as QoS 1 allows. Or b had
+	// not taken it yet: then it comes in b's tail, maybe after "after".
+	var onBoth, onNew int
+	count := func() bool {
+		onBoth, onNew = 0, 0
+		for _, m := range onB.Messages() {
+			if string(m.Payload) == "back" {
+				onBoth++
+			}
 		}
-	}
-	for _, m := range onA.Messages() {
-		if string(m.Payload) == "back" {
-			onBoth++
-			onNew++
+		for _, m := range onA.Messages() {
+			if string(m.Payload) == "back" {
+				onBoth++
+				onNew++
+			}
 		}
+		return onBoth > 0
 	}
-	if onBoth == 0 || onNew > 1 {
+	bt.WaitFor(t, 20*time.Second, `"back" on b's or a's connection`, count)
+	onA.Barrier(t)
+	count()
+	if onNew > 1 {
 		t.Fatalf("the message published as it moved back arrived %d times, %d of them on a", onBoth, onNew)
 	}
 }
@@ -214,5 +223,128 @@ func TestClusterQueueFollowsAClientThatMovedWhileItsNodeWasDown(t *testing.T) {
 	}
 	if k != n {
 		t.Fatalf("got %d messages, want %d exactly", k, n)
+	}
+}
+
+// dialUntil connects, trying again while the broker answers 0x88 (the
+// session is still moving).
+func dialUntil(t *testing.T, addr string, cp *paho.Connect) *bt.Client {
+	t.Helper()
+	var c *bt.Client
+	bt.WaitFor(t, 30*time.Second, "a CONNECT that is not refused", func() bool {
+		var err error
+		c, err = bt.TryDial(addr, cp)
+		return err == nil
+	})
+	t.Cleanup(func() { _ = c.Disconnect(&paho.Disconnect{}) })
+	return c
+}
+
+// A client that moves a -> b and straight back to a, while a is still
+// finishing the first move: it waits (0x88) until a has, then keeps its
+// subscriptions and gets what is published on any node.
+func TestClusterSessionMovesBackAtOnce(t *testing.T) {
+	rds := clustertest.StartRedis(t)
+	a := bt.Start(t, clusterConfig(t, rds, "a"))
+	b := bt.Start(t, clusterConfig(t, rds, "b"))
+	c := bt.Start(t, clusterConfig(t, rds, "c"))
+	sub := bt.Dial(t, a.MQTTAddr("tcp"), persistent("bouncer", true))
+	sub.SubscribeT(t, paho.SubscribeOptions{Topic: "qb/#", QoS: 1})
+	waitWants(t, c, "qb/x", "a")
+	onB := bt.Dial(t, b.MQTTAddr("tcp"), persistent("bouncer", false))
+	if !onB.Connack.SessionPresent {
+		t.Fatal("not present on b")
+	}
+	back := dialUntil(t, a.MQTTAddr("tcp"), persistent("bouncer", false))
+	if !back.Connack.SessionPresent {
+		t.Fatal("not present back on a")
+	}
+	waitWants(t, c, "qb/x", "a")
+	// The first move's last steps on a (stop matching, end) run 5 to 7 s
+	// after it: they must not touch the session that came back.
+	time.Sleep(8 * time.Second)
+	waitWants(t, c, "qb/x", "a")
+	pubC := bt.Dial(t, c.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-c", CleanStart: true})
+	pubA := bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-a", CleanStart: true})
+	pubC.PublishT(t, &paho.Publish{Topic: "qb/c", QoS: 1, Payload: []byte("from-c")})
+	pubA.PublishT(t, &paho.Publish{Topic: "qb/a", QoS: 1, Payload: []byte("from-a")})
+	got := back.WaitMessages(t, 2, 20*time.Second)
+	if len(got) != 2 {
+		t.Fatalf("got %d messages", len(got))
+	}
+}
+
+// A client that starts clean on b while its session's node a is down:
+// when a returns, the old session ends there and its queue goes nowhere.
+func TestClusterCleanStartWhileTheOwnerIsDown(t *testing.T) {
+	rds := clustertest.StartRedis(t, "--appendonly", "yes")
+	cfgA := clusterConfig(t, rds, "a")
+	a := bt.Start(t, cfgA)
+	b := bt.Start(t, clusterConfig(t, rds, "b"))
+	sub := bt.Dial(t, a.MQTTAddr("tcp"), persistent("restarter", true))
+	sub.SubscribeT(t, paho.SubscribeOptions{Topic: "old/#", QoS: 1})
+	_ = sub.Disconnect(&paho.Disconnect{})
+	pub := bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-a", CleanStart: true})
+	for i := range 5 {
+		pub.PublishT(t, &paho.Publish{Topic: "old/x", QoS: 1, Payload: []byte("old-" + strconv.Itoa(i))})
+	}
+	bt.Stop(t, a)
+	bt.WaitFor(t, 20*time.Second, "b sees a down", func() bool { return !b.ClusterRouter().NodeUp("a") })
+	onB := bt.Dial(t, b.MQTTAddr("tcp"), persistent("restarter", true))
+	onB.SubscribeT(t, paho.SubscribeOptions{Topic: "new/#", QoS: 1})
+	a2 := bt.Start(t, cfgA)
+	bt.WaitFor(t, 20*time.Second, "a2 ended the old session", func() bool { return a2.Engine().Stats().Sessions == 0 })
+	onB.Barrier(t)
+	for _, m := range onB.Messages() {
+		if m.Topic == "old/x" {
+			t.Fatalf("the clean session got the old one's %q", m.Payload)
+		}
+	}
+}
+
+// A QoS 2 message in flight (sent, no PUBREC) to a client whose node then
+// goes down: the client resumes on b (a new session), and when a returns
+// the message arrives there with the same packet id and DUP, and its
+// flow completes.
+func TestClusterQoS2InFlightFollowsTheClient(t *testing.T) {
+	rds := clustertest.StartRedis(t, "--appendonly", "yes")
+	cfgA := clusterConfig(t, rds, "a")
+	a := bt.Start(t, cfgA)
+	b := bt.Start(t, clusterConfig(t, rds, "b"))
+	connect := func(r *bt.Raw) packets.Packet {
+		r.Send(t, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect},
+			Connect: packets.ConnectParams{ClientIdentifier: "q2dev", Clean: false, Keepalive: 30}})
+		return r.Expect(t, packets.Connack)
+	}
+	subscribe := func(r *bt.Raw) {
+		r.Send(t, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1,
+			Filters: packets.Subscriptions{{Filter: "q2/#", Qos: 2}}})
+		r.Expect(t, packets.Suback)
+	}
+	r := bt.DialRaw(t, a.MQTTAddr("tcp"), 4)
+	connect(r)
+	subscribe(r)
+	pub := bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-a", CleanStart: true})
+	pub.PublishT(t, &paho.Publish{Topic: "q2/x", QoS: 2, Payload: []byte("exactly-once")})
+	first := r.Expect(t, packets.Publish)
+	_ = r.Conn.Close() // no PUBREC
+	bt.Stop(t, a)
+	bt.WaitFor(t, 20*time.Second, "b sees a down", func() bool { return !b.ClusterRouter().NodeUp("a") })
+
+	r2 := bt.DialRaw(t, b.MQTTAddr("tcp"), 4)
+	if ack := connect(r2); ack.SessionPresent {
+		t.Fatal("a session was present on b although its node was down")
+	}
+	subscribe(r2)
+	bt.Start(t, cfgA)
+	again := r2.Expect(t, packets.Publish)
+	if string(again.Payload) != "exactly-once" || again.PacketID != first.PacketID || !again.FixedHeader.Dup {
+		t.Fatalf("resent as %q id %d dup %v; first was id %d", again.Payload, again.PacketID, again.FixedHeader.Dup, first.PacketID)
+	}
+	r2.Send(t, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: again.PacketID})
+	rel := r2.Expect(t, packets.Pubrel)
+	r2.Send(t, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubcomp, Qos: 1}, PacketID: rel.PacketID})
+	if pk, err := r2.Read(time.Second); err == nil && pk.FixedHeader.Type == packets.Publish {
+		t.Fatalf("sent again after its flow completed: %+v", pk)
 	}
 }
