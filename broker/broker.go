@@ -460,7 +460,20 @@ func (b *Broker) registerMetrics() {
 	counter("beacon_log_appended_total", "Messages written to the message log.", nil, func() float64 { return float64(b.msgLog.Stats().Appended) })
 	gauge("beacon_log_records", "Records in the message log (history and session queues).", func() float64 { return float64(b.msgLog.Stats().Stored) })
 	if r := b.clusterRt; r != nil {
-		cs := func(f func(cluster.Stats) float64) func() float64 { return func() float64 { return f(r.Stats()) } }
+		// One Stats per scrape, not one per metric: it counts what the
+		// forwarder holds, which is long while a node is behind.
+		var smu sync.Mutex
+		var snap cluster.Stats
+		var snapAt time.Time
+		stats := func() cluster.Stats {
+			smu.Lock()
+			defer smu.Unlock()
+			if time.Since(snapAt) > 500*time.Millisecond {
+				snap, snapAt = r.Stats(), time.Now()
+			}
+			return snap
+		}
+		cs := func(f func(cluster.Stats) float64) func() float64 { return func() float64 { return f(stats()) } }
 		gauge("beacon_cluster_redis_up", "1 while Redis answers; 0 while the node serves only its own clients.", func() float64 {
 			if b.cluster.Up() {
 				return 1

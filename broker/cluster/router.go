@@ -469,7 +469,9 @@ func (r *Router) streamOrigin(stream string) (origin string, epoch uint64, ok bo
 	return rest[:i], epoch, err == nil
 }
 
-const forwardBatch = 256
+// forwardBatch is the most messages one append to a stream carries, and
+// one read of a stream takes.
+const forwardBatch = 1024
 
 // inboxRelist is how often a node looks for new streams to it (a node
 // that joined, or restarted with a new log epoch): their first messages
@@ -1116,10 +1118,9 @@ func (r *Router) take(ctx context.Context, xs redis.XStream) error {
 		delete(r.ahead, stream)
 	}
 	if cur != prev {
-		ops := append(done, storage.Set(storage.CursorKey(stream), []byte(cur)))
-		if err := r.db.Write(ops...); err != nil {
-			return errors.Join(first, err) // the marks stand: nothing is lost, the position moves next time
-		}
+		// Not waited for: the marks written with the messages say what was
+		// taken, so a position lost in a crash costs a read, not a message.
+		r.db.WriteAsync(append(done, storage.Set(storage.CursorKey(stream), []byte(cur)))...)
 		r.cursors[stream] = cur
 		// Taken for good: the stream need not keep them, and the origin
 		// may let go of its copies.
