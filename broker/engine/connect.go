@@ -387,16 +387,19 @@ func (s *Server) claim(client string, assigned, clean, persistent bool, p Princi
 	if err != nil || moved == nil {
 		return err
 	}
-	merged, err := s.moveIn(client, moved, p)
+	merged, gen, err := s.moveIn(client, moved, p)
 	if err == nil {
-		err = commit()
+		err = commit(gen)
 	}
-	if err != nil && !merged && !errors.Is(err, ErrMoving) {
+	switch {
+	case errors.Is(err, ErrUndecided):
+		s.HoldMove(client, gen) // whether it is this node's is settled later (SettleMove)
+	case err != nil && !merged && !errors.Is(err, ErrMoving):
 		s.dropMovedIn(client)
 	}
-	// A session that was here already keeps what it took in: the other
-	// node kept its copy too, and the next claim's copies of the same
-	// messages are known to it (seen).
+	// A session that was here already keeps what it took in (the other
+	// node kept its copy too): a later move of the same messages skips
+	// them (seen).
 	return err
 }
 

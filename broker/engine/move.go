@@ -95,12 +95,16 @@ type Moving struct {
 	sess     *session
 	snapshot []*flight // what State carried, until Commit
 	handed   map[*flight]bool
+	held     bool // not moving out: a session moved in whose commit is undecided (HoldMove)
 }
 
-// MoveOut's errors.
+// Errors of moves.
 var (
 	ErrNoSession = errors.New("no persistent session here")
 	ErrMoving    = errors.New("the session is moving already")
+	// ErrUndecided is a commit whose outcome is not known yet (Redis did
+	// not answer): the session made here waits for SettleMove.
+	ErrUndecided = errors.New("the move's outcome is not known yet")
 )
 
 // MoveOut starts moving client's persistent session to another node:
@@ -383,7 +387,7 @@ func (mv *Moving) Client() string { return mv.sess.id }
 // session the client id has here already (made while the cluster was
 // out of reach) takes the moved one in: its subscriptions, QoS 2 flows
 // and messages join, the moved messages first. Durable when it returns.
-func (s *Server) moveIn(client string, st *MovedSession, p Principal) (merged bool, err error) {
+func (s *Server) moveIn(client string, st *MovedSession, p Principal) (merged bool, gen uint64, err error) {
 	var fs []*flight
 	seen := map[string]struct{}{}
 	for i := range st.Flights {
@@ -398,7 +402,7 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) (merged bo
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
-		return false, errShutdown
+		return false, 0, errShutdown
 	}
 	sess := s.sessions[client]
 	if sess != nil {
@@ -407,16 +411,42 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) (merged bo
 		case sess.moving != nil:
 			sess.mu.Unlock()
 			s.mu.Unlock()
-			return false, ErrMoving
+			return false, 0, ErrMoving
 		case !sess.persistent || sess.discarded:
-			// Ends with its connection (which the CONNECT takes over).
+			// Ends; its connection is taken over (the CONNECT's attach
+			// would, but this session is no longer the client id's).
+			oldConn := sess.conn
+			sess.conn = nil
 			sess.dropStoredLocked()
 			sess.discardLocked()
 			sess.mu.Unlock()
 			delete(s.sessions, client)
 			s.index.RemoveClient(client)
 			sess = nil
+			if oldConn != nil {
+				oldConn.takenOver.Store(true)
+				defer oldConn.close(errTakenOver, codeSessionTakenOver, "session taken over")
+			}
 		default:
+			// Its own messages may be among the moved ones (both nodes
+			// had the session while the cluster was apart): once.
+			known := map[string]bool{}
+			for _, list := range [][]*flight{sess.out, sess.queue} {
+				for _, f := range list {
+					if o := s.identity(f.msg); o != "" {
+						known[o] = true
+					}
+				}
+			}
+			kept := fs[:0]
+			for _, f := range fs {
+				o := f.msg.origin()
+				if _, dup := sess.seen[o]; o != "" && (known[o] || dup) {
+					continue
+				}
+				kept = append(kept, f)
+			}
+			fs = kept
 			sess.mu.Unlock()
 		}
 	}
@@ -451,7 +481,7 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) (merged bo
 		sess.recorded = true
 		ops = append(ops, s.store.sessionOp(sess, s.now().Unix(), nil, 0))
 	}
-	gen := sess.gen
+	gen = sess.gen
 	s.sessions[client] = sess
 	have := map[[2]string]bool{}
 	if merged {
@@ -478,7 +508,7 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) (merged bo
 	// the moved messages are in.
 	if s.store != nil {
 		if err := s.storeMoved(client, gen, fs, ops); err != nil {
-			return merged, err
+			return merged, gen, err
 		}
 	}
 	// The moved messages are older than what the session here holds.
@@ -489,7 +519,55 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) (merged bo
 	}
 	sess.queue = append(sess.queue, queue...)
 	sess.pumpLocked()
-	return merged, nil
+	return merged, gen, nil
+}
+
+// HoldMove keeps a session moved in whose commit is undecided from
+// CONNECTs (0x88) until SettleMove.
+func (s *Server) HoldMove(client string, gen uint64) {
+	if sess := s.session(client); sess != nil {
+		sess.mu.Lock()
+		if sess.gen == gen && sess.moving == nil && !sess.discarded {
+			sess.moving = &Moving{s: s, sess: sess, held: true}
+		}
+		sess.mu.Unlock()
+	}
+}
+
+// SettleMove ends the wait of a session moved in (generation gen) once
+// the move's outcome is known: kept if this node won it, else ended.
+func (s *Server) SettleMove(client string, gen uint64, won bool) {
+	sess := s.session(client)
+	if sess == nil {
+		return
+	}
+	sess.mu.Lock()
+	if sess.gen != gen || sess.discarded {
+		sess.mu.Unlock()
+		return
+	}
+	if sess.moving != nil && sess.moving.held {
+		sess.moving = nil
+	}
+	sess.mu.Unlock()
+	if !won {
+		s.DropSession(client)
+	}
+}
+
+// SessionGen is the generation of client's session here (0: none): a tail
+// taken for it goes to that session only (MoveInFlights).
+func (s *Server) SessionGen(client string) uint64 {
+	sess := s.session(client)
+	if sess == nil {
+		return 0
+	}
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	if sess.discarded {
+		return 0
+	}
+	return sess.gen
 }
 
 // unrefFlights gives back the log references of moved flights written
@@ -598,8 +676,16 @@ func (s *Server) dropMovedIn(client string) {
 // tail was taken) in the same writes; a message it already got is not
 // added again. It returns once durable. Without the session (it ended)
 // only ops are written.
-func (s *Server) MoveInFlights(client string, fl []MovedFlight, ops []storage.Op) error {
+func (s *Server) MoveInFlights(client string, gen uint64, fl []MovedFlight, ops []storage.Op) error {
 	sess := s.session(client)
+	if sess != nil {
+		sess.mu.Lock()
+		other := sess.gen != gen || sess.discarded
+		sess.mu.Unlock()
+		if other {
+			sess = nil // the session the tail was for ended (a clean start, an expiry)
+		}
+	}
 	if sess == nil {
 		if s.store != nil && len(ops) > 0 {
 			return s.store.db.Write(ops...)
@@ -608,7 +694,7 @@ func (s *Server) MoveInFlights(client string, fl []MovedFlight, ops []storage.Op
 	}
 	var fs []*flight
 	sess.mu.Lock()
-	live, persistent, gen := !sess.discarded, sess.persistent, sess.gen
+	live, persistent := !sess.discarded && sess.gen == gen, sess.persistent
 	for i := range fl {
 		mf := &fl[i]
 		if !live {

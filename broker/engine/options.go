@@ -257,10 +257,12 @@ type Cluster interface {
 	// session outlives the connection). For one that resumes (not clean)
 	// a session another node holds, it returns that session's state
 	// (moved out there) and commit, to call once the session is made
-	// here: after commit the other node lets it go. A clean one ends the
-	// other node's session. An error refuses the CONNECT (server
-	// unavailable), so the client tries again.
-	Claim(client string, clean, persistent bool) (moved *MovedSession, commit func() error, err error)
+	// here (gen: the session's generation here, MoveInFlights's): after
+	// commit the other node lets it go. A clean one ends the other node's
+	// session. An error refuses the CONNECT (server unavailable), so the
+	// client tries again; ErrUndecided from commit keeps the session here
+	// refusing CONNECTs until SettleMove.
+	Claim(client string, clean, persistent bool) (moved *MovedSession, commit func(gen uint64) error, err error)
 }
 
 // interestWait bounds how long a SUBACK waits for the cluster to hear of
