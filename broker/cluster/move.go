@@ -64,10 +64,12 @@ type ctlMsg struct {
 
 // moveRecord is a node's stored record of a move under way.
 type moveRecord struct {
-	Client string `json:"c"`
-	Peer   string `json:"p"`           // the other node
-	Out    bool   `json:"o,omitempty"` // this node is the old one (committed, sending the tail)
-	Cursor string `json:"k,omitempty"` // the new one: the last tail entry taken
+	Client  string `json:"c"`
+	Peer    string `json:"p"`           // the other node
+	Out     bool   `json:"o,omitempty"` // this node is the old one (committed, sending the tail)
+	Pending bool   `json:"w,omitempty"` // the old one, before it knows the outcome
+	Cursor  string `json:"k,omitempty"` // the new one: the last tail entry taken
+	Gen     uint64 `json:"g,omitempty"` // the new one: the generation of the session the tail goes to
 }
 
 // MoveStats count sessions moved.
@@ -108,7 +110,7 @@ func (r *Router) sendCtl(ctx context.Context, node string, c ctlMsg) error {
 }
 
 // Claim is the engine's (Cluster.Claim): see the top of this file.
-func (r *Router) Claim(client string, clean, persistent bool) (*engine.MovedSession, func() error, error) {
+func (r *Router) Claim(client string, clean, persistent bool) (*engine.MovedSession, func(gen uint64) error, error) {
 	ctx, cancel := context.WithTimeout(r.n.ctx, moveWait)
 	defer cancel()
 	self := r.n.ID()
@@ -172,51 +174,90 @@ func (r *Router) Claim(client string, clean, persistent bool) (*engine.MovedSess
 		r.damaged.Add(1)
 		return nil, nil, fmt.Errorf("%w: its state does not decode: %v", errNotHandedOver, err)
 	}
-	commit := func() error {
+	commit := func(gen uint64) error {
 		// The old node matches for the session until a grace after the
 		// commit: the session's filters here reach Redis first.
 		r.AwaitInterest(2 * time.Second)
-		ctx, cancel := context.WithTimeout(r.n.ctx, moveWait)
-		defer cancel()
 		// Recorded before the commit: a restart in between asks Redis who
 		// won (resumeMoves).
-		rec := moveRecord{Client: client, Peer: owner}
+		rec := moveRecord{Client: client, Peer: owner, Gen: gen}
 		if err := r.writeMove(token, rec); err != nil {
 			r.mv.refused.Add(1)
 			return err
 		}
-		doneKey := r.n.Key("movedone", token)
-		won, err := commitScript.Run(ctx, r.n.rdb, []string{doneKey, r.ownerKey()}, self, client, int(moveKeep/time.Second)).Int()
-		r.n.Report(err)
-		for err != nil && ctx.Err() == nil {
-			// Redis may have run it: ask who won.
-			time.Sleep(movePoll)
-			var who string
-			who, err = r.n.rdb.Get(ctx, doneKey).Result()
-			switch {
-			case err == nil:
-				won = 0
-				if who == self {
-					won = 1
-				}
-			case errors.Is(err, redis.Nil): // not run: the old node decides at its deadline
-				err = errors.New("the commit did not reach Redis")
-			}
-		}
-		if err != nil || won == 0 {
-			_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
+		won, err := r.decide(token, client, time.Now().Add(2*moveWait))
+		if err != nil {
+			// Redis did not say: the session here waits (0x88 meanwhile)
+			// until it does.
 			r.mv.refused.Add(1)
-			if err != nil {
-				return err
-			}
+			r.n.Go(func(ctx context.Context) { r.settle(ctx, token, rec) })
+			return fmt.Errorf("%w: %v", engine.ErrUndecided, err)
+		}
+		if !won {
+			r.mv.refused.Add(1)
+			r.n.Go(func(ctx context.Context) { r.forgetLost(ctx, token, rec) })
 			return fmt.Errorf("%w: it took the session back", errNotHandedOver)
 		}
-		_ = r.sendCtl(ctx, owner, ctlMsg{Op: "committed", Client: client, From: self, Token: token})
-		r.mv.in.Add(1)
-		r.n.Go(func(ctx context.Context) { r.takeTail(ctx, token, rec) })
+		r.committed(token, rec)
 		return nil
 	}
 	return st, commit, nil
+}
+
+// decide runs the commit (commitScript, which may run again: it says
+// the same) until Redis answers or deadline passes.
+func (r *Router) decide(token, client string, deadline time.Time) (won bool, err error) {
+	for {
+		ctx, cancel := context.WithTimeout(r.n.ctx, 2*time.Second)
+		var n int
+		n, err = commitScript.Run(ctx, r.n.rdb, []string{r.n.Key("movedone", token), r.ownerKey()},
+			r.n.ID(), client, int(moveKeep/time.Second)).Int()
+		cancel()
+		r.n.Report(err)
+		if err == nil {
+			return n == 1, nil
+		}
+		if r.n.ctx.Err() != nil || time.Now().After(deadline) {
+			return false, err
+		}
+		time.Sleep(movePoll)
+	}
+}
+
+// committed: this node holds the session now; its tail is taken here.
+func (r *Router) committed(token string, rec moveRecord) {
+	ctx, cancel := context.WithTimeout(r.n.ctx, moveWait)
+	_ = r.sendCtl(ctx, rec.Peer, ctlMsg{Op: "committed", Client: rec.Client, From: r.n.ID(), Token: token})
+	cancel()
+	r.mv.in.Add(1)
+	r.n.Go(func(ctx context.Context) { r.takeTail(ctx, token, rec) })
+}
+
+// settle decides a move whose commit Redis did not answer, then lets the
+// session here go on (won) or ends it.
+func (r *Router) settle(ctx context.Context, token string, rec moveRecord) {
+	for ctx.Err() == nil {
+		won, err := r.decide(token, rec.Client, time.Now().Add(time.Minute))
+		if err != nil {
+			continue
+		}
+		r.eng.SettleMove(rec.Client, rec.Gen, won)
+		if won {
+			r.committed(token, rec)
+		} else {
+			r.forgetLost(ctx, token, rec)
+		}
+		return
+	}
+}
+
+// forgetLost removes the record of a move this node lost, once the
+// session it made for it is gone (its removal is queued first).
+func (r *Router) forgetLost(ctx context.Context, token string, rec moveRecord) {
+	for ctx.Err() == nil && r.eng.SessionGen(rec.Client) == rec.Gen && rec.Gen != 0 {
+		time.Sleep(movePoll)
+	}
+	_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
 }
 
 // commitScript decides a move for the new node, unless the old node took
@@ -273,7 +314,7 @@ func (r *Router) onCtl(payload string) {
 		if taking {
 			return
 		}
-		rec := moveRecord{Client: c.Client, Peer: c.From}
+		rec := moveRecord{Client: c.Client, Peer: c.From, Gen: r.eng.SessionGen(c.Client)}
 		if err := r.writeMove(c.Token, rec); err != nil {
 			r.log.Warn("cluster: a session's tail from another node was not recorded", "client", c.Client, "error", err)
 			return
@@ -302,6 +343,13 @@ func (r *Router) moveOut(ctx context.Context, c ctlMsg) {
 		delete(r.mv.committed, c.Token)
 		r.mv.mu.Unlock()
 	}()
+	// Recorded before the state goes: a restart before the outcome is
+	// known asks Redis (resumeMoves).
+	pending := moveRecord{Client: c.Client, Peer: c.From, Out: true, Pending: true}
+	if err := r.writeMove(c.Token, pending); err != nil {
+		mv.Cancel()
+		return
+	}
 	b, _ := json.Marshal(mv.State())
 	deadline := time.Now().Add(moveRevert)
 	if err := r.n.rdb.Set(ctx, stateKey, b, moveKeep).Err(); err != nil {
@@ -336,6 +384,7 @@ func (r *Router) moveOut(ctx context.Context, c ctlMsg) {
 		}
 		if ok {
 			mv.Cancel()
+			_ = r.db.Write(storage.Delete(storage.MoveKey(c.Token)))
 			r.n.rdb.Del(ctx, stateKey)
 			r.log.Warn("cluster: a session move was not taken up; the session stays here", "client", c.Client, "node", c.From)
 			return
@@ -374,7 +423,11 @@ func (r *Router) sendTail(ctx context.Context, mv *engine.Moving, token, to stri
 				break
 			}
 			body, _ := json.Marshal(b.Flights)
-			id, err := r.n.rdb.XAdd(ctx, &redis.XAddArgs{Stream: stream, Values: []string{"f", string(body)}}).Result()
+			p := r.n.rdb.Pipeline()
+			add := p.XAdd(ctx, &redis.XAddArgs{Stream: stream, Values: []string{"f", string(body)}})
+			p.Expire(ctx, stream, moveKeep)
+			_, err := p.Exec(ctx)
+			id := add.Val()
 			r.n.Report(err)
 			if err != nil {
 				b.Return()
@@ -458,6 +511,7 @@ func (r *Router) takeTail(ctx context.Context, token string, rec moveRecord) {
 		}
 	}
 	confirmed := "" // the cursor Redis is known to have in movetaken
+	heard := time.Now() // the last entry
 	finish := func() {
 		r.eng.MoveInDone(rec.Client)
 		if err := r.db.Write(storage.Delete(storage.MoveKey(token))); err != nil {
@@ -484,11 +538,19 @@ func (r *Router) takeTail(ctx context.Context, token string, rec moveRecord) {
 			next := rec
 			next.Cursor = x.ID
 			b, _ := json.Marshal(next)
-			if err := r.eng.MoveInFlights(rec.Client, fl, []storage.Op{storage.Set(storage.MoveKey(token), b)}); err != nil {
+			if err := r.eng.MoveInFlights(rec.Client, rec.Gen, fl, []storage.Op{storage.Set(storage.MoveKey(token), b)}); err != nil {
 				r.takeFailures.Add(1)
 				break // again after a pause
 			}
 			cursor = x.ID
+			heard = time.Now()
+		}
+		if time.Since(heard) > moveKeep {
+			// Redis has forgotten the tail by now (its keys live that long).
+			r.log.Warn("cluster: a moved session's tail did not end; what its old node still holds is not delivered",
+				"client", rec.Client, "node", rec.Peer)
+			finish()
+			return
 		}
 		if cursor != confirmed && cursor != "0" {
 			// Said again until Redis has it: the old node lets go of what
@@ -521,9 +583,15 @@ func (r *Router) takeTail(ctx context.Context, token string, rec moveRecord) {
 // moving away from here waits for it before it ends.
 func (r *Router) takingFor(client string) bool {
 	r.mv.mu.Lock()
-	defer r.mv.mu.Unlock()
+	var peers []string
 	for _, rec := range r.mv.taking {
 		if rec.Client == client {
+			peers = append(peers, rec.Peer)
+		}
+	}
+	r.mv.mu.Unlock()
+	for _, p := range peers {
+		if r.NodeUp(p) { // a tail from a node that is down is not waited for
 			return true
 		}
 	}
@@ -571,36 +639,92 @@ func (r *Router) loadMoves() error {
 
 // resumeMoves goes on with them: the new node's half takes the tail
 // again from where it was (if it had committed), the old node's sends
-// what it still holds.
+// what it still holds; a half whose outcome it did not know asks Redis,
+// its session refusing CONNECTs meanwhile.
 func (r *Router) resumeMoves(ctx context.Context) {
 	for token, rec := range r.mv.resume {
 		token, rec := token, rec
-		if !rec.Out {
-			who, err := r.n.rdb.Get(ctx, r.n.Key("movedone", token)).Result()
-			r.n.Report(err)
-			if err == nil && who != r.n.ID() || errors.Is(err, redis.Nil) {
-				// Recorded, then the commit failed or never ran: the old
-				// node kept the session; the copy made here is not it.
-				r.eng.DropSession(rec.Client)
+		switch {
+		case !rec.Out:
+			r.eng.HoldMove(rec.Client, rec.Gen)
+			r.n.Go(func(ctx context.Context) { r.settle(ctx, token, rec) })
+		case rec.Pending:
+			mv, err := r.eng.MoveOut(rec.Client)
+			if err != nil {
 				_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
 				continue
 			}
-			r.n.Go(func(ctx context.Context) { r.takeTail(ctx, token, rec) })
-			continue
+			r.n.Go(func(ctx context.Context) { r.settleOut(ctx, mv, token, rec) })
+		default:
+			mv, err := r.eng.MoveOut(rec.Client)
+			if err != nil {
+				// Gone here (expired, or ended as the node died): the new
+				// node's taker hears the end.
+				r.n.Go(func(ctx context.Context) { r.endTail(ctx, token) })
+				continue
+			}
+			mv.Resume()
+			r.resumeOut(ctx, mv, token, rec)
 		}
-		mv, err := r.eng.MoveOut(rec.Client)
-		if err != nil {
-			_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
-			continue
-		}
-		mv.Resume()
-		// The new node may have given up on the tail meanwhile: tell it.
-		_ = r.sendCtl(ctx, rec.Peer, ctlMsg{Op: "tail", Client: rec.Client, From: r.n.ID(), Token: token})
-		// What was on its way here before the restart is in this node's
-		// streams still: the grace again.
-		r.n.Go(func(ctx context.Context) { r.sendTail(ctx, mv, token, rec.Peer, moveGrace) })
 	}
 	r.mv.resume = nil
+}
+
+// resumeOut sends the rest of a tail after a restart, telling the new
+// node (which may have given up on it meanwhile).
+func (r *Router) resumeOut(ctx context.Context, mv *engine.Moving, token string, rec moveRecord) {
+	_ = r.sendCtl(ctx, rec.Peer, ctlMsg{Op: "tail", Client: rec.Client, From: r.n.ID(), Token: token})
+	// What was on its way here before the restart is in this node's
+	// streams still: the grace again.
+	r.n.Go(func(ctx context.Context) { r.sendTail(ctx, mv, token, rec.Peer, moveGrace) })
+}
+
+// settleOut decides a move the old node had begun before a restart: it
+// keeps the session (its SET NX wins) or sends what it holds as the tail.
+func (r *Router) settleOut(ctx context.Context, mv *engine.Moving, token string, rec moveRecord) {
+	doneKey := r.n.Key("movedone", token)
+	for ctx.Err() == nil {
+		ok, err := r.n.rdb.SetNX(ctx, doneKey, r.n.ID(), moveKeep).Result()
+		var who string
+		if err == nil && !ok {
+			who, err = r.n.rdb.Get(ctx, doneKey).Result()
+		}
+		r.n.Report(err)
+		if err != nil {
+			time.Sleep(time.Second)
+			continue
+		}
+		if ok || who == r.n.ID() {
+			mv.Cancel()
+			_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
+			return
+		}
+		mv.Resume()
+		rec.Pending = false
+		if err := r.writeMove(token, rec); err != nil {
+			r.log.Warn("cluster: a moved session's record was not stored", "client", rec.Client, "error", err)
+		}
+		r.mv.out.Add(1)
+		r.resumeOut(ctx, mv, token, rec)
+		return
+	}
+}
+
+// endTail ends a tail whose session is gone here, until Redis takes it.
+func (r *Router) endTail(ctx context.Context, token string) {
+	stream := r.moveKey(token)
+	for ctx.Err() == nil {
+		p := r.n.rdb.Pipeline()
+		p.XAdd(ctx, &redis.XAddArgs{Stream: stream, Values: []string{"end", "1"}})
+		p.Expire(ctx, stream, moveKeep)
+		_, err := p.Exec(ctx)
+		r.n.Report(err)
+		if err == nil {
+			_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
+			return
+		}
+		time.Sleep(time.Second)
+	}
 }
 
 // resumeOrphans ends the sessions here whose clients started clean

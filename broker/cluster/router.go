@@ -44,8 +44,11 @@ type Engine interface {
 	SetRetained(m *engine.Message) error
 	// Sessions moving between nodes (move.go).
 	MoveOut(client string) (*engine.Moving, error)
-	MoveInFlights(client string, fl []engine.MovedFlight, ops []storage.Op) error
+	MoveInFlights(client string, gen uint64, fl []engine.MovedFlight, ops []storage.Op) error
 	MoveInDone(client string)
+	SessionGen(client string) uint64
+	HoldMove(client string, gen uint64)
+	SettleMove(client string, gen uint64, won bool)
 	DropSession(client string) bool
 	PersistentSessions() []string
 }
@@ -224,6 +227,8 @@ func (r *Router) Start(eng Engine) {
 	cancel()
 	r.syncRetained()
 	r.n.OnUp(func() {
+		// Drops and sessions that moved while this node could not hear.
+		r.n.Go(func(ctx context.Context) { r.resumeOrphans(ctx) })
 		r.fullPush.Store(true)
 		select {
 		case r.iwake <- struct{}{}:
