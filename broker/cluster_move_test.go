@@ -348,3 +348,53 @@ func TestClusterQoS2InFlightFollowsTheClient(t *testing.T) {
 		t.Fatalf("sent again after its flow completed: %+v", pk)
 	}
 }
+
+// A client that resumes on b and then starts clean there, while a still
+// sends the tail of the moved session: the tail is the old session's and
+// goes nowhere; the clean session gets nothing it did not subscribe to.
+func TestClusterCleanStartDuringTheTail(t *testing.T) {
+	rds := clustertest.StartRedis(t)
+	a := bt.Start(t, clusterConfig(t, rds, "a"))
+	b := bt.Start(t, clusterConfig(t, rds, "b"))
+	c := bt.Start(t, clusterConfig(t, rds, "c"))
+	sub := bt.Dial(t, a.MQTTAddr("tcp"), persistent("twice", true))
+	sub.SubscribeT(t, paho.SubscribeOptions{Topic: "tw/#", QoS: 1})
+	waitWants(t, c, "tw/x", "a")
+	_ = sub.Disconnect(&paho.Disconnect{})
+	pubC := bt.Dial(t, c.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-c", CleanStart: true})
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			_, err := pubC.Publish(ctx, &paho.Publish{Topic: "tw/x", QoS: 1, Payload: []byte(strconv.Itoa(i))})
+			cancel()
+			if err != nil {
+				return
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	}()
+	time.Sleep(200 * time.Millisecond)
+	resumed := bt.Dial(t, b.MQTTAddr("tcp"), persistent("twice", false))
+	if !resumed.Connack.SessionPresent {
+		t.Fatal("not present on b")
+	}
+	_ = resumed.Disconnect(&paho.Disconnect{})
+	clean := bt.Dial(t, b.MQTTAddr("tcp"), persistent("twice", true))
+	bt.WaitFor(t, 30*time.Second, "a ended the moved session", func() bool { return a.Engine().Stats().Sessions == 0 })
+	close(stop)
+	<-done
+	clean.Barrier(t)
+	for _, m := range clean.Messages() {
+		if m.Topic == "tw/x" {
+			t.Fatalf("the clean session got %q from the old session's tail", m.Payload)
+		}
+	}
+}
