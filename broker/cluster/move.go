@@ -510,7 +510,7 @@ func (r *Router) takeTail(ctx context.Context, token string, rec moveRecord) {
 			cursor = v
 		}
 	}
-	confirmed := "" // the cursor Redis is known to have in movetaken
+	confirmed := ""     // the cursor Redis is known to have in movetaken
 	heard := time.Now() // the last entry
 	finish := func() {
 		r.eng.MoveInDone(rec.Client)
