@@ -64,12 +64,22 @@ type ctlMsg struct {
 
 // moveRecord is a node's stored record of a move under way.
 type moveRecord struct {
-	Client  string `json:"c"`
-	Peer    string `json:"p"`           // the other node
-	Out     bool   `json:"o,omitempty"` // this node is the old one (committed, sending the tail)
-	Pending bool   `json:"w,omitempty"` // the old one, before it knows the outcome
-	Cursor  string `json:"k,omitempty"` // the new one: the last tail entry taken
-	Gen     uint64 `json:"g,omitempty"` // the new one: the generation of the session the tail goes to
+	Client    string `json:"c"`
+	Peer      string `json:"p"`           // the other node
+	At        int64  `json:"a,omitempty"` // unix seconds it began (a decision older than moveKeep/2 is not made again)
+	Out       bool   `json:"o,omitempty"` // this node is the old one (committed, sending the tail)
+	Pending   bool   `json:"w,omitempty"` // the old one, before it knows the outcome
+	Cursor    string `json:"k,omitempty"` // the new one: the last tail entry taken
+	Gen       uint64 `json:"g,omitempty"` // the new one: the generation of the session the tail goes to
+	Merged    bool   `json:"m,omitempty"` // the new one: that session was here before the move
+	Committed bool   `json:"d,omitempty"` // the new one: the commit won
+	Tail      bool   `json:"t,omitempty"` // the new one: a tail alone (a node back from down), no commit
+}
+
+// stale reports whether a move began so long ago that Redis may have
+// forgotten its outcome (its keys live moveKeep).
+func (rec moveRecord) stale() bool {
+	return rec.At != 0 && time.Since(time.Unix(rec.At, 0)) > moveKeep/2
 }
 
 // MoveStats count sessions moved.
@@ -110,7 +120,7 @@ func (r *Router) sendCtl(ctx context.Context, node string, c ctlMsg) error {
 }
 
 // Claim is the engine's (Cluster.Claim): see the top of this file.
-func (r *Router) Claim(client string, clean, persistent bool) (*engine.MovedSession, func(gen uint64) error, error) {
+func (r *Router) Claim(client string, clean, persistent bool) (*engine.MovedSession, func(gen uint64, merged bool) error, error) {
 	ctx, cancel := context.WithTimeout(r.n.ctx, moveWait)
 	defer cancel()
 	self := r.n.ID()
@@ -174,13 +184,13 @@ func (r *Router) Claim(client string, clean, persistent bool) (*engine.MovedSess
 		r.damaged.Add(1)
 		return nil, nil, fmt.Errorf("%w: its state does not decode: %v", errNotHandedOver, err)
 	}
-	commit := func(gen uint64) error {
+	commit := func(gen uint64, merged bool) error {
 		// The old node matches for the session until a grace after the
 		// commit: the session's filters here reach Redis first.
 		r.AwaitInterest(2 * time.Second)
 		// Recorded before the commit: a restart in between asks Redis who
 		// won (resumeMoves).
-		rec := moveRecord{Client: client, Peer: owner, Gen: gen}
+		rec := moveRecord{Client: client, Peer: owner, Gen: gen, Merged: merged, At: time.Now().Unix()}
 		if err := r.writeMove(token, rec); err != nil {
 			r.mv.refused.Add(1)
 			return err
@@ -226,6 +236,10 @@ func (r *Router) decide(token, client string, deadline time.Time) (won bool, err
 
 // committed: this node holds the session now; its tail is taken here.
 func (r *Router) committed(token string, rec moveRecord) {
+	rec.Committed = true
+	if err := r.writeMove(token, rec); err != nil {
+		r.log.Warn("cluster: a moved session's record was not stored", "client", rec.Client, "error", err)
+	}
 	ctx, cancel := context.WithTimeout(r.n.ctx, moveWait)
 	_ = r.sendCtl(ctx, rec.Peer, ctlMsg{Op: "committed", Client: rec.Client, From: r.n.ID(), Token: token})
 	cancel()
@@ -237,11 +251,26 @@ func (r *Router) committed(token string, rec moveRecord) {
 // session here go on (won) or ends it.
 func (r *Router) settle(ctx context.Context, token string, rec moveRecord) {
 	for ctx.Err() == nil {
-		won, err := r.decide(token, rec.Client, time.Now().Add(time.Minute))
+		var won bool
+		var err error
+		if rec.stale() {
+			// Too old to run the commit again (its key may be gone, and
+			// SET NX would win): what Redis still says, else lost.
+			var who string
+			who, err = r.n.rdb.Get(ctx, r.n.Key("movedone", token)).Result()
+			if errors.Is(err, redis.Nil) {
+				err = nil
+			}
+			won = who == r.n.ID()
+		} else {
+			won, err = r.decide(token, rec.Client, time.Now().Add(time.Minute))
+		}
 		if err != nil {
+			r.n.Report(err)
+			time.Sleep(time.Second)
 			continue
 		}
-		r.eng.SettleMove(rec.Client, rec.Gen, won)
+		r.eng.SettleMove(rec.Client, rec.Gen, won, rec.Merged)
 		if won {
 			r.committed(token, rec)
 		} else {
@@ -254,7 +283,7 @@ func (r *Router) settle(ctx context.Context, token string, rec moveRecord) {
 // forgetLost removes the record of a move this node lost, once the
 // session it made for it is gone (its removal is queued first).
 func (r *Router) forgetLost(ctx context.Context, token string, rec moveRecord) {
-	for ctx.Err() == nil && r.eng.SessionGen(rec.Client) == rec.Gen && rec.Gen != 0 {
+	for ctx.Err() == nil && !rec.Merged && r.eng.SessionGen(rec.Client) == rec.Gen && rec.Gen != 0 {
 		time.Sleep(movePoll)
 	}
 	_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
@@ -314,7 +343,7 @@ func (r *Router) onCtl(payload string) {
 		if taking {
 			return
 		}
-		rec := moveRecord{Client: c.Client, Peer: c.From, Gen: r.eng.SessionGen(c.Client)}
+		rec := moveRecord{Client: c.Client, Peer: c.From, Gen: r.eng.SessionGen(c.Client), Tail: true, At: time.Now().Unix()}
 		if err := r.writeMove(c.Token, rec); err != nil {
 			r.log.Warn("cluster: a session's tail from another node was not recorded", "client", c.Client, "error", err)
 			return
@@ -345,7 +374,7 @@ func (r *Router) moveOut(ctx context.Context, c ctlMsg) {
 	}()
 	// Recorded before the state goes: a restart before the outcome is
 	// known asks Redis (resumeMoves).
-	pending := moveRecord{Client: c.Client, Peer: c.From, Out: true, Pending: true}
+	pending := moveRecord{Client: c.Client, Peer: c.From, Out: true, Pending: true, At: time.Now().Unix()}
 	if err := r.writeMove(c.Token, pending); err != nil {
 		mv.Cancel()
 		return
@@ -598,6 +627,20 @@ func (r *Router) takingFor(client string) bool {
 	return false
 }
 
+// processDrops ends the sessions in this node's drop set; false if Redis
+// did not answer.
+func (r *Router) processDrops(ctx context.Context) bool {
+	drops, err := r.n.rdb.SMembers(ctx, r.dropKey(r.n.ID())).Result()
+	r.n.Report(err)
+	if err != nil {
+		return false
+	}
+	for _, client := range drops {
+		r.dropSession(ctx, client)
+	}
+	return true
+}
+
 // dropSession ends a session here whose client started clean on another
 // node, and clears it from this node's drop set.
 func (r *Router) dropSession(ctx context.Context, client string) {
@@ -638,41 +681,72 @@ func (r *Router) loadMoves() error {
 }
 
 // resumeMoves goes on with them: the new node's half takes the tail
-// again from where it was (if it had committed), the old node's sends
-// what it still holds; a half whose outcome it did not know asks Redis,
-// its session refusing CONNECTs meanwhile.
+// again from where it was (once it knows its commit won), the old node's
+// sends what it still holds; a half whose outcome it did not know asks
+// Redis, its session refusing CONNECTs meanwhile. The old node's halves
+// go first: a session both took in and sent on is the outgoing one's.
 func (r *Router) resumeMoves(ctx context.Context) {
+	var in []string
 	for token, rec := range r.mv.resume {
-		token, rec := token, rec
-		switch {
-		case !rec.Out:
-			r.eng.HoldMove(rec.Client, rec.Gen)
-			r.n.Go(func(ctx context.Context) { r.settle(ctx, token, rec) })
-		case rec.Pending:
-			mv, err := r.eng.MoveOut(rec.Client)
-			if err != nil {
-				_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
-				continue
-			}
-			r.n.Go(func(ctx context.Context) { r.settleOut(ctx, mv, token, rec) })
-		default:
-			mv, err := r.eng.MoveOut(rec.Client)
-			if err != nil {
-				// Gone here (expired, or ended as the node died): the new
-				// node's taker hears the end.
-				r.n.Go(func(ctx context.Context) { r.endTail(ctx, token) })
-				continue
-			}
-			mv.Resume()
-			r.resumeOut(ctx, mv, token, rec)
+		if !rec.Out {
+			in = append(in, token)
+			continue
 		}
+		token, rec := token, rec
+		r.n.Go(func(ctx context.Context) { r.resumeOutgoing(ctx, token, rec) })
+	}
+	for _, token := range in {
+		token, rec := token, r.mv.resume[token]
+		if rec.Committed || rec.Tail {
+			r.n.Go(func(ctx context.Context) { r.takeTail(ctx, token, rec) })
+			continue
+		}
+		r.eng.HoldMove(rec.Client, rec.Gen)
+		r.n.Go(func(ctx context.Context) { r.settle(ctx, token, rec) })
 	}
 	r.mv.resume = nil
 }
 
-// resumeOut sends the rest of a tail after a restart, telling the new
-// node (which may have given up on it meanwhile).
+// resumeOutgoing goes on with a move out of this node after a restart.
+func (r *Router) resumeOutgoing(ctx context.Context, token string, rec moveRecord) {
+	for ctx.Err() == nil {
+		mv, err := r.eng.MoveOut(rec.Client)
+		switch {
+		case errors.Is(err, engine.ErrMoving):
+			time.Sleep(time.Second) // an incoming half of the same client settles first
+			continue
+		case err != nil:
+			// Gone here (expired, or ended as the node died): the new
+			// node's taker hears the end.
+			if rec.Pending {
+				_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
+			} else {
+				r.endTail(ctx, token)
+			}
+			return
+		case rec.Pending:
+			r.settleOut(ctx, mv, token, rec)
+		default:
+			mv.Resume()
+			r.resumeOut(ctx, mv, token, rec)
+		}
+		return
+	}
+}
+
+// resumeOut sends the rest of a tail after a restart to the session's
+// owner: the node it moved to, told again (it may have given up on it),
+// or, if the session has moved on from there, its owner now, under a
+// new token.
 func (r *Router) resumeOut(ctx context.Context, mv *engine.Moving, token string, rec moveRecord) {
+	owner, err := r.n.rdb.HGet(ctx, r.ownerKey(), rec.Client).Result()
+	if err == nil && owner != "" && owner != rec.Peer && owner != r.n.ID() {
+		r.endTail(ctx, token)
+		token, rec.Peer = newToken(), owner
+		if err := r.writeMove(token, rec); err != nil {
+			r.log.Warn("cluster: a moved session's record was not stored", "client", rec.Client, "error", err)
+		}
+	}
 	_ = r.sendCtl(ctx, rec.Peer, ctlMsg{Op: "tail", Client: rec.Client, From: r.n.ID(), Token: token})
 	// What was on its way here before the restart is in this node's
 	// streams still: the grace again.
@@ -680,24 +754,55 @@ func (r *Router) resumeOut(ctx context.Context, mv *engine.Moving, token string,
 }
 
 // settleOut decides a move the old node had begun before a restart: it
-// keeps the session (its SET NX wins) or sends what it holds as the tail.
+// keeps the session (its SET NX wins) or sends what it holds as the tail,
+// less what the state it had sent carried.
 func (r *Router) settleOut(ctx context.Context, mv *engine.Moving, token string, rec moveRecord) {
 	doneKey := r.n.Key("movedone", token)
 	for ctx.Err() == nil {
-		ok, err := r.n.rdb.SetNX(ctx, doneKey, r.n.ID(), moveKeep).Result()
-		var who string
-		if err == nil && !ok {
-			who, err = r.n.rdb.Get(ctx, doneKey).Result()
+		var kept bool
+		var err error
+		if rec.stale() {
+			// Redis may have forgotten: the owner says who has it.
+			var owner string
+			owner, err = r.n.rdb.HGet(ctx, r.ownerKey(), rec.Client).Result()
+			if errors.Is(err, redis.Nil) {
+				owner, err = "", nil
+			}
+			kept = owner != rec.Peer
+		} else {
+			var ok bool
+			ok, err = r.n.rdb.SetNX(ctx, doneKey, r.n.ID(), moveKeep).Result()
+			kept = ok
+			if err == nil && !ok {
+				var who string
+				who, err = r.n.rdb.Get(ctx, doneKey).Result()
+				kept = who == r.n.ID()
+			}
 		}
-		r.n.Report(err)
 		if err != nil {
+			if !errors.Is(err, redis.Nil) {
+				r.n.Report(err)
+			}
 			time.Sleep(time.Second)
 			continue
 		}
-		if ok || who == r.n.ID() {
+		if kept {
 			mv.Cancel()
 			_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
 			return
+		}
+		// The new node has what the state carried.
+		if raw, err := r.n.rdb.Get(ctx, r.moveKey(token)+":state").Result(); err == nil {
+			st := &engine.MovedSession{}
+			if json.Unmarshal([]byte(raw), st) == nil {
+				known := map[string]bool{}
+				for _, f := range st.Flights {
+					if f.Origin != "" {
+						known[f.Origin] = true
+					}
+				}
+				mv.CommitKnown(known)
+			}
 		}
 		mv.Resume()
 		rec.Pending = false
@@ -732,13 +837,8 @@ func (r *Router) endTail(ctx context.Context, token string) {
 // owns now (a client that moved while this node was down) their queue:
 // it goes to the owner as a tail, and the session ends here.
 func (r *Router) resumeOrphans(ctx context.Context) {
-	drops, err := r.n.rdb.SMembers(ctx, r.dropKey(r.n.ID())).Result()
-	r.n.Report(err)
-	if err != nil {
+	if !r.processDrops(ctx) {
 		return // Redis away: the sessions stay; the next start looks again
-	}
-	for _, client := range drops {
-		r.dropSession(ctx, client)
 	}
 	ids := r.eng.PersistentSessions()
 	if len(ids) == 0 {

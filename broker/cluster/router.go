@@ -48,7 +48,7 @@ type Engine interface {
 	MoveInDone(client string)
 	SessionGen(client string) uint64
 	HoldMove(client string, gen uint64)
-	SettleMove(client string, gen uint64, won bool)
+	SettleMove(client string, gen uint64, won, merged bool)
 	DropSession(client string) bool
 	PersistentSessions() []string
 }
@@ -227,8 +227,10 @@ func (r *Router) Start(eng Engine) {
 	cancel()
 	r.syncRetained()
 	r.n.OnUp(func() {
-		// Drops and sessions that moved while this node could not hear.
-		r.n.Go(func(ctx context.Context) { r.resumeOrphans(ctx) })
+		// Clean starts elsewhere while this node could not hear. (Sessions
+		// that moved meanwhile are handed on at the next start: a session
+		// made here while Redis was away joins the moved one instead.)
+		r.n.Go(func(ctx context.Context) { r.processDrops(ctx) })
 		r.fullPush.Store(true)
 		select {
 		case r.iwake <- struct{}{}:

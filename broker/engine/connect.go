@@ -387,19 +387,26 @@ func (s *Server) claim(client string, assigned, clean, persistent bool, p Princi
 	if err != nil || moved == nil {
 		return err
 	}
+	// The session is held (refusing CONNECTs, not moving out) from
+	// moveIn until the commit is decided.
 	merged, gen, err := s.moveIn(client, moved, p)
 	if err == nil {
-		err = commit(gen)
+		err = commit(gen, merged)
 	}
 	switch {
+	case err == nil:
+		s.release(client, gen)
 	case errors.Is(err, ErrUndecided):
-		s.HoldMove(client, gen) // whether it is this node's is settled later (SettleMove)
-	case err != nil && !merged && !errors.Is(err, ErrMoving):
+		// Settled later (SettleMove), held meanwhile.
+	case errors.Is(err, ErrMoving):
+	case merged:
+		// A session that was here already keeps what it took in (the
+		// other node kept its copy too): a later move of the same
+		// messages skips them (seen).
+		s.release(client, gen)
+	default:
 		s.dropMovedIn(client)
 	}
-	// A session that was here already keeps what it took in (the other
-	// node kept its copy too): a later move of the same messages skips
-	// them (seen).
 	return err
 }
 

@@ -193,7 +193,11 @@ func (s *Server) movedFlight(f *flight) MovedFlight {
 
 // Commit: the new node holds the session. What State carried is dropped
 // here; what was queued since is the tail.
-func (mv *Moving) Commit() {
+func (mv *Moving) Commit() { mv.commit(nil) }
+
+// commit drops the snapshot's flights; keepOut are flights in flight
+// that stay (CommitKnown).
+func (mv *Moving) commit(keepOut map[*flight]bool) {
 	sess := mv.sess
 	sess.mu.Lock()
 	defer sess.mu.Unlock()
@@ -202,10 +206,12 @@ func (mv *Moving) Commit() {
 		in[f] = true
 	}
 	mv.snapshot = nil
-	for _, f := range sess.out { // nothing is sent while it moves: all of them were in State
-		mv.forgetLocked(f)
+	for i := len(sess.out) - 1; i >= 0; i-- { // nothing is sent while it moves: all of them were in State
+		if f := sess.out[i]; !keepOut[f] {
+			sess.removeOutLocked(i)
+			mv.forgetLocked(f)
+		}
 	}
-	sess.out, sess.byID = nil, nil
 	kept := sess.queue[:0]
 	for _, f := range sess.queue {
 		if in[f] {
@@ -251,6 +257,39 @@ func (s *Server) PersistentSessions() []string {
 		sess.mu.Unlock()
 	}
 	return ids
+}
+
+// CommitKnown is Commit for a move whose state went before a restart:
+// the flights whose identities the state carried (known) are dropped,
+// the others (queued since) are the tail.
+func (mv *Moving) CommitKnown(known map[string]bool) {
+	sess := mv.sess
+	sess.mu.Lock()
+	var snap []*flight
+	for _, f := range append(append([]*flight(nil), sess.out...), sess.queue...) {
+		if o := mv.s.identity(f.msg); o != "" && known[o] {
+			snap = append(snap, f)
+		}
+	}
+	mv.snapshot = snap
+	out := sess.out
+	sess.mu.Unlock()
+	// Commit drops what is in the snapshot; flights in flight that are
+	// not are kept in flight.
+	keep := map[*flight]bool{}
+	for _, f := range out {
+		keep[f] = !knownFlight(snap, f)
+	}
+	mv.commit(keep)
+}
+
+func knownFlight(list []*flight, f *flight) bool {
+	for _, g := range list {
+		if g == f {
+			return true
+		}
+	}
+	return false
 }
 
 // Cancel: the move did not happen; the session is an ordinary offline
@@ -483,6 +522,7 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) (merged bo
 	}
 	gen = sess.gen
 	s.sessions[client] = sess
+	sess.moving = &Moving{s: s, sess: sess, held: true} // until the commit is decided (release, SettleMove)
 	have := map[[2]string]bool{}
 	if merged {
 		for _, sub := range s.index.Subscriptions(client) {
@@ -535,23 +575,50 @@ func (s *Server) HoldMove(client string, gen uint64) {
 }
 
 // SettleMove ends the wait of a session moved in (generation gen) once
-// the move's outcome is known: kept if this node won it, else ended.
-func (s *Server) SettleMove(client string, gen uint64, won bool) {
-	sess := s.session(client)
+// the move's outcome is known: kept if this node won it (or the session
+// was here before, merged), else ended.
+func (s *Server) SettleMove(client string, gen uint64, won, merged bool) {
+	if won || merged {
+		s.release(client, gen)
+		return
+	}
+	s.mu.Lock()
+	sess := s.sessions[client]
 	if sess == nil {
+		s.mu.Unlock()
 		return
 	}
 	sess.mu.Lock()
 	if sess.gen != gen || sess.discarded {
 		sess.mu.Unlock()
+		s.mu.Unlock()
 		return
 	}
-	if sess.moving != nil && sess.moving.held {
-		sess.moving = nil
-	}
+	sess.moving = nil
+	sess.dropStoredLocked()
+	sess.discardLocked()
 	sess.mu.Unlock()
-	if !won {
-		s.DropSession(client)
+	delete(s.sessions, client)
+	s.index.RemoveClient(client)
+	s.mu.Unlock()
+}
+
+// release ends the hold of a session moved in (generation gen): an
+// ordinary session here from now on, with its expiry clock running.
+func (s *Server) release(client string, gen uint64) {
+	sess := s.session(client)
+	if sess == nil {
+		return
+	}
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	if sess.gen != gen || sess.discarded || sess.moving == nil || !sess.moving.held {
+		return
+	}
+	sess.moving = nil
+	if sess.conn == nil && sess.expireTimer == nil {
+		sess.expireAt = s.now().Add(sess.expiry)
+		sess.expireTimer = time.AfterFunc(sess.expiry, func() { s.expire(sess) })
 	}
 }
 

@@ -262,7 +262,7 @@ type Cluster interface {
 	// session. An error refuses the CONNECT (server unavailable), so the
 	// client tries again; ErrUndecided from commit keeps the session here
 	// refusing CONNECTs until SettleMove.
-	Claim(client string, clean, persistent bool) (moved *MovedSession, commit func(gen uint64) error, err error)
+	Claim(client string, clean, persistent bool) (moved *MovedSession, commit func(gen uint64, merged bool) error, err error)
 }
 
 // interestWait bounds how long a SUBACK waits for the cluster to hear of
