@@ -259,7 +259,12 @@ func (r *Router) settle(ctx context.Context, token string, rec moveRecord) {
 			var who string
 			who, err = r.n.rdb.Get(ctx, r.n.Key("movedone", token)).Result()
 			if errors.Is(err, redis.Nil) {
-				err = nil
+				// Forgotten: the owner hash, which the commit set with it,
+				// says (as the old node's settleOut reads it).
+				who, err = r.n.rdb.HGet(ctx, r.ownerKey(), rec.Client).Result()
+				if errors.Is(err, redis.Nil) {
+					who, err = "", nil
+				}
 			}
 			won = who == r.n.ID()
 		} else {
@@ -374,7 +379,7 @@ func (r *Router) moveOut(ctx context.Context, c ctlMsg) {
 	}()
 	// Recorded before the state goes: a restart before the outcome is
 	// known asks Redis (resumeMoves).
-	pending := moveRecord{Client: c.Client, Peer: c.From, Out: true, Pending: true, At: time.Now().Unix()}
+	pending := moveRecord{Client: c.Client, Peer: c.From, Out: true, Pending: true, At: time.Now().Unix(), Gen: mv.Gen()}
 	if err := r.writeMove(c.Token, pending); err != nil {
 		mv.Cancel()
 		return
@@ -420,7 +425,7 @@ func (r *Router) moveOut(ctx context.Context, c ctlMsg) {
 		}
 	}
 	mv.Commit()
-	rec := moveRecord{Client: c.Client, Peer: c.From, Out: true}
+	rec := moveRecord{Client: c.Client, Peer: c.From, Out: true, Gen: mv.Gen()}
 	if err := r.writeMove(c.Token, rec); err != nil {
 		r.log.Warn("cluster: a moved session's record was not stored", "client", c.Client, "error", err)
 	}
@@ -692,8 +697,7 @@ func (r *Router) resumeMoves(ctx context.Context) {
 			in = append(in, token)
 			continue
 		}
-		token, rec := token, rec
-		r.n.Go(func(ctx context.Context) { r.resumeOutgoing(ctx, token, rec) })
+		r.resumeOutgoing(ctx, token, rec)
 	}
 	for _, token := range in {
 		token, rec := token, r.mv.resume[token]
@@ -707,30 +711,29 @@ func (r *Router) resumeMoves(ctx context.Context) {
 	r.mv.resume = nil
 }
 
-// resumeOutgoing goes on with a move out of this node after a restart.
+// resumeOutgoing goes on with a move out of this node after a restart
+// (before anything else takes sessions out: MoveOut here, the rest on
+// its own goroutine).
 func (r *Router) resumeOutgoing(ctx context.Context, token string, rec moveRecord) {
-	for ctx.Err() == nil {
-		mv, err := r.eng.MoveOut(rec.Client)
-		switch {
-		case errors.Is(err, engine.ErrMoving):
-			time.Sleep(time.Second) // an incoming half of the same client settles first
-			continue
-		case err != nil:
-			// Gone here (expired, or ended as the node died): the new
-			// node's taker hears the end.
-			if rec.Pending {
-				_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
-			} else {
-				r.endTail(ctx, token)
-			}
-			return
-		case rec.Pending:
-			r.settleOut(ctx, mv, token, rec)
-		default:
-			mv.Resume()
-			r.resumeOut(ctx, mv, token, rec)
+	mv, err := r.eng.MoveOut(rec.Client)
+	if err == nil && rec.Gen != 0 && mv.Gen() != rec.Gen {
+		mv.Cancel() // another session of the client id: not this move's
+		err = engine.ErrNoSession
+	}
+	switch {
+	case err != nil:
+		// Gone here (expired, or ended as the node died): the new node's
+		// taker hears the end.
+		if rec.Pending {
+			_ = r.db.Write(storage.Delete(storage.MoveKey(token)))
+		} else {
+			r.n.Go(func(ctx context.Context) { r.endTail(ctx, token) })
 		}
-		return
+	case rec.Pending:
+		r.n.Go(func(ctx context.Context) { r.settleOut(ctx, mv, token, rec) })
+	default:
+		mv.Resume()
+		r.resumeOut(ctx, mv, token, rec)
 	}
 }
 
@@ -792,7 +795,13 @@ func (r *Router) settleOut(ctx context.Context, mv *engine.Moving, token string,
 			return
 		}
 		// The new node has what the state carried.
-		if raw, err := r.n.rdb.Get(ctx, r.moveKey(token)+":state").Result(); err == nil {
+		raw, err := r.n.rdb.Get(ctx, r.moveKey(token)+":state").Result()
+		if err != nil && !errors.Is(err, redis.Nil) {
+			r.n.Report(err)
+			time.Sleep(time.Second)
+			continue
+		}
+		if err == nil {
 			st := &engine.MovedSession{}
 			if json.Unmarshal([]byte(raw), st) == nil {
 				known := map[string]bool{}
@@ -840,7 +849,7 @@ func (r *Router) resumeOrphans(ctx context.Context) {
 	if !r.processDrops(ctx) {
 		return // Redis away: the sessions stay; the next start looks again
 	}
-	ids := r.eng.PersistentSessions()
+	ids := r.eng.OfflineSessions()
 	if len(ids) == 0 {
 		return
 	}
@@ -865,7 +874,7 @@ func (r *Router) resumeOrphans(ctx context.Context) {
 			mv.Cancel() // tried again at the next start
 			continue
 		}
-		rec := moveRecord{Client: ids[i], Peer: owner, Out: true}
+		rec := moveRecord{Client: ids[i], Peer: owner, Out: true, Gen: mv.Gen()}
 		if err := r.writeMove(token, rec); err != nil {
 			r.log.Warn("cluster: a moved session's record was not stored", "client", ids[i], "error", err)
 		}

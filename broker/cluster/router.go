@@ -50,7 +50,7 @@ type Engine interface {
 	HoldMove(client string, gen uint64)
 	SettleMove(client string, gen uint64, won, merged bool)
 	DropSession(client string) bool
-	PersistentSessions() []string
+	OfflineSessions() []string
 }
 
 // Stats are the router's counters.
@@ -227,10 +227,10 @@ func (r *Router) Start(eng Engine) {
 	cancel()
 	r.syncRetained()
 	r.n.OnUp(func() {
-		// Clean starts elsewhere while this node could not hear. (Sessions
-		// that moved meanwhile are handed on at the next start: a session
-		// made here while Redis was away joins the moved one instead.)
-		r.n.Go(func(ctx context.Context) { r.processDrops(ctx) })
+		// Clean starts elsewhere while this node could not hear, and
+		// offline sessions whose client another node holds now (one made
+		// here while Redis was away): handed on.
+		r.n.Go(func(ctx context.Context) { r.resumeOrphans(ctx) })
 		r.fullPush.Store(true)
 		select {
 		case r.iwake <- struct{}{}:

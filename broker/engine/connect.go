@@ -405,7 +405,7 @@ func (s *Server) claim(client string, assigned, clean, persistent bool, p Princi
 		// messages skips them (seen).
 		s.release(client, gen)
 	default:
-		s.dropMovedIn(client)
+		s.dropMovedIn(client, gen)
 	}
 	return err
 }

@@ -714,7 +714,7 @@ func (s *Server) sendDelayedWill(sess *session) {
 func (s *Server) expire(sess *session) {
 	s.mu.Lock()
 	sess.mu.Lock()
-	if sess.conn != nil || sess.discarded || s.sessions[sess.id] != sess {
+	if sess.conn != nil || sess.discarded || s.sessions[sess.id] != sess || (sess.moving != nil && sess.moving.held) {
 		sess.mu.Unlock()
 		s.mu.Unlock()
 		return

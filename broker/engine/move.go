@@ -193,21 +193,23 @@ func (s *Server) movedFlight(f *flight) MovedFlight {
 
 // Commit: the new node holds the session. What State carried is dropped
 // here; what was queued since is the tail.
-func (mv *Moving) Commit() { mv.commit(nil) }
+func (mv *Moving) Commit() {
+	mv.sess.mu.Lock()
+	defer mv.sess.mu.Unlock()
+	mv.commitLocked()
+}
 
-// commit drops the snapshot's flights; keepOut are flights in flight
-// that stay (CommitKnown).
-func (mv *Moving) commit(keepOut map[*flight]bool) {
+// commitLocked drops the snapshot's flights, in flight or queued (a tail
+// taken in meanwhile may have added others: they stay).
+func (mv *Moving) commitLocked() {
 	sess := mv.sess
-	sess.mu.Lock()
-	defer sess.mu.Unlock()
 	in := make(map[*flight]bool, len(mv.snapshot))
 	for _, f := range mv.snapshot {
 		in[f] = true
 	}
 	mv.snapshot = nil
-	for i := len(sess.out) - 1; i >= 0; i-- { // nothing is sent while it moves: all of them were in State
-		if f := sess.out[i]; !keepOut[f] {
+	for i := len(sess.out) - 1; i >= 0; i-- {
+		if f := sess.out[i]; in[f] {
 			sess.removeOutLocked(i)
 			mv.forgetLocked(f)
 		}
@@ -243,15 +245,15 @@ func (mv *Moving) Resume() {
 	mv.sess.mu.Unlock()
 }
 
-// PersistentSessions lists the client ids of the persistent sessions
-// here (not those moving out).
-func (s *Server) PersistentSessions() []string {
+// OfflineSessions lists the client ids of the persistent sessions here
+// without a connection (not those moving).
+func (s *Server) OfflineSessions() []string {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	var ids []string
 	for id, sess := range s.sessions {
 		sess.mu.Lock()
-		if sess.persistent && !sess.discarded && sess.moving == nil {
+		if sess.persistent && !sess.discarded && sess.moving == nil && sess.conn == nil {
 			ids = append(ids, id)
 		}
 		sess.mu.Unlock()
@@ -265,31 +267,17 @@ func (s *Server) PersistentSessions() []string {
 func (mv *Moving) CommitKnown(known map[string]bool) {
 	sess := mv.sess
 	sess.mu.Lock()
+	defer sess.mu.Unlock()
 	var snap []*flight
-	for _, f := range append(append([]*flight(nil), sess.out...), sess.queue...) {
-		if o := mv.s.identity(f.msg); o != "" && known[o] {
-			snap = append(snap, f)
+	for _, list := range [][]*flight{sess.out, sess.queue} {
+		for _, f := range list {
+			if o := mv.s.identity(f.msg); o != "" && known[o] {
+				snap = append(snap, f)
+			}
 		}
 	}
 	mv.snapshot = snap
-	out := sess.out
-	sess.mu.Unlock()
-	// Commit drops what is in the snapshot; flights in flight that are
-	// not are kept in flight.
-	keep := map[*flight]bool{}
-	for _, f := range out {
-		keep[f] = !knownFlight(snap, f)
-	}
-	mv.commit(keep)
-}
-
-func knownFlight(list []*flight, f *flight) bool {
-	for _, g := range list {
-		if g == f {
-			return true
-		}
-	}
-	return false
+	mv.commitLocked()
 }
 
 // Cancel: the move did not happen; the session is an ordinary offline
@@ -421,6 +409,9 @@ func (mv *Moving) Finish() bool {
 // Client is the moving session's client id.
 func (mv *Moving) Client() string { return mv.sess.id }
 
+// Gen is the moving session's generation.
+func (mv *Moving) Gen() uint64 { return mv.sess.gen }
+
 // moveIn makes client's session here from what another node moved out,
 // for the CONNECT that resumes it (with its principal). A persistent
 // session the client id has here already (made while the cluster was
@@ -522,7 +513,7 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) (merged bo
 	}
 	gen = sess.gen
 	s.sessions[client] = sess
-	sess.moving = &Moving{s: s, sess: sess, held: true} // until the commit is decided (release, SettleMove)
+	sess.holdLocked() // until the commit is decided (release, SettleMove)
 	have := map[[2]string]bool{}
 	if merged {
 		for _, sub := range s.index.Subscriptions(client) {
@@ -568,9 +559,19 @@ func (s *Server) HoldMove(client string, gen uint64) {
 	if sess := s.session(client); sess != nil {
 		sess.mu.Lock()
 		if sess.gen == gen && sess.moving == nil && !sess.discarded {
-			sess.moving = &Moving{s: s, sess: sess, held: true}
+			sess.holdLocked()
 		}
 		sess.mu.Unlock()
+	}
+}
+
+// holdLocked holds the session: it neither expires nor takes a CONNECT
+// nor moves out until release (which starts its expiry again).
+func (s *session) holdLocked() {
+	s.moving = &Moving{s: s.srv, sess: s, held: true}
+	if s.expireTimer != nil {
+		s.expireTimer.Stop()
+		s.expireTimer = nil
 	}
 }
 
@@ -724,14 +725,18 @@ func (s *session) adoptLocked(f *flight) {
 }
 
 // dropMovedIn ends a session moveIn made when the move did not commit.
-func (s *Server) dropMovedIn(client string) {
+func (s *Server) dropMovedIn(client string, gen uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	sess := s.sessions[client]
-	if sess == nil {
+	if sess == nil || gen == 0 {
 		return
 	}
 	sess.mu.Lock()
+	if sess.gen != gen {
+		sess.mu.Unlock()
+		return
+	}
 	sess.dropStoredLocked()
 	sess.discardLocked()
 	sess.mu.Unlock()
