@@ -416,6 +416,13 @@ func (s *Server) Load() (LoadStats, error) {
 			dels = append(dels, ps.sessionOp(sess, now.Unix(), sess.will, max(sess.willAt.Sub(now), 0)))
 		}
 	}
+	// Written before the timers start: a will sent at once rewrites its
+	// session's record without it, and that must come after this one.
+	if len(dels) > 0 {
+		if err := ps.db.Write(dels...); err != nil {
+			return st, fmt.Errorf("remove stale records: %w", err)
+		}
+	}
 	s.mu.Lock()
 	for id, sess := range sessions {
 		s.sessions[id] = sess
@@ -429,11 +436,6 @@ func (s *Server) Load() (LoadStats, error) {
 		st.Sessions++
 	}
 	s.mu.Unlock()
-	if len(dels) > 0 {
-		if err := ps.db.Write(dels...); err != nil {
-			return st, fmt.Errorf("remove stale records: %w", err)
-		}
-	}
 	ps.log.StartTrimming()
 	return st, nil
 }
