@@ -1064,6 +1064,7 @@ func (r *Router) take(ctx context.Context, xs redis.XStream) error {
 		damaged bool
 	}
 	entries := make([]entry, 0, len(xs.Messages))
+	origin, epoch, originOK := r.streamOrigin(stream) // each entry's identity: origin, epoch, its id
 	for _, x := range xs.Messages {
 		if ahead[x.ID] {
 			entries = append(entries, entry{id: x.ID})
@@ -1082,7 +1083,7 @@ func (r *Router) take(ctx context.Context, xs redis.XStream) error {
 			entries = append(entries, entry{id: x.ID, damaged: true})
 			continue
 		}
-		if origin, epoch, ok := r.streamOrigin(stream); ok {
+		if originOK {
 			seq, _ := splitStreamID(x.ID)
 			m.SetOrigin(engine.Identity(origin, epoch, seq))
 		}

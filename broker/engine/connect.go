@@ -506,10 +506,16 @@ func (s *Server) attach(c *conn, r attachReq) error {
 	sess.mu.Unlock()
 
 	if oldConn != nil {
-		oldConn.takenOver.Store(true)
-		oldConn.close(errTakenOver, codeSessionTakenOver, "session taken over")
+		oldConn.takeOver()
 	}
 	return nil
+}
+
+// takeOver closes a connection whose session another connection (here
+// or on another node) took: 0x8E for a v5 client.
+func (c *conn) takeOver() {
+	c.takenOver.Store(true)
+	c.close(errTakenOver, codeSessionTakenOver, "session taken over")
 }
 
 // discardLocked ends a session's life: queued and inflight messages are

@@ -149,8 +149,7 @@ func (s *Server) MoveOut(client string) (*Moving, error) {
 	sess.mu.Unlock()
 	s.mu.Unlock()
 	if old != nil {
-		old.takenOver.Store(true)
-		old.close(errTakenOver, codeSessionTakenOver, "session taken over")
+		old.takeOver()
 		// What its reader had read is handled before State (an inbound
 		// QoS 2 id, a SUBSCRIBE): wait for it to stop, bounded.
 		select {
@@ -397,13 +396,20 @@ func (mv *Moving) Finish() bool {
 		return false
 	}
 	if sess.moving == mv && !sess.discarded {
-		sess.dropStoredLocked()
-		sess.discardLocked()
-		if s.sessions[sess.id] == sess {
-			delete(s.sessions, sess.id)
-		}
+		s.endLocked(sess)
 	}
 	return true
+}
+
+// endLocked ends a session here: its records, queue and subscriptions
+// go. Callers hold s.mu and sess.mu.
+func (s *Server) endLocked(sess *session) {
+	sess.dropStoredLocked()
+	sess.discardLocked()
+	if s.sessions[sess.id] == sess {
+		delete(s.sessions, sess.id)
+	}
+	s.index.RemoveClient(sess.id)
 }
 
 // Client is the moving session's client id.
@@ -447,15 +453,11 @@ func (s *Server) moveIn(client string, st *MovedSession, p Principal) (merged bo
 			// would, but this session is no longer the client id's).
 			oldConn := sess.conn
 			sess.conn = nil
-			sess.dropStoredLocked()
-			sess.discardLocked()
+			s.endLocked(sess)
 			sess.mu.Unlock()
-			delete(s.sessions, client)
-			s.index.RemoveClient(client)
 			sess = nil
 			if oldConn != nil {
-				oldConn.takenOver.Store(true)
-				defer oldConn.close(errTakenOver, codeSessionTakenOver, "session taken over")
+				defer oldConn.takeOver()
 			}
 		default:
 			// Its own messages may be among the moved ones (both nodes
@@ -596,11 +598,8 @@ func (s *Server) SettleMove(client string, gen uint64, won, merged bool) {
 		return
 	}
 	sess.moving = nil
-	sess.dropStoredLocked()
-	sess.discardLocked()
+	s.endLocked(sess)
 	sess.mu.Unlock()
-	delete(s.sessions, client)
-	s.index.RemoveClient(client)
 	s.mu.Unlock()
 }
 
@@ -737,11 +736,8 @@ func (s *Server) dropMovedIn(client string, gen uint64) {
 		sess.mu.Unlock()
 		return
 	}
-	sess.dropStoredLocked()
-	sess.discardLocked()
+	s.endLocked(sess)
 	sess.mu.Unlock()
-	delete(s.sessions, client)
-	s.index.RemoveClient(client)
 }
 
 // MoveInFlights adds a moved session's tail to it, with ops (how far the
@@ -892,15 +888,11 @@ func (s *Server) DropSession(client string) bool {
 	}
 	w := sess.will
 	sess.will = nil
-	sess.dropStoredLocked()
-	sess.discardLocked()
+	s.endLocked(sess)
 	sess.mu.Unlock()
-	delete(s.sessions, client)
-	s.index.RemoveClient(client)
 	s.mu.Unlock()
 	if old != nil {
-		old.takenOver.Store(true)
-		old.close(errTakenOver, codeSessionTakenOver, "session taken over")
+		old.takeOver()
 	}
 	if w != nil {
 		s.publishWill(w) // the session ended before the will's delay passed
