@@ -71,5 +71,16 @@ func (s *Streams) history(w http.ResponseWriter, r *http.Request) {
 		out = append(out, s.recordEnvelope(rec))
 	}
 	s.cors(w, r)
-	WriteJSON(w, http.StatusOK, map[string]any{"messages": out, "last_event_id": s.History.EventID(s.History.Stats().Seq)})
+	WriteJSON(w, http.StatusOK, map[string]any{"messages": out, "last_event_id": s.headID()})
+}
+
+// headID is the event id of a reader that has seen everything up to now.
+func (s *Streams) headID() string {
+	head := s.History.Stats().Seq
+	if s.Cluster == nil {
+		return s.History.EventID(head)
+	}
+	c := cursor{since: time.Now().UnixMilli(), pos: map[string]nodePos{}}
+	c.through(s.Cluster.ID(), hooks.EpochTag(s.History.Epoch()), head)
+	return c.String()
 }

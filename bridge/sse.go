@@ -18,6 +18,7 @@ import (
 	"github.com/beaconmq/beacon/broker/topics"
 	"github.com/beaconmq/beacon/devices"
 	"github.com/beaconmq/beacon/hooks"
+	"github.com/beaconmq/beacon/storage"
 )
 
 // Streams serves the browser feeds: the SSE stream GET /events, the
@@ -29,6 +30,9 @@ type Streams struct {
 	*Access
 	History *hooks.History
 	Engine  Retainer // the retained messages
+	// Cluster, on a node of a cluster, makes event ids cluster cursors
+	// that resume on any node (cursor.go); nil on a single node.
+	Cluster ClusterHistory
 
 	Heartbeat       time.Duration // comment sent on an idle stream
 	Retry           time.Duration // reconnection delay suggested to EventSource
@@ -334,7 +338,30 @@ func (s *Streams) envelope(id, topic, device string, payload []byte, qos byte, r
 func (s *Streams) recordEnvelope(rec *hooks.Record) Envelope {
 	// Retain is what a live MQTT subscriber sees: false. Only the snapshot
 	// of retained messages is marked retained.
-	return s.envelope(s.History.EventID(rec.Seq), rec.Topic, rec.Device, rec.Payload, rec.QoS, false, rec.TS)
+	return s.envelope(s.messageID(rec), rec.Topic, rec.Device, rec.Payload, rec.QoS, false, rec.TS)
+}
+
+// messageID is the id of a record in its envelope: its event id on a
+// single node; in a cluster its identity there, the same on every node
+// (the event id is the reader's cursor).
+func (s *Streams) messageID(rec *hooks.Record) string {
+	switch {
+	case s.Cluster == nil:
+		return s.History.EventID(rec.Seq)
+	case rec.Origin != "":
+		return rec.Origin
+	default:
+		return storage.Identity(s.Cluster.ID(), s.History.Epoch(), rec.Seq)
+	}
+}
+
+// position is the event id of a reader at seq of this log (a single
+// node) or at its cursor (a cluster).
+func (s *Streams) position(f *clusterFeed, seq uint64) string {
+	if f != nil {
+		return f.cur.String()
+	}
+	return s.History.EventID(seq)
 }
 
 // sseWriter writes events to one stream.
@@ -432,9 +459,14 @@ func (s *Streams) events(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 	var from uint64
-	reset := ""
-	if lastID != "" {
+	var feed *clusterFeed
+	reset, replay := "", lastID != ""
+	switch {
+	case s.Cluster != nil:
+		feed, replay, reset = s.newFeed(lastID, watch.From)
+	case lastID != "":
 		from, reset = s.resume(lastID, filters)
+		replay = reset == ""
 	}
 
 	h := w.Header()
@@ -443,7 +475,7 @@ func (s *Streams) events(w http.ResponseWriter, r *http.Request) {
 	h.Set("X-Accel-Buffering", "no")
 	s.cors(w, r)
 	if reset != "" {
-		h.Set("Beacon-Last-Event-ID", s.History.EventID(watch.From))
+		h.Set("Beacon-Last-Event-ID", s.position(feed, watch.From))
 	}
 	w.WriteHeader(http.StatusOK)
 	sw := &sseWriter{w: w, rc: http.NewResponseController(w), timeout: s.WriteTimeout, ended: watch.Ended()}
@@ -461,10 +493,33 @@ func (s *Streams) events(w http.ResponseWriter, r *http.Request) {
 	sw.buf.WriteString("retry: " + strconv.FormatInt(s.Retry.Milliseconds(), 10) + "\n\n")
 
 	if reset != "" {
-		_ = sw.event("", "reset", map[string]string{"reason": reset, "last_event_id": s.History.EventID(watch.From)})
+		_ = sw.event("", "reset", map[string]string{"reason": reset, "last_event_id": s.position(feed, watch.From)})
 	}
 	var notReplayed []string
-	if lastID != "" && reset == "" {
+	if feed != nil && replay {
+		var werr error
+		resets, err := s.replay(ctx, feed, filters, watch.From, func(rec *hooks.Record, id string) bool {
+			s.writeRecordID(sw, c, rec, id)
+			if sw.buf.Len() >= 64<<10 {
+				werr = sw.flush()
+			}
+			return werr == nil
+		})
+		if err != nil || werr != nil {
+			if err != nil && ctx.Err() == nil {
+				s.Log.Error("sse replay", "error", err)
+			}
+			return
+		}
+		for _, nr := range resets {
+			_ = sw.event("", "reset", map[string]string{"reason": nr.Reason, "node": nr.Node, "last_event_id": feed.cur.String()})
+		}
+		notReplayed = s.unrecorded(filters)
+		for _, e := range s.retained(c, notReplayed) {
+			_ = sw.event("", "message", e)
+		}
+	}
+	if feed == nil && replay {
 		var werr error
 		err := s.History.Replay(ctx, from, watch.From, filters, matcher(filters), func(rec *hooks.Record) bool {
 			s.writeRecord(sw, c, rec)
@@ -501,7 +556,7 @@ func (s *Streams) events(w http.ResponseWriter, r *http.Request) {
 			_ = sw.event("", "message", e)
 		}
 	}
-	ready := s.History.EventID(watch.From)
+	ready := s.position(feed, watch.From)
 	_ = sw.event(ready, "ready", readyEvent{LastEventID: ready, NotReplayed: notReplayed})
 	if sw.flush() != nil {
 		return
@@ -521,7 +576,7 @@ func (s *Streams) events(w http.ResponseWriter, r *http.Request) {
 			if !ok {
 				return // overflowed (counted below) or shutting down
 			}
-			s.writeRecord(sw, c, rec)
+			s.writeLive(sw, c, feed, rec)
 			// Take what else is waiting, then write once.
 		drain:
 			for sw.buf.Len() < 64<<10 {
@@ -530,7 +585,7 @@ func (s *Streams) events(w http.ResponseWriter, r *http.Request) {
 					if !ok {
 						break drain // seen again, and handled, above
 					}
-					s.writeRecord(sw, c, rec)
+					s.writeLive(sw, c, feed, rec)
 				default:
 					break drain
 				}
@@ -557,12 +612,38 @@ func (s *Streams) events(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Streams) writeRecord(sw *sseWriter, c *Caller, rec *hooks.Record) {
+	s.writeRecordID(sw, c, rec, "")
+}
+
+// writeLive writes a live record: in a cluster after moving the reader's
+// cursor over it (and not at all if the replay had it).
+func (s *Streams) writeLive(sw *sseWriter, c *Caller, f *clusterFeed, rec *hooks.Record) {
+	if f == nil {
+		s.writeRecord(sw, c, rec)
+		return
+	}
+	if id, ok := f.live(rec); ok {
+		s.writeRecordID(sw, c, rec, id)
+	}
+}
+
+// writeRecordID writes a record's message event; id is its event id in
+// a cluster (the frame and envelope then carry none of their own).
+func (s *Streams) writeRecordID(sw *sseWriter, c *Caller, rec *hooks.Record, id string) {
 	if !c.Allowed(s.Authorizer, devices.Read, rec.Topic) {
 		return // a wildcard never leaks a denied topic
 	}
-	if rec.Frame != nil {
+	switch {
+	case rec.Frame != nil:
+		if id != "" {
+			sw.buf.WriteString("id: ")
+			sw.buf.WriteString(id)
+			sw.buf.WriteByte('\n')
+		}
 		sw.buf.Write(rec.Frame) // encoded once for every stream (MessageFrame)
-	} else {
+	case id != "":
+		_ = sw.event(id, "message", s.recordEnvelope(rec))
+	default:
 		e := s.recordEnvelope(rec)
 		_ = sw.event(e.ID, "message", e)
 	}
@@ -575,8 +656,12 @@ func (s *Streams) writeRecord(sw *sseWriter, c *Caller, rec *hooks.Record) {
 // envelope, one codec decode and one JSON encoding per message.
 func (s *Streams) MessageFrame(rec *hooks.Record) []byte {
 	e := s.recordEnvelope(rec)
+	id := e.ID
+	if s.Cluster != nil {
+		id = "" // each reader's cursor: writeRecordID
+	}
 	var sw sseWriter
-	if sw.event(e.ID, "message", e) != nil {
+	if sw.event(id, "message", e) != nil {
 		return nil
 	}
 	return sw.buf.Bytes()
@@ -588,6 +673,9 @@ type pollResponse struct {
 	Cursor      string     `json:"cursor"`                 // pass as cursor= on the next poll
 	Reset       string     `json:"reset,omitempty"`        // why the cursor given could not be resumed from
 	NotReplayed []string   `json:"not_replayed,omitempty"` // filters no history rule records: their retained messages are included instead
+	// ResetNodes, in a cluster, are the nodes whose messages after the
+	// cursor were not replayed, and why.
+	ResetNodes []nodeReset `json:"reset_nodes,omitempty"`
 }
 
 // readyEvent is the data of the ready event.
@@ -652,16 +740,50 @@ func (s *Streams) poll(w http.ResponseWriter, r *http.Request) {
 			s.slow.Add(1)
 		}
 	}()
-	resp := pollResponse{Messages: []Envelope{}, Cursor: s.History.EventID(watch.From)}
+	resp := pollResponse{Messages: []Envelope{}}
 	cursor := q.Get("cursor")
 	var from uint64
-	if cursor != "" {
+	var feed *clusterFeed
+	replay := cursor != ""
+	switch {
+	case s.Cluster != nil:
+		feed, replay, resp.Reset = s.newFeed(cursor, watch.From)
+	case cursor != "":
 		from, resp.Reset = s.resume(cursor, filters)
+		replay = resp.Reset == ""
 	}
+	resp.Cursor = s.position(feed, watch.From)
 	if resp.Reset != "" {
 		w.Header().Set("Beacon-Last-Event-ID", resp.Cursor)
 	}
-	if cursor != "" && resp.Reset == "" {
+	if feed != nil && replay {
+		full := false
+		resets, err := s.replay(ctx, feed, filters, watch.From, func(rec *hooks.Record, id string) bool {
+			if len(resp.Messages) == limit {
+				full = true
+				return false
+			}
+			if c.Allowed(s.Authorizer, devices.Read, rec.Topic) {
+				resp.Messages = append(resp.Messages, s.recordEnvelope(rec))
+			}
+			resp.Cursor = id
+			return true
+		})
+		if err != nil {
+			if ctx.Err() == nil {
+				s.Log.Error("poll replay", "error", err)
+				fail(w, http.StatusServiceUnavailable, "history unavailable")
+			}
+			return
+		}
+		if !full {
+			resp.Cursor = feed.cur.String()
+			resp.ResetNodes = resets
+			resp.NotReplayed = s.unrecorded(filters)
+			resp.Messages = append(resp.Messages, s.retained(c, resp.NotReplayed)...)
+		}
+	}
+	if feed == nil && replay {
 		full := false
 		err := s.History.Replay(ctx, from, watch.From, filters, matcher(filters), func(rec *hooks.Record) bool {
 			if len(resp.Messages) == limit {
@@ -698,7 +820,7 @@ func (s *Streams) poll(w http.ResponseWriter, r *http.Request) {
 		resp.Messages = append(resp.Messages, s.retained(c, filters)...)
 	}
 	if len(resp.Messages) == 0 && resp.Reset == "" && wait > 0 {
-		s.waitPoll(ctx, c, watch, wait, limit, &resp)
+		s.waitPoll(ctx, c, watch, feed, wait, limit, &resp)
 	}
 	s.delivered.Add(int64(len(resp.Messages)))
 	WriteJSON(w, http.StatusOK, resp)
@@ -706,14 +828,20 @@ func (s *Streams) poll(w http.ResponseWriter, r *http.Request) {
 
 // waitPoll waits for the first readable messages of watch and takes what
 // else is ready with them.
-func (s *Streams) waitPoll(ctx context.Context, c *Caller, watch *hooks.Watch, wait time.Duration, limit int, resp *pollResponse) {
+func (s *Streams) waitPoll(ctx context.Context, c *Caller, watch *hooks.Watch, f *clusterFeed, wait time.Duration, limit int, resp *pollResponse) {
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	take := func(rec *hooks.Record) {
+		id := ""
+		if f == nil {
+			id = s.History.EventID(rec.Seq)
+		} else if id, _ = f.live(rec); id == "" {
+			return // the replay had it
+		}
 		if c.Allowed(s.Authorizer, devices.Read, rec.Topic) {
 			resp.Messages = append(resp.Messages, s.recordEnvelope(rec))
 		}
-		resp.Cursor = s.History.EventID(rec.Seq)
+		resp.Cursor = id
 	}
 	for len(resp.Messages) == 0 {
 		select {

@@ -616,6 +616,9 @@ func (b *Broker) setupHTTP() error {
 		Units:           b.units,
 		Log:             b.log.With("component", "streams"),
 	}
+	if b.clusterRt != nil {
+		b.streams.Cluster = b.clusterRt // event ids resume on any node
+	}
 	b.history.SetFrame(b.streams.MessageFrame)
 	return nil
 }
@@ -1032,7 +1035,7 @@ func (o *observer) Routed(m *engine.Message, _ int) {
 		o.metricsHook.Received(m.QoS, len(m.Payload))
 	}
 	hm := hooks.Message{Seq: m.Seq, Topic: m.Topic, Payload: m.Payload, QoS: m.QoS, Retain: m.Retain,
-		Client: m.Client, Device: m.Device, Time: m.Created}
+		Client: m.Client, Device: m.Device, Time: m.Created, Origin: m.Origin()}
 	o.history.Feed(&hm)
 	if o.ha != nil && !m.FromNode() { // the node that accepted it announces its readings
 		o.ha.Observe(&hm)

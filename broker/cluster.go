@@ -40,6 +40,7 @@ func (b *Broker) setupClusterRouter() {
 		return
 	}
 	b.clusterRt = cluster.NewRouter(b.cluster, b.msgLog, b.db)
+	b.clusterRt.SetPager(b.history.OwnPage)
 	b.history.SetInterest(func(filter string, added bool) {
 		if added {
 			b.clusterRt.AddInterest(filter)

@@ -150,6 +150,19 @@ func NewHistory(opts HistoryOptions) (*History, error) {
 	return h, nil
 }
 
+// Epoch is the epoch of the log the history is.
+func (h *History) Epoch() uint64 { return h.log.Epoch() }
+
+// TimeOf is when the message seq was accepted (unix milliseconds); false
+// if the log does not hold it.
+func (h *History) TimeOf(seq uint64) (int64, bool) {
+	m, err := h.log.Get(seq)
+	if err != nil {
+		return 0, false
+	}
+	return m.Time / int64(time.Millisecond), true
+}
+
 // EventID is the browser event id of a seq: opaque to clients.
 func (h *History) EventID(seq uint64) string { return h.log.FormatID(seq) }
 
@@ -166,6 +179,9 @@ func (h *History) ParseID(id string) (uint64, error) {
 		return 0, &ErrReset{Reason: ResetUnknown}
 	}
 }
+
+// Keeps reports whether a retention rule records messages on topic.
+func (h *History) Keeps(topic string) bool { return h.log.Keeps(topic) }
 
 // Records reports whether every message a filter matches is recorded: a
 // retention rule of the log covers it, so a replay of it is complete.
@@ -240,7 +256,7 @@ func (h *History) Replay(ctx context.Context, after, upto uint64, filters []stri
 // strings and slices, which Log.Read does not reuse.
 func recordOf(m *storage.LogMessage) *Record {
 	return &Record{Seq: m.Seq, Topic: m.Topic, Payload: m.Payload, QoS: m.QoS, Retain: m.Retain,
-		TS: m.Time / int64(time.Millisecond), Device: m.Device}
+		TS: m.Time / int64(time.Millisecond), Device: m.Device, Origin: m.Origin}
 }
 
 // HistoryStats are the history's counters.

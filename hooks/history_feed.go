@@ -99,7 +99,7 @@ func feedRecord(m *Message) *Record {
 	if m.Time == 0 {
 		ts = time.Now().UnixMilli()
 	}
-	return &Record{Seq: m.Seq, Topic: m.Topic, Payload: m.Payload, QoS: m.QoS, Retain: m.Retain, TS: ts, Device: m.Device}
+	return &Record{Seq: m.Seq, Topic: m.Topic, Payload: m.Payload, QoS: m.QoS, Retain: m.Retain, TS: ts, Device: m.Device, Origin: m.Origin}
 }
 
 // release delivers the held messages that follow done without a gap.

@@ -12,4 +12,7 @@ type Message struct {
 	Client  string // publishing MQTT client id; "" for the broker itself
 	Device  string // registered device id of the publisher, or ""
 	Time    int64  // unix nanoseconds the broker accepted it
+	// Origin is the cluster identity of a message another node accepted
+	// (engine.Identity), "" for one accepted here.
+	Origin string
 }

@@ -37,18 +37,22 @@ func MetaKey(name string) []byte { return append([]byte(nsMeta), name...) }
 
 // HistoryRecord is one recorded message.
 type HistoryRecord struct {
-	Seq     uint64
-	Topic   string
-	Payload []byte
-	QoS     byte
-	Retain  bool
-	TS      int64  // unix milliseconds the broker routed it
-	Device  string // id of the registered device that published it, or ""
+	Seq     uint64 `json:"s"`
+	Topic   string `json:"t"`
+	Payload []byte `json:"p,omitempty"`
+	QoS     byte   `json:"q,omitempty"`
+	Retain  bool   `json:"r,omitempty"`
+	TS      int64  `json:"ts"`          // unix milliseconds the broker routed it
+	Device  string `json:"d,omitempty"` // id of the registered device that published it, or ""
+	// Origin is the cluster identity of a message another node accepted
+	// (its node, log epoch and seq there: engine.Identity); "" for one
+	// accepted here. Not in the stored history form (the log keeps it).
+	Origin string `json:"o,omitempty"`
 
 	// Frame is an encoding of the record that every live reader shares
 	// (Beacon's SSE event), made once before the record is handed to
 	// them; nil for records read back from the store. Not stored.
-	Frame []byte
+	Frame []byte `json:"-"`
 }
 
 const historyVersion = 2 // 1: without Device

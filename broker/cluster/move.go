@@ -16,6 +16,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/beaconmq/beacon/broker/engine"
+	"github.com/beaconmq/beacon/hooks"
 	"github.com/beaconmq/beacon/storage"
 )
 
@@ -56,10 +57,14 @@ const (
 
 // ctlMsg is a request on a node's control channel.
 type ctlMsg struct {
-	Op     string `json:"op"` // "move", "drop", "committed", "tail"
+	Op     string `json:"op"` // "move", "drop", "committed", "tail"; "page", "pageok" (history.go)
 	Client string `json:"c,omitempty"`
 	From   string `json:"f,omitempty"`
 	Token  string `json:"t,omitempty"`
+	// Replay pages (history.go).
+	Query *hooks.PageQuery `json:"q,omitempty"`
+	Page  json.RawMessage  `json:"pg,omitempty"`
+	Err   string           `json:"e,omitempty"`
 }
 
 // moveRecord is a node's stored record of a move under way.
@@ -319,7 +324,14 @@ func (r *Router) writeMove(token string, rec moveRecord) error {
 // onCtl takes a request on this node's control channel.
 func (r *Router) onCtl(payload string) {
 	var c ctlMsg
-	if json.Unmarshal([]byte(payload), &c) != nil || c.Client == "" {
+	if json.Unmarshal([]byte(payload), &c) != nil {
+		return
+	}
+	if c.Op == "page" || c.Op == "pageok" {
+		r.onPage(c)
+		return
+	}
+	if c.Client == "" {
 		return
 	}
 	switch c.Op {

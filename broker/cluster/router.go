@@ -118,6 +118,7 @@ type Router struct {
 	retainedSynced atomic.Bool // the cluster's retained messages were read
 
 	mv      moves        // sessions moving to or from this node
+	pg      pages        // replays for browser readers (history.go)
 	drained atomic.Int64 // reads of the inbox that took every stream to its end (as it was then)
 
 	forwarded, forwardedLive, liveDropped, received, receivedLive, damaged, missing, takeFailures atomic.Uint64
@@ -135,19 +136,22 @@ type forward struct {
 
 type liveMsg struct {
 	body   []byte
+	seq    uint64 // in this node's log: its identity goes with it
 	nodes  []string
 	scopes []string
 }
 
 // NewRouter makes the router of node n over the node's log and store.
 func NewRouter(n *Node, lg LogStore, db DB) *Router {
-	return &Router{n: n, lg: lg, db: db, log: n.log, epoch: lg.Epoch(),
+	r := &Router{n: n, lg: lg, db: db, log: n.log, epoch: lg.Epoch(),
 		local: map[string]int{}, dirty: map[string]bool{}, iwake: make(chan struct{}, 1), pushed: make(chan struct{}),
 		remote: topics.NewIndex(), known: map[string]bool{},
 		fwake: make(chan struct{}, 1), live: make(chan liveMsg, 4096),
 		lastSent: map[string]uint64{}, cursors: map[string]string{}, downSince: map[string]downMark{},
 		alive: map[string]bool{}, unlisted: map[string]time.Time{}, ahead: map[string]map[string]bool{},
 		mv: moves{committed: map[string]chan struct{}{}, resume: map[string]moveRecord{}, taking: map[string]moveRecord{}, superseded: map[string]bool{}}}
+	r.pg.init()
+	return r
 }
 
 var _ engine.Cluster = (*Router)(nil)
@@ -429,7 +433,7 @@ func (rt *route) Done(m *engine.Message, err error) {
 	r := rt.r
 	if !rt.durable {
 		select {
-		case r.live <- liveMsg{body: engine.EncodeMessage(m), nodes: rt.nodes, scopes: rt.scopes}:
+		case r.live <- liveMsg{body: engine.EncodeMessage(m), seq: m.Seq, nodes: rt.nodes, scopes: rt.scopes}:
 		default:
 			r.liveDropped.Add(uint64(len(rt.nodes)))
 		}
@@ -904,7 +908,7 @@ func (r *Router) liveLoop(ctx context.Context) {
 		n := 0
 		for _, lm := range batch {
 			for i, dest := range lm.nodes {
-				p.Publish(sctx, r.n.Key("live", dest), livePayload(lm.scopes[i], lm.body))
+				p.Publish(sctx, r.n.Key("live", dest), livePayload(lm.scopes[i], r.identity(lm.seq), lm.body))
 				n++
 			}
 		}
@@ -921,24 +925,46 @@ func (r *Router) liveLoop(ctx context.Context) {
 }
 
 // livePayload is a QoS 0 message on the live channel: its scope's
-// length (uvarint), its scope, the message.
-func livePayload(scope string, body []byte) []byte {
-	b := binary.AppendUvarint(make([]byte, 0, len(scope)+len(body)+2), uint64(len(scope)))
-	return append(append(b, scope...), body...)
+// length (uvarint), its scope, its identity's length and identity
+// (engine.Identity; "" if it was not numbered), the message.
+func livePayload(scope, origin string, body []byte) []byte {
+	b := binary.AppendUvarint(make([]byte, 0, len(scope)+len(origin)+len(body)+4), uint64(len(scope)))
+	b = append(b, scope...)
+	b = binary.AppendUvarint(b, uint64(len(origin)))
+	return append(append(b, origin...), body...)
 }
 
 // parseLive splits what livePayload joined.
-func parseLive(payload string) (scope, body string, ok bool) {
-	n, k := binary.Uvarint([]byte(payload))
-	if k <= 0 || uint64(len(payload)-k) < n {
+func parseLive(payload string) (scope, origin, body string, ok bool) {
+	if scope, payload, ok = cutPrefixed(payload); !ok {
+		return "", "", "", false
+	}
+	if origin, payload, ok = cutPrefixed(payload); !ok {
+		return "", "", "", false
+	}
+	return scope, origin, payload, true
+}
+
+// cutPrefixed splits a uvarint-length-prefixed string off s.
+func cutPrefixed(s string) (v, rest string, ok bool) {
+	n, k := binary.Uvarint([]byte(s[:min(len(s), binary.MaxVarintLen64)]))
+	if k <= 0 || uint64(len(s)-k) < n {
 		return "", "", false
 	}
-	return payload[k : k+int(n)], payload[k+int(n):], true
+	return s[k : k+int(n)], s[k+int(n):], true
+}
+
+// identity is the cluster identity of this node's message seq, or "".
+func (r *Router) identity(seq uint64) string {
+	if seq == 0 {
+		return ""
+	}
+	return engine.Identity(r.n.ID(), r.epoch, seq)
 }
 
 // takeLive routes a QoS 0 message another node sent.
 func (r *Router) takeLive(payload string) {
-	scope, body, ok := parseLive(payload)
+	scope, origin, body, ok := parseLive(payload)
 	if !ok {
 		r.damaged.Add(1)
 		return
@@ -952,6 +978,9 @@ func (r *Router) takeLive(payload string) {
 	if err != nil {
 		r.damaged.Add(1)
 		return
+	}
+	if origin != "" {
+		m.SetOrigin(origin)
 	}
 	if _, err := r.eng.BeginRemote(m, nil, sc).Finish(); err == nil {
 		r.receivedLive.Add(1)

@@ -48,16 +48,18 @@ func TestScopeRoundTrip(t *testing.T) {
 
 func TestLivePayload(t *testing.T) {
 	for _, scope := range []string{"", `{"NoDirect":true}`} {
-		p := string(livePayload(scope, []byte("the message")))
-		sc, body, ok := parseLive(p)
-		if !ok || sc != scope || body != "the message" {
-			t.Fatalf("%q: parsed %q %q %v", p, sc, body, ok)
-		}
-		if _, _, ok := parseLive(p[:1+len(scope)/2]); ok && scope != "" {
-			t.Fatalf("a truncated payload %q parses", p[:1+len(scope)/2])
+		for _, origin := range []string{"", "a/1f/2a"} {
+			p := string(livePayload(scope, origin, []byte("the message")))
+			sc, o, body, ok := parseLive(p)
+			if !ok || sc != scope || o != origin || body != "the message" {
+				t.Fatalf("%q: parsed %q %q %q %v", p, sc, o, body, ok)
+			}
+			if _, _, _, ok := parseLive(p[:1+len(scope)/2]); ok && scope != "" {
+				t.Fatalf("a truncated payload %q parses", p[:1+len(scope)/2])
+			}
 		}
 	}
-	if _, _, ok := parseLive(""); ok {
+	if _, _, _, ok := parseLive(""); ok {
 		t.Fatal("an empty payload parses")
 	}
 }

@@ -2,7 +2,6 @@ package engine
 
 import (
 	"errors"
-	"strconv"
 	"time"
 
 	"github.com/beaconmq/beacon/storage"
@@ -28,14 +27,16 @@ import (
 // keeps the identities (Identity) of what it got until MoveInDone.
 
 // Identity names a message in a whole cluster: the node that accepted
-// it, the epoch of that node's log and its seq there.
-func Identity(node string, epoch, seq uint64) string {
-	return node + "/" + strconv.FormatUint(epoch, 16) + "/" + strconv.FormatUint(seq, 16)
-}
+// it, the epoch of that node's log and its seq there (storage.Identity).
+func Identity(node string, epoch, seq uint64) string { return storage.Identity(node, epoch, seq) }
 
 // SetOrigin records the identity the node that accepted m gave it
 // (Identity), for a message from another node (BeginRemote).
 func (m *Message) SetOrigin(id string) { m.ext().origin = id }
+
+// Origin is the identity another node gave m (SetOrigin), "" for a
+// message accepted here.
+func (m *Message) Origin() string { return m.origin() }
 
 func (m *Message) origin() string {
 	if m.x == nil {
