@@ -204,6 +204,10 @@ func (r *Router) followInterest() {
 		if !ok || id == r.n.ID() || change == "" {
 			return
 		}
+		if change == "!" { // removed from the cluster (Forget)
+			r.forgetNode(id)
+			return
+		}
 		r.knowNode(id)
 		switch change[0] {
 		case '+':
@@ -368,6 +372,16 @@ func (r *Router) readInterest(ctx context.Context, id string) {
 			r.remote.Subscribe(topics.Subscription{Client: id, Filter: f, Group: g, QoS: 2})
 		}
 	}
+	r.rmu.Unlock()
+}
+
+// forgetNode stops routing to node id, removed from the cluster.
+func (r *Router) forgetNode(id string) {
+	r.rmu.Lock()
+	delete(r.known, id)
+	delete(r.alive, id)
+	delete(r.unlisted, id)
+	r.remote.RemoveClient(id)
 	r.rmu.Unlock()
 }
 

@@ -33,6 +33,7 @@ Usage:
   beacon storage verify [flags] check a stopped broker's data directory for damage
   beacon backup FILE [flags]    back up the store (online from a running broker)
   beacon restore FILE [flags]   load a backup into a new data directory
+  beacon cluster status|forget  list a cluster's nodes, or remove one gone for good
   beacon version                print the version (also --version)
   beacon help                   this text (also --help); COMMAND --help for its flags
 
@@ -104,6 +105,8 @@ func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) 
 		return runBackup(ctx, args, environ, stdout, stderr)
 	case "restore":
 		return runRestore(args, environ, stdout, stderr)
+	case "cluster":
+		return runCluster(ctx, args, environ, stdout, stderr)
 	case "help":
 		fmt.Fprint(stdout, usage)
 		newFlags("serve", stdout).PrintDefaults()
