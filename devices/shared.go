@@ -78,6 +78,7 @@ func (r *Registry) applyLocked(id string, next *Device) Applied {
 	case next == nil:
 		r.changed(Change{Device: cur.public(), Removed: true, Remote: true})
 		delete(r.byID, id)
+		r.count.Store(int64(len(r.byID)))
 		delete(r.local, id)
 		delete(r.remote, id)
 		return Applied{Removed: true, Revoked: true}
@@ -85,6 +86,7 @@ func (r *Registry) applyLocked(id string, next *Device) Applied {
 	next.Online = r.local[id] || r.remote[id]
 	if !ok {
 		r.byID[id] = next
+		r.count.Store(int64(len(r.byID)))
 		r.changed(Change{Device: next.public(), Added: true, Remote: true})
 		return Applied{Added: true}
 	}

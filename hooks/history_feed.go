@@ -45,6 +45,13 @@ func (h *History) feed(m *Message) (skipped seqRange) {
 		return
 	}
 	seq := m.Seq
+	if len(h.watches) == 0 && len(h.held) == 0 {
+		// Nobody watches, so nothing is put back in order: a watch made
+		// later starts at the log's head, past every seq numbered now,
+		// and a seq below done fed late is not wanted by it.
+		h.done = max(h.done, seq)
+		return
+	}
 	switch {
 	case seq <= h.done:
 		if _, ok := h.gaveUp[seq]; ok {

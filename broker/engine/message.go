@@ -95,6 +95,9 @@ func (m *Message) retainVersion() int64 {
 // sharedProps is the encoded form of the properties every v5 delivery
 // carries unchanged.
 func (m *Message) sharedProps() []byte {
+	if !m.PayloadFormatSet && m.ContentType == "" && m.ResponseTopic == "" && m.CorrelationData == nil && len(m.User) == 0 {
+		return nil // the common message: nothing to encode, no Once to take
+	}
 	m.propsOnce.Do(func() {
 		var b []byte
 		if m.PayloadFormatSet {
