@@ -26,7 +26,10 @@ import (
 // by the best-effort path (QoS 0, not retained), which may overtake the
 // others on the way. A node id has no ':' or '~' (cluster.node_id).
 
-const cursorPrefix = "c1~"
+const (
+	cursorPrefix   = "c1~"
+	maxCursorNodes = 64 // a cursor naming more is not one of ours
+)
 
 // nodePos is what a reader has seen of one node's own messages.
 type nodePos struct {
@@ -50,6 +53,9 @@ func parseCursor(id string) (cursor, error) {
 		return cursor{}, errCursor
 	}
 	parts := strings.Split(rest, "~")
+	if len(parts) > maxCursorNodes+1 {
+		return cursor{}, errCursor
+	}
 	since, err := strconv.ParseInt(parts[0], 36, 64)
 	if err != nil || since < 0 {
 		return cursor{}, errCursor
@@ -132,6 +138,11 @@ func (c *cursor) through(node string, epoch uint32, seq uint64) {
 	}
 	p.s0, p.s1 = max(p.s0, seq), max(p.s1, seq)
 	c.pos[node] = p
+}
+
+// reset puts the cursor of node at seq: after a reset, whatever it said.
+func (c *cursor) reset(node string, epoch uint32, seq uint64) {
+	c.pos[node] = nodePos{epoch: epoch, s0: seq, s1: seq}
 }
 
 // query is the PageQuery for node's messages after the cursor.

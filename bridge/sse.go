@@ -61,13 +61,16 @@ type Streams struct {
 	done  chan struct{}
 	once  sync.Once
 
-	sseOpen   atomic.Int64
-	pollOpen  atomic.Int64
-	opened    atomic.Int64
-	slow      atomic.Int64
-	resets    atomic.Int64
-	refused   atomic.Int64
-	delivered atomic.Int64
+	sseOpen  atomic.Int64
+	pollOpen atomic.Int64
+	opened   atomic.Int64
+	slow     atomic.Int64
+	resets   atomic.Int64
+	// unansweredAt (unix ns) and unansweredSuppressed rate-limit the
+	// warning of nodes that did not answer a replay.
+	unansweredAt, unansweredSuppressed atomic.Int64
+	refused                            atomic.Int64
+	delivered                          atomic.Int64
 	// refusals by reason: the per-principal and per-address stream limits,
 	// and the Guard's handshake rate and connections per address.
 	refusedPrincipal, refusedAddr, refusedRate, refusedConns atomic.Int64

@@ -3,7 +3,7 @@ package bridge
 import (
 	"context"
 	"errors"
-	"sort"
+	"slices"
 	"sync"
 	"time"
 
@@ -118,7 +118,8 @@ type pageSource struct {
 	q    hooks.PageQuery
 	page hooks.Page
 	i    int
-	err  error // the node did not answer
+	last uint64 // the seq of the last record taken from it
+	err  error  // the node did not answer
 	get  func(ctx context.Context, q hooks.PageQuery) (hooks.Page, error)
 }
 
@@ -156,19 +157,14 @@ func (s *Streams) replay(ctx context.Context, f *clusterFeed, filters []string, 
 	}}
 	own.q.Upto = upto
 	sources := []*pageSource{own}
-	nodes := map[string]bool{}
-	for _, n := range s.Cluster.Nodes() {
-		nodes[n] = true
-	}
+	// The nodes of the cluster: a node the cursor names that is not one
+	// (removed, or never was) is dropped from it.
+	names := s.Cluster.Nodes()
 	for n := range f.cur.pos {
-		nodes[n] = true
+		if n != f.self && !slices.Contains(names, n) {
+			delete(f.cur.pos, n)
+		}
 	}
-	delete(nodes, f.self)
-	names := make([]string, 0, len(nodes))
-	for n := range nodes {
-		names = append(names, n)
-	}
-	sort.Strings(names)
 	if len(names) > 0 {
 		// What this node's feed follows must reach the others before
 		// they take their replay's end: what they accept after it is
@@ -216,19 +212,26 @@ func (s *Streams) replay(ctx context.Context, f *clusterFeed, filters []string, 
 			break
 		}
 		next.i++
+		next.last = rec.Seq
 		f.cur.through(next.node, next.page.Epoch, rec.Seq)
 		if !fn(rec, f.cur.String()) {
 			return resets, ctx.Err()
 		}
 	}
+	var unanswered []string
 	for _, src := range sources {
 		switch {
 		case src.err != nil:
 			resets = append(resets, nodeReset{Node: src.node, Reason: ResetNodeUnavailable})
-			s.Log.Warn("cluster replay: a node did not answer; its messages since the reader's cursor are not replayed", "node", src.node, "error", src.err)
+			unanswered = append(unanswered, src.node)
+			if src.last > 0 {
+				// What came of it before the failure is not sent again live.
+				f.done[src.node] = nodePos{epoch: src.page.Epoch, s1: src.last}
+			}
 			continue
 		case src.page.Reset != "":
 			resets = append(resets, nodeReset{Node: src.node, Reason: src.page.Reset})
+			f.cur.reset(src.node, src.page.Epoch, src.page.Upto)
 		}
 		// Everything of the node up to the replay's end is seen now; live
 		// messages up to it came in the replay.
@@ -238,5 +241,22 @@ func (s *Streams) replay(ctx context.Context, f *clusterFeed, filters []string, 
 	if len(resets) > 0 {
 		s.resets.Add(1)
 	}
+	if len(unanswered) > 0 {
+		s.warnUnanswered(unanswered)
+	}
 	return resets, nil
+}
+
+// warnUnanswered logs nodes that did not answer a replay, at most once
+// every 10 s (a storm of readers resuming while a node is down would
+// otherwise log once per reader).
+func (s *Streams) warnUnanswered(nodes []string) {
+	now := time.Now().UnixNano()
+	last := s.unansweredAt.Load()
+	if now-last < int64(10*time.Second) || !s.unansweredAt.CompareAndSwap(last, now) {
+		s.unansweredSuppressed.Add(1)
+		return
+	}
+	s.Log.Warn("cluster replay: nodes did not answer; their messages after the readers' cursors are not replayed",
+		"nodes", nodes, "suppressed", s.unansweredSuppressed.Swap(0))
 }

@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -20,7 +21,7 @@ import (
 )
 
 // sseMsg is a message event of a stream: its event id and payload.
-type sseMsg struct{ id, payload string }
+type sseMsg struct{ id, payload, msgID string }
 
 // readMessages reads message events from s until want payloads came
 // (any order), failing on a duplicate; it returns them in order. A ready
@@ -46,7 +47,10 @@ func readMessagesReady(t *testing.T, s *bt.SSE, want []string) (got []sseMsg, re
 		if ev.Name != "message" {
 			t.Fatalf("a %s event (%s) while %d messages were still to come: %v", ev.Name, ev.Data, len(left), slices.Sorted(maps.Keys(left)))
 		}
-		var env struct{ Payload json.RawMessage }
+		var env struct {
+			ID      string
+			Payload json.RawMessage
+		}
 		ev.JSON(t, &env)
 		var p string
 		if json.Unmarshal(env.Payload, &p) != nil {
@@ -60,7 +64,7 @@ func readMessagesReady(t *testing.T, s *bt.SSE, want []string) (got []sseMsg, re
 		}
 		seen[p] = true
 		delete(left, p)
-		got = append(got, sseMsg{id: ev.ID, payload: p})
+		got = append(got, sseMsg{id: ev.ID, payload: p, msgID: env.ID})
 	}
 	return got, ready
 }
@@ -201,7 +205,16 @@ func TestClusterSSEResumesOnAnotherNode(t *testing.T) {
 		want = append(want, m.payload)
 	}
 	s = openStream(t, nodes["a"], first[mid].id)
-	readMessages(t, s, want)
+	// A message keeps its id in the cluster, live or replayed, on any node.
+	ids := map[string]string{}
+	for _, m := range append(append(slices.Clone(first), msgs...), after...) {
+		ids[m.payload] = m.msgID
+	}
+	for _, m := range readMessages(t, s, want) {
+		if ids[m.payload] != m.msgID || !strings.HasPrefix(m.msgID, m.payload[:1]+"/") {
+			t.Fatalf("%s replayed on a with id %q; it was %q", m.payload, m.msgID, ids[m.payload])
+		}
+	}
 	s.Until(t, "ready", 10*time.Second)
 	s.Close()
 
@@ -257,5 +270,98 @@ func TestClusterSSEResumesOnAnotherNode(t *testing.T) {
 	polled, _, resets := poll(nodes["b"], cursor)
 	if !slices.Equal(polled, []string{"polled", "while-a-down"}) || !slices.Equal(resets, []string{"a"}) {
 		t.Fatalf("poll on b with a down: %q, reset nodes %q", polled, resets)
+	}
+}
+
+// Cursors a reader cannot have been given, and many readers at once: a
+// node's part past its head is reset and then heals, nodes the cluster
+// does not have are dropped (asked nothing), and hundreds of polls
+// resuming at once are all answered by the other node.
+func TestClusterCursorEdges(t *testing.T) {
+	rds := clustertest.StartRedis(t)
+	cb := clusterConfig(t, rds, "b")
+	cb.HTTP.SSEMaxStreamsPerIP, cb.HTTP.SSEMaxStreamsPerPrincipal, cb.HTTP.MaxConnsPerIP = 0, 0, 0
+	a := bt.Start(t, clusterConfig(t, rds, "a"))
+	b := bt.Start(t, cb)
+	bt.WaitFor(t, 20*time.Second, "both reach Redis", func() bool { return a.ClusterRouter().Up() && b.ClusterRouter().Up() })
+	bt.WaitFor(t, 20*time.Second, "b knows a", func() bool { return slices.Contains(b.ClusterRouter().Nodes(), "a") })
+	pub := bt.Dial(t, a.MQTTAddr("tcp"), &paho.Connect{ClientID: "pub-a", CleanStart: true})
+	s := openStream(t, b, "")
+	s.Until(t, "ready", 10*time.Second)
+	waitWants(t, a, "plant/a/temp", "b")
+	pub.PublishT(t, &paho.Publish{Topic: "plant/a/temp", QoS: 1, Payload: []byte("first")})
+	cur := readMessages(t, s, []string{"first"})[0].id
+	s.Close()
+
+	type pollBody struct {
+		Messages []struct{ Payload json.RawMessage }
+		Cursor   string
+		Reset    string
+		Nodes    []struct{ Node, Reason string } `json:"reset_nodes"`
+	}
+	poll := func(cursor string) pollBody {
+		t.Helper()
+		resp, err := http.Get("http://" + b.HTTPAddr() + "/poll?topic=plant/%23&wait=0&cursor=" + url.QueryEscape(cursor))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var body pollBody
+		if resp.StatusCode != 200 || json.NewDecoder(resp.Body).Decode(&body) != nil {
+			t.Fatalf("poll: %d", resp.StatusCode)
+		}
+		return body
+	}
+
+	// a's part far past a's head: reset once, then it follows a again.
+	parts := strings.Split(cur, "~")
+	for i, p := range parts {
+		if strings.HasPrefix(p, "a:") {
+			f := strings.Split(p, ":")
+			parts[i] = f[0] + ":" + f[1] + ":zzzzzz"
+		}
+	}
+	got := poll(strings.Join(parts, "~"))
+	if len(got.Nodes) != 1 || got.Nodes[0].Node != "a" || got.Nodes[0].Reason != "unknown" {
+		t.Fatalf("a cursor past a's head: %+v", got)
+	}
+	pub.PublishT(t, &paho.Publish{Topic: "plant/a/temp", QoS: 1, Payload: []byte(`"healed"`)})
+	if next := poll(got.Cursor); len(next.Nodes) != 0 || len(next.Messages) != 1 || string(next.Messages[0].Payload) != `"healed"` {
+		t.Fatalf("after the reset: %+v", next)
+	}
+
+	// Nodes the cluster does not have: not asked, and gone from the cursor.
+	fake := cur
+	for i := range 20 {
+		fake += fmt.Sprintf("~ghost%d:1:5", i)
+	}
+	got = poll(fake)
+	if len(got.Nodes) != 0 || strings.Contains(got.Cursor, "ghost") || len(got.Messages) != 1 {
+		t.Fatalf("a cursor naming nodes that are not: %+v", got)
+	}
+
+	// Many readers resuming at once: a answers every one.
+	var wg sync.WaitGroup
+	errs := make(chan string, 300)
+	for range 300 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := http.Get("http://" + b.HTTPAddr() + "/poll?topic=plant/%23&wait=0&cursor=" + url.QueryEscape(cur))
+			if err != nil {
+				errs <- err.Error()
+				return
+			}
+			defer resp.Body.Close()
+			var body pollBody
+			if err := json.NewDecoder(resp.Body).Decode(&body); err != nil || resp.StatusCode != 200 || len(body.Nodes) != 0 || len(body.Messages) != 1 {
+				errs <- fmt.Sprintf("%d %+v %v", resp.StatusCode, body, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Fatalf("one of 300 polls at once: %s", e)
 	}
 }

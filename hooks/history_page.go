@@ -54,7 +54,10 @@ type Page struct {
 // Bounds of a page.
 const (
 	pageRecords = 512
-	pageBytes   = 512 << 10
+	pageBytes   = 256 << 10 // of encoded records (base64 payloads)
+	// sinceSlack is how much earlier than Since a record may be and
+	// still be replayed: the clocks of two nodes differ a little.
+	sinceSlack = 1000
 )
 
 // Crosses0 reports whether rec crosses nodes by the best-effort path (a
@@ -91,7 +94,7 @@ func (h *History) OwnPage(ctx context.Context, q PageQuery) (Page, error) {
 		after, trimmed = oldest-1, true
 	}
 	// Times in the index are rounded up to seconds: a second early.
-	if first := h.log.FirstSince(time.UnixMilli(q.Since).Add(-time.Second).UnixNano(), q.Filters...); q.Since > 0 && first > after+1 {
+	if first := h.log.FirstSince(time.UnixMilli(q.Since-sinceSlack).Add(-time.Second).UnixNano(), q.Filters...); q.Since > 0 && first > after+1 {
 		after, trimmed = first-1, false
 	}
 	if q.Known {
@@ -114,14 +117,15 @@ func (h *History) OwnPage(ctx context.Context, q PageQuery) (Page, error) {
 			return true // another node's: it answers for it
 		case q.Known && rec.Seq <= q.After0 && Crosses0(rec), q.Known && rec.Seq <= q.After1 && !Crosses0(rec):
 			return true
-		case rec.TS < q.Since:
+		case rec.TS < q.Since-sinceSlack:
 			return true
 		}
-		if len(p.Records) == limit || size+len(rec.Payload) > pageBytes && len(p.Records) > 0 {
+		n := 64 + len(rec.Topic) + len(rec.Device) + (len(rec.Payload)+2)/3*4
+		if len(p.Records) == limit || size+n > pageBytes && len(p.Records) > 0 {
 			p.More, p.Next = true, p.Records[len(p.Records)-1].Seq
 			return false
 		}
-		size += len(rec.Topic) + len(rec.Payload)
+		size += n
 		p.Records = append(p.Records, rec)
 		return true
 	})

@@ -21,25 +21,25 @@ import (
 //	AwaitInterest: the feed's filters are in Redis
 //	PUBLISH ctl:O {page, token, query}  --->  reads B's interest in the
 //	                                          filters from Redis (so what
-//	                                          it accepts from now on goes to
-//	                                          B), waits for routes under way,
-//	                                          takes its log's head as the end
-//	B <--- PUBLISH ctl:B {pageok, token, page}
+//	                                          it routes from now on goes to
+//	                                          B), waits until every message
+//	                                          routed before has its seq
+//	                                          (fence), takes its log's head
+//	                                          as the end
+//	B <--- PUBLISH ctl:B {pageok, token, page (or the key holding it)}
 //	B: live messages of O up to the end came in the replay: dropped
 //
-// Pages are small (hooks: 512 records, 512 KiB) and a node has few
-// requests out at once, so a reconnect storm cannot fill a pub/sub
-// connection's output buffer in Redis.
+// A page small enough goes in the answer; a larger one (records up to
+// the largest packet) in a key of its own that the asker reads and
+// deletes, so no answer comes near a pub/sub connection's output limit
+// in Redis.
 
 const (
-	pageWait = 5 * time.Second // for an answer
-	// routeSettle is how long a node waits, once it knows a reader's
-	// interest, before it takes its replay's end: a message routed just
-	// before (without the interest) and numbered just after would be in
-	// neither the replay nor the live feed.
-	routeSettle = 50 * time.Millisecond
-	pagesOut    = 4 // requests a node has out at once
-	pagesServed = 2 // requests a node answers at once
+	pageWait    = 5 * time.Second // for an answer
+	pagesOut    = 16              // requests a node has out at once
+	pagesServed = 4               // requests a node answers at once
+	pageInline  = 64 << 10        // a larger page goes by a key of its own
+	fenceWait   = 2 * time.Second // bounds the wait for routes under way
 )
 
 type pages struct {
@@ -84,7 +84,8 @@ func (r *Router) Page(ctx context.Context, node string, q hooks.PageQuery) (hook
 		delete(r.pg.waiting, token)
 		r.pg.mu.Unlock()
 	}()
-	if err := r.sendCtl(ctx, node, ctlMsg{Op: "page", From: r.n.ID(), Token: token, Query: &q}); err != nil {
+	deadline, _ := ctx.Deadline()
+	if err := r.sendCtl(ctx, node, ctlMsg{Op: "page", From: r.n.ID(), Token: token, Query: &q, Until: deadline.UnixMilli()}); err != nil {
 		return hooks.Page{}, err
 	}
 	select {
@@ -92,8 +93,18 @@ func (r *Router) Page(ctx context.Context, node string, q hooks.PageQuery) (hook
 		if c.Err != "" {
 			return hooks.Page{}, errors.New(c.Err)
 		}
+		body := []byte(c.Page)
+		if c.Key != "" {
+			p := r.n.rdb.TxPipeline()
+			get := p.Get(ctx, c.Key)
+			p.Del(ctx, c.Key)
+			if _, err := p.Exec(ctx); err != nil {
+				return hooks.Page{}, fmt.Errorf("a page from %s: %w", node, err)
+			}
+			body = []byte(get.Val())
+		}
 		var p hooks.Page
-		if err := json.Unmarshal(c.Page, &p); err != nil {
+		if err := json.Unmarshal(body, &p); err != nil {
 			return hooks.Page{}, fmt.Errorf("a page from %s: %w", node, err)
 		}
 		return p, nil
@@ -124,7 +135,11 @@ func (r *Router) onPage(c ctlMsg) {
 }
 
 func (r *Router) servePage(ctx context.Context, c ctlMsg) {
-	ctx, cancel := context.WithTimeout(ctx, pageWait)
+	until := time.Now().Add(pageWait)
+	if asker := time.UnixMilli(c.Until); c.Until > 0 && asker.Before(until) {
+		until = asker // the asker gives up then
+	}
+	ctx, cancel := context.WithDeadline(ctx, until)
 	defer cancel()
 	select {
 	case r.pg.serving <- struct{}{}:
@@ -141,19 +156,29 @@ func (r *Router) servePage(ctx context.Context, c ctlMsg) {
 		err = errors.New("no history here")
 	}
 	if err == nil && c.Query.Upto == 0 {
-		// The replay's end is taken now: what is accepted after it must
+		// The replay's end is taken now: what is numbered after it must
 		// be forwarded to the asker.
 		if err = r.learnInterest(ctx, c.From, c.Query.Filters); err == nil {
-			time.Sleep(routeSettle)
+			r.fence()
 		}
 	}
 	var p hooks.Page
 	if err == nil {
 		p, err = pager(ctx, *c.Query)
 	}
+	var body []byte
 	if err == nil {
-		reply.Page, err = json.Marshal(p)
+		for _, rec := range p.Records {
+			rec.Origin = r.identity(rec.Seq) // its name in the cluster, as forwarded ones carry it
+		}
+		body, err = json.Marshal(p)
 	}
+	if err == nil && len(body) > pageInline {
+		reply.Key = r.n.Key("page", c.Token)
+		err = r.n.rdb.Set(ctx, reply.Key, body, 2*pageWait).Err()
+		body = nil
+	}
+	reply.Page = body
 	if err != nil {
 		reply.Err = err.Error()
 	}
@@ -182,4 +207,40 @@ func (r *Router) learnInterest(ctx context.Context, node string, filters []strin
 	}
 	r.rmu.Unlock()
 	return nil
+}
+
+// Enter is the engine's: a message is being routed (Leave once it is
+// numbered). Two counters, by the parity of a generation that fence
+// moves on: fence waits for the old one to empty.
+func (r *Router) Enter() uint64 {
+	for {
+		g := r.fgen.Load()
+		r.fcount[g&1].Add(1)
+		if r.fgen.Load() == g {
+			return g
+		}
+		// A fence moved on meanwhile: count in the new generation, which
+		// a later fence waits for.
+		r.fcount[g&1].Add(-1)
+	}
+}
+
+// Leave is the engine's: the message Enter counted has its seq.
+func (r *Router) Leave(g uint64) { r.fcount[g&1].Add(-1) }
+
+// fence waits until every message whose routing began before the call
+// has its seq (bounded by fenceWait: a store that stalls longer lets the
+// replay end early, which the live feed then misses).
+func (r *Router) fence() {
+	r.fmuFence.Lock()
+	defer r.fmuFence.Unlock()
+	old := r.fgen.Add(1) - 1
+	deadline := time.Now().Add(fenceWait)
+	for r.fcount[old&1].Load() > 0 {
+		if time.Now().After(deadline) {
+			r.log.Warn("cluster: messages under way did not get their seq in time; a browser replay may miss one", "wait", fenceWait)
+			return
+		}
+		time.Sleep(50 * time.Microsecond)
+	}
 }

@@ -63,7 +63,9 @@ type ctlMsg struct {
 	Token  string `json:"t,omitempty"`
 	// Replay pages (history.go).
 	Query *hooks.PageQuery `json:"q,omitempty"`
-	Page  json.RawMessage  `json:"pg,omitempty"`
+	Until int64            `json:"u,omitempty"`  // unix ms the asker waits until
+	Page  json.RawMessage  `json:"pg,omitempty"` // the answer, or
+	Key   string           `json:"k,omitempty"`  // the key holding it
 	Err   string           `json:"e,omitempty"`
 }
 

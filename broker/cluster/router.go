@@ -117,9 +117,14 @@ type Router struct {
 
 	retainedSynced atomic.Bool // the cluster's retained messages were read
 
-	mv      moves        // sessions moving to or from this node
-	pg      pages        // replays for browser readers (history.go)
-	drained atomic.Int64 // reads of the inbox that took every stream to its end (as it was then)
+	mv moves // sessions moving to or from this node
+	pg pages // replays for browser readers (history.go)
+
+	// Routes under way, for fence (history.go).
+	fgen     atomic.Uint64
+	fcount   [2]atomic.Int64
+	fmuFence sync.Mutex
+	drained  atomic.Int64 // reads of the inbox that took every stream to its end (as it was then)
 
 	forwarded, forwardedLive, liveDropped, received, receivedLive, damaged, missing, takeFailures atomic.Uint64
 }

@@ -251,6 +251,12 @@ type Cluster interface {
 	// says which groups another node serves). It runs for every message:
 	// quick.
 	Route(m *Message, shared []topics.SharedMatch) Remote
+	// Enter and Leave bracket Route and the numbering of the message in
+	// the log that follows it (Leave gets what Enter returned), so the
+	// cluster can wait until every message routed before a change of
+	// interest has its seq. Both are quick and never block.
+	Enter() uint64
+	Leave(uint64)
 	// ID is this node's name in the cluster.
 	ID() string
 	// Claim runs before a CONNECT takes its session (persistent: the

@@ -62,13 +62,20 @@ type acceptance struct {
 func (s *Server) beginAccept(m *Message, in *inbound) *acceptance {
 	a := &acceptance{m: m, ms: matchesPool.Get().(*topics.Matches), tp: targetsPool.Get().(*[]target)}
 	s.index.Match(m.Topic, m.Client, a.ms)
-	if cl := s.opts.Cluster; cl != nil && !m.isRemote() && !m.volatile {
+	cl := s.opts.Cluster
+	routed := cl != nil && !m.isRemote() && !m.volatile
+	var gen uint64
+	if routed {
+		gen = cl.Enter()
 		if rt := cl.Route(m, a.ms.Shared); rt != nil {
 			m.ext().route = rt
 		}
 	}
 	*a.tp = s.plan(m, a.ms, (*a.tp)[:0])
 	a.wait, a.err = s.commit(m, *a.tp, in)
+	if routed {
+		cl.Leave(gen) // numbered (or failed)
+	}
 	return a
 }
 
