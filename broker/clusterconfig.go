@@ -7,6 +7,10 @@ import (
 	"regexp"
 	"strings"
 	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/beaconmq/beacon/broker/cluster"
 )
 
 var nodeIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
@@ -25,11 +29,18 @@ func (c ClusterConfig) validate() error {
 	if err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
 		return bad("cluster.redis_url", "%q is not redis://host:port/db or rediss://host:port/db", redactURL(c.RedisURL))
 	}
+	sentinels := cluster.IsSentinelURL(c.RedisURL)
+	if sentinels {
+		if _, err := redis.ParseFailoverURL(c.RedisURL); err != nil {
+			return bad("cluster.redis_url", "%q: %v", redactURL(c.RedisURL), err)
+		}
+	}
 	if c.RedisPasswordFile != "" {
 		if _, err := os.Stat(c.RedisPasswordFile); err != nil {
 			return bad("cluster.redis_password_file", "%v", err)
 		}
-		if _, ok := u.User.Password(); ok {
+		// Through Sentinels the URL's password is theirs, the file's the servers'.
+		if _, ok := u.User.Password(); ok && !sentinels {
 			return bad("cluster.redis_password_file", "the password is given twice: in cluster.redis_url and in this file")
 		}
 	}

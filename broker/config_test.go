@@ -104,6 +104,9 @@ func TestValidateNamesKey(t *testing.T) {
 		{"http.addr", func(c *Config) { c.HTTP.Addr = "127.0.0.1:99999" }},
 		{"storage.dir", func(c *Config) { c.Storage.Dir = "" }},
 		{"log.level", func(c *Config) { c.Log.Level = "loud" }},
+		{"cluster.redis_url", func(c *Config) { c.Cluster.RedisURL = "http://127.0.0.1:6379" }},
+		{"cluster.redis_url", func(c *Config) { c.Cluster.RedisURL = "redis://127.0.0.1:26379/0?master_name=b&no_such_option=1" }},
+		{"cluster.node_id", func(c *Config) { c.Cluster.RedisURL = "redis://127.0.0.1:6379/0"; c.Cluster.NodeID = "a:b" }},
 	}
 	for _, tc := range cases {
 		t.Run(tc.key, func(t *testing.T) {

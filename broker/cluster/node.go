@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -96,26 +97,12 @@ func Open(opts Options) (*Node, error) {
 	if opts.NodeID == "" || strings.ContainsAny(opts.NodeID, ": \t\n") {
 		return nil, fmt.Errorf("cluster: node id %q", opts.NodeID)
 	}
-	ro, err := redis.ParseURL(opts.URL)
+	redisLogOnce.Do(func() { redis.SetLogger(redisLog{opts.Logger.With("component", "redis-client")}) })
+	rdb, err := newClient(opts)
 	if err != nil {
-		return nil, fmt.Errorf("cluster: redis url: %w", err)
+		return nil, err
 	}
-	if opts.Password != "" {
-		ro.Password = opts.Password
-	}
-	if ro.TLSConfig != nil && ro.TLSConfig.MinVersion == 0 {
-		ro.TLSConfig.MinVersion = tls.VersionTLS12
-	}
-	ro.ClientName = "beacon:" + opts.NodeID
-	ro.DialTimeout = 2 * time.Second
-	ro.ReadTimeout = 3 * time.Second
-	ro.WriteTimeout = 3 * time.Second
-	// No silent retries: a command that met a restarted Redis must fail,
-	// so the forwarder knows the streams may have lost entries.
-	ro.MaxRetries = -1
-	ro.MinRetryBackoff = 50 * time.Millisecond
-	ro.MaxRetryBackoff = time.Second
-	n := &Node{opts: opts, rdb: redis.NewClient(ro), log: opts.Logger}
+	n := &Node{opts: opts, rdb: rdb, log: opts.Logger}
 	n.opts.Info.ID = opts.NodeID
 	n.lastErr.Store("not connected yet")
 	n.downAt.Store(time.Now().UnixNano())
@@ -358,3 +345,64 @@ func (n *Node) Close() error {
 	n.wg.Wait()
 	return n.rdb.Close()
 }
+
+// IsSentinelURL reports whether a cluster.redis_url names Redis Sentinels
+// (a master_name parameter) rather than one Redis.
+func IsSentinelURL(raw string) bool {
+	u, err := url.Parse(raw)
+	return err == nil && u.Query().Has("master_name")
+}
+
+// newClient connects to the Redis of opts.URL: one server, or through
+// Sentinels (?master_name=...&addr=sentinel2:26379...) to whichever
+// server they name master, following failovers.
+func newClient(opts Options) (*redis.Client, error) {
+	// No silent retries: a command that met a restarted Redis must fail,
+	// so the forwarder knows the streams may have lost entries.
+	const (
+		dial, read, write  = 2 * time.Second, 3 * time.Second, 3 * time.Second
+		minBackoff, maxBkf = 50 * time.Millisecond, time.Second
+	)
+	name := "beacon:" + opts.NodeID
+	if IsSentinelURL(opts.URL) {
+		fo, err := redis.ParseFailoverURL(opts.URL)
+		if err != nil {
+			return nil, fmt.Errorf("cluster: redis url: %w", err)
+		}
+		// The URL's credentials are the Sentinels'; the servers' password
+		// is cluster.redis_password_file's.
+		fo.Password = opts.Password
+		if fo.TLSConfig != nil && fo.TLSConfig.MinVersion == 0 {
+			fo.TLSConfig.MinVersion = tls.VersionTLS12
+		}
+		fo.ClientName = name
+		fo.DialTimeout, fo.ReadTimeout, fo.WriteTimeout = dial, read, write
+		fo.MaxRetries, fo.MinRetryBackoff, fo.MaxRetryBackoff = -1, minBackoff, maxBkf
+		return redis.NewFailoverClient(fo), nil
+	}
+	ro, err := redis.ParseURL(opts.URL)
+	if err != nil {
+		return nil, fmt.Errorf("cluster: redis url: %w", err)
+	}
+	if opts.Password != "" {
+		ro.Password = opts.Password
+	}
+	if ro.TLSConfig != nil && ro.TLSConfig.MinVersion == 0 {
+		ro.TLSConfig.MinVersion = tls.VersionTLS12
+	}
+	ro.ClientName = name
+	ro.DialTimeout, ro.ReadTimeout, ro.WriteTimeout = dial, read, write
+	ro.MaxRetries, ro.MinRetryBackoff, ro.MaxRetryBackoff = -1, minBackoff, maxBkf
+	return redis.NewClient(ro), nil
+}
+
+// redisLog takes go-redis's own messages (a dial that failed, a
+// Sentinel naming a new master) into the node's log at debug: the node
+// reports Redis's state itself (Report).
+type redisLog struct{ l *slog.Logger }
+
+func (r redisLog) Printf(ctx context.Context, format string, v ...any) {
+	r.l.Log(ctx, slog.LevelDebug, fmt.Sprintf(format, v...))
+}
+
+var redisLogOnce sync.Once

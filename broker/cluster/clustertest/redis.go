@@ -20,8 +20,10 @@ type Redis struct {
 	Port int
 	Dir  string
 	args []string
-	cmd  *exec.Cmd
-	done chan struct{}
+	// sentinelConf, for a Sentinel, is its config file (it rewrites it).
+	sentinelConf string
+	cmd          *exec.Cmd
+	done         chan struct{}
 }
 
 // StartRedis starts redis-server on an ephemeral port with its data in a
@@ -52,6 +54,9 @@ func (r *Redis) Start() {
 	r.t.Helper()
 	args := append([]string{"--port", fmt.Sprint(r.Port), "--bind", "127.0.0.1", "--dir", r.Dir,
 		"--save", "", "--protected-mode", "yes", "--daemonize", "no", "--logfile", filepath.Join(r.Dir, "redis.log")}, r.args...)
+	if r.sentinelConf != "" {
+		args = []string{r.sentinelConf, "--sentinel"}
+	}
 	cmd := exec.Command("redis-server", args...)
 	dieWithParent(cmd)
 	if err := cmd.Start(); err != nil {
@@ -108,4 +113,44 @@ func freePort(t testing.TB) int {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// Sentinel is one Redis Sentinel on 127.0.0.1 watching a master under
+// the name "beacon", quick to fail over (the master is down after 500 ms
+// without an answer).
+type Sentinel struct {
+	*Redis
+}
+
+// StartSentinel starts a Sentinel (redis-server --sentinel) watching
+// master; it is stopped when the test ends.
+func StartSentinel(t testing.TB, master *Redis) *Sentinel {
+	t.Helper()
+	s := &Redis{t: t, Dir: t.TempDir()}
+	s.Port = freePort(t)
+	conf := filepath.Join(s.Dir, "sentinel.conf")
+	body := fmt.Sprintf(`port %d
+bind 127.0.0.1
+daemonize no
+dir %s
+logfile %s
+sentinel resolve-hostnames no
+sentinel monitor beacon 127.0.0.1 %d 1
+sentinel down-after-milliseconds beacon 500
+sentinel failover-timeout beacon 3000
+sentinel parallel-syncs beacon 1
+`, s.Port, s.Dir, filepath.Join(s.Dir, "redis.log"), master.Port)
+	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.sentinelConf = conf
+	s.Start()
+	t.Cleanup(s.Kill)
+	return &Sentinel{s}
+}
+
+// URL is the cluster.redis_url that reaches the master through the
+// Sentinel.
+func (s *Sentinel) URL() string {
+	return fmt.Sprintf("redis://127.0.0.1:%d/0?master_name=beacon", s.Port)
 }
