@@ -114,18 +114,23 @@ func (f *clusterFeed) live(rec *hooks.Record) (id string, ok bool) {
 // pageSource reads one node's own messages after the cursor, a page at
 // a time.
 type pageSource struct {
-	node string
-	q    hooks.PageQuery
-	page hooks.Page
-	i    int
-	last uint64 // the seq of the last record taken from it
-	err  error  // the node did not answer
-	get  func(ctx context.Context, q hooks.PageQuery) (hooks.Page, error)
+	node  string
+	q     hooks.PageQuery
+	page  hooks.Page
+	i     int
+	last  uint64 // the seq of the last record taken from it
+	epoch uint32 // of the node's log, from its last page
+	err   error  // the node did not answer
+	get   func(ctx context.Context, q hooks.PageQuery) (hooks.Page, error)
 }
 
 func (p *pageSource) fetch(ctx context.Context) {
-	p.page, p.err = p.get(ctx, p.q)
-	p.i = 0
+	page, err := p.get(ctx, p.q)
+	if err != nil {
+		p.err = err // the last page stays: what was taken of it counts
+		return
+	}
+	p.page, p.epoch, p.i = page, page.Epoch, 0
 }
 
 // head is the source's next record, fetching the next page if needed;
@@ -161,9 +166,16 @@ func (s *Streams) replay(ctx context.Context, f *clusterFeed, filters []string, 
 	// (removed, or never was) is dropped from it.
 	names := s.Cluster.Nodes()
 	for n := range f.cur.pos {
-		if n != f.self && !slices.Contains(names, n) {
-			delete(f.cur.pos, n)
+		if n == f.self || slices.Contains(names, n) {
+			continue
 		}
+		if len(names) == 0 {
+			// This node knows no other yet (Redis away since it started):
+			// the part is kept, and reported.
+			resets = append(resets, nodeReset{Node: n, Reason: ResetNodeUnavailable})
+			continue
+		}
+		delete(f.cur.pos, n)
 	}
 	if len(names) > 0 {
 		// What this node's feed follows must reach the others before
@@ -226,7 +238,7 @@ func (s *Streams) replay(ctx context.Context, f *clusterFeed, filters []string, 
 			unanswered = append(unanswered, src.node)
 			if src.last > 0 {
 				// What came of it before the failure is not sent again live.
-				f.done[src.node] = nodePos{epoch: src.page.Epoch, s1: src.last}
+				f.done[src.node] = nodePos{epoch: src.epoch, s1: src.last}
 			}
 			continue
 		case src.page.Reset != "":

@@ -1012,9 +1012,14 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 type observer Broker
 
 var (
-	_ engine.Observer     = (*observer)(nil)
-	_ engine.SendObserver = (*observer)(nil)
+	_ engine.Observer       = (*observer)(nil)
+	_ engine.SendObserver   = (*observer)(nil)
+	_ engine.NumberObserver = (*observer)(nil)
 )
+
+// Unrouted: a moved-in session's queued message took seq; the history
+// delivers nothing of it, and does not wait for it.
+func (o *observer) Unrouted(seq uint64) { o.history.Skip(seq) }
 
 func (o *observer) Connected(ci *engine.ClientInfo) {
 	o.metricsHook.Connected(ci.Listener)

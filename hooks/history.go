@@ -269,7 +269,7 @@ type HistoryStats struct {
 	Overflows int64  // watchers ended because they fell behind
 	Watchers  int
 	Held      int   // fed messages waiting for a lower seq to be fed
-	Skipped   int64 // seqs given up on: not fed within GapWait
+	Skipped   int64 // seqs given up on: not fed within GapWait (noticed only while someone watches)
 	Late      int64 // messages fed after their seq was given up on
 	// IndexBytes is the memory of the in-memory index: the log's
 	// (storage.LogStats.IndexBytes) and the newest-record-per-topic index

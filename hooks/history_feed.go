@@ -39,6 +39,23 @@ func (h *History) Feed(m *Message) {
 	h.logSkipped(skipped)
 }
 
+// Skip tells the history of a seq the log gave a message that goes live
+// to no watch (numbered for another purpose: a moved session's queue), so
+// live delivery does not wait for it.
+func (h *History) Skip(seq uint64) {
+	if seq == 0 {
+		return
+	}
+	h.mu.Lock()
+	skipped := h.feed(&Message{Seq: seq, Topic: skipTopic})
+	h.mu.Unlock()
+	h.logSkipped(skipped)
+}
+
+// skipTopic is the topic of what Skip feeds: no topic name is empty, so
+// no filter matches it.
+const skipTopic = ""
+
 // feed is Feed under h.mu; it returns the seqs it gave up on, if any.
 func (h *History) feed(m *Message) (skipped seqRange) {
 	if h.closed {
@@ -196,6 +213,9 @@ func (h *History) expireGap() seqRange {
 // wanted reports whether a watch registered before seq matches topic.
 // Called with h.mu held.
 func (h *History) wanted(topic string, seq uint64) bool {
+	if topic == skipTopic {
+		return false
+	}
 	for w := range h.exact[topic] {
 		if w.From < seq {
 			return true

@@ -115,3 +115,21 @@ func waitTrimmed(t *testing.T, e *histEnv, seq uint64) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// A seq skipped (numbered for a moved session's queue, not routed here)
+// holds nothing back and goes to no watch.
+func TestHistorySkip(t *testing.T) {
+	e := openHistEnv(t, t.TempDir(), HistoryOptions{GapWait: time.Hour}, storage.LogRule{Filter: "#"})
+	w := e.h.Watch([]string{"#"}, 16)
+	defer w.Stop()
+	moved := e.appendRec(t, "t", "a moved session's message", "", 1)
+	next := e.publish(t, "t", "next")
+	e.h.Skip(moved)
+	if r := receive(t, w, 1)[0]; r.Seq != next {
+		t.Fatalf("got seq %d, want %d", r.Seq, next)
+	}
+	none(t, w)
+	if s := e.h.Stats(); s.Skipped != 0 || s.Held != 0 {
+		t.Fatalf("stats %+v", s)
+	}
+}

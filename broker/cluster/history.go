@@ -85,7 +85,8 @@ func (r *Router) Page(ctx context.Context, node string, q hooks.PageQuery) (hook
 		r.pg.mu.Unlock()
 	}()
 	deadline, _ := ctx.Deadline()
-	if err := r.sendCtl(ctx, node, ctlMsg{Op: "page", From: r.n.ID(), Token: token, Query: &q, Until: deadline.UnixMilli()}); err != nil {
+	wait := time.Until(deadline).Milliseconds()
+	if err := r.sendCtl(ctx, node, ctlMsg{Op: "page", From: r.n.ID(), Token: token, Query: &q, Wait: wait}); err != nil {
 		return hooks.Page{}, err
 	}
 	select {
@@ -135,11 +136,11 @@ func (r *Router) onPage(c ctlMsg) {
 }
 
 func (r *Router) servePage(ctx context.Context, c ctlMsg) {
-	until := time.Now().Add(pageWait)
-	if asker := time.UnixMilli(c.Until); c.Until > 0 && asker.Before(until) {
-		until = asker // the asker gives up then
+	wait := pageWait
+	if w := time.Duration(c.Wait) * time.Millisecond; w > 0 && w < wait {
+		wait = w // the asker gives up then (a duration: the clocks may differ)
 	}
-	ctx, cancel := context.WithDeadline(ctx, until)
+	ctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
 	select {
 	case r.pg.serving <- struct{}{}:
@@ -213,6 +214,9 @@ func (r *Router) learnInterest(ctx context.Context, node string, filters []strin
 // numbered). Two counters, by the parity of a generation that fence
 // moves on: fence waits for the old one to empty.
 func (r *Router) Enter() uint64 {
+	if !r.fenceArmed.Load() {
+		return unfenced // no replay served yet: nothing to count
+	}
 	for {
 		g := r.fgen.Load()
 		r.fcount[g&1].Add(1)
@@ -226,7 +230,14 @@ func (r *Router) Enter() uint64 {
 }
 
 // Leave is the engine's: the message Enter counted has its seq.
-func (r *Router) Leave(g uint64) { r.fcount[g&1].Add(-1) }
+func (r *Router) Leave(g uint64) {
+	if g != unfenced {
+		r.fcount[g&1].Add(-1)
+	}
+}
+
+// unfenced is Enter's answer while no fence ever ran.
+const unfenced = ^uint64(0)
 
 // fence waits until every message whose routing began before the call
 // has its seq (bounded by fenceWait: a store that stalls longer lets the
@@ -234,6 +245,12 @@ func (r *Router) Leave(g uint64) { r.fcount[g&1].Add(-1) }
 func (r *Router) fence() {
 	r.fmuFence.Lock()
 	defer r.fmuFence.Unlock()
+	if !r.fenceArmed.Swap(true) {
+		// The first fence: routes that began before counting did are not
+		// counted; they get their seq within microseconds (routing and
+		// numbering are steps of one call), so a pause covers them.
+		time.Sleep(50 * time.Millisecond)
+	}
 	old := r.fgen.Add(1) - 1
 	deadline := time.Now().Add(fenceWait)
 	for r.fcount[old&1].Load() > 0 {

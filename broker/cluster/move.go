@@ -63,7 +63,7 @@ type ctlMsg struct {
 	Token  string `json:"t,omitempty"`
 	// Replay pages (history.go).
 	Query *hooks.PageQuery `json:"q,omitempty"`
-	Until int64            `json:"u,omitempty"`  // unix ms the asker waits until
+	Wait  int64            `json:"w,omitempty"`  // ms the asker waits for the answer
 	Page  json.RawMessage  `json:"pg,omitempty"` // the answer, or
 	Key   string           `json:"k,omitempty"`  // the key holding it
 	Err   string           `json:"e,omitempty"`

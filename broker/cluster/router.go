@@ -120,11 +120,15 @@ type Router struct {
 	mv moves // sessions moving to or from this node
 	pg pages // replays for browser readers (history.go)
 
-	// Routes under way, for fence (history.go).
-	fgen     atomic.Uint64
-	fcount   [2]atomic.Int64
-	fmuFence sync.Mutex
-	drained  atomic.Int64 // reads of the inbox that took every stream to its end (as it was then)
+	// Routes under way, for fence (history.go); apart from the fields
+	// around them, as every publish writes them once a fence ran.
+	_          [64]byte
+	fenceArmed atomic.Bool
+	fgen       atomic.Uint64
+	fcount     [2]atomic.Int64
+	_          [64]byte
+	fmuFence   sync.Mutex
+	drained    atomic.Int64 // reads of the inbox that took every stream to its end (as it was then)
 
 	forwarded, forwardedLive, liveDropped, received, receivedLive, damaged, missing, takeFailures atomic.Uint64
 }

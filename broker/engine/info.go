@@ -43,6 +43,14 @@ type SendObserver interface {
 	Sent(m *Message, qos byte, live bool)
 }
 
+// NumberObserver is an Observer that also hears of the seqs the log gives
+// messages that are not routed here (the queued messages of a session
+// that moved in from another node: they were routed there), so a reader
+// of the log in seq order (the history) does not wait for them.
+type NumberObserver interface {
+	Unrouted(seq uint64)
+}
+
 // sweepExpired drops queued messages whose expiry passed from the
 // sessions that hold any, every interval, so an offline session does not
 // keep them (in memory and in the store) until its client returns.

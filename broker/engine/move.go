@@ -687,6 +687,9 @@ func (s *Server) storeMoved(client string, gen uint64, fs []*flight, ops []stora
 		f.msg.Seq, f.msg.stored, f.stored = seq, true, true
 		s.store.log.Ref(seq)
 		s.store.log.Release(seq)
+		if s.numObs != nil {
+			s.numObs.Unrouted(seq)
+		}
 		waits = append(waits, wait)
 	}
 	if len(fs) == 0 && len(ops) > 0 {

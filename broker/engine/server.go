@@ -42,6 +42,7 @@ type Server struct {
 	stats     counters
 	store     *store // nil: in memory only
 	sentObs   SendObserver
+	numObs    NumberObserver
 	subObs    SubscriptionObserver
 	started   time.Time
 	done      chan struct{} // closed by Shutdown
@@ -93,6 +94,7 @@ func New(opts Options) *Server {
 		s.index.OnFilter = cl.Interest
 	}
 	s.sentObs, _ = opts.Observer.(SendObserver)
+	s.numObs, _ = opts.Observer.(NumberObserver)
 	s.subObs, _ = opts.Observer.(SubscriptionObserver)
 	if p := opts.Persistence; p != nil {
 		s.store = &store{db: p.DB, log: p.Log, ids: p.Identities, nt: newNotifier(), gen: uint64(opts.Now().UnixNano())}
