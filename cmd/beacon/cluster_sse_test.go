@@ -101,7 +101,7 @@ func TestClusterSSEResumesAfterSIGKILL(t *testing.T) {
 	}
 
 	// a is back: the same id on b now has a's part too.
-	a = clusterNode(t, rds.URL(), "a", dataA)
+	clusterNode(t, rds.URL(), "a", dataA) // a again, on its store
 	bt.WaitFor(t, 30*time.Second, "b sees a up", func() bool {
 		s := open(b, last)
 		defer s.Close()
