@@ -17,6 +17,7 @@ type ClusterHistory interface {
 	ID() string      // this node
 	Nodes() []string // the other nodes known
 	NodeUp(id string) bool
+	Up() bool // Redis answers
 	// AwaitInterest waits (bounded) until the filters this node's feeds
 	// follow are in Redis, so other nodes forward what matches them.
 	AwaitInterest(wait time.Duration)
@@ -169,9 +170,9 @@ func (s *Streams) replay(ctx context.Context, f *clusterFeed, filters []string, 
 		if n == f.self || slices.Contains(names, n) {
 			continue
 		}
-		if len(names) == 0 {
-			// This node knows no other yet (Redis away since it started):
-			// the part is kept, and reported.
+		if !s.Cluster.Up() {
+			// Redis away: this node may not know the others yet. The
+			// part is kept, and reported.
 			resets = append(resets, nodeReset{Node: n, Reason: ResetNodeUnavailable})
 			continue
 		}

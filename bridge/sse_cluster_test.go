@@ -22,6 +22,7 @@ type scriptedPeer struct {
 func (c *scriptedPeer) ID() string                  { return "a" }
 func (c *scriptedPeer) Nodes() []string             { return []string{"o"} }
 func (c *scriptedPeer) NodeUp(string) bool          { return true }
+func (c *scriptedPeer) Up() bool                    { return true }
 func (c *scriptedPeer) AwaitInterest(time.Duration) {}
 func (c *scriptedPeer) Page(ctx context.Context, node string, q hooks.PageQuery) (hooks.Page, error) {
 	c.calls++

@@ -73,6 +73,9 @@ func (h *History) feed(m *Message) (skipped seqRange) {
 	case seq <= h.done:
 		if _, ok := h.gaveUp[seq]; ok {
 			delete(h.gaveUp, seq)
+			if m.Topic == skipTopic {
+				return // nothing to deliver late
+			}
 			h.late.Add(1)
 			if h.wanted(m.Topic, seq) {
 				h.deliver(feedRecord(m))

@@ -85,7 +85,7 @@ func (r *Router) Page(ctx context.Context, node string, q hooks.PageQuery) (hook
 		r.pg.mu.Unlock()
 	}()
 	deadline, _ := ctx.Deadline()
-	wait := time.Until(deadline).Milliseconds()
+	wait := max(1, time.Until(deadline).Milliseconds())
 	if err := r.sendCtl(ctx, node, ctlMsg{Op: "page", From: r.n.ID(), Token: token, Query: &q, Wait: wait}); err != nil {
 		return hooks.Page{}, err
 	}
@@ -214,9 +214,6 @@ func (r *Router) learnInterest(ctx context.Context, node string, filters []strin
 // numbered). Two counters, by the parity of a generation that fence
 // moves on: fence waits for the old one to empty.
 func (r *Router) Enter() uint64 {
-	if !r.fenceArmed.Load() {
-		return unfenced // no replay served yet: nothing to count
-	}
 	for {
 		g := r.fgen.Load()
 		r.fcount[g&1].Add(1)
@@ -230,14 +227,7 @@ func (r *Router) Enter() uint64 {
 }
 
 // Leave is the engine's: the message Enter counted has its seq.
-func (r *Router) Leave(g uint64) {
-	if g != unfenced {
-		r.fcount[g&1].Add(-1)
-	}
-}
-
-// unfenced is Enter's answer while no fence ever ran.
-const unfenced = ^uint64(0)
+func (r *Router) Leave(g uint64) { r.fcount[g&1].Add(-1) }
 
 // fence waits until every message whose routing began before the call
 // has its seq (bounded by fenceWait: a store that stalls longer lets the
@@ -245,12 +235,6 @@ const unfenced = ^uint64(0)
 func (r *Router) fence() {
 	r.fmuFence.Lock()
 	defer r.fmuFence.Unlock()
-	if !r.fenceArmed.Swap(true) {
-		// The first fence: routes that began before counting did are not
-		// counted; they get their seq within microseconds (routing and
-		// numbering are steps of one call), so a pause covers them.
-		time.Sleep(50 * time.Millisecond)
-	}
 	old := r.fgen.Add(1) - 1
 	deadline := time.Now().Add(fenceWait)
 	for r.fcount[old&1].Load() > 0 {

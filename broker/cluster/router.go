@@ -121,14 +121,13 @@ type Router struct {
 	pg pages // replays for browser readers (history.go)
 
 	// Routes under way, for fence (history.go); apart from the fields
-	// around them, as every publish writes them once a fence ran.
-	_          [64]byte
-	fenceArmed atomic.Bool
-	fgen       atomic.Uint64
-	fcount     [2]atomic.Int64
-	_          [64]byte
-	fmuFence   sync.Mutex
-	drained    atomic.Int64 // reads of the inbox that took every stream to its end (as it was then)
+	// around them, as every publish writes them.
+	_        [64]byte
+	fgen     atomic.Uint64
+	fcount   [2]atomic.Int64
+	_        [64]byte
+	fmuFence sync.Mutex
+	drained  atomic.Int64 // reads of the inbox that took every stream to its end (as it was then)
 
 	forwarded, forwardedLive, liveDropped, received, receivedLive, damaged, missing, takeFailures atomic.Uint64
 }
