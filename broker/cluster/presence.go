@@ -34,7 +34,7 @@ local after = 0
 for _, c in pairs(m) do after = after + c end
 if after == 0 then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(m)) end
 if v == false or before ~= after or after == 0 then redis.call('PUBLISH', KEYS[2], ARGV[1]) end
-return {before, after}
+return {before, after, after - math.max(n, 0)}
 `)
 
 // PresenceOptions configure Presence.
@@ -158,7 +158,11 @@ func (p *Presence) set(ctx context.Context, id string, leave bool, dead ...strin
 	if err != nil {
 		return err
 	}
-	if len(res) == 2 {
+	if len(res) == 3 {
+		// What the other nodes have, as of this write: a device that
+		// moved here from another node (or away) is not taken for offline
+		// until that node's announcement arrives.
+		p.opts.Registry.SetRemoteOnline(id, res[2] > 0)
 		switch before, after := res[0], res[1]; {
 		case before == 0 && after > 0:
 			p.opts.Publish(id, true)
