@@ -94,8 +94,10 @@ func (h *History) OwnPage(ctx context.Context, q PageQuery) (Page, error) {
 		after, trimmed = oldest-1, true
 	}
 	// Times in the index are rounded up to seconds: a second early.
-	if first := h.log.FirstSince(time.UnixMilli(q.Since-sinceSlack).Add(-time.Second).UnixNano(), q.Filters...); q.Since > 0 && first > after+1 {
-		after, trimmed = first-1, false
+	if q.Since > 0 {
+		if first := h.log.FirstSince(time.UnixMilli(q.Since-sinceSlack).Add(-time.Second).UnixNano(), q.Filters...); first > after+1 {
+			after, trimmed = first-1, false
+		}
 	}
 	if q.Known {
 		switch pos := min(q.After0, q.After1); {
