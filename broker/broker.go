@@ -339,27 +339,9 @@ func (b *Broker) registerMetrics() {
 	counter := func(name, help string, labels prometheus.Labels, f func() float64) {
 		b.metrics.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help, ConstLabels: labels}, f))
 	}
-	es := func(f func(engine.Stats) float64) func() float64 {
-		return func() float64 { return f(b.engine.Stats()) }
-	}
-	gauge("beacon_retained_messages", "Retained messages.", es(func(s engine.Stats) float64 { return float64(s.Retained) }))
-	gauge("beacon_inflight_messages", "QoS 1/2 messages held for sessions, unacknowledged or queued.",
-		es(func(s engine.Stats) float64 { return float64(s.Inflight) }))
-	gauge("beacon_sessions", "Sessions, connected or not.", es(func(s engine.Stats) float64 { return float64(s.Sessions) }))
-	gauge("beacon_subscriptions", "Subscriptions.", es(func(s engine.Stats) float64 { return float64(s.Subscriptions) }))
-	counter("beacon_slow_consumers_total", "Connections closed because a write to them did not finish within the write timeout.", nil,
-		es(func(s engine.Stats) float64 { return float64(s.SlowConsumers) }))
-	counter("beacon_publisher_stalls_total", "QoS 0 deliveries for which a publisher was held back because the subscriber's outbound budget was full.", nil,
-		es(func(s engine.Stats) float64 { return float64(s.Stalls) }))
-	counter("beacon_publisher_stall_timeouts_total", "Publisher stalls that ran out before the subscriber's socket drained (the message was dropped as queue_full).", nil,
-		es(func(s engine.Stats) float64 { return float64(s.StallTimeouts) }))
-	gauge("beacon_idle_connections", "Connections idle for a second or more, waiting without a reader goroutine.",
-		es(func(s engine.Stats) float64 { return float64(s.Idle) }))
+	b.metrics.MustRegister(engineCollector{b.engine})
 	const dropped = "beacon_messages_dropped_total"
-	const droppedHelp = "Messages not delivered, by reason: queue_full (connection buffer, QoS 0), queue_limit (mqtt.max_queued_messages), expired, denied (ACL at delivery), policy, too_large (the client's maximum packet size), topic_limit (mqtt.max_topic_length or max_topic_levels), no_space (refused while the disk is below storage.min_free)."
-	for _, r := range []engine.DropReason{engine.DropQueueFull, engine.DropQueueLimit, engine.DropExpired, engine.DropTooLarge, engine.DropTopicLimit, engine.DropNoSpace} {
-		counter(dropped, droppedHelp, prometheus.Labels{"reason": string(r)}, es(func(s engine.Stats) float64 { return float64(s.Dropped[r]) }))
-	}
+	const droppedHelp = engineDroppedHelp
 	counter(dropped, droppedHelp, prometheus.Labels{"reason": "denied"}, func() float64 { return float64(b.auth.stats().DeniedDelivery) })
 	counter(dropped, droppedHelp, prometheus.Labels{"reason": "policy"}, func() float64 { return float64(b.auth.stats().PolicyDenied) })
 	counter("beacon_auth_failures_total", "Refused CONNECTs (bad credentials, disabled devices, anonymous not allowed).", nil,
@@ -427,8 +409,6 @@ func (b *Broker) registerMetrics() {
 				return float64(b.ws.Refused()[r])
 			})
 	}
-	counter("beacon_connections_refused_total", "MQTT connections refused by a limit, by reason: max_clients (mqtt.max_clients; failed-authentication limits are beacon_auth_throttled_total).",
-		prometheus.Labels{"reason": "max_clients"}, es(func(s engine.Stats) float64 { return float64(s.RefusedMaxClients) }))
 	counter("beacon_log_suppressed_total", "Warnings and errors held back by the rate-limited loggers (each distinct message at most once per 10 s; the next one says how many).", nil,
 		func() float64 { return float64(b.engineLog.Suppressed() + b.auth.limiter.Suppressed()) })
 	counter("beacon_stream_messages_total", "Messages written to SSE streams and polls.", nil,

@@ -37,20 +37,25 @@ type Server struct {
 	listeners []net.Listener
 	closing   bool
 
-	wg        sync.WaitGroup // connection readers and accept loops
-	sharedRR  atomic.Uint64
-	stats     counters
-	store     *store // nil: in memory only
-	sentObs   SendObserver
-	numObs    NumberObserver
-	subObs    SubscriptionObserver
-	started   time.Time
-	done      chan struct{} // closed by Shutdown
-	startOnce sync.Once
-	stopOnce  sync.Once
-	idleOnce  sync.Once
-	idleStop  sync.Once
-	idle      atomic.Pointer[idlePoller] // nil until a connection idles
+	wg       sync.WaitGroup // connection readers and accept loops
+	sharedRR atomic.Uint64
+	stats    counters
+	// statsMu guards statsScratch, the sessions Stats counts: kept from
+	// call to call, so a scrape of a broker with many sessions makes no
+	// garbage of their size (metrics are gathered every second).
+	statsMu      sync.Mutex
+	statsScratch []*session
+	store        *store // nil: in memory only
+	sentObs      SendObserver
+	numObs       NumberObserver
+	subObs       SubscriptionObserver
+	started      time.Time
+	done         chan struct{} // closed by Shutdown
+	startOnce    sync.Once
+	stopOnce     sync.Once
+	idleOnce     sync.Once
+	idleStop     sync.Once
+	idle         atomic.Pointer[idlePoller] // nil until a connection idles
 }
 
 type counters struct {
@@ -353,9 +358,10 @@ func (s *Server) Stats() Stats {
 		Dropped:       map[DropReason]int64{},
 	}
 	st.RefusedMaxClients = s.stats.refusedBusy.Load()
+	s.statsMu.Lock()
 	s.mu.RLock()
 	st.Sessions = len(s.sessions)
-	sess := make([]*session, 0, len(s.sessions))
+	sess := s.statsScratch[:0]
 	for _, ss := range s.sessions {
 		sess = append(sess, ss)
 	}
@@ -365,6 +371,12 @@ func (s *Server) Stats() Stats {
 		st.Inflight += len(ss.out) + len(ss.queue)
 		ss.mu.Unlock()
 	}
+	clear(sess) // ended sessions are not held for the next call
+	if cap(sess) > 2*st.Sessions+1024 {
+		sess = nil // after a storm of sessions that ended
+	}
+	s.statsScratch = sess[:0]
+	s.statsMu.Unlock()
 	s.stats.dropped.Range(func(k, v any) bool {
 		st.Dropped[k.(DropReason)] = v.(*atomic.Int64).Load()
 		return true
