@@ -597,8 +597,11 @@ func (c *conn) armRead(atStart bool) error {
 		d = ka
 	}
 	c.in.parkArmed = false
-	if atStart && !c.noPark && c.in.rc != nil && c.srv.lim.IdleAfter > 0 {
-		if p := now.Add(c.srv.lim.IdleAfter); ka.IsZero() || p.Before(ka) {
+	if idle := c.srv.lim.IdleAfter; atStart && !c.noPark && c.in.rc != nil && idle > 0 {
+		if !c.in.watched.Load() {
+			idle = min(idle, firstIdleAfter)
+		}
+		if p := now.Add(idle); ka.IsZero() || p.Before(ka) {
 			d, c.in.parkArmed = p, true
 			var kaNanos int64
 			if !ka.IsZero() {
