@@ -34,7 +34,7 @@ var engineMetrics = func() []engineMetric {
 			func(s engine.Stats) float64 { return float64(s.Stalls) }),
 		counter("beacon_publisher_stall_timeouts_total", "Publisher stalls that ran out before the subscriber's socket drained (the message was dropped as queue_full).", nil,
 			func(s engine.Stats) float64 { return float64(s.StallTimeouts) }),
-		gauge("beacon_idle_connections", "Connections idle for a second or more, waiting without a reader goroutine.",
+		gauge("beacon_idle_connections", "Connections idle for a second or more (100 ms before their first message either way), waiting without a reader goroutine.",
 			func(s engine.Stats) float64 { return float64(s.Idle) }),
 	}
 	for _, r := range []engine.DropReason{engine.DropQueueFull, engine.DropQueueLimit, engine.DropExpired, engine.DropTooLarge, engine.DropTopicLimit, engine.DropNoSpace} {

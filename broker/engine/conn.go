@@ -598,8 +598,8 @@ func (c *conn) armRead(atStart bool) error {
 	}
 	c.in.parkArmed = false
 	if idle := c.srv.lim.IdleAfter; atStart && !c.noPark && c.in.rc != nil && idle > 0 {
-		if !c.in.watched.Load() {
-			idle = min(idle, firstIdleAfter)
+		if c.traffic.msgsIn.Load() == 0 && c.traffic.msgsOut.Load() == 0 {
+			idle = min(idle, firstIdleAfter) // nothing published either way yet
 		}
 		if p := now.Add(idle); ka.IsZero() || p.Before(ka) {
 			d, c.in.parkArmed = p, true

@@ -138,25 +138,28 @@ func TestIdleConnectionsHoldNoGoroutine(t *testing.T) {
 	}
 }
 
-// A connection that has not idled before goes to the poller after
-// firstIdleAfter, however long IdleAfter is (after a reconnect storm of
-// idle devices few readers are alive at once); once it has come back from
-// the poller it keeps its reader for IdleAfter.
+// A connection that has not sent or been sent a PUBLISH goes to the
+// poller after firstIdleAfter, however long IdleAfter is (after a reconnect
+// storm of idle devices few readers are alive at once), also when it parked
+// between its CONNECT and its SUBSCRIBE; once a message has flowed it keeps
+// its reader for IdleAfter.
 func TestFirstIdleIsSooner(t *testing.T) {
 	s, addr := startServer(t, Options{Limits: Limits{IdleAfter: time.Hour}})
 	c := dialRaw(t, addr, 5)
 	c.connect("device", true, nil)
-	c.subscribe(1, "cmd/device", 1)
+	waitIdle(t, s, 1) // a slow link: parked before its SUBSCRIBE
+	c.subscribe(1, "cmd/device", 0) // resumed it: the SUBACK came
 	waitIdle(t, s, 1)
-	c.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pingreq}})
-	c.expect(packets.Pingresp)
-	waitIdle(t, s, 0)
-	// Back from the poller: IdleAfter (an hour) holds, so it stays awake
+	c.publish("cmd/device", []byte("on"), 0, 0)
+	if got := c.expect(packets.Publish); string(got.Payload) != "on" {
+		t.Fatalf("payload %q", got.Payload)
+	}
+	// A message has flowed: IdleAfter (an hour) holds, so it stays awake
 	// for many times firstIdleAfter.
 	for range 10 {
 		time.Sleep(firstIdleAfter / 2)
 		if n := idleCount(s); n != 0 {
-			t.Fatalf("%d connections idle after the first resume, with IdleAfter an hour", n)
+			t.Fatalf("%d connections idle after a message, with IdleAfter an hour", n)
 		}
 	}
 }

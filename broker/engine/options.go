@@ -160,8 +160,8 @@ type Limits struct {
 	// IdleAfter is how long a plain TCP connection waits for its next
 	// packet with a reader goroutine; then the goroutine returns and the
 	// idle poller watches the socket (Linux). Default 1s; negative: never.
-	// A connection that has not been idle before waits at most
-	// firstIdleAfter.
+	// A connection that has not sent or been sent a PUBLISH yet waits at
+	// most firstIdleAfter.
 	IdleAfter time.Duration
 	// PublisherStall is how long a publisher is held back, per delivery,
 	// while a subscriber's socket drains a full outbound budget, before a
@@ -314,13 +314,15 @@ type Remote interface {
 	Done(m *Message, err error)
 }
 
-// firstIdleAfter is how long a connection that has not been idle yet waits
-// for its next packet with a reader goroutine of its own. Most devices
-// connect, subscribe and then wait: after a reconnect storm of thousands of
-// them, each reader that lived for IdleAfter at the same time leaves its
-// goroutine descriptor in the runtime's free list for good (about 0.4 KiB
-// each) and its stack in the heap until the next collection. Handing them
-// to the idle poller sooner keeps far fewer readers alive at once. A
-// connection that comes back from the poller uses IdleAfter, so one that
-// sends now and then pays for a park at most once more.
+// firstIdleAfter is how long a connection that has not sent or been sent
+// a PUBLISH yet waits for its next packet with a reader goroutine of its
+// own. Most devices connect, subscribe and then wait: after a reconnect
+// storm of thousands of them, each reader that lived for IdleAfter at the
+// same time leaves its goroutine descriptor in the runtime's free list for
+// good (about 0.4 KiB each) and its stack in the heap until the next
+// collection. Handing them to the idle poller sooner keeps far fewer
+// readers alive at once; one that parks between its CONNECT and its
+// SUBSCRIBE (a slow link) parks as soon again after it. Once messages
+// flow, IdleAfter holds, so a device that publishes now and then does not
+// park between its messages any more than before.
 const firstIdleAfter = 100 * time.Millisecond
