@@ -147,7 +147,7 @@ func TestFirstIdleIsSooner(t *testing.T) {
 	s, addr := startServer(t, Options{Limits: Limits{IdleAfter: time.Hour}})
 	c := dialRaw(t, addr, 5)
 	c.connect("device", true, nil)
-	waitIdle(t, s, 1) // a slow link: parked before its SUBSCRIBE
+	waitIdle(t, s, 1)               // a slow link: parked before its SUBSCRIBE
 	c.subscribe(1, "cmd/device", 0) // resumed it: the SUBACK came
 	waitIdle(t, s, 1)
 	c.publish("cmd/device", []byte("on"), 0, 0)
