@@ -161,9 +161,14 @@ type Log struct {
 	// to the DB under it. It is never held by the committer, nor taken by
 	// callbacks the committer runs.
 	appendMu sync.Mutex
-	last     uint64    // guarded by appendMu: the last seq assigned
-	closed   bool      // guarded by appendMu
-	open     *logBlock // guarded by appendMu: the block appends add to, if not sealed
+	// trimMu lets one trimNow run at a time, from taking its deletes to
+	// queuing them: a trim that returns has queued what the one before
+	// it took (a TrimNow racing the background trimmer could return
+	// while the other's deletes were not queued yet).
+	trimMu sync.Mutex
+	last   uint64    // guarded by appendMu: the last seq assigned
+	closed bool      // guarded by appendMu
+	open   *logBlock // guarded by appendMu: the block appends add to, if not sealed
 	// blockHint is the size of the last block sealed: a new block's value
 	// starts with room for as much. Guarded by appendMu.
 	blockHint int

@@ -251,6 +251,8 @@ func (l *Log) trimLoop() {
 // in writes of at most maxLogDeletes, without holding the lock across a
 // write.
 func (l *Log) trimNow() {
+	l.trimMu.Lock()
+	defer l.trimMu.Unlock()
 	for {
 		l.mu.Lock()
 		if !l.trimming {
